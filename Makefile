@@ -1,0 +1,21 @@
+# prm_det: `make demo` and `make test` are all a new user needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PRM_DET_VENV := $(abspath $(VENV))
+
+.PHONY: setup test demo bench clean-demo
+
+setup:
+	@bash tools/setup_env.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo.py
+
+bench: setup
+	$(PY) benchmarks/bench_backbones.py
+
+clean-demo:
+	rm -rf data/prm_demo work_dirs/demo

@@ -1,0 +1,2 @@
+_base_ = 'mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['prm_det'], allow_failed_imports=False)

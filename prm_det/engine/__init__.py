@@ -1,0 +1,7 @@
+from .checkpoint import PretrainedWeightsUnavailable, load_from_torchvision_urls
+from .wrappers import DeviceAwareDDP
+
+__all__ = [
+    'DeviceAwareDDP', 'PretrainedWeightsUnavailable',
+    'load_from_torchvision_urls'
+]

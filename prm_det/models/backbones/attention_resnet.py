@@ -1,0 +1,164 @@
+"""ResNet backbones with an attention module in every residual block.
+
+One family, variants by argument (as timm's ``attn_layer``): the attention is
+an mmcv plugin placed after the last norm of the residual branch, before the
+shortcut is added, which is where PRM (Ma & Fu, IJCAI 2020), SE (Hu et al.,
+CVPR 2018) and GC (Cao et al., ICCV 2019) put it. Everything else is mmdet's
+``ResNet``: every argument it takes works here, so swapping
+``type='ResNet'`` for ``type='PRMResNet'`` changes nothing but the attention.
+"""
+from typing import Optional, Sequence
+
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_plugin_layer
+from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from mmdet.registry import MODELS
+
+from ..layers.factory import AttentionSpec, attention_cfg
+
+
+class PluginBasicBlock(BasicBlock):
+    """mmdet's BasicBlock plus plugins after its last norm.
+
+    mmdet's BasicBlock refuses plugins. This one accepts them at
+    'after_conv2' (after norm2, before the shortcut add: the same place as
+    'after_conv3' in a Bottleneck) and also under the name 'after_conv3', so
+    one plugin list serves both block types.
+    """
+
+    _positions = ('after_conv2', 'after_conv3')
+
+    def __init__(self, inplanes, planes, *args, plugins=None, **kwargs):
+        super().__init__(inplanes, planes, *args, plugins=None, **kwargs)
+        self.plugin_names = []
+        for plugin in plugins or []:
+            if plugin['position'] not in self._positions:
+                raise ValueError(
+                    f'a BasicBlock takes plugins at {self._positions} (after '
+                    f'its last norm), got position={plugin["position"]!r}')
+            cfg = dict(plugin['cfg'])
+            name, layer = build_plugin_layer(
+                cfg, in_channels=planes, postfix=cfg.pop('postfix', ''))
+            if hasattr(self, name):
+                raise ValueError(f'duplicate plugin {name!r}: give one of '
+                                 f'them a postfix')
+            self.add_module(name, layer)
+            self.plugin_names.append(name)
+
+    def forward(self, x):
+
+        def _inner_forward(x):
+            identity = x
+            out = self.conv1(x)
+            out = self.norm1(out)
+            out = self.relu(out)
+            out = self.conv2(out)
+            out = self.norm2(out)
+            for name in self.plugin_names:
+                out = getattr(self, name)(out)
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+            return out
+
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        else:
+            out = _inner_forward(x)
+        return self.relu(out)
+
+
+@MODELS.register_module()
+class AttentionResNet(ResNet):
+    """ResNet with an attention module in the residual blocks of some stages.
+
+    Args:
+        depth (int): 18, 34, 50, 101 or 152.
+        attention (str | dict | None): 'prm', 'se', 'gc', a plugin config
+            dict such as ``dict(type='PRM', groups=32)``, or a dict without
+            ``type`` that updates the class default's options. Defaults to
+            the class's own attention.
+        attention_stages (Sequence[bool] | None): Which stages carry the
+            attention, one flag per stage. Defaults to the class's own.
+        **kwargs: Every argument of mmdet's ``ResNet`` (out_indices,
+            frozen_stages, norm_cfg, norm_eval, style, with_cp, dcn, plugins,
+            init_cfg, ...). Extra ``plugins`` go in before the attention.
+
+    Example:
+        >>> import torch
+        >>> from mmdet.utils import register_all_modules
+        >>> import prm_det
+        >>> register_all_modules()
+        >>> from mmdet.registry import MODELS
+        >>> model = MODELS.build(dict(type='PRMResNet', depth=18))
+        >>> outs = model(torch.rand(1, 3, 64, 64))
+        >>> [tuple(o.shape) for o in outs]
+        [(1, 64, 16, 16), (1, 128, 8, 8), (1, 256, 4, 4), (1, 512, 2, 2)]
+    """
+
+    arch_settings = {
+        18: (PluginBasicBlock, (2, 2, 2, 2)),
+        34: (PluginBasicBlock, (3, 4, 6, 3)),
+        50: (Bottleneck, (3, 4, 6, 3)),
+        101: (Bottleneck, (3, 4, 23, 3)),
+        152: (Bottleneck, (3, 8, 36, 3)),
+    }
+    default_attention: AttentionSpec = None
+    default_stages: Optional[Sequence[bool]] = None  # None: every stage
+
+    def __init__(self,
+                 depth: int,
+                 attention: AttentionSpec = None,
+                 attention_stages: Optional[Sequence[bool]] = None,
+                 plugins: Optional[list] = None,
+                 **kwargs) -> None:
+        if depth not in self.arch_settings:
+            raise ValueError(f'depth must be one of '
+                             f'{sorted(self.arch_settings)}, got {depth!r}')
+        num_stages = kwargs.get('num_stages', 4)
+        if attention_stages is None:
+            attention_stages = self.default_stages or (True, ) * num_stages
+        attention_stages = tuple(bool(s) for s in attention_stages)
+        if len(attention_stages) != num_stages:
+            raise ValueError(
+                f'attention_stages needs one flag per stage ({num_stages} '
+                f'for num_stages={num_stages}), got {attention_stages}')
+        cfg = attention_cfg(attention, self.default_attention)
+
+        plugins = list(plugins or [])
+        if cfg is not None:
+            plugins.append(
+                dict(cfg=cfg, position='after_conv3',
+                     stages=attention_stages))
+        super().__init__(depth, plugins=plugins or None, **kwargs)
+        self.attention = cfg
+        self.attention_stages = attention_stages
+
+        # mmdet's ResNet zero-inits the last norm of its own BasicBlock only
+        # (an identity check); do the same for ours.
+        if (self.block is PluginBasicBlock and self.zero_init_residual
+                and kwargs.get('init_cfg') is None
+                and kwargs.get('pretrained') is None):
+            for name in self.res_layers:
+                for block in getattr(self, name):
+                    block.init_cfg = dict(
+                        type='Constant', val=0, override=dict(name='norm2'))
+
+
+@MODELS.register_module()
+class PRMResNet(AttentionResNet):
+    """ResNet with PRM after the last norm of every block, all stages."""
+    default_attention = 'prm'
+
+
+@MODELS.register_module()
+class SEResNet(AttentionResNet):
+    """ResNet with squeeze-excitation (r=16) in every block, all stages."""
+    default_attention = 'se'
+
+
+@MODELS.register_module()
+class GCResNet(AttentionResNet):
+    """ResNet with GCNet's global context block (r=16) in stages c3-c5."""
+    default_attention = 'gc'
+    default_stages = (False, True, True, True)

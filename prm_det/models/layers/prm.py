@@ -1,0 +1,94 @@
+"""PRM as an MMDetection module (the math is in :mod:`prm_det.ops.prm`).
+
+Ma & Fu, "Position-Aware Recalibration Module: Learning From Feature Semantics
+and Feature Position", IJCAI 2020. https://www.ijcai.org/proceedings/2020/111
+"""
+import torch
+import torch.nn as nn
+from mmdet.registry import MODELS
+from torch import Tensor
+
+from prm_det.ops.prm import MODES, NORM_EPS, prm
+
+
+@MODELS.register_module()
+class PRM(nn.Module):
+    """Position-aware Recalibration Module.
+
+    Parameter names, shapes and initial values are the official code's, so
+    its ImageNet checkpoints load without renaming: ``weight`` (lambda,
+    zeros [1, g, 1, 1]), ``bias`` (xi, ones [1, g, 1, 1]), ``one`` (beta,
+    ones [1, g, 1]), ``zero`` (alpha, zeros [1, g, 1]), ``theta``
+    (uniform [0, 1) [1, 2, 1, 1]) and ``scale`` (sigma, one [1]). A fresh PRM
+    therefore starts as the global-context-only branch with every gate at
+    sigmoid(1).
+
+    Args:
+        in_channels (int): Channels of the input feature map.
+        groups (int): Number of heads; each takes a contiguous block of
+            ``in_channels // groups`` channels. Defaults to 64.
+        mode (str): Similarity, 'dotproduct', 'cosine' or 'l1norm'.
+            Defaults to 'dotproduct'.
+        use_position (bool): Weight the similarity to the query by the
+            Gaussian of the distance to its position. Defaults to True.
+        use_norm (bool): Semantic normalization over positions before the
+            affine and sigmoid. Defaults to True.
+        normalized_positions (bool): Distances in [0, 1] (the slides) instead
+            of feature-map pixels (the official code). Defaults to False.
+
+    Example:
+        >>> import torch
+        >>> from prm_det.models.layers import PRM
+        >>> layer = PRM(256, groups=64)
+        >>> tuple(layer(torch.rand(2, 256, 7, 9)).shape)
+        (2, 256, 7, 9)
+    """
+
+    _abbr_ = 'prm'
+
+    def __init__(self,
+                 in_channels: int,
+                 groups: int = 64,
+                 mode: str = 'dotproduct',
+                 use_position: bool = True,
+                 use_norm: bool = True,
+                 normalized_positions: bool = False) -> None:
+        super().__init__()
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(
+                f'PRM: groups must be a positive int, got {groups!r}')
+        if in_channels % groups != 0:
+            raise ValueError(
+                f'PRM: in_channels ({in_channels}) must be divisible by '
+                f'groups ({groups}); pick groups among the divisors of '
+                f'{in_channels}')
+        if mode not in MODES:
+            raise ValueError(
+                f'PRM: mode must be one of {MODES}, got {mode!r}')
+        self.in_channels = in_channels
+        self.groups = groups
+        self.mode = mode
+        self.use_position = use_position
+        self.use_norm = use_norm
+        self.normalized_positions = normalized_positions
+        self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1))  # lambda
+        self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))  # xi
+        self.one = nn.Parameter(torch.ones(1, groups, 1))  # beta
+        self.zero = nn.Parameter(torch.zeros(1, groups, 1))  # alpha
+        self.theta = nn.Parameter(torch.rand(1, 2, 1, 1))  # (row, col)
+        self.scale = nn.Parameter(torch.ones(1))  # sigma
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'PRM expects [b, {self.in_channels}, h, w] inputs, got '
+                f'{tuple(x.shape)}')
+        return prm(x, self.weight, self.bias, self.one, self.zero, self.theta,
+                   self.scale, self.groups, self.mode, self.use_position,
+                   self.use_norm, self.normalized_positions, NORM_EPS)
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, groups={self.groups}, mode={self.mode!r}'
+                f', use_position={self.use_position}, use_norm='
+                f'{self.use_norm}, normalized_positions='
+                f'{self.normalized_positions}')

@@ -1,0 +1,341 @@
+"""Position-aware Recalibration Module (PRM): the tensor math, torch only.
+
+Ma & Fu, "Position-Aware Recalibration Module: Learning From Feature Semantics
+and Feature Position", IJCAI 2020. https://www.ijcai.org/proceedings/2020/111
+
+For a feature map ``x`` of shape [b, c, h, w] split into ``groups`` contiguous
+channel blocks, each group computes
+
+    S = alpha * phi(x_p, q) * D_p + beta * phi(x_p, z)
+    gate = sigmoid(lambda * N(S) + xi),  y = x * gate
+
+where ``q`` is the group's feature vector at the argmax of its channel sum,
+``z`` its spatial mean, ``D`` the mean of two 1-D Gaussians of the row and
+column distance to the query position, and ``N`` the normalization over the
+positions with the unbiased standard deviation. With default options this is
+exactly what the official code computes (see ../shared/docs/PRM_SPEC.md), minus
+its faults: no device sync, no ``nonzero``, no distribution objects per call,
+no full-size copy of the gate, and a defined result for 1x1 maps.
+
+Two implementations live here:
+
+* :func:`prm_reference`: the straightforward autograd composition, written to
+  be read. Every mode and option. Tests check the fast path against it.
+* :class:`_PRMDotProduct`: the fast path for the 'dotproduct' similarity (the
+  paper's default and what every config uses): one autograd Function whose
+  backward is written by hand, saves only ``x`` and a few per-position vectors,
+  and makes three passes over the feature map in forward.
+
+:func:`prm` picks between them. Nothing in this file imports mmcv or mmdet.
+"""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ('dotproduct', 'cosine', 'l1norm')
+NORM_EPS = 1e-5  # added to the std in the semantic normalization (official)
+COSINE_EPS = 1e-8  # as torch.cosine_similarity
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# The variance is clamped to this before the square root so that a constant
+# map (variance 0) gives std 0 with a zero gradient instead of 0/0 = NaN.
+_TINY_VAR = 1e-30
+
+
+def gaussian(t: Tensor, sigma: Tensor) -> Tensor:
+    """Density of Normal(0, sigma) at ``t`` (what the official code gets from
+    ``Normal(0, sigma).log_prob(t).exp()``)."""
+    return torch.exp(-0.5 * (t / sigma)**2) * (_INV_SQRT_2PI / sigma)
+
+
+def axis_distances(query_index: Tensor, h: int, w: int, normalized: bool,
+                   dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Row and column distances of every pixel to each query position.
+
+    Args:
+        query_index (Tensor): flat index (row * w + col) of the query, [n].
+        h, w (int): feature map size.
+        normalized (bool): divide by (h - 1) and (w - 1) so that distances are
+            in [0, 1] (the slides); otherwise integer pixel distances (the
+            official code).
+
+    Returns:
+        tuple[Tensor, Tensor]: |row - row_q| of shape [n, h] and
+        |col - col_q| of shape [n, w].
+    """
+    device = query_index.device
+    query_row = torch.div(query_index, w, rounding_mode='floor')  # [n]
+    query_col = query_index - query_row * w  # [n]
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    d_row = (rows[None, :] - query_row[:, None]).abs().to(dtype)  # [n, h]
+    d_col = (cols[None, :] - query_col[:, None]).abs().to(dtype)  # [n, w]
+    if normalized:
+        d_row = d_row / max(h - 1, 1)
+        d_col = d_col / max(w - 1, 1)
+    return d_row, d_col
+
+
+def position_weight(query_index: Tensor, h: int, w: int, theta: Tensor,
+                    sigma: Tensor, normalized: bool = False) -> Tensor:
+    """D = (G(theta_row * d_row) + G(theta_col * d_col)) / 2, shape [n, h*w].
+
+    The mean of two 1-D Gaussians is separable, so it is built from an [n, h]
+    and an [n, w] table instead of per-pixel distance maps.
+    """
+    theta = theta.reshape(2)
+    d_row, d_col = axis_distances(query_index, h, w, normalized, theta.dtype)
+    g_row = gaussian(theta[0] * d_row, sigma)  # [n, h]
+    g_col = gaussian(theta[1] * d_col, sigma)  # [n, w]
+    return (0.5 * (g_row[:, :, None] + g_col[:, None, :])).flatten(1)
+
+
+def _similarity(x: Tensor, key: Tensor, mode: str) -> Tensor:
+    """phi(x_p, key) for every position p. x: [n, cg, P], key: [n, cg]."""
+    if mode == 'dotproduct':
+        return torch.bmm(key[:, None, :], x).squeeze(1)  # [n, P]
+    if mode == 'cosine':
+        return F.cosine_similarity(x, key[:, :, None], dim=1, eps=COSINE_EPS)
+    if mode == 'l1norm':
+        return -(x - key[:, :, None]).abs().sum(1)
+    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+
+
+def _normalize(s: Tensor, eps: float) -> Tensor:
+    """(s - mean) / (std + eps) over the last dim, std unbiased; 0 when P=1."""
+    num_positions = s.shape[-1]
+    centered = s - s.mean(-1, keepdim=True)
+    var = centered.pow(2).sum(-1, keepdim=True) / max(num_positions - 1, 1)
+    std = var.clamp_min(_TINY_VAR).sqrt()
+    return centered / (std + eps)
+
+
+def prm_reference(x: Tensor,
+                  weight: Tensor,
+                  bias: Tensor,
+                  one: Tensor,
+                  zero: Tensor,
+                  theta: Tensor,
+                  scale: Tensor,
+                  groups: int,
+                  mode: str = 'dotproduct',
+                  use_position: bool = True,
+                  use_norm: bool = True,
+                  normalized_positions: bool = False,
+                  eps: float = NORM_EPS) -> Tensor:
+    """The readable PRM: plain autograd ops, every mode and option.
+
+    Parameters use the official names: ``weight`` = lambda [1, g, 1, 1],
+    ``bias`` = xi [1, g, 1, 1], ``one`` = beta [1, g, 1], ``zero`` = alpha
+    [1, g, 1], ``theta`` [1, 2, 1, 1] (row, col), ``scale`` = sigma [1].
+    """
+    b, c, h, w = x.shape
+    n, cg, num_positions = b * groups, c // groups, h * w
+    xg = x.reshape(n, cg, num_positions)  # [n, cg, P]
+    with torch.no_grad():
+        query_index = xg.sum(1).argmax(1)  # [n], first maximum
+    query = xg[torch.arange(n, device=x.device), :, query_index]  # [n, cg]
+    context = xg.mean(2)  # [n, cg]
+    sim_query = _similarity(xg, query, mode)  # [n, P]
+    sim_context = _similarity(xg, context, mode)  # [n, P]
+    if use_position:
+        sim_query = sim_query * position_weight(
+            query_index, h, w, theta, scale, normalized_positions)
+    s = (zero * sim_query.view(b, groups, num_positions) +
+         one * sim_context.view(b, groups, num_positions))  # [b, g, P]
+    if use_norm:
+        s = _normalize(s, eps)
+    gate = torch.sigmoid(s * weight.view(1, groups, 1) +
+                         bias.view(1, groups, 1))  # [b, g, P]
+    y = x.view(b, groups, cg, num_positions) * gate[:, :, None, :]
+    return y.view(b, c, h, w)
+
+
+class _PRMDotProduct(torch.autograd.Function):
+    """PRM with dot-product similarity, forward and backward by hand.
+
+    Forward: one reduction for the channel sum (query position), one for the
+    spatial mean, one batched matmul for both similarities at once, and the
+    gating multiply. Everything else works on [n, P] or smaller tensors.
+    Saved for backward: x (needed for the gate and similarity gradients),
+    the gate and a few [n, P] vectors; no full-size intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, one, zero, theta, scale, groups,
+                use_position, use_norm, normalized_positions, eps):
+        b, c, h, w = x.shape
+        n, cg, num_positions = b * groups, c // groups, h * w
+        xg = x.view(n, cg, num_positions)  # [n, cg, P]
+        query_index = xg.sum(1).argmax(1)  # [n]
+        query = xg.gather(2, query_index.view(n, 1, 1).expand(n, cg, 1))
+        context = xg.mean(2, keepdim=True)  # [n, cg, 1]
+        keys = torch.cat([query, context], 2)  # [n, cg, 2]
+        sims = torch.bmm(keys.transpose(1, 2), xg)  # [n, 2, P]
+        sim_query, sim_context = sims.unbind(1)  # [n, P] each
+
+        alpha = zero.reshape(1, groups, 1)
+        beta = one.reshape(1, groups, 1)
+        lam = weight.reshape(1, groups, 1)
+        xi = bias.reshape(1, groups, 1)
+        if use_position:
+            theta2 = theta.reshape(2)
+            d_row, d_col = axis_distances(query_index, h, w,
+                                          normalized_positions, x.dtype)
+            t_row, t_col = theta2[0] * d_row, theta2[1] * d_col
+            g_row, g_col = gaussian(t_row, scale), gaussian(t_col, scale)
+            dist = (0.5 * (g_row[:, :, None] + g_col[:, None, :])).view(
+                b, groups, num_positions)  # [b, g, P]
+        else:
+            dist = None
+        sim_query = sim_query.view(b, groups, num_positions)
+        sim_context = sim_context.view(b, groups, num_positions)
+        weighted_query = sim_query * dist if use_position else sim_query
+        s = alpha * weighted_query + beta * sim_context  # [b, g, P]
+        if use_norm:
+            centered = s - s.mean(-1, keepdim=True)
+            var = centered.pow(2).sum(-1, keepdim=True) / max(
+                num_positions - 1, 1)
+            std = var.clamp_min(_TINY_VAR).sqrt()  # [b, g, 1]
+            normed = centered / (std + eps)
+        else:
+            centered = std = None
+            normed = s
+        gate = torch.sigmoid(lam * normed + xi)  # [b, g, P]
+        y = xg * gate.view(n, 1, num_positions)
+
+        ctx.groups = groups
+        ctx.use_position, ctx.use_norm, ctx.eps = use_position, use_norm, eps
+        ctx.shape = (b, c, h, w)
+        ctx.save_for_backward(x, weight, one, zero, theta, scale, query_index,
+                              query, context, sim_query, sim_context, gate,
+                              normed, std)
+        if use_position:
+            ctx.position = (dist, t_row, t_col, g_row, g_col, d_row, d_col)
+        return y.view(b, c, h, w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _PRMDotProduct._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
+        (x, weight, one, zero, theta, scale, query_index, query, context,
+         sim_query, sim_context, gate, normed, std) = ctx.saved_tensors
+        groups = ctx.groups
+        b, c, h, w = ctx.shape
+        n, cg, num_positions = b * groups, c // groups, h * w
+        xg = x.view(n, cg, num_positions)
+        gy = grad_y.reshape(n, cg, num_positions)
+        alpha = zero.reshape(1, groups, 1)
+        beta = one.reshape(1, groups, 1)
+        lam = weight.reshape(1, groups, 1)
+
+        # y = x * gate: the gate's gradient sums over the group's channels.
+        grad_gate = torch.linalg.vecdot(gy, xg, dim=1).view(
+            b, groups, num_positions)  # [b, g, P]
+        grad_pre = grad_gate * gate * (1 - gate)  # through the sigmoid
+        grad_weight = (grad_pre * normed).sum((0, 2)).view_as(weight)
+        grad_bias = grad_pre.sum((0, 2)).view_as(weight)
+        grad_normed = grad_pre * lam
+        if ctx.use_norm:
+            # normed = centered / (std + eps), std = sqrt(sum(centered^2)/(P-1))
+            denom = std + ctx.eps
+            centered = normed * denom
+            grad_std = -(grad_normed * centered).sum(-1, keepdim=True) / (
+                denom * denom)
+            dstd_dcentered = torch.where(
+                std > math.sqrt(_TINY_VAR),
+                1.0 / (max(num_positions - 1, 1) * std),
+                torch.zeros_like(std))
+            grad_centered = (grad_normed / denom +
+                             grad_std * dstd_dcentered * centered)
+            grad_s = grad_centered - grad_centered.mean(-1, keepdim=True)
+        else:
+            grad_s = grad_normed
+
+        grad_theta = grad_scale = None
+        if ctx.use_position:
+            dist, t_row, t_col, g_row, g_col, d_row, d_col = ctx.position
+            weighted_query = sim_query * dist
+            grad_dist = (grad_s * alpha * sim_query).view(n, h, w)
+            grad_sim_query = grad_s * alpha * dist
+            # dist = (g_row[i] + g_col[j]) / 2
+            grad_g_row = 0.5 * grad_dist.sum(2)  # [n, h]
+            grad_g_col = 0.5 * grad_dist.sum(1)  # [n, w]
+            inv_var = 1.0 / (scale * scale)
+            # dG/dt = -t / sigma^2 * G;  dG/dsigma = G * (t^2 / sigma^3 - 1 / sigma)
+            grad_t_row = -grad_g_row * g_row * t_row * inv_var
+            grad_t_col = -grad_g_col * g_col * t_col * inv_var
+            grad_theta = torch.stack([(grad_t_row * d_row).sum(),
+                                      (grad_t_col * d_col).sum()]).view_as(theta)
+            grad_scale = ((grad_g_row * g_row * (t_row * t_row * inv_var - 1)
+                           ).sum() + (grad_g_col * g_col *
+                                      (t_col * t_col * inv_var - 1)).sum())
+            grad_scale = (grad_scale / scale).view_as(scale)
+        else:
+            weighted_query = sim_query
+            grad_sim_query = grad_s * alpha
+        grad_zero = (grad_s * weighted_query).sum((0, 2)).view_as(zero)
+        grad_one = (grad_s * sim_context).sum((0, 2)).view_as(one)
+        grad_sim_context = grad_s * beta
+
+        # sims = keys^T @ x: gradients for x (through both similarities) and
+        # for the keys (query vector and spatial mean).
+        grad_sims = torch.stack([grad_sim_query, grad_sim_context],
+                                2).view(n, 2, num_positions)  # [n, 2, P]
+        grad_keys = torch.bmm(xg, grad_sims.transpose(1, 2))  # [n, cg, 2]
+        grad_query, grad_context = grad_keys.split(1, 2)  # [n, cg, 1] each
+        # The mean spreads its gradient evenly: add it as a third key with
+        # coefficient 1 at every position, in the same matmul.
+        keys = torch.cat([query, context, grad_context / num_positions], 2)
+        coeffs = torch.cat(
+            [grad_sims, grad_sims.new_ones(n, 1, num_positions)], 1)
+        grad_x = gy * gate.view(n, 1, num_positions)
+        grad_x.baddbmm_(keys, coeffs)
+        grad_x.scatter_add_(
+            2, query_index.view(n, 1, 1).expand(n, cg, 1), grad_query)
+        return (grad_x.view(b, c, h, w), grad_weight, grad_bias, grad_one,
+                grad_zero, grad_theta, grad_scale, None, None, None, None,
+                None)
+
+
+def prm(x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        one: Tensor,
+        zero: Tensor,
+        theta: Tensor,
+        scale: Tensor,
+        groups: int,
+        mode: str = 'dotproduct',
+        use_position: bool = True,
+        use_norm: bool = True,
+        normalized_positions: bool = False,
+        eps: float = NORM_EPS) -> Tensor:
+    """PRM forward: the fast path for 'dotproduct', the reference otherwise.
+
+    Half-precision inputs (autocast) are computed in float32 and returned in
+    their own dtype: dot products of realistic activations overflow float16.
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    in_dtype = x.dtype
+    compute_dtype = torch.promote_types(in_dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(compute_dtype)
+        params = [
+            p.to(compute_dtype)
+            for p in (weight, bias, one, zero, theta, scale)
+        ]
+        if mode == 'dotproduct':
+            y = _PRMDotProduct.apply(x.contiguous(), *params, groups,
+                                     use_position, use_norm,
+                                     normalized_positions, eps)
+        else:
+            y = prm_reference(x, *params, groups, mode, use_position,
+                              use_norm, normalized_positions, eps)
+    return y.to(in_dtype)

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Creates the project's virtual environment and installs prm_det's stack into it.
+#
+#   bash tools/setup_env.sh          (what `make setup` runs)
+#
+# Order matters: torch -> mmengine -> mmcv (compiled, with ops) -> mmdet ->
+# pycocotools -> prm_det (editable). Versions come from requirements.txt.
+# Idempotent: a stamp keyed to requirements.txt, pyproject.toml and this script
+# makes a second run return at once. The stamp is written only after every step
+# and the import check succeeded, and removed before any step runs, so a failed
+# setup never looks installed.
+#
+# Environment:
+#   PRM_DET_VENV   where the environment lives (default: .venv in the repo)
+#   PYTHON         interpreter used to create it (default: python3)
+#   CXX            C++ compiler used for mmcv's ops (default: c++)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+venv=${PRM_DET_VENV:-$repo/.venv}
+python_bin=${PYTHON:-python3}
+stamp="$venv/.prm_det_setup_stamp"
+key=$(cat requirements.txt pyproject.toml tools/setup_env.sh | sha256sum | cut -d' ' -f1)
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] && [ -x "$venv/bin/python" ]; then
+  echo "[setup] up to date ($venv); nothing to install."
+  exit 0
+fi
+
+current_step=""
+current_fix=""
+step() {  # step "name" "how to fix it if it fails"
+  current_step=$1
+  current_fix=$2
+  echo "[setup] $current_step"
+}
+on_error() {
+  local rc=$?
+  rm -f "$stamp"
+  {
+    echo
+    echo "[setup] FAILED at step: $current_step (exit $rc)"
+    echo "[setup] fix: $current_fix"
+    echo "[setup] nothing is marked as installed; run 'make setup' again after the fix."
+  } >&2
+  exit "$rc"
+}
+trap on_error ERR
+
+pin() {  # the pinned requirement line for a package, from requirements.txt
+  local line
+  line=$(grep -E "^$1([=<>!~ ]|$)" requirements.txt | head -n1)
+  [ -n "$line" ] || { echo "requirements.txt has no line for $1" >&2; return 1; }
+  echo "$line"
+}
+
+step "checking the Python interpreter ($python_bin)" \
+  "install Python 3.8-3.11 with venv support (Debian: apt-get install python3 python3-venv python3-dev) or point PYTHON at one"
+"$python_bin" -c 'import sys, venv; assert (3, 8) <= sys.version_info[:2] <= (3, 12), sys.version'
+
+step "checking for a C++ compiler (${CXX:-c++}), needed to compile mmcv's ops" \
+  "install one (Debian: apt-get install g++) or set CXX to a working compiler"
+printf 'int main() { return 0; }\n' | "${CXX:-c++}" -x c++ - -o /dev/null
+
+step "checking that the package index is reachable" \
+  "make PyPI reachable (network, proxy) or point pip at a mirror with PIP_INDEX_URL"
+"$python_bin" -m pip download --no-deps --no-cache-dir -d "$(mktemp -d)" -q "$(pin mmengine)" >/dev/null
+
+rm -f "$stamp"
+if [ ! -x "$venv/bin/python" ]; then
+  step "creating the virtual environment in $venv" \
+    "install venv support (Debian: apt-get install python3-venv) and remove a half-made $venv"
+  "$python_bin" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
+
+step "installing $(pin torch)" \
+  "make the torch wheel reachable; on a GPU machine pip takes PyPI's CUDA build of this version"
+"${pip[@]}" "$(pin torch)"
+
+step "installing $(pin mmengine) and mmcv's build tools" \
+  "make PyPI reachable; mmcv's setup.py needs setuptools<70 (pkg_resources) and builds without isolation"
+"${pip[@]}" "$(pin mmengine)" 'setuptools<70' wheel ninja
+
+with_cuda=$("$venv/bin/python" -c 'import torch; print(1 if torch.version.cuda else 0)')
+if [ "$with_cuda" = 1 ] && command -v nvcc >/dev/null 2>&1; then
+  export FORCE_CUDA=1
+  ops="CPU and CUDA ops (FORCE_CUDA=1)"
+else
+  ops="CPU ops"
+fi
+if "$venv/bin/python" -c 'import mmcv, sys; sys.exit(0 if mmcv.__version__ == "2.1.0" else 1)' 2>/dev/null \
+   && "$venv/bin/python" -c 'from mmcv.ops import nms' 2>/dev/null; then
+  echo "[setup] mmcv 2.1.0 with ops is already installed"
+else
+  step "building $(pin mmcv) from source with its $ops" \
+    "read the first 'error:' above. Usual causes: no C++ compiler or Python headers (apt-get install g++ python3-dev), setuptools>=70 in the environment, nvcc not matching torch's CUDA version"
+  echo "[setup] mmcv has no wheels on PyPI: this compiles it, about 15 minutes on 2 cores the first time;"
+  echo "[setup] pip caches the built wheel, so later setups on this machine take seconds."
+  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${pip[@]}" --no-build-isolation "$(pin mmcv)"
+fi
+
+step "installing $(pin mmdet), $(pin pycocotools) and $(pin pytest)" \
+  "make PyPI reachable; mmdet 3.3.0 needs mmcv>=2.0.0rc4,<2.2.0"
+"${pip[@]}" "$(pin mmdet)" "$(pin pycocotools)" "$(pin pytest)"
+
+step "installing prm_det (editable)" "see pip's message above; pyproject.toml must be valid"
+"${pip[@]}" --no-deps --no-build-isolation -e .
+
+step "checking that the stack imports and mmcv's compiled ops load" \
+  "run '$venv/bin/python -c \"from mmcv.ops import nms\"' to see the error; rebuild mmcv with 'rm -rf $venv && make setup'"
+"$venv/bin/python" -c 'import torch, mmengine, mmcv, mmdet, pycocotools, prm_det
+from mmcv.ops import nms, RoIAlign, sigmoid_focal_loss
+print("[setup] torch", torch.__version__, "| mmengine", mmengine.__version__, "| mmcv", mmcv.__version__,
+      "| mmdet", mmdet.__version__, "| prm_det", prm_det.__version__)'
+
+echo "$key" > "$stamp"
+echo "[setup] done: $venv"

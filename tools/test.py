@@ -1,0 +1,148 @@
+"""Test a detector and print its COCO box AP: mmdet's tools/test.py, with
+prm_det registered.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out R.pkl]
+        [--show] [--show-dir DIR] [--tta] [--cfg-options k=v ...]
+        [--launcher {none,pytorch,slurm,mpi}]
+
+Evaluation is mmdet's CocoMetric (pycocotools). At the end the six box AP
+numbers are printed as a table (in %, as in the paper's Table 4).
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+import warnings
+from copy import deepcopy
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine import ConfigDict  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
+from prm_det.engine.launch import (DatasetNotFound,  # noqa: E402
+                                   check_dataset_files, load_config)
+
+AP_KEYS = (('AP', 'bbox_mAP'), ('AP50', 'bbox_mAP_50'),
+           ('AP75', 'bbox_mAP_75'), ('APs', 'bbox_mAP_s'),
+           ('APm', 'bbox_mAP_m'), ('APl', 'bbox_mAP_l'))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='MMDet test (and eval) a model')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--work-dir',
+        help='the directory to save the file containing evaluation metrics')
+    parser.add_argument(
+        '--out', type=str,
+        help='dump predictions to a pickle file for offline evaluation')
+    parser.add_argument(
+        '--show', action='store_true', help='show prediction results')
+    parser.add_argument(
+        '--show-dir',
+        help='directory where painted images will be saved. '
+        'If specified, it will be automatically saved '
+        'to the work_dir/timestamp/show_dir')
+    parser.add_argument(
+        '--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. data_root=PATH '
+        'moves every dataset and evaluator file to PATH.')
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none', help='job launcher')
+    parser.add_argument('--tta', action='store_true')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def build_cfg(args):
+    from mmdet.engine.hooks.utils import trigger_visualization_hook
+    cfg = load_config(args.config, args.cfg_options, args.launcher)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    cfg.load_from = args.checkpoint
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise SystemExit(f'--out must be a .pkl file, got {args.out}')
+    if args.show or args.show_dir:
+        cfg = trigger_visualization_hook(cfg, args)
+    if args.tta:
+        if 'tta_model' not in cfg:
+            warnings.warn('Cannot find ``tta_model`` in config, '
+                          'we will set it as default.')
+            cfg.tta_model = dict(
+                type='DetTTAModel',
+                tta_cfg=dict(
+                    nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+        if 'tta_pipeline' not in cfg:
+            test_data_cfg = cfg.test_dataloader.dataset
+            while 'dataset' in test_data_cfg:
+                test_data_cfg = test_data_cfg['dataset']
+            cfg.tta_pipeline = deepcopy(test_data_cfg.pipeline)
+            cfg.tta_pipeline[-1] = dict(
+                type='TestTimeAug',
+                transforms=[[
+                    dict(type='RandomFlip', prob=1.),
+                    dict(type='RandomFlip', prob=0.)
+                ], [
+                    dict(type='PackDetInputs',
+                         meta_keys=('img_id', 'img_path', 'ori_shape',
+                                    'img_shape', 'scale_factor', 'flip',
+                                    'flip_direction'))
+                ]])
+        cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    check_dataset_files(cfg, ['test_dataloader'])
+    return cfg
+
+
+def format_ap_table(metrics: dict) -> str:
+    """The six COCO box AP numbers in %, one header row, one value row."""
+    prefix = next((k.rsplit('/', 1)[0] + '/' for k in metrics
+                   if k.endswith('bbox_mAP')), '')
+    heads = [name for name, _ in AP_KEYS]
+    values = [f'{100 * metrics[prefix + key]:.1f}' for _, key in AP_KEYS]
+    return ('| ' + ' | '.join(heads) + ' |\n|' + '---|' * len(heads) +
+            '\n| ' + ' | '.join(values) + ' |')
+
+
+def run(args):
+    from mmdet.evaluation import DumpDetResults
+    from mmdet.registry import RUNNERS
+    cfg = build_cfg(args)
+    runner = (Runner.from_cfg(cfg)
+              if 'runner_type' not in cfg else RUNNERS.build(cfg))
+    if args.out is not None:
+        runner.test_evaluator.metrics.append(
+            DumpDetResults(out_file_path=args.out))
+    metrics = runner.test()
+    if any(k.endswith('bbox_mAP') for k in metrics):
+        print('\nCOCO box AP (%):\n' + format_ap_table(metrics), flush=True)
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (DatasetNotFound, FileNotFoundError) as error:
+        raise SystemExit(f'error: {error}')
+
+
+if __name__ == '__main__':
+    main()

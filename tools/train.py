@@ -1,0 +1,112 @@
+"""Train a detector: mmdet's tools/train.py, with prm_det registered.
+
+    python tools/train.py configs/retinanet_prm_r50.py [--work-dir DIR]
+        [--resume [CHECKPOINT]] [--amp] [--auto-scale-lr]
+        [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
+
+Same flags and behaviour as MMDetection's, plus: a missing dataset stops at
+once with the ways out; ``--cfg-options data_root=...`` moves the whole
+dataset; distributed runs without CUDA use gloo and a CPU-capable DDP wrapper.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
+from prm_det.engine import PretrainedWeightsUnavailable  # noqa: E402
+from prm_det.engine.launch import (DatasetNotFound,  # noqa: E402
+                                   check_dataset_files, load_config)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a detector')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--amp', action='store_true', default=False,
+        help='enable automatic-mixed-precision training (needs CUDA)')
+    parser.add_argument(
+        '--auto-scale-lr', action='store_true',
+        help='enable automatically scaling LR.')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='If specify checkpoint path, resume from it, while if not '
+        'specify, try to auto resume from the latest checkpoint '
+        'in the work directory.')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. data_root=PATH '
+        'moves every dataset and evaluator file to PATH.')
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def build_cfg(args):
+    cfg = load_config(args.config, args.cfg_options, args.launcher)
+    # work_dir: CLI > segment in file > config file name
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        if not torch.cuda.is_available():
+            raise SystemExit('--amp needs a CUDA device (mmengine\'s '
+                             'AmpOptimWrapper); drop --amp on CPU.')
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' in cfg and 'enable' in cfg.auto_scale_lr and \
+                'base_batch_size' in cfg.auto_scale_lr:
+            cfg.auto_scale_lr.enable = True
+        else:
+            raise SystemExit('--auto-scale-lr: the config has no '
+                             'auto_scale_lr=dict(enable=..., '
+                             'base_batch_size=...)')
+    # resume: an explicit checkpoint > the latest one in work_dir
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise SystemExit(f'--resume: checkpoint not found: {args.resume}')
+        cfg.resume = True
+        cfg.load_from = args.resume
+    loaders = ['train_dataloader']
+    if cfg.get('val_cfg') is not None:
+        loaders.append('val_dataloader')
+    check_dataset_files(cfg, loaders)
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = build_cfg(args)
+    except (DatasetNotFound, FileNotFoundError) as error:
+        raise SystemExit(f'error: {error}')
+    runner = (Runner.from_cfg(cfg)
+              if 'runner_type' not in cfg else RUNNERS.build(cfg))
+    try:
+        runner.train()
+    except PretrainedWeightsUnavailable as error:
+        raise SystemExit(f'error: {error}')
+
+
+if __name__ == '__main__':
+    main()
