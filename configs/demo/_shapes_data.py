@@ -1,0 +1,69 @@
+# Data and schedule shared by the demo configs: the generated shapes dataset
+# (python tools/make_shapes.py, or `make demo`) at a size and schedule that a
+# 2-core CPU trains in minutes. Everything sits under one key so that it does
+# not collide with the detector configs these demos inherit; the demo configs
+# pick the parts with {{_base_.shapes.*}}.
+data_root = 'data/prm_demo/'
+classes = ('rectangle', 'ellipse', 'triangle', 'cross')
+image_size = 160
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                    'scale_factor')),
+]
+shapes = dict(
+    train_dataloader=dict(
+        batch_size=8,
+        num_workers=1,
+        persistent_workers=True,
+        dataset=dict(
+            type='CocoDataset',
+            data_root=data_root,
+            metainfo=dict(classes=classes),
+            ann_file='annotations/instances_train.json',
+            data_prefix=dict(img='train/'),
+            filter_cfg=dict(filter_empty_gt=True, min_size=4),
+            pipeline=train_pipeline)),
+    val_dataloader=dict(
+        batch_size=8,
+        num_workers=1,
+        persistent_workers=True,
+        dataset=dict(
+            type='CocoDataset',
+            data_root=data_root,
+            metainfo=dict(classes=classes),
+            ann_file='annotations/instances_val.json',
+            data_prefix=dict(img='val/'),
+            test_mode=True,
+            pipeline=test_pipeline)),
+    val_evaluator=dict(
+        type='CocoMetric',
+        ann_file=data_root + 'annotations/instances_val.json',
+        metric='bbox',
+        format_only=False),
+    train_cfg=dict(type='EpochBasedTrainLoop', max_epochs=12, val_interval=12),
+    param_scheduler=[
+        dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
+             end=100),
+        dict(type='MultiStepLR', begin=0, end=12, by_epoch=True,
+             milestones=[9, 11], gamma=0.1),
+    ],
+    default_hooks=dict(
+        logger=dict(type='LoggerHook', interval=10),
+        checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2)),
+    # The ImageNet weights of mmdet's configs cannot be fetched everywhere:
+    # the demo backbone trains from scratch, so its norms train too.
+    backbone=dict(depth=18, frozen_stages=-1, norm_eval=False, init_cfg=None),
+    neck_in_channels=[64, 128, 256, 512],
+    num_classes=len(classes),
+)

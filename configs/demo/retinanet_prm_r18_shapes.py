@@ -1,0 +1,18 @@
+# The `make demo` job: configs/retinanet_prm_r50.py shrunk for a 2-core CPU
+# (PRM-ResNet-18 from scratch, 160 px images, 12 short epochs, batch 8) on the
+# generated shapes dataset.
+_base_ = ['../retinanet_prm_r50.py', './_shapes_data.py']
+model = dict(
+    backbone={{_base_.shapes.backbone}},
+    neck=dict(in_channels={{_base_.shapes.neck_in_channels}}),
+    bbox_head=dict(num_classes={{_base_.shapes.num_classes}}))
+train_dataloader = {{_base_.shapes.train_dataloader}}
+val_dataloader = {{_base_.shapes.val_dataloader}}
+test_dataloader = val_dataloader
+val_evaluator = {{_base_.shapes.val_evaluator}}
+test_evaluator = val_evaluator
+train_cfg = {{_base_.shapes.train_cfg}}
+param_scheduler = {{_base_.shapes.param_scheduler}}
+default_hooks = {{_base_.shapes.default_hooks}}
+optim_wrapper = dict(clip_grad=dict(max_norm=35, norm_type=2))
+auto_scale_lr = dict(base_batch_size=8)

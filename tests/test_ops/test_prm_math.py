@@ -1,0 +1,246 @@
+"""PRM tensor math: the official results, the fast path against the readable
+reference, and the faults of the official code that ours must not have."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from prm_det.ops.prm import prm, prm_reference
+
+NAMES = ('weight', 'bias', 'one', 'zero', 'theta', 'scale')
+
+
+def init_params(groups, dtype=torch.float64, seed=0, away=True):
+    """Official shapes; drawn away from the initial values when ``away``."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = dict(weight=(1, groups, 1, 1), bias=(1, groups, 1, 1),
+                  one=(1, groups, 1), zero=(1, groups, 1), theta=(1, 2, 1, 1),
+                  scale=(1, ))
+    if not away:
+        return dict(weight=torch.zeros(shapes['weight'], dtype=dtype),
+                    bias=torch.ones(shapes['bias'], dtype=dtype),
+                    one=torch.ones(shapes['one'], dtype=dtype),
+                    zero=torch.zeros(shapes['zero'], dtype=dtype),
+                    theta=torch.rand(shapes['theta'], generator=g,
+                                     dtype=dtype),
+                    scale=torch.ones(1, dtype=dtype))
+    params = {k: torch.randn(s, generator=g, dtype=dtype)
+              for k, s in shapes.items()}
+    params['theta'] = params['theta'].abs() + 0.1
+    params['scale'] = params['scale'].abs() + 0.5
+    return params
+
+
+def run(fn, x, params, upstream, **kw):
+    x = x.detach().clone().requires_grad_()
+    ps = [params[k].detach().clone().requires_grad_() for k in NAMES]
+    y = fn(x, *ps, **kw)
+    (y * upstream).sum().backward()
+    # a parameter an option switches off gets no gradient: count it as zero
+    grads = {k: p.grad if p.grad is not None else torch.zeros_like(p)
+             for k, p in zip(NAMES, ps)}
+    return y.detach(), x.grad, grads
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def golden_errors(case, params, fn=prm):
+    y, gx, gp = run(fn, case['x'], params, case['upstream'],
+                    groups=case['groups'], mode=case['mode'])
+    errs = {'y': rel(y, case['y']), 'grad_x': rel(gx, case['grad_x'])}
+    errs.update({f'grad_{k}': rel(gp[k], case['grad_params'][k])
+                 for k in NAMES})
+    return errs
+
+
+@pytest.mark.parametrize('fn', [prm, prm_reference])
+def test_golden_vectors_match_official_float64(golden, fn):
+    assert len(golden['cases']) >= 8
+    for i, case in enumerate(golden['cases']):
+        errs = golden_errors(case, case['params'], fn)
+        worst = max(errs.values())
+        assert worst < 1e-9, (i, case['mode'], case['groups'], errs)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_golden_check_fails_when_a_parameter_is_perturbed(golden, name):
+    case = golden['cases'][0]
+    params = dict(case['params'])
+    params[name] = params[name] * (1 + 1e-6) + 1e-6
+    errs = golden_errors(case, params)
+    assert max(errs.values()) > 1e-9, errs
+
+
+def random_case(b, c, h, w, groups, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+    upstream = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+    return x, upstream
+
+
+SHAPES = [(2, 16, 7, 9, 4), (1, 8, 1, 13, 8), (3, 12, 5, 1, 3),
+          (2, 64, 11, 6, 64), (1, 6, 2, 2, 1), (2, 32, 1, 1, 8),
+          (1, 24, 13, 17, 6)]
+OPTIONS = [dict(), dict(use_position=False), dict(use_norm=False),
+           dict(normalized_positions=True),
+           dict(use_position=False, use_norm=False)]
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10),
+                                       (torch.float32, 2e-4)])
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('options', OPTIONS)
+def test_fast_path_matches_reference(dtype, tol, shape, options):
+    b, c, h, w, groups = shape
+    x, upstream = random_case(b, c, h, w, groups, dtype, seed=sum(shape))
+    params = init_params(groups, dtype, seed=c)
+    ref = run(prm_reference, x, params, upstream, groups=groups, **options)
+    fast = run(prm, x, params, upstream, groups=groups, **options)
+    # relative to the tensor's norm, with a floor at tol of the input's scale
+    # (some parameter gradients are ~0 by symmetry, e.g. one channel per group
+    # without position: float32 leaves only rounding noise there)
+    def close(a, b):
+        return (a - b).norm().item() <= tol * max(b.norm().item(), 1.0)
+
+    assert close(fast[0], ref[0])
+    assert close(fast[1], ref[1])
+    for k in NAMES:
+        assert close(fast[2][k], ref[2][k]), (k, options)
+
+
+@pytest.mark.parametrize('mode', ['dotproduct', 'cosine', 'l1norm'])
+def test_one_by_one_map_is_finite_and_gates_by_xi(mode):
+    x = torch.randn(2, 16, 1, 1, dtype=torch.float64)
+    params = init_params(4)
+    y, gx, gp = run(prm, x, params, torch.ones_like(x), groups=4, mode=mode)
+    expected = x.view(2, 4, 4) * torch.sigmoid(params['bias'].view(1, 4, 1))
+    torch.testing.assert_close(y, expected.view_as(x))
+    assert torch.isfinite(gx).all()
+    assert all(torch.isfinite(g).all() for g in gp.values())
+
+
+@pytest.mark.parametrize('mode', ['dotproduct', 'cosine', 'l1norm'])
+@pytest.mark.parametrize('value', [0.0, 3.5])
+def test_constant_input_is_finite(mode, value):
+    x = torch.full((2, 16, 6, 5), value)
+    params = init_params(4, torch.float32)
+    y, gx, gp = run(prm, x, params, torch.randn_like(x), groups=4, mode=mode)
+    assert torch.isfinite(y).all() and torch.isfinite(gx).all()
+    assert all(torch.isfinite(g).all() for g in gp.values())
+
+
+def test_bfloat16_autocast_at_realistic_magnitudes_is_finite_and_close():
+    # post-BN activations of a trained network: a few units, some channels
+    # with outliers near 50, 256 channels in 64 groups as in stage 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, 28, 28, generator=g) * 4
+    x[:, ::17] *= 12
+    params = {k: v.float() for k, v in init_params(64).items()}
+    ps = [params[k].requires_grad_() for k in NAMES]
+    xa = x.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = prm(xa.to(torch.bfloat16), *ps, groups=64)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert torch.isfinite(y.float()).all() and torch.isfinite(xa.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in ps)
+    ref = prm(x.to(torch.bfloat16).float(), *[p.detach() for p in ps],
+              groups=64)
+    assert rel(y.float(), ref) < 1e-2
+
+
+def test_float16_inputs_with_large_dot_products_do_not_overflow():
+    # <x_p, q> over 32 channels of magnitude 60 is ~1e5 > float16 max
+    x = (torch.rand(1, 2048, 4, 4) * 60).half()
+    params = {k: v.float() for k, v in init_params(64).items()}
+    y = prm(x, *[params[k] for k in NAMES], groups=64)
+    assert y.dtype == torch.float16 and torch.isfinite(y.float()).all()
+
+
+class OpRecorder(TorchDispatchMode):
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.full_size_outputs = [], []
+        self.full_numel = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func.overloadpacket))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        inputs = {a.untyped_storage().data_ptr() for a in args
+                  if isinstance(a, torch.Tensor)}
+        for o in outs:
+            if (isinstance(o, torch.Tensor) and o.numel() == self.full_numel
+                    and o.untyped_storage().data_ptr() not in inputs):
+                self.full_size_outputs.append(str(func.overloadpacket))
+        return out
+
+
+def test_no_nonzero_no_sync_no_distribution_objects(monkeypatch):
+    import torch.distributions
+
+    def forbidden(*a, **k):
+        raise AssertionError('torch.distributions used in PRM')
+
+    monkeypatch.setattr(torch.distributions.Normal, '__init__', forbidden)
+    x = torch.randn(2, 32, 7, 5, requires_grad=True)
+    params = [p.requires_grad_() for p in init_params(8, torch.float32)
+              .values()]
+    rec = OpRecorder()
+    with rec:
+        y = prm(x, *params, groups=8)
+        y.sum().backward()
+    assert not any('nonzero' in op for op in rec.ops), rec.ops
+    # .item() / bool(tensor) / nonzero force a device sync via these ops
+    assert not any(op in ('aten._local_scalar_dense', 'aten.item')
+                   for op in rec.ops), rec.ops
+
+
+def test_forward_materializes_no_full_size_gate():
+    x = torch.randn(2, 64, 9, 7)
+    params = list(init_params(16, torch.float32).values())
+    rec = OpRecorder()
+    rec.full_numel = x.numel()
+    with torch.no_grad(), rec:
+        prm(x, *params, groups=16)
+    # the output y = x * gate is the only full-size tensor forward makes
+    assert rec.full_size_outputs == ['aten.mul'], rec.full_size_outputs
+
+
+def test_query_argmax_takes_first_maximum_and_position_matters():
+    # two identical peaks: the first (row-major) one is the query
+    x = torch.zeros(1, 4, 3, 3, dtype=torch.float64)
+    x[0, :, 0, 1] = 1.0
+    x[0, :, 2, 2] = 1.0
+    x[0, :, 1, 1] = 0.3
+    params = init_params(1)
+    y = prm(x, *[params[k] for k in NAMES], groups=1)
+    y_ref = prm_reference(x, *[params[k] for k in NAMES], groups=1)
+    torch.testing.assert_close(y, y_ref)
+    # the two peaks are equal features but at different distances from the
+    # query, so their gates differ
+    gate = y[0, 0] / torch.where(x[0, 0] == 0, torch.ones_like(x[0, 0]),
+                                 x[0, 0])
+    assert not torch.isclose(gate[0, 1], gate[2, 2])
+
+
+def test_math_imports_with_torch_alone():
+    code = ('import sys\n'
+            'for m in ("mmdet", "mmcv", "mmengine"): sys.modules[m] = None\n'
+            'import torch\n'
+            'from prm_det.ops.prm import prm\n'
+            'x = torch.randn(1, 8, 3, 3)\n'
+            'p = [torch.zeros(1,2,1,1), torch.ones(1,2,1,1), torch.ones(1,2,1),'
+            ' torch.zeros(1,2,1), torch.rand(1,2,1,1), torch.ones(1)]\n'
+            'assert prm(x, *p, groups=2).shape == x.shape\n'
+            'import prm_det\n'
+            'assert "prm_det.models" not in sys.modules\n'
+            'print("ok")\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr

@@ -1,0 +1,32 @@
+"""Write the generated shapes detection dataset (COCO format).
+
+    python tools/make_shapes.py [--out data/prm_demo] [--train 400] [--val 100]
+        [--size 160] [--seed 0]
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from prm_det.datasets.synthetic_shapes import generate  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default='data/prm_demo')
+    parser.add_argument('--train', type=int, default=400)
+    parser.add_argument('--val', type=int, default=100)
+    parser.add_argument('--size', type=int, default=160)
+    parser.add_argument('--max-objects', type=int, default=4)
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = generate(args.out, num_train=args.train, num_val=args.val,
+                     image_size=args.size, max_objects=args.max_objects,
+                     seed=args.seed)
+    for split, path in paths.items():
+        print(f'{split}: {path}')
+
+
+if __name__ == '__main__':
+    main()
