@@ -204,7 +204,11 @@ class _PRMDotProduct(torch.autograd.Function):
             centered = std = None
             normed = s
         gate = torch.sigmoid(lam * normed + xi)  # [b, g, P]
-        y = xg * gate.view(n, 1, num_positions)
+        # written through a view into a fresh [b, c, h, w] tensor, so that the
+        # output is not itself a view (the block adds the shortcut in place)
+        y = torch.empty_like(x)
+        torch.mul(xg, gate.view(n, 1, num_positions),
+                  out=y.view(n, cg, num_positions))
 
         ctx.groups = groups
         ctx.use_position, ctx.use_norm, ctx.eps = use_position, use_norm, eps
@@ -214,7 +218,7 @@ class _PRMDotProduct(torch.autograd.Function):
                               normed, std)
         if use_position:
             ctx.position = (dist, t_row, t_col, g_row, g_col, d_row, d_col)
-        return y.view(b, c, h, w)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):

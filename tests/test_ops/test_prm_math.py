@@ -172,7 +172,8 @@ class OpRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.ops.append(str(func.overloadpacket))
         outs = out if isinstance(out, (tuple, list)) else [out]
-        inputs = {a.untyped_storage().data_ptr() for a in args
+        inputs = {a.untyped_storage().data_ptr()
+                  for a in list(args) + list((kwargs or {}).values())
                   if isinstance(a, torch.Tensor)}
         for o in outs:
             if (isinstance(o, torch.Tensor) and o.numel() == self.full_numel

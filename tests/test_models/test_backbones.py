@@ -1,0 +1,203 @@
+"""PRMResNet, SEResNet, GCResNet: mmdet's ResNet with attention."""
+import pytest
+import torch
+from mmdet.models.backbones import ResNet
+from mmdet.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from prm_det.models.backbones import GCResNet, PRMResNet, SEResNet
+from prm_det.models.layers import PRM
+
+BACKBONES = ['PRMResNet', 'SEResNet', 'GCResNet']
+ABBR = dict(PRMResNet='prm', SEResNet='se', GCResNet='context_block')
+
+
+def small(type_, depth, **kw):
+    """Narrow nets (base_channels=16) so every depth runs fast."""
+    attention = dict(groups=4) if type_ == 'PRMResNet' else None
+    return MODELS.build(dict(type=type_, depth=depth, base_channels=16,
+                             attention=attention, init_cfg=None, **kw))
+
+
+@pytest.mark.parametrize('type_', BACKBONES)
+@pytest.mark.parametrize('depth', [18, 34, 50, 101, 152])
+def test_output_shapes_for_every_depth(type_, depth):
+    model = small(type_, depth)
+    model.eval()  # mmdet's ResNet.train() returns None: no chaining
+    expansion = 1 if depth < 50 else 4
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 32))
+    assert [tuple(o.shape) for o in outs] == [
+        (1, 16 * expansion * 2**i, 64 // 2**(i + 2), 32 // 2**(i + 2))
+        for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize('type_', BACKBONES)
+@pytest.mark.parametrize('out_indices', [(0, ), (1, 3), (0, 1, 2), (3, )])
+def test_out_indices(type_, out_indices):
+    model = small(type_, 50, out_indices=out_indices)
+    model.eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, 32, 32))
+    assert [o.shape[1] for o in outs] == [64 * 2**i for i in out_indices]
+
+
+@pytest.mark.parametrize('type_', BACKBONES)
+@pytest.mark.parametrize('depth', [18, 50])
+def test_attention_sits_in_the_stages_it_should(type_, depth):
+    model = small(type_, depth)
+    stages = (False, True, True, True) if type_ == 'GCResNet' else (True, ) * 4
+    for i, on in enumerate(stages):
+        for block in getattr(model, f'layer{i + 1}'):
+            assert hasattr(block, ABBR[type_]) == on
+
+
+def test_attention_runs_after_the_last_norm_before_the_add():
+    model = small('PRMResNet', 18)
+    model.eval()
+    block = model.layer2[0]
+    seen = {}
+    block.norm2.register_forward_hook(lambda m, i, o: seen.update(norm=o))
+    block.prm.register_forward_hook(
+        lambda m, i, o: seen.update(prm_in=i[0], prm_out=o.clone()))
+    x = torch.randn(1, 16, 16, 16)
+    with torch.no_grad():
+        out = block(x)
+        expected = torch.relu(seen['prm_out'] + block.downsample(x))
+    assert seen['prm_in'] is seen['norm']
+    torch.testing.assert_close(out, expected)
+
+
+def test_frozen_stages_freeze_their_attention_and_norms():
+    model = MODELS.build(dict(type='PRMResNet', depth=50, frozen_stages=1,
+                              norm_eval=False, attention=dict(groups=8)))
+    model.train()
+    for p in list(model.conv1.parameters()) + list(model.layer1.parameters()):
+        assert not p.requires_grad
+    assert not model.layer1[0].prm.theta.requires_grad
+    assert all(not m.training for m in model.layer1.modules()
+               if isinstance(m, _BatchNorm))
+    assert model.layer2[0].prm.theta.requires_grad
+    assert all(m.training for m in model.layer2.modules()
+               if isinstance(m, _BatchNorm))
+
+
+@pytest.mark.parametrize('type_', BACKBONES)
+def test_norm_eval_keeps_batchnorm_in_eval_mode_while_training(type_):
+    model = small(type_, 18, norm_eval=True)
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    assert bns and all(not m.training for m in bns)
+    before = model.layer1[0].norm1.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(model.layer1[0].norm1.running_mean, before)
+
+
+@pytest.mark.parametrize('type_', BACKBONES)
+@pytest.mark.parametrize('depth', [18, 50])
+def test_with_cp_gives_same_outputs_and_gradients(type_, depth):
+    torch.manual_seed(0)
+    plain = small(type_, depth, norm_eval=True)
+    cp = small(type_, depth, norm_eval=True, with_cp=True)
+    cp.load_state_dict(plain.state_dict())
+    for m in (plain, cp):
+        m.train()
+    x = torch.randn(2, 3, 32, 32)
+    outs_plain = plain(x.clone().requires_grad_())
+    outs_cp = cp(x.clone().requires_grad_())
+    for a, b in zip(outs_plain, outs_cp):
+        torch.testing.assert_close(a, b)
+    sum(o.sum() for o in outs_plain).backward()
+    sum(o.sum() for o in outs_cp).backward()
+    grads_cp = dict(cp.named_parameters())
+    for name, p in plain.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads_cp[name].grad, p.grad,
+                                       rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('type_', BACKBONES)
+def test_every_attention_parameter_gets_a_gradient(type_):
+    model = small(type_, 50, frozen_stages=-1)
+    model.init_weights()
+    model.train()
+    outs = model(torch.randn(2, 3, 64, 64))
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    abbr = ABBR[type_]
+    params = [(n, p) for n, p in model.named_parameters()
+              if f'.{abbr}.' in n]
+    assert params
+    for name, p in params:
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_basicblock_depths_zero_init_their_last_norm():
+    model = MODELS.build(dict(type='PRMResNet', depth=18,
+                              attention=dict(groups=8)))
+    model.init_weights()
+    assert (model.layer1[0].norm2.weight == 0).all()
+    assert (model.layer1[0].norm1.weight == 1).all()
+
+
+def official_prm_resnet50_keys():
+    """Backbone keys of the official prm_resnet50 (torchvision ResNet-50
+    naming plus ``prm.*`` in every Bottleneck), without ``fc.*``."""
+
+    def bn(name):
+        return [f'{name}.{k}' for k in ('weight', 'bias', 'running_mean',
+                                        'running_var', 'num_batches_tracked')]
+
+    keys = ['conv1.weight'] + bn('bn1')
+    for layer, blocks in zip(range(1, 5), (3, 4, 6, 3)):
+        for i in range(blocks):
+            p = f'layer{layer}.{i}.'
+            for j in (1, 2, 3):
+                keys += [f'{p}conv{j}.weight'] + bn(f'{p}bn{j}')
+            keys += [p + 'prm.' + k for k in ('weight', 'bias', 'one', 'zero',
+                                              'theta', 'scale')]
+            if i == 0:
+                keys += [p + 'downsample.0.weight'] + bn(p + 'downsample.1')
+    return keys
+
+
+def test_state_dict_keys_equal_official_prm_resnet50():
+    model = MODELS.build(dict(type='PRMResNet', depth=50))
+    assert sorted(model.state_dict()) == sorted(official_prm_resnet50_keys())
+    # an official checkpoint: DataParallel's prefix and a classifier head
+    official = {'module.' + k: v.clone()
+                for k, v in model.state_dict().items()}
+    official['module.fc.weight'] = torch.zeros(1000, 2048)
+    official['module.fc.bias'] = torch.zeros(1000)
+    stripped = {k[len('module.'):]: v for k, v in official.items()
+                if not k.startswith('module.fc.')}
+    result = model.load_state_dict(stripped, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(attention_stages=(True, False)), 'one flag per stage'),
+    (dict(attention=dict(groups=48)), 'divisible by groups'),
+    (dict(attention=dict(mode='dot')), 'mode must be one of'),
+    (dict(depth=42), 'depth must be one of'),
+])
+def test_bad_backbone_configuration_raises_value_error(kwargs, match):
+    cfg = dict(type='PRMResNet', depth=50)
+    cfg.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MODELS.build(cfg)
+
+
+def test_attention_options_and_stages_are_arguments():
+    model = MODELS.build(dict(type='PRMResNet', depth=50,
+                              attention=dict(groups=32, mode='cosine'),
+                              attention_stages=(False, False, True, True)))
+    assert not hasattr(model.layer2[0], 'prm')
+    assert isinstance(model.layer3[0].prm, PRM)
+    assert model.layer3[0].prm.groups == 32
+    assert model.layer3[0].prm.mode == 'cosine'
+    se = MODELS.build(dict(type='AttentionResNet', depth=18, attention='se'))
+    assert hasattr(se.layer1[0], 'se')
+    assert issubclass(PRMResNet, ResNet) and issubclass(SEResNet, ResNet)
+    assert issubclass(GCResNet, ResNet)
