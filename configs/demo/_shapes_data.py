@@ -3,19 +3,19 @@
 # 2-core CPU trains in minutes. Everything sits under one key so that it does
 # not collide with the detector configs these demos inherit; the demo configs
 # pick the parts with {{_base_.shapes.*}}.
-data_root = 'data/prm_demo/'
-classes = ('rectangle', 'ellipse', 'triangle', 'cross')
-image_size = 160
-train_pipeline = [
+shapes_data_root = 'data/prm_demo/'  # the demo configs repeat it as data_root
+shapes_classes = ('rectangle', 'ellipse', 'triangle', 'cross')
+shapes_image_size = 160
+shapes_train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
+    dict(type='Resize', scale=(shapes_image_size, shapes_image_size), keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
-test_pipeline = [
+shapes_test_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
+    dict(type='Resize', scale=(shapes_image_size, shapes_image_size), keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs',
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
@@ -28,27 +28,27 @@ shapes = dict(
         persistent_workers=True,
         dataset=dict(
             type='CocoDataset',
-            data_root=data_root,
-            metainfo=dict(classes=classes),
+            data_root=shapes_data_root,
+            metainfo=dict(classes=shapes_classes),
             ann_file='annotations/instances_train.json',
             data_prefix=dict(img='train/'),
             filter_cfg=dict(filter_empty_gt=True, min_size=4),
-            pipeline=train_pipeline)),
+            pipeline=shapes_train_pipeline)),
     val_dataloader=dict(
         batch_size=8,
         num_workers=1,
         persistent_workers=True,
         dataset=dict(
             type='CocoDataset',
-            data_root=data_root,
-            metainfo=dict(classes=classes),
+            data_root=shapes_data_root,
+            metainfo=dict(classes=shapes_classes),
             ann_file='annotations/instances_val.json',
             data_prefix=dict(img='val/'),
             test_mode=True,
-            pipeline=test_pipeline)),
+            pipeline=shapes_test_pipeline)),
     val_evaluator=dict(
         type='CocoMetric',
-        ann_file=data_root + 'annotations/instances_val.json',
+        ann_file=shapes_data_root + 'annotations/instances_val.json',
         metric='bbox',
         format_only=False),
     train_cfg=dict(type='EpochBasedTrainLoop', max_epochs=12, val_interval=12),
@@ -65,5 +65,5 @@ shapes = dict(
     # the demo backbone trains from scratch, so its norms train too.
     backbone=dict(depth=18, frozen_stages=-1, norm_eval=False, init_cfg=None),
     neck_in_channels=[64, 128, 256, 512],
-    num_classes=len(classes),
+    num_classes=len(shapes_classes),
 )

@@ -2,6 +2,7 @@
 # (PRM-ResNet-18 from scratch, 160 px images, 12 short epochs, batch 8) on the
 # generated shapes dataset.
 _base_ = ['../retinanet_prm_r50.py', './_shapes_data.py']
+data_root = 'data/prm_demo/'  # what --cfg-options data_root=... moves
 model = dict(
     backbone={{_base_.shapes.backbone}},
     neck=dict(in_channels={{_base_.shapes.neck_in_channels}}),
