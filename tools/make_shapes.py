@@ -1,7 +1,7 @@
 """Write the generated shapes detection dataset (COCO format).
 
     python tools/make_shapes.py [--out data/prm_demo] [--train 400] [--val 100]
-        [--size 160] [--seed 0]
+        [--size 128] [--seed 0]
 """
 import argparse
 import os.path as osp
@@ -17,8 +17,8 @@ def main(argv=None):
     parser.add_argument('--out', default='data/prm_demo')
     parser.add_argument('--train', type=int, default=400)
     parser.add_argument('--val', type=int, default=100)
-    parser.add_argument('--size', type=int, default=160)
-    parser.add_argument('--max-objects', type=int, default=4)
+    parser.add_argument('--size', type=int, default=128)
+    parser.add_argument('--max-objects', type=int, default=3)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     paths = generate(args.out, num_train=args.train, num_val=args.val,

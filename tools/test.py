@@ -116,7 +116,9 @@ def format_ap_table(metrics: dict) -> str:
     prefix = next((k.rsplit('/', 1)[0] + '/' for k in metrics
                    if k.endswith('bbox_mAP')), '')
     heads = [name for name, _ in AP_KEYS]
-    values = [f'{100 * metrics[prefix + key]:.1f}' for _, key in AP_KEYS]
+    # COCO reports -1 where the split has no object of that size
+    values = [f'{100 * metrics[prefix + key]:.1f}'
+              if metrics[prefix + key] >= 0 else 'n/a' for _, key in AP_KEYS]
     return ('| ' + ' | '.join(heads) + ' |\n|' + '---|' * len(heads) +
             '\n| ' + ' | '.join(values) + ' |')
 

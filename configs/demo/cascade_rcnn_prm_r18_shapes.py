@@ -1,5 +1,5 @@
 # configs/cascade_rcnn_prm_r50.py shrunk for a 2-core CPU on the generated
-# shapes dataset (PRM-ResNet-18 from scratch, 160 px images).
+# shapes dataset (PRM-ResNet-18 from scratch, 128 px images).
 _base_ = ['../cascade_rcnn_prm_r50.py', './_shapes_data.py']
 data_root = 'data/prm_demo/'  # what --cfg-options data_root=... moves
 num_classes = {{_base_.shapes.num_classes}}
@@ -34,5 +34,5 @@ test_evaluator = val_evaluator
 train_cfg = {{_base_.shapes.train_cfg}}
 param_scheduler = {{_base_.shapes.param_scheduler}}
 default_hooks = {{_base_.shapes.default_hooks}}
-optim_wrapper = dict(clip_grad=dict(max_norm=35, norm_type=2))
+optim_wrapper = {{_base_.shapes.optim_wrapper}}
 auto_scale_lr = dict(base_batch_size=8)

@@ -1,12 +1,16 @@
 # The `make demo` job: configs/retinanet_prm_r50.py shrunk for a 2-core CPU
-# (PRM-ResNet-18 from scratch, 160 px images, 12 short epochs, batch 8) on the
+# (PRM-ResNet-18 from scratch, 128-wide FPN and head, 128 px images,
+# 12 short epochs, batch 8, AdamW) on the
 # generated shapes dataset.
 _base_ = ['../retinanet_prm_r50.py', './_shapes_data.py']
 data_root = 'data/prm_demo/'  # what --cfg-options data_root=... moves
 model = dict(
     backbone={{_base_.shapes.backbone}},
-    neck=dict(in_channels={{_base_.shapes.neck_in_channels}}),
-    bbox_head=dict(num_classes={{_base_.shapes.num_classes}}))
+    neck=dict(in_channels={{_base_.shapes.neck_in_channels}},
+              out_channels={{_base_.shapes.width}}),
+    bbox_head=dict(num_classes={{_base_.shapes.num_classes}},
+                   in_channels={{_base_.shapes.width}},
+                   feat_channels={{_base_.shapes.width}}))
 train_dataloader = {{_base_.shapes.train_dataloader}}
 val_dataloader = {{_base_.shapes.val_dataloader}}
 test_dataloader = val_dataloader
@@ -15,5 +19,5 @@ test_evaluator = val_evaluator
 train_cfg = {{_base_.shapes.train_cfg}}
 param_scheduler = {{_base_.shapes.param_scheduler}}
 default_hooks = {{_base_.shapes.default_hooks}}
-optim_wrapper = dict(clip_grad=dict(max_norm=35, norm_type=2))
+optim_wrapper = {{_base_.shapes.optim_wrapper}}
 auto_scale_lr = dict(base_batch_size=8)

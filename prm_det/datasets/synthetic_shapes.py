@@ -100,10 +100,10 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int,
 def generate(root: str,
              num_train: int = 400,
              num_val: int = 100,
-             image_size: int = 160,
-             max_objects: int = 4,
-             min_size: int = 16,
-             max_size: int = 80,
+             image_size: int = 128,
+             max_objects: int = 3,
+             min_size: int = 24,
+             max_size: int = 72,
              seed: int = 0) -> Dict[str, str]:
     """Write the dataset under ``root``; returns the annotation file paths.
 

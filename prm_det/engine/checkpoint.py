@@ -11,6 +11,7 @@ the download fails says how to use a local file instead.
 import os.path as osp
 
 import mmengine
+import torch
 from mmengine.runner.checkpoint import CheckpointLoader, load_from_http
 
 
@@ -48,3 +49,21 @@ def load_from_torchvision_urls(filename: str, map_location=None):
             f'prm_resnet50.pth.tar, loads as is), or\n'
             f'  * train from scratch: --cfg-options '
             f'model.backbone.init_cfg=None') from error
+
+
+@CheckpointLoader.register_scheme(prefixes='', force=True)
+def load_from_local_file(filename: str, map_location=None):
+    """mmengine's local-file loader, made to work with torch >= 2.6.
+
+    mmengine 0.10.7 writes its message hub (a ``HistoryBuffer`` of numpy
+    values) into every checkpoint and reads them back with a bare
+    ``torch.load``; since torch 2.6 that defaults to ``weights_only=True``,
+    which refuses those objects, so ``tools/test.py`` and ``--resume`` fail
+    on checkpoints the Runner just wrote. Local checkpoints are loaded as
+    mmengine loaded them before torch 2.6 (``weights_only=False``: only load
+    checkpoints you trust, as always with mmengine).
+    """
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    return torch.load(filename, map_location=map_location, weights_only=False)

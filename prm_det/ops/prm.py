@@ -319,8 +319,10 @@ def prm(x: Tensor,
         use_position: bool = True,
         use_norm: bool = True,
         normalized_positions: bool = False,
-        eps: float = NORM_EPS) -> Tensor:
-    """PRM forward: the fast path for 'dotproduct', the reference otherwise.
+        eps: float = NORM_EPS,
+        reference: bool = False) -> Tensor:
+    """PRM forward: the fast path for 'dotproduct', the reference otherwise
+    (or when ``reference`` is set: for comparisons and benchmarks).
 
     Half-precision inputs (autocast) are computed in float32 and returned in
     their own dtype: dot products of realistic activations overflow float16.
@@ -335,7 +337,7 @@ def prm(x: Tensor,
             p.to(compute_dtype)
             for p in (weight, bias, one, zero, theta, scale)
         ]
-        if mode == 'dotproduct':
+        if mode == 'dotproduct' and not reference:
             y = _PRMDotProduct.apply(x.contiguous(), *params, groups,
                                      use_position, use_norm,
                                      normalized_positions, eps)

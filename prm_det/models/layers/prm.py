@@ -35,6 +35,8 @@ class PRM(nn.Module):
             affine and sigmoid. Defaults to True.
         normalized_positions (bool): Distances in [0, 1] (the slides) instead
             of feature-map pixels (the official code). Defaults to False.
+        reference (bool): Use the straightforward implementation instead of
+            the fast path (same results; for comparisons). Defaults to False.
 
     Example:
         >>> import torch
@@ -52,7 +54,8 @@ class PRM(nn.Module):
                  mode: str = 'dotproduct',
                  use_position: bool = True,
                  use_norm: bool = True,
-                 normalized_positions: bool = False) -> None:
+                 normalized_positions: bool = False,
+                 reference: bool = False) -> None:
         super().__init__()
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(
@@ -71,6 +74,7 @@ class PRM(nn.Module):
         self.use_position = use_position
         self.use_norm = use_norm
         self.normalized_positions = normalized_positions
+        self.reference = reference
         self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1))  # lambda
         self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))  # xi
         self.one = nn.Parameter(torch.ones(1, groups, 1))  # beta
@@ -85,7 +89,8 @@ class PRM(nn.Module):
                 f'{tuple(x.shape)}')
         return prm(x, self.weight, self.bias, self.one, self.zero, self.theta,
                    self.scale, self.groups, self.mode, self.use_position,
-                   self.use_norm, self.normalized_positions, NORM_EPS)
+                   self.use_norm, self.normalized_positions, NORM_EPS,
+                   self.reference)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, groups={self.groups}, mode={self.mode!r}'

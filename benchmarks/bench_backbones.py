@@ -1,0 +1,223 @@
+"""Speed and memory of the attention backbones, side by side in one run.
+
+    python benchmarks/bench_backbones.py [--reps 7] [--device cpu|cuda]
+        [--sizes 2x224x224 1x512x832] [--no-detector] [--out FILE.md]
+
+Measures plain ResNet-50 (mmdet's ``ResNet``), SE-, GC- and PRM-ResNet-50
+(the fast path) and PRM-ResNet-50 with the straightforward reference PRM,
+for a training step (forward + backward, all stages trainable, BN in train
+mode) and for inference (eval, no_grad), at each input size; then a whole
+RetinaNet training step (mmdet's R50-FPN config, 80 classes) with each
+backbone. The variants are interleaved within every repetition, so machine
+noise hits them alike; the table gives medians and ratios to plain ResNet-50.
+
+Memory: on CUDA the peak allocated during a training step
+(``torch.cuda.max_memory_allocated``); on CPU, where torch keeps no such
+counter, the bytes of tensors autograd saves for backward during the
+forward pass (the activation memory that dominates a training step's peak),
+counted once per storage.
+"""
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import prm_det  # noqa: E402,F401
+from mmdet.registry import MODELS  # noqa: E402
+from mmdet.utils import register_all_modules  # noqa: E402
+
+BACKBONES = {
+    'ResNet-50': dict(type='ResNet'),
+    'SE-ResNet-50': dict(type='SEResNet'),
+    'GC-ResNet-50': dict(type='GCResNet'),
+    'PRM-ResNet-50': dict(type='PRMResNet'),
+    'PRM-ResNet-50 (reference PRM)': dict(
+        type='PRMResNet', attention=dict(reference=True)),
+}
+
+
+def sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def build_backbone(cfg, device):
+    model = MODELS.build(dict(cfg, depth=50, frozen_stages=-1,
+                              norm_eval=False, init_cfg=None))
+    model.init_weights()
+    with torch.no_grad():  # move attention away from its identity-like init
+        for name, p in model.named_parameters():
+            if any(k in name for k in ('.prm.', '.se.', '.context_block.')):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.to(device)
+
+
+def backbone_train_step(model, x):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    outs = model(x)
+    sum(o.float().mean() for o in outs).backward()
+
+
+def backbone_infer(model, x):
+    model.eval()
+    with torch.no_grad():
+        model(x)
+
+
+def saved_activation_bytes(fn) -> int:
+    seen = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except Exception:  # noqa: BLE001 (sparse or opaque tensors)
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def peak_memory(fn, device) -> int:
+    if device == 'cuda':
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated()
+    return saved_activation_bytes(fn)
+
+
+def interleaved_medians(fns: Dict[str, Callable], reps: int, device: str,
+                        warmup: int = 2) -> Dict[str, float]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def detector_step_fns(device, size):
+    from mmdet.testing import demo_mm_inputs
+    from mmengine.hub import get_config
+    base = get_config('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py')
+    fns = {}
+    packed = demo_mm_inputs(1, [[3, *size]], num_items=[5])
+    for name, cfg in BACKBONES.items():
+        model_cfg = base.model.copy()
+        model_cfg.backbone = dict(base.model.backbone, **cfg, init_cfg=None)
+        model = MODELS.build(model_cfg).to(device)
+        model.init_weights()
+        model.train()
+        data = model.data_preprocessor(packed, True)
+
+        def step(model=model, data=data):
+            model.zero_grad(set_to_none=True)
+            losses = model(**data, mode='loss')
+            total = sum(sum(v) if isinstance(v, list) else v
+                        for v in losses.values())
+            total.backward()
+
+        fns[name] = step
+    return fns
+
+
+def fmt_table(rows, baseline='ResNet-50'):
+    lines = ['| task | input | backbone | median ms | vs ResNet-50 | memory MiB '
+             '| vs ResNet-50 |', '|---|---|---|---|---|---|---|']
+    for (task, size), stats in rows.items():
+        base_t = stats[baseline]['time']
+        base_m = stats[baseline].get('mem')
+        for name, s in stats.items():
+            mem = s.get('mem')
+            mem_s = f'{mem / 2**20:.0f}' if mem else ''
+            mem_r = f'{mem / base_m:.3f}x' if mem and base_m else ''
+            lines.append(f'| {task} | {size} | {name} | {1000 * s["time"]:.1f}'
+                         f' | {s["time"] / base_t:.3f}x | {mem_s} | {mem_r} |')
+    return '\n'.join(lines)
+
+
+def machine(device):
+    if device == 'cuda':
+        return torch.cuda.get_device_name()
+    return (f'{platform.processor() or platform.machine()}, '
+            f'{torch.get_num_threads()} threads')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--reps', type=int, default=7)
+    parser.add_argument('--device', default='cuda' if
+                        torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--sizes', nargs='+',
+                        default=['2x224x224', '1x512x832'])
+    parser.add_argument('--detector-size', default='512x832')
+    parser.add_argument('--no-detector', action='store_true')
+    parser.add_argument('--only', nargs='+', choices=list(BACKBONES))
+    parser.add_argument('--out', default=None)
+    args = parser.parse_args(argv)
+    register_all_modules()
+    torch.manual_seed(0)
+    device = args.device
+    backbones = {k: v for k, v in BACKBONES.items()
+                 if not args.only or k in args.only or k == 'ResNet-50'}
+    models = {k: build_backbone(v, device) for k, v in backbones.items()}
+    rows = {}
+    for size in args.sizes:
+        b, h, w = (int(v) for v in size.split('x'))
+        x = torch.randn(b, 3, h, w, device=device)
+        for task, step in (('train step', backbone_train_step),
+                           ('inference', backbone_infer)):
+            fns = {k: (lambda m=m: step(m, x)) for k, m in models.items()}
+            medians = interleaved_medians(fns, args.reps, device)
+            stats = {k: dict(time=t) for k, t in medians.items()}
+            if task == 'train step':
+                for k, fn in fns.items():
+                    stats[k]['mem'] = peak_memory(fn, device)
+            rows[(task, f'{b}x3x{h}x{w}')] = stats
+            print(fmt_table({(task, size): stats}), flush=True)
+    if not args.no_detector:
+        h, w = (int(v) for v in args.detector_size.split('x'))
+        fns = detector_step_fns(device, (h, w))
+        fns = {k: v for k, v in fns.items() if k in backbones}
+        medians = interleaved_medians(fns, args.reps, device, warmup=1)
+        stats = {k: dict(time=t) for k, t in medians.items()}
+        for k, fn in fns.items():
+            stats[k]['mem'] = peak_memory(fn, device)
+        rows[('RetinaNet train step', f'1x3x{h}x{w}')] = stats
+    mem_note = ('peak allocated (CUDA)' if device == 'cuda' else
+                'tensors saved for backward (CPU)')
+    report = (f'Machine: {machine(device)}; torch {torch.__version__}; '
+              f'medians of {args.reps} interleaved runs; memory: {mem_note}.'
+              f'\n\n' + fmt_table(rows) + '\n')
+    print('\n' + report)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(report)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
