@@ -153,14 +153,37 @@ def prm_reference(x: Tensor,
     return y.view(b, c, h, w)
 
 
+def _per_instance(param: Tensor, batch: int, groups: int) -> Tensor:
+    """A per-group parameter as one value per (sample, group): [b*g, 1]."""
+    return param.reshape(1, groups).expand(batch, groups).reshape(-1, 1)
+
+
+def _sum_over_batch(grad: Tensor, batch: int, like: Tensor) -> Tensor:
+    """Gradient per (sample, group) [b*g, 1] -> the parameter's shape."""
+    return grad.reshape(batch, -1).sum(0).view_as(like)
+
+
 class _PRMDotProduct(torch.autograd.Function):
     """PRM with dot-product similarity, forward and backward by hand.
 
-    Forward: one reduction for the channel sum (query position), one for the
-    spatial mean, one batched matmul for both similarities at once, and the
-    gating multiply. Everything else works on [n, P] or smaller tensors.
-    Saved for backward: x (needed for the gate and similarity gradients),
-    the gate and a few [n, P] vectors; no full-size intermediates.
+    The same function as :func:`prm_reference`, arranged for few passes:
+
+    * alpha and beta scale the two keys (q, z) before one batched matmul, so
+      ``s = D * (alpha q . x_p) + (beta z . x_p)`` is one fused op;
+    * the normalization and the affine collapse into one per-instance scale
+      and shift, ``lambda * (s - mean) / (std + eps) + xi = A * s + B``, with
+      mean and variance from a single ``var_mean``;
+    * the gate stays [b*g, h*w] and multiplies x by broadcasting;
+    * backward uses the same algebra: two reductions give the gradients of
+      lambda, xi and the normalization, one matmul the key gradients, and
+      grad_x is ``gy * gate + keys @ coefficients`` plus one scatter for the
+      query position. It saves x, the gate, s and alpha*q.x_p, and no
+      full-size intermediates.
+
+    Full-size passes over the feature map: forward 4 reads and 1 write
+    (channel sum, spatial mean, matmul, gating); backward 4 reads and 2
+    writes. Everything else works on [b*g, h*w] (1/(c/g) of the map) or
+    smaller.
     """
 
     @staticmethod
@@ -172,52 +195,60 @@ class _PRMDotProduct(torch.autograd.Function):
         query_index = xg.sum(1).argmax(1)  # [n]
         query = xg.gather(2, query_index.view(n, 1, 1).expand(n, cg, 1))
         context = xg.mean(2, keepdim=True)  # [n, cg, 1]
-        keys = torch.cat([query, context], 2)  # [n, cg, 2]
+        alpha = _per_instance(zero, b, groups)  # [n, 1]
+        beta = _per_instance(one, b, groups)
+        lam = _per_instance(weight, b, groups)
+        xi = _per_instance(bias, b, groups)
+        keys = torch.cat([query * alpha[:, :, None],
+                          context * beta[:, :, None]], 2)  # [n, cg, 2]
         sims = torch.bmm(keys.transpose(1, 2), xg)  # [n, 2, P]
-        sim_query, sim_context = sims.unbind(1)  # [n, P] each
+        sim_query, sim_context = sims[:, 0], sims[:, 1]  # alpha q.x, beta z.x
 
-        alpha = zero.reshape(1, groups, 1)
-        beta = one.reshape(1, groups, 1)
-        lam = weight.reshape(1, groups, 1)
-        xi = bias.reshape(1, groups, 1)
         if use_position:
             theta2 = theta.reshape(2)
             d_row, d_col = axis_distances(query_index, h, w,
                                           normalized_positions, x.dtype)
-            t_row, t_col = theta2[0] * d_row, theta2[1] * d_col
-            g_row, g_col = gaussian(t_row, scale), gaussian(t_col, scale)
-            dist = (0.5 * (g_row[:, :, None] + g_col[:, None, :])).view(
-                b, groups, num_positions)  # [b, g, P]
+            t_row, t_col = theta2[0] * d_row, theta2[1] * d_col  # [n, h], [n, w]
+            # the mean of the two Gaussians: the 1/2 goes into each table
+            half_row = 0.5 * gaussian(t_row, scale)
+            half_col = 0.5 * gaussian(t_col, scale)
+            dist = (half_row[:, :, None] + half_col[:, None, :]).view(
+                n, num_positions)  # [n, P]
+            s = torch.addcmul(sim_context, sim_query, dist)  # [n, P]
         else:
-            dist = None
-        sim_query = sim_query.view(b, groups, num_positions)
-        sim_context = sim_context.view(b, groups, num_positions)
-        weighted_query = sim_query * dist if use_position else sim_query
-        s = alpha * weighted_query + beta * sim_context  # [b, g, P]
+            s = sim_query + sim_context
+            dist = t_row = t_col = half_row = half_col = d_row = d_col = None
+
         if use_norm:
-            centered = s - s.mean(-1, keepdim=True)
-            var = centered.pow(2).sum(-1, keepdim=True) / max(
-                num_positions - 1, 1)
-            std = var.clamp_min(_TINY_VAR).sqrt()  # [b, g, 1]
-            normed = centered / (std + eps)
+            if num_positions > 1:
+                var, mean = torch.var_mean(s, dim=1, correction=1,
+                                           keepdim=True)  # [n, 1] each
+            else:  # one position: the normalized value is defined as 0
+                var, mean = torch.zeros_like(s), s
+            std = var.clamp_min(_TINY_VAR).sqrt()
+            inv = 1.0 / (std + eps)
+            gain = lam * inv  # [n, 1]
+            # centred first: folding the mean into the shift loses float32
+            # precision when std << |mean|
+            centered = s - mean
         else:
-            centered = std = None
-            normed = s
-        gate = torch.sigmoid(lam * normed + xi)  # [b, g, P]
-        # written through a view into a fresh [b, c, h, w] tensor, so that the
-        # output is not itself a view (the block adds the shortcut in place)
+            std = inv = None
+            gain, centered = lam, s
+        gate = torch.addcmul(xi, centered, gain).sigmoid_()  # [n, P]
+
+        # written into a fresh [b, c, h, w] tensor, so that the output is not
+        # a view (the residual block adds the shortcut to it in place)
         y = torch.empty_like(x)
-        torch.mul(xg, gate.view(n, 1, num_positions),
-                  out=y.view(n, cg, num_positions))
+        torch.mul(xg, gate[:, None, :], out=y.view(n, cg, num_positions))
 
         ctx.groups = groups
-        ctx.use_position, ctx.use_norm, ctx.eps = use_position, use_norm, eps
+        ctx.use_position, ctx.use_norm = use_position, use_norm
         ctx.shape = (b, c, h, w)
-        ctx.save_for_backward(x, weight, one, zero, theta, scale, query_index,
-                              query, context, sim_query, sim_context, gate,
-                              normed, std)
-        if use_position:
-            ctx.position = (dist, t_row, t_col, g_row, g_col, d_row, d_col)
+        ctx.save_for_backward(x, theta, scale, query_index, query, context,
+                              keys, alpha, beta, lam, centered, sim_query,
+                              gate)
+        ctx.norm = (std, inv)
+        ctx.position = (dist, t_row, t_col, half_row, half_col, d_row, d_col)
         return y
 
     @staticmethod
@@ -227,79 +258,81 @@ class _PRMDotProduct(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_y):
-        (x, weight, one, zero, theta, scale, query_index, query, context,
-         sim_query, sim_context, gate, normed, std) = ctx.saved_tensors
+        (x, theta, scale, query_index, query, context, keys, alpha, beta, lam,
+         centered, sim_query, gate) = ctx.saved_tensors
         groups = ctx.groups
         b, c, h, w = ctx.shape
         n, cg, num_positions = b * groups, c // groups, h * w
         xg = x.view(n, cg, num_positions)
         gy = grad_y.reshape(n, cg, num_positions)
-        alpha = zero.reshape(1, groups, 1)
-        beta = one.reshape(1, groups, 1)
-        lam = weight.reshape(1, groups, 1)
 
-        # y = x * gate: the gate's gradient sums over the group's channels.
-        grad_gate = torch.linalg.vecdot(gy, xg, dim=1).view(
-            b, groups, num_positions)  # [b, g, P]
-        grad_pre = grad_gate * gate * (1 - gate)  # through the sigmoid
-        grad_weight = (grad_pre * normed).sum((0, 2)).view_as(weight)
-        grad_bias = grad_pre.sum((0, 2)).view_as(weight)
-        grad_normed = grad_pre * lam
+        # y = x * gate: the gate's gradient sums over the group's channels
+        grad_gate = torch.linalg.vecdot(gy, xg, dim=1)  # [n, P]
+        grad_pre = torch.ops.aten.sigmoid_backward(grad_gate, gate)
+        sum_grad = grad_pre.sum(1, keepdim=True)  # [n, 1]
         if ctx.use_norm:
-            # normed = centered / (std + eps), std = sqrt(sum(centered^2)/(P-1))
-            denom = std + ctx.eps
-            centered = normed * denom
-            grad_std = -(grad_normed * centered).sum(-1, keepdim=True) / (
-                denom * denom)
-            dstd_dcentered = torch.where(
+            std, inv = ctx.norm
+            # sum_p grad_pre * normalized_p
+            grad_lam = inv * torch.linalg.vecdot(grad_pre, centered,
+                                                 dim=1)[:, None]
+            # d/ds of lambda * (s - mean) / (std + eps):
+            #   lambda*inv*(g - mean(g)) + dstd * (s - mean) / ((P-1) std)
+            # with dstd = -lambda * inv * grad_lam
+            gain = lam * inv
+            std_term = torch.where(
                 std > math.sqrt(_TINY_VAR),
-                1.0 / (max(num_positions - 1, 1) * std),
-                torch.zeros_like(std))
-            grad_centered = (grad_normed / denom +
-                             grad_std * dstd_dcentered * centered)
-            grad_s = grad_centered - grad_centered.mean(-1, keepdim=True)
+                -gain * grad_lam / (max(num_positions - 1, 1) * std),
+                torch.zeros_like(std))  # [n, 1]
+            grad_s = torch.addcmul(-gain * sum_grad / num_positions, grad_pre,
+                                   gain)
+            grad_s.addcmul_(centered, std_term)
+            if num_positions == 1:  # the normalized value is constant 0
+                grad_s.zero_()
         else:
-            grad_s = grad_normed
+            grad_lam = torch.linalg.vecdot(grad_pre, centered, dim=1)[:, None]
+            grad_s = grad_pre * lam
+        grad_weight = _sum_over_batch(grad_lam, b, lam.new_empty(1, groups, 1, 1))
+        grad_bias = _sum_over_batch(sum_grad, b, grad_weight)
 
+        # s = dist * sim_query + sim_context; the third coefficient row (ones)
+        # carries the spatial mean's gradient into grad_x in the same matmul
+        coeffs = grad_s.new_empty(n, 3, num_positions)
         grad_theta = grad_scale = None
         if ctx.use_position:
-            dist, t_row, t_col, g_row, g_col, d_row, d_col = ctx.position
-            weighted_query = sim_query * dist
-            grad_dist = (grad_s * alpha * sim_query).view(n, h, w)
-            grad_sim_query = grad_s * alpha * dist
-            # dist = (g_row[i] + g_col[j]) / 2
-            grad_g_row = 0.5 * grad_dist.sum(2)  # [n, h]
-            grad_g_col = 0.5 * grad_dist.sum(1)  # [n, w]
+            dist, t_row, t_col, half_row, half_col, d_row, d_col = ctx.position
+            torch.mul(grad_s, dist, out=coeffs[:, 0])
+            grad_dist = (grad_s * sim_query).view(n, h, w)
+            grad_half_row = grad_dist.sum(2)  # [n, h]
+            grad_half_col = grad_dist.sum(1)  # [n, w]
             inv_var = 1.0 / (scale * scale)
-            # dG/dt = -t / sigma^2 * G;  dG/dsigma = G * (t^2 / sigma^3 - 1 / sigma)
-            grad_t_row = -grad_g_row * g_row * t_row * inv_var
-            grad_t_col = -grad_g_col * g_col * t_col * inv_var
+            # G(t) = exp(-t^2 / 2 sigma^2) / (sigma sqrt(2 pi)):
+            # dG/dt = -t / sigma^2 G,  dG/dsigma = G (t^2 / sigma^2 - 1) / sigma
+            grad_t_row = -grad_half_row * half_row * t_row * inv_var
+            grad_t_col = -grad_half_col * half_col * t_col * inv_var
             grad_theta = torch.stack([(grad_t_row * d_row).sum(),
                                       (grad_t_col * d_col).sum()]).view_as(theta)
-            grad_scale = ((grad_g_row * g_row * (t_row * t_row * inv_var - 1)
-                           ).sum() + (grad_g_col * g_col *
-                                      (t_col * t_col * inv_var - 1)).sum())
-            grad_scale = (grad_scale / scale).view_as(scale)
+            grad_scale = ((grad_half_row * half_row *
+                           (t_row * t_row * inv_var - 1)).sum() +
+                          (grad_half_col * half_col *
+                           (t_col * t_col * inv_var - 1)).sum()) / scale
+            grad_scale = grad_scale.view_as(scale)
         else:
-            weighted_query = sim_query
-            grad_sim_query = grad_s * alpha
-        grad_zero = (grad_s * weighted_query).sum((0, 2)).view_as(zero)
-        grad_one = (grad_s * sim_context).sum((0, 2)).view_as(one)
-        grad_sim_context = grad_s * beta
+            coeffs[:, 0] = grad_s
+        coeffs[:, 1] = grad_s
+        coeffs[:, 2] = 1.0
 
-        # sims = keys^T @ x: gradients for x (through both similarities) and
-        # for the keys (query vector and spatial mean).
-        grad_sims = torch.stack([grad_sim_query, grad_sim_context],
-                                2).view(n, 2, num_positions)  # [n, 2, P]
-        grad_keys = torch.bmm(xg, grad_sims.transpose(1, 2))  # [n, cg, 2]
-        grad_query, grad_context = grad_keys.split(1, 2)  # [n, cg, 1] each
-        # The mean spreads its gradient evenly: add it as a third key with
-        # coefficient 1 at every position, in the same matmul.
-        keys = torch.cat([query, context, grad_context / num_positions], 2)
-        coeffs = torch.cat(
-            [grad_sims, grad_sims.new_ones(n, 1, num_positions)], 1)
-        grad_x = gy * gate.view(n, 1, num_positions)
-        grad_x.baddbmm_(keys, coeffs)
+        grad_keys = torch.bmm(xg, coeffs[:, :2].transpose(1, 2))  # [n, cg, 2]
+        grad_key_query, grad_key_context = grad_keys.split(1, 2)  # [n, cg, 1]
+        grad_alpha = (query * grad_key_query).sum(1)  # [n, 1]
+        grad_beta = (context * grad_key_context).sum(1)
+        grad_zero = _sum_over_batch(grad_alpha, b, alpha.new_empty(1, groups, 1))
+        grad_one = _sum_over_batch(grad_beta, b, grad_zero)
+        grad_query = grad_key_query * alpha[:, :, None]  # [n, cg, 1]
+        grad_context = grad_key_context * beta[:, :, None]
+
+        all_keys = torch.cat([keys, grad_context / num_positions], 2)
+        grad_x = gy * gate[:, None, :]
+        grad_x.baddbmm_(all_keys, coeffs)
         grad_x.scatter_add_(
             2, query_index.view(n, 1, 1).expand(n, cg, 1), grad_query)
         return (grad_x.view(b, c, h, w), grad_weight, grad_bias, grad_one,
