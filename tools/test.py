@@ -23,7 +23,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
 from prm_det.engine.launch import (DatasetNotFound,  # noqa: E402
-                                   check_dataset_files, load_config)
+                                   check_dataset_files, finish_distributed,
+                                   load_config)
 
 AP_KEYS = (('AP', 'bbox_mAP'), ('AP50', 'bbox_mAP_50'),
            ('AP75', 'bbox_mAP_75'), ('APs', 'bbox_mAP_s'),
@@ -135,6 +136,9 @@ def run(args):
     metrics = runner.test()
     if any(k.endswith('bbox_mAP') for k in metrics):
         print('\nCOCO box AP (%):\n' + format_ap_table(metrics), flush=True)
+    elif not metrics:
+        print('\nNo AP: the model kept no detection on this split (all '
+              'scores under model.test_cfg score_thr?)', flush=True)
     return metrics
 
 
@@ -144,6 +148,8 @@ def main(argv=None):
         return run(args)
     except (DatasetNotFound, FileNotFoundError) as error:
         raise SystemExit(f'error: {error}')
+    finally:
+        finish_distributed()
 
 
 if __name__ == '__main__':

@@ -23,7 +23,8 @@ from mmengine.runner import Runner  # noqa: E402
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
 from prm_det.engine import PretrainedWeightsUnavailable  # noqa: E402
 from prm_det.engine.launch import (DatasetNotFound,  # noqa: E402
-                                   check_dataset_files, load_config)
+                                   check_dataset_files, finish_distributed,
+                                   load_config)
 
 
 def parse_args(argv=None):
@@ -106,6 +107,8 @@ def main(argv=None):
         runner.train()
     except PretrainedWeightsUnavailable as error:
         raise SystemExit(f'error: {error}')
+    finally:
+        finish_distributed()
 
 
 if __name__ == '__main__':

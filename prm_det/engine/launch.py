@@ -2,6 +2,7 @@
 
 Kept out of the tools so that tests call the same code.
 """
+import datetime
 import os.path as osp
 import re
 from typing import Iterable, List, Optional
@@ -104,9 +105,19 @@ def check_dataset_files(cfg: Config, loaders: Iterable[str]) -> None:
 
 
 def configure_launcher(cfg: Config, launcher: str) -> None:
-    """Set the launcher and, for distributed CPU runs, the gloo backend and
-    a DDP wrapper that accepts CPU modules (the mmengine way: config and a
-    registered wrapper, no patching)."""
+    """Set the launcher and, for distributed runs without CUDA, make them
+    work on CPU the mmengine way (configuration and a registered wrapper, no
+    patching):
+
+    * the gloo backend (``env_cfg.dist_cfg.backend``) instead of nccl;
+    * ``model_wrapper_cfg=dict(type='DeviceAwareDDP')``, a DDP wrapper that
+      drops the ``device_ids`` the Runner passes, which torch refuses for a
+      CPU module;
+    * with torchrun (``--launcher pytorch``) the process group is started
+      here with gloo: mmengine 0.10.7's ``init_dist`` calls
+      ``torch.cuda.set_device`` first, which a CPU build of torch lacks, and
+      the Runner skips ``init_dist`` when a group already exists.
+    """
     cfg.launcher = launcher
     if launcher == 'none' or torch.cuda.is_available():
         return
@@ -118,6 +129,14 @@ def configure_launcher(cfg: Config, launcher: str) -> None:
         cfg.model_wrapper_cfg = dict(
             type='DeviceAwareDDP',
             find_unused_parameters=cfg.get('find_unused_parameters', False))
+    if launcher == 'pytorch' and not torch.distributed.is_initialized():
+        options = {k: v for k, v in dist_cfg.items()
+                   if k not in ('backend', 'init_backend')}
+        if 'timeout' in options:
+            options['timeout'] = datetime.timedelta(
+                seconds=options['timeout'])
+        torch.distributed.init_process_group(backend=dist_cfg['backend'],
+                                             **options)
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None,
@@ -135,3 +154,12 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
         cfg.merge_from_dict(cfg_options)
     configure_launcher(cfg, launcher)
     return cfg
+
+
+def finish_distributed() -> None:
+    """Tear the process group down before the interpreter exits: a gloo
+    group left to interpreter shutdown aborts the process ("terminate called
+    without an active exception"), which torchrun reports as a failure."""
+    if torch.distributed.is_available() and \
+            torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
