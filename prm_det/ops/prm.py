@@ -29,7 +29,7 @@ Two implementations live here:
 :func:`prm` picks between them. Nothing in this file imports mmcv or mmdet.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -187,8 +187,9 @@ class _PRMDotProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, one, zero, theta, scale, groups,
-                use_position, use_norm, normalized_positions, eps):
+    def forward(ctx, x, identity, weight, bias, one, zero, theta, scale,
+                groups, use_position, use_norm, normalized_positions, eps,
+                relu):
         b, c, h, w = x.shape
         n, cg, num_positions = b * groups, c // groups, h * w
         xg = x.view(n, cg, num_positions)  # [n, cg, P]
@@ -235,16 +236,26 @@ class _PRMDotProduct(torch.autograd.Function):
         gate = torch.addcmul(xi, centered, gain).sigmoid_()  # [n, P]
 
         # written into a fresh [b, c, h, w] tensor, so that the output is not
-        # a view (the residual block adds the shortcut to it in place)
+        # a view (a residual block may add the shortcut to it in place). With
+        # ``identity`` the shortcut add (and the block's ReLU) happen here, in
+        # the same pass as the gating.
         y = torch.empty_like(x)
-        torch.mul(xg, gate[:, None, :], out=y.view(n, cg, num_positions))
+        y_groups = y.view(n, cg, num_positions)
+        if identity is None:
+            torch.mul(xg, gate[:, None, :], out=y_groups)
+        else:
+            torch.addcmul(identity.reshape(n, cg, num_positions), xg,
+                          gate[:, None, :], out=y_groups)
+        if relu:
+            y.relu_()
 
         ctx.groups = groups
         ctx.use_position, ctx.use_norm = use_position, use_norm
         ctx.shape = (b, c, h, w)
+        ctx.has_identity, ctx.relu = identity is not None, relu
         ctx.save_for_backward(x, theta, scale, query_index, query, context,
                               keys, alpha, beta, lam, centered, sim_query,
-                              gate)
+                              gate, y if relu else None)
         ctx.norm = (std, inv)
         ctx.position = (dist, t_row, t_col, half_row, half_col, d_row, d_col)
         return y
@@ -257,11 +268,15 @@ class _PRMDotProduct(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y):
         (x, theta, scale, query_index, query, context, keys, alpha, beta, lam,
-         centered, sim_query, gate) = ctx.saved_tensors
+         centered, sim_query, gate, y) = ctx.saved_tensors
         groups = ctx.groups
         b, c, h, w = ctx.shape
         n, cg, num_positions = b * groups, c // groups, h * w
         xg = x.view(n, cg, num_positions)
+        if ctx.relu:  # the block's ReLU, fused: y is its output
+            grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
+        # the shortcut's gradient is the block output's, unchanged
+        grad_identity = grad_y if ctx.has_identity else None
         gy = grad_y.reshape(n, cg, num_positions)
 
         # y = x * gate: the gate's gradient sums over the group's channels
@@ -333,9 +348,9 @@ class _PRMDotProduct(torch.autograd.Function):
         grad_x.baddbmm_(all_keys, coeffs)
         grad_x.scatter_add_(
             2, query_index.view(n, 1, 1).expand(n, cg, 1), grad_query)
-        return (grad_x.view(b, c, h, w), grad_weight, grad_bias, grad_one,
-                grad_zero, grad_theta, grad_scale, None, None, None, None,
-                None)
+        return (grad_x.view(b, c, h, w), grad_identity, grad_weight,
+                grad_bias, grad_one, grad_zero, grad_theta, grad_scale, None,
+                None, None, None, None, None)
 
 
 def prm(x: Tensor,
@@ -351,9 +366,15 @@ def prm(x: Tensor,
         use_norm: bool = True,
         normalized_positions: bool = False,
         eps: float = NORM_EPS,
-        reference: bool = False) -> Tensor:
+        reference: bool = False,
+        identity: Optional[Tensor] = None,
+        relu: bool = False) -> Tensor:
     """PRM forward: the fast path for 'dotproduct', the reference otherwise
     (or when ``reference`` is set: for comparisons and benchmarks).
+
+    With ``identity`` (and ``relu``) it returns ``relu(prm(x) + identity)``,
+    a residual block's output: the fast path does the add and the ReLU in
+    the gating pass.
 
     Half-precision inputs (autocast) are computed in float32 and returned in
     their own dtype: dot products of realistic activations overflow float16.
@@ -368,11 +389,19 @@ def prm(x: Tensor,
             p.to(compute_dtype)
             for p in (weight, bias, one, zero, theta, scale)
         ]
+        if identity is not None:
+            identity = identity.to(compute_dtype)
         if mode == 'dotproduct' and not reference:
-            y = _PRMDotProduct.apply(x.contiguous(), *params, groups,
-                                     use_position, use_norm,
-                                     normalized_positions, eps)
+            y = _PRMDotProduct.apply(
+                x.contiguous(),
+                None if identity is None else identity.contiguous(), *params,
+                groups, use_position, use_norm, normalized_positions, eps,
+                relu)
         else:
             y = prm_reference(x, *params, groups, mode, use_position,
                               use_norm, normalized_positions, eps)
+            if identity is not None:
+                y = y + identity
+            if relu:
+                y = torch.relu(y)
     return y.to(in_dtype)

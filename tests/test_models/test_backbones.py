@@ -53,19 +53,21 @@ def test_attention_sits_in_the_stages_it_should(type_, depth):
             assert hasattr(block, ABBR[type_]) == on
 
 
-def test_attention_runs_after_the_last_norm_before_the_add():
-    model = small('PRMResNet', 18)
+@pytest.mark.parametrize('type_,depth', [('PRMResNet', 18),
+                                         ('PRMResNet', 50),
+                                         ('SEResNet', 50)])
+def test_attention_runs_after_the_last_norm_before_the_add(type_, depth):
+    model = small(type_, depth)
     model.eval()
     block = model.layer2[0]
+    last_norm = block.norm2 if depth < 50 else block.norm3
+    attention = getattr(block, ABBR[type_])
     seen = {}
-    block.norm2.register_forward_hook(lambda m, i, o: seen.update(norm=o))
-    block.prm.register_forward_hook(
-        lambda m, i, o: seen.update(prm_in=i[0], prm_out=o.clone()))
-    x = torch.randn(1, 16, 16, 16)
+    last_norm.register_forward_hook(lambda m, i, o: seen.update(norm=o))
+    x = torch.randn(1, block.conv1.in_channels, 16, 16)
     with torch.no_grad():
         out = block(x)
-        expected = torch.relu(seen['prm_out'] + block.downsample(x))
-    assert seen['prm_in'] is seen['norm']
+        expected = torch.relu(attention(seen['norm']) + block.downsample(x))
     torch.testing.assert_close(out, expected)
 
 

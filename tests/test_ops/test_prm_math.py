@@ -245,3 +245,29 @@ def test_math_imports_with_torch_alone():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                          text=True)
     assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr
+
+
+@pytest.mark.parametrize('shape', [(2, 16, 7, 9, 4), (1, 8, 1, 13, 8),
+                                   (2, 32, 1, 1, 8)])
+def test_fused_residual_relu_matches_prm_plus_identity_then_relu(shape):
+    b, c, h, w, groups = shape
+    x, upstream = random_case(b, c, h, w, groups, torch.float64, seed=3)
+    identity = torch.randn(b, c, h, w, dtype=torch.float64)
+    params = init_params(groups, torch.float64, seed=4)
+
+    def fused(x, *ps, groups):
+        return prm(x, *ps, groups=groups, identity=ident, relu=True)
+
+    def unfused(x, *ps, groups):
+        return torch.relu(prm_reference(x, *ps, groups=groups) + ident)
+
+    results = []
+    for fn in (fused, unfused):
+        ident = identity.clone().requires_grad_()
+        y, gx, gp = run(fn, x, params, upstream, groups=groups)
+        results.append((y, gx, gp, ident.grad))
+    (y1, gx1, gp1, gi1), (y2, gx2, gp2, gi2) = results
+    assert rel(y1, y2) < 1e-10 and rel(gx1, gx2) < 1e-10
+    assert rel(gi1, gi2) < 1e-10
+    for k in NAMES:
+        assert (gp1[k] - gp2[k]).norm() <= 1e-10 * max(gp2[k].norm(), 1), k

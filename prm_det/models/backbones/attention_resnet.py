@@ -54,18 +54,60 @@ class PluginBasicBlock(BasicBlock):
             out = self.relu(out)
             out = self.conv2(out)
             out = self.norm2(out)
-            for name in self.plugin_names:
-                out = getattr(self, name)(out)
             if self.downsample is not None:
                 identity = self.downsample(x)
-            out += identity
-            return out
+            return _attend_add_relu(self, self.plugin_names, out, identity,
+                                    self.relu)
 
         if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        else:
-            out = _inner_forward(x)
-        return self.relu(out)
+            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        return _inner_forward(x)
+
+
+def _attend_add_relu(block, plugin_names, out, identity, relu):
+    """The block's tail: plugins, shortcut add, ReLU. When the last plugin
+    can do the add and the ReLU itself (``forward_residual``, PRM's fast
+    path), it does, in its gating pass: two passes over the feature map fewer
+    than mmdet's ``out += identity; relu(out)``."""
+    for name in plugin_names[:-1]:
+        out = getattr(block, name)(out)
+    last = getattr(block, plugin_names[-1]) if plugin_names else None
+    if hasattr(last, 'forward_residual'):
+        return last.forward_residual(out, identity)
+    if last is not None:
+        out = last(out)
+    out += identity
+    return relu(out)
+
+
+class AttentionBottleneck(Bottleneck):
+    """mmdet's Bottleneck whose 'after_conv3' plugins end with the shortcut
+    add and ReLU (fused into PRM when PRM is the last plugin)."""
+
+    def forward(self, x):
+
+        def _inner_forward(x):
+            identity = x
+            out = self.conv1(x)
+            out = self.norm1(out)
+            out = self.relu(out)
+            if self.with_plugins:
+                out = self.forward_plugin(out, self.after_conv1_plugin_names)
+            out = self.conv2(out)
+            out = self.norm2(out)
+            out = self.relu(out)
+            if self.with_plugins:
+                out = self.forward_plugin(out, self.after_conv2_plugin_names)
+            out = self.conv3(out)
+            out = self.norm3(out)
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            names = self.after_conv3_plugin_names if self.with_plugins else []
+            return _attend_add_relu(self, names, out, identity, self.relu)
+
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        return _inner_forward(x)
 
 
 @MODELS.register_module()
@@ -99,9 +141,9 @@ class AttentionResNet(ResNet):
     arch_settings = {
         18: (PluginBasicBlock, (2, 2, 2, 2)),
         34: (PluginBasicBlock, (3, 4, 6, 3)),
-        50: (Bottleneck, (3, 4, 6, 3)),
-        101: (Bottleneck, (3, 4, 23, 3)),
-        152: (Bottleneck, (3, 8, 36, 3)),
+        50: (AttentionBottleneck, (3, 4, 6, 3)),
+        101: (AttentionBottleneck, (3, 4, 23, 3)),
+        152: (AttentionBottleneck, (3, 8, 36, 3)),
     }
     default_attention: AttentionSpec = None
     default_stages: Optional[Sequence[bool]] = None  # None: every stage
@@ -134,15 +176,15 @@ class AttentionResNet(ResNet):
         self.attention = cfg
         self.attention_stages = attention_stages
 
-        # mmdet's ResNet zero-inits the last norm of its own BasicBlock only
-        # (an identity check); do the same for ours.
-        if (self.block is PluginBasicBlock and self.zero_init_residual
-                and kwargs.get('init_cfg') is None
+        # mmdet's ResNet zero-inits the last norm of its own blocks only (an
+        # identity check on the block class); do the same for ours.
+        if (self.zero_init_residual and kwargs.get('init_cfg') is None
                 and kwargs.get('pretrained') is None):
+            last_norm = 'norm2' if self.block is PluginBasicBlock else 'norm3'
             for name in self.res_layers:
                 for block in getattr(self, name):
                     block.init_cfg = dict(
-                        type='Constant', val=0, override=dict(name='norm2'))
+                        type='Constant', val=0, override=dict(name=last_norm))
 
 
 @MODELS.register_module()

@@ -92,6 +92,17 @@ class PRM(nn.Module):
                    self.use_norm, self.normalized_positions, NORM_EPS,
                    self.reference)
 
+    def forward_residual(self, x: Tensor, identity: Tensor) -> Tensor:
+        """``relu(self(x) + identity)``: a residual block's output, with the
+        shortcut add and the ReLU done in PRM's gating pass."""
+        if identity.shape != x.shape:
+            raise ValueError(f'PRM.forward_residual: identity {tuple(identity.shape)}'
+                             f' does not match x {tuple(x.shape)}')
+        return prm(x, self.weight, self.bias, self.one, self.zero, self.theta,
+                   self.scale, self.groups, self.mode, self.use_position,
+                   self.use_norm, self.normalized_positions, NORM_EPS,
+                   self.reference, identity=identity, relu=True)
+
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, groups={self.groups}, mode={self.mode!r}'
                 f', use_position={self.use_position}, use_norm='
