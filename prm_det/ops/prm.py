@@ -29,6 +29,7 @@ Two implementations live here:
 :func:`prm` picks between them. Nothing in this file imports mmcv or mmdet.
 """
 import math
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
@@ -163,194 +164,305 @@ def _sum_over_batch(grad: Tensor, batch: int, like: Tensor) -> Tensor:
     return grad.reshape(batch, -1).sum(0).view_as(like)
 
 
-class _PRMDotProduct(torch.autograd.Function):
-    """PRM with dot-product similarity, forward and backward by hand.
+def _gate_forward(x, weight, bias, one, zero, theta, scale, groups,
+                  use_position, use_norm, normalized_positions, eps):
+    """PRM's gate for dot-product similarity, [b*g, h*w], and what its
+    backward needs (small tensors only: nothing of the feature map's size).
 
     The same function as :func:`prm_reference`, arranged for few passes:
+    alpha and beta scale the two keys (q, z) before one batched matmul, so
+    ``s = D * (alpha q . x_p) + (beta z . x_p)`` is one fused op; the
+    normalization and the affine become one per-instance gain on the centred
+    ``s``; the Gaussian position weight is built from [n, h] and [n, w]
+    tables. Passes over x: channel sum, spatial mean, one matmul.
+    """
+    b, c, h, w = x.shape
+    n, cg, num_positions = b * groups, c // groups, h * w
+    xg = x.view(n, cg, num_positions)  # [n, cg, P]
+    query_index = xg.sum(1).argmax(1)  # [n]
+    query = xg.gather(2, query_index.view(n, 1, 1).expand(n, cg, 1))
+    context = xg.mean(2, keepdim=True)  # [n, cg, 1]
+    st = SimpleNamespace(
+        shape=(b, c, h, w), groups=groups, use_position=use_position,
+        use_norm=use_norm, query_index=query_index, query=query,
+        context=context, theta=theta, scale=scale,
+        alpha=_per_instance(zero, b, groups),  # [n, 1]
+        beta=_per_instance(one, b, groups),
+        lam=_per_instance(weight, b, groups))
+    xi = _per_instance(bias, b, groups)
+    st.keys = torch.cat([query * st.alpha[:, :, None],
+                         context * st.beta[:, :, None]], 2)  # [n, cg, 2]
+    sims = torch.bmm(st.keys.transpose(1, 2), xg)  # [n, 2, P]
+    sim_query, sim_context = sims[:, 0], sims[:, 1]  # alpha q.x, beta z.x
+    st.sim_query = sim_query
 
-    * alpha and beta scale the two keys (q, z) before one batched matmul, so
-      ``s = D * (alpha q . x_p) + (beta z . x_p)`` is one fused op;
-    * the normalization and the affine collapse into one per-instance scale
-      and shift, ``lambda * (s - mean) / (std + eps) + xi = A * s + B``, with
-      mean and variance from a single ``var_mean``;
-    * the gate stays [b*g, h*w] and multiplies x by broadcasting;
-    * backward uses the same algebra: two reductions give the gradients of
-      lambda, xi and the normalization, one matmul the key gradients, and
-      grad_x is ``gy * gate + keys @ coefficients`` plus one scatter for the
-      query position. It saves x, the gate, s and alpha*q.x_p, and no
-      full-size intermediates.
+    if use_position:
+        theta2 = theta.reshape(2)
+        st.d_row, st.d_col = axis_distances(query_index, h, w,
+                                            normalized_positions, x.dtype)
+        st.t_row, st.t_col = theta2[0] * st.d_row, theta2[1] * st.d_col
+        # the mean of the two Gaussians: the 1/2 goes into each table
+        st.half_row = 0.5 * gaussian(st.t_row, scale)  # [n, h]
+        st.half_col = 0.5 * gaussian(st.t_col, scale)  # [n, w]
+        st.dist = (st.half_row[:, :, None] + st.half_col[:, None, :]).view(
+            n, num_positions)  # [n, P]
+        s = torch.addcmul(sim_context, sim_query, st.dist)  # [n, P]
+    else:
+        s = sim_query + sim_context
 
-    Full-size passes over the feature map: forward 4 reads and 1 write
-    (channel sum, spatial mean, matmul, gating); backward 4 reads and 2
-    writes. Everything else works on [b*g, h*w] (1/(c/g) of the map) or
-    smaller.
+    if use_norm:
+        # two passes (mean, then centred sum of squares) rather than
+        # torch.var_mean, which is several times slower on CPU here
+        centered = s - s.mean(1, keepdim=True)
+        var = torch.linalg.vecdot(centered, centered, dim=1)[:, None] / max(
+            num_positions - 1, 1)  # unbiased; 0 for one position
+        st.std = var.clamp_min(_TINY_VAR).sqrt()  # [n, 1]
+        st.inv = 1.0 / (st.std + eps)
+        gain = st.lam * st.inv
+    else:
+        gain, centered = st.lam, s
+    st.centered = centered
+    gate = torch.addcmul(xi, centered, gain).sigmoid_()  # [n, P]
+    return gate, st
+
+
+def _apply_gate(x, gate, identity, relu, groups):
+    """``x * gate`` (+ identity, then ReLU): one pass, into a fresh tensor
+    (not a view: a residual block may add to it in place)."""
+    b, c, h, w = x.shape
+    n, cg, num_positions = b * groups, c // groups, h * w
+    y = torch.empty_like(x)
+    y_groups = y.view(n, cg, num_positions)
+    xg = x.view(n, cg, num_positions)
+    if identity is None:
+        torch.mul(xg, gate[:, None, :], out=y_groups)
+    else:
+        torch.addcmul(identity.reshape(n, cg, num_positions), xg,
+                      gate[:, None, :], out=y_groups)
+    if relu:
+        y.relu_()
+    return y
+
+
+def _gate_backward(x, gy, gate, st):
+    """Gradients of ``y = x * gate(x)`` given ``gy`` = dL/dy: grad_x and the
+    PRM parameters' (weight, bias, one, zero, theta, scale).
+
+    Two reductions give the gradients of lambda, xi and the normalization,
+    one matmul the key gradients, and grad_x is
+    ``gy * gate + keys @ coefficients`` plus one scatter at the query
+    position. Passes over the map: 3 reads for the gate and key gradients,
+    1 read + 1 write for ``gy * gate``, 1 read + 1 write for the matmul add.
+    """
+    b, c, h, w = st.shape
+    groups = st.groups
+    n, cg, num_positions = b * groups, c // groups, h * w
+    xg = x.view(n, cg, num_positions)
+    gy = gy.reshape(n, cg, num_positions)
+    lam, centered = st.lam, st.centered
+
+    # y = x * gate: the gate's gradient sums over the group's channels
+    grad_gate = torch.linalg.vecdot(gy, xg, dim=1)  # [n, P]
+    grad_pre = torch.ops.aten.sigmoid_backward(grad_gate, gate)
+    sum_grad = grad_pre.sum(1, keepdim=True)  # [n, 1]
+    if st.use_norm:
+        # sum_p grad_pre * normalized_p
+        grad_lam = st.inv * torch.linalg.vecdot(grad_pre, centered,
+                                                dim=1)[:, None]
+        # d/ds of lambda * (s - mean) / (std + eps):
+        #   lambda*inv*(g - mean(g)) + dstd * (s - mean) / ((P-1) std)
+        # with dstd = -lambda * inv * grad_lam
+        gain = lam * st.inv
+        std_term = torch.where(
+            st.std > math.sqrt(_TINY_VAR),
+            -gain * grad_lam / (max(num_positions - 1, 1) * st.std),
+            torch.zeros_like(st.std))  # [n, 1]
+        grad_s = torch.addcmul(-gain * sum_grad / num_positions, grad_pre,
+                               gain)
+        grad_s.addcmul_(centered, std_term)
+        if num_positions == 1:  # the normalized value is constant 0
+            grad_s.zero_()
+    else:
+        grad_lam = torch.linalg.vecdot(grad_pre, centered, dim=1)[:, None]
+        grad_s = grad_pre * lam
+    grad_weight = _sum_over_batch(grad_lam, b, lam.new_empty(1, groups, 1, 1))
+    grad_bias = _sum_over_batch(sum_grad, b, grad_weight)
+
+    # s = dist * sim_query + sim_context; the third coefficient row (ones)
+    # carries the spatial mean's gradient into grad_x in the same matmul
+    coeffs = grad_s.new_empty(n, 3, num_positions)
+    grad_theta = grad_scale = None
+    if st.use_position:
+        torch.mul(grad_s, st.dist, out=coeffs[:, 0])
+        grad_dist = (grad_s * st.sim_query).view(n, h, w)
+        grad_half_row = grad_dist.sum(2)  # [n, h]
+        grad_half_col = grad_dist.sum(1)  # [n, w]
+        scale = st.scale
+        inv_var = 1.0 / (scale * scale)
+        # G(t) = exp(-t^2 / 2 sigma^2) / (sigma sqrt(2 pi)):
+        # dG/dt = -t / sigma^2 G,  dG/dsigma = G (t^2 / sigma^2 - 1) / sigma
+        grad_t_row = -grad_half_row * st.half_row * st.t_row * inv_var
+        grad_t_col = -grad_half_col * st.half_col * st.t_col * inv_var
+        grad_theta = torch.stack([(grad_t_row * st.d_row).sum(),
+                                  (grad_t_col * st.d_col).sum()
+                                  ]).view_as(st.theta)
+        grad_scale = ((grad_half_row * st.half_row *
+                       (st.t_row * st.t_row * inv_var - 1)).sum() +
+                      (grad_half_col * st.half_col *
+                       (st.t_col * st.t_col * inv_var - 1)).sum()) / scale
+        grad_scale = grad_scale.view_as(scale)
+    else:
+        coeffs[:, 0] = grad_s
+    coeffs[:, 1] = grad_s
+    coeffs[:, 2] = 1.0
+
+    grad_keys = torch.bmm(xg, coeffs[:, :2].transpose(1, 2))  # [n, cg, 2]
+    grad_key_query, grad_key_context = grad_keys.split(1, 2)  # [n, cg, 1]
+    grad_alpha = (st.query * grad_key_query).sum(1)  # [n, 1]
+    grad_beta = (st.context * grad_key_context).sum(1)
+    grad_zero = _sum_over_batch(grad_alpha, b,
+                                lam.new_empty(1, groups, 1))
+    grad_one = _sum_over_batch(grad_beta, b, grad_zero)
+    grad_query = grad_key_query * st.alpha[:, :, None]  # [n, cg, 1]
+    grad_context = grad_key_context * st.beta[:, :, None]
+
+    all_keys = torch.cat([st.keys, grad_context / num_positions], 2)
+    grad_x = gy * gate[:, None, :]
+    grad_x.baddbmm_(all_keys, coeffs)
+    grad_x.scatter_add_(
+        2, st.query_index.view(n, 1, 1).expand(n, cg, 1), grad_query)
+    return (grad_x.view(b, c, h, w), grad_weight, grad_bias, grad_one,
+            grad_zero, grad_theta, grad_scale)
+
+
+class _PRMDotProduct(torch.autograd.Function):
+    """PRM with dot-product similarity, forward and backward by hand:
+    ``y = x * gate`` (+ identity, + ReLU: a residual block's tail in the same
+    pass). Saves x, the output when it applies the ReLU, and the gate's small
+    state; no full-size intermediates.
     """
 
     @staticmethod
     def forward(ctx, x, identity, weight, bias, one, zero, theta, scale,
                 groups, use_position, use_norm, normalized_positions, eps,
                 relu):
-        b, c, h, w = x.shape
-        n, cg, num_positions = b * groups, c // groups, h * w
-        xg = x.view(n, cg, num_positions)  # [n, cg, P]
-        query_index = xg.sum(1).argmax(1)  # [n]
-        query = xg.gather(2, query_index.view(n, 1, 1).expand(n, cg, 1))
-        context = xg.mean(2, keepdim=True)  # [n, cg, 1]
-        alpha = _per_instance(zero, b, groups)  # [n, 1]
-        beta = _per_instance(one, b, groups)
-        lam = _per_instance(weight, b, groups)
-        xi = _per_instance(bias, b, groups)
-        keys = torch.cat([query * alpha[:, :, None],
-                          context * beta[:, :, None]], 2)  # [n, cg, 2]
-        sims = torch.bmm(keys.transpose(1, 2), xg)  # [n, 2, P]
-        sim_query, sim_context = sims[:, 0], sims[:, 1]  # alpha q.x, beta z.x
-
-        if use_position:
-            theta2 = theta.reshape(2)
-            d_row, d_col = axis_distances(query_index, h, w,
-                                          normalized_positions, x.dtype)
-            t_row, t_col = theta2[0] * d_row, theta2[1] * d_col  # [n, h], [n, w]
-            # the mean of the two Gaussians: the 1/2 goes into each table
-            half_row = 0.5 * gaussian(t_row, scale)
-            half_col = 0.5 * gaussian(t_col, scale)
-            dist = (half_row[:, :, None] + half_col[:, None, :]).view(
-                n, num_positions)  # [n, P]
-            s = torch.addcmul(sim_context, sim_query, dist)  # [n, P]
-        else:
-            s = sim_query + sim_context
-            dist = t_row = t_col = half_row = half_col = d_row = d_col = None
-
-        if use_norm:
-            # two passes (mean, then centred sum of squares) rather than
-            # torch.var_mean, which is several times slower on CPU here
-            mean = s.mean(1, keepdim=True)  # [n, 1]
-            centered = s - mean
-            var = torch.linalg.vecdot(centered, centered, dim=1)[:, None] / max(
-                num_positions - 1, 1)  # unbiased; 0 for one position
-            std = var.clamp_min(_TINY_VAR).sqrt()
-            inv = 1.0 / (std + eps)
-            gain = lam * inv  # [n, 1]
-        else:
-            std = inv = None
-            gain, centered = lam, s
-        gate = torch.addcmul(xi, centered, gain).sigmoid_()  # [n, P]
-
-        # written into a fresh [b, c, h, w] tensor, so that the output is not
-        # a view (a residual block may add the shortcut to it in place). With
-        # ``identity`` the shortcut add (and the block's ReLU) happen here, in
-        # the same pass as the gating.
-        y = torch.empty_like(x)
-        y_groups = y.view(n, cg, num_positions)
-        if identity is None:
-            torch.mul(xg, gate[:, None, :], out=y_groups)
-        else:
-            torch.addcmul(identity.reshape(n, cg, num_positions), xg,
-                          gate[:, None, :], out=y_groups)
-        if relu:
-            y.relu_()
-
-        ctx.groups = groups
-        ctx.use_position, ctx.use_norm = use_position, use_norm
-        ctx.shape = (b, c, h, w)
+        gate, ctx.state = _gate_forward(x, weight, bias, one, zero, theta,
+                                        scale, groups, use_position, use_norm,
+                                        normalized_positions, eps)
+        y = _apply_gate(x, gate, identity, relu, groups)
         ctx.has_identity, ctx.relu = identity is not None, relu
-        ctx.save_for_backward(x, theta, scale, query_index, query, context,
-                              keys, alpha, beta, lam, centered, sim_query,
-                              gate, y if relu else None)
-        ctx.norm = (std, inv)
-        ctx.position = (dist, t_row, t_col, half_row, half_col, d_row, d_col)
+        ctx.save_for_backward(x, gate, y if relu else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         with torch.autocast(grad_y.device.type, enabled=False):
-            return _PRMDotProduct._backward(ctx, grad_y)
+            x, gate, y = ctx.saved_tensors
+            if ctx.relu:  # the block's ReLU, fused: y is its output
+                grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
+            # the shortcut's gradient is the block output's, unchanged
+            grad_identity = grad_y if ctx.has_identity else None
+            grads = _gate_backward(x, grad_y, gate, ctx.state)
+            return (grads[0], grad_identity, *grads[1:], None, None, None,
+                    None, None, None)
+
+
+class _BatchNormPRM(torch.autograd.Function):
+    """``relu(PRM(BatchNorm(c)) + identity)``: a residual block's tail from
+    the last convolution's output ``c``, without keeping the normalized map.
+
+    A plain block keeps ``c`` for BatchNorm's backward; PRM would also keep
+    the normalized ``x`` (its input) for its own. Here ``x`` is recomputed
+    from ``c`` in backward (one per-channel affine pass), so the block keeps
+    what a plain ResNet block keeps, plus PRM's small [b*g, h*w] state.
+    BatchNorm's forward (and its running-statistics update) and backward
+    are torch's own (``native_batch_norm`` and its backward).
+    """
 
     @staticmethod
-    def _backward(ctx, grad_y):
-        (x, theta, scale, query_index, query, context, keys, alpha, beta, lam,
-         centered, sim_query, gate, y) = ctx.saved_tensors
-        groups = ctx.groups
-        b, c, h, w = ctx.shape
-        n, cg, num_positions = b * groups, c // groups, h * w
-        xg = x.view(n, cg, num_positions)
-        if ctx.relu:  # the block's ReLU, fused: y is its output
-            grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
-        # the shortcut's gradient is the block output's, unchanged
-        grad_identity = grad_y if ctx.has_identity else None
-        gy = grad_y.reshape(n, cg, num_positions)
+    def forward(ctx, c, bn_weight, bn_bias, running_mean, running_var,
+                bn_training, bn_momentum, bn_eps, identity, weight, bias, one,
+                zero, theta, scale, groups, use_position, use_norm,
+                normalized_positions, eps, relu):
+        x, save_mean, save_invstd = torch.native_batch_norm(
+            c, bn_weight, bn_bias, running_mean, running_var, bn_training,
+            bn_momentum, bn_eps)
+        gate, ctx.state = _gate_forward(x, weight, bias, one, zero, theta,
+                                        scale, groups, use_position, use_norm,
+                                        normalized_positions, eps)
+        y = _apply_gate(x, gate, identity, relu, groups)
+        ctx.bn = (bn_training, bn_eps)
+        ctx.has_identity, ctx.relu = identity is not None, relu
+        # training: backward uses the batch statistics only, and the running
+        # ones may be updated again before it runs (another forward)
+        keep = not bn_training
+        ctx.save_for_backward(c, bn_weight, bn_bias,
+                              running_mean if keep else None,
+                              running_var if keep else None, save_mean,
+                              save_invstd, gate, y if relu else None)
+        return y
 
-        # y = x * gate: the gate's gradient sums over the group's channels
-        grad_gate = torch.linalg.vecdot(gy, xg, dim=1)  # [n, P]
-        grad_pre = torch.ops.aten.sigmoid_backward(grad_gate, gate)
-        sum_grad = grad_pre.sum(1, keepdim=True)  # [n, 1]
-        if ctx.use_norm:
-            std, inv = ctx.norm
-            # sum_p grad_pre * normalized_p
-            grad_lam = inv * torch.linalg.vecdot(grad_pre, centered,
-                                                 dim=1)[:, None]
-            # d/ds of lambda * (s - mean) / (std + eps):
-            #   lambda*inv*(g - mean(g)) + dstd * (s - mean) / ((P-1) std)
-            # with dstd = -lambda * inv * grad_lam
-            gain = lam * inv
-            std_term = torch.where(
-                std > math.sqrt(_TINY_VAR),
-                -gain * grad_lam / (max(num_positions - 1, 1) * std),
-                torch.zeros_like(std))  # [n, 1]
-            grad_s = torch.addcmul(-gain * sum_grad / num_positions, grad_pre,
-                                   gain)
-            grad_s.addcmul_(centered, std_term)
-            if num_positions == 1:  # the normalized value is constant 0
-                grad_s.zero_()
-        else:
-            grad_lam = torch.linalg.vecdot(grad_pre, centered, dim=1)[:, None]
-            grad_s = grad_pre * lam
-        grad_weight = _sum_over_batch(grad_lam, b, lam.new_empty(1, groups, 1, 1))
-        grad_bias = _sum_over_batch(sum_grad, b, grad_weight)
+    @staticmethod
+    def backward(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            (c, bn_weight, bn_bias, running_mean, running_var, save_mean,
+             save_invstd, gate, y) = ctx.saved_tensors
+            bn_training, bn_eps = ctx.bn
+            # x = c * a + b per channel, with the statistics forward used
+            if bn_training:
+                mean, invstd = save_mean, save_invstd
+            else:
+                mean = running_mean
+                invstd = torch.rsqrt(running_var + bn_eps)
+            a = invstd if bn_weight is None else invstd * bn_weight
+            shift = -mean * a
+            if bn_bias is not None:
+                shift = shift + bn_bias
+            x = torch.addcmul(shift.view(1, -1, 1, 1), c, a.view(1, -1, 1, 1))
+            if ctx.relu:
+                grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
+            grad_identity = grad_y if ctx.has_identity else None
+            grads = _gate_backward(x, grad_y, gate, ctx.state)
+            del x
+            mask = [ctx.needs_input_grad[0],
+                    bn_weight is not None and ctx.needs_input_grad[1],
+                    bn_bias is not None and ctx.needs_input_grad[2]]
+            grad_c, grad_bn_weight, grad_bn_bias = \
+                torch.ops.aten.native_batch_norm_backward(
+                    grads[0], c, bn_weight, running_mean, running_var,
+                    save_mean, save_invstd, bn_training, bn_eps, mask)
+            return (grad_c, grad_bn_weight, grad_bn_bias, None, None, None,
+                    None, None, grad_identity, *grads[1:], None, None, None,
+                    None, None, None)
 
-        # s = dist * sim_query + sim_context; the third coefficient row (ones)
-        # carries the spatial mean's gradient into grad_x in the same matmul
-        coeffs = grad_s.new_empty(n, 3, num_positions)
-        grad_theta = grad_scale = None
-        if ctx.use_position:
-            dist, t_row, t_col, half_row, half_col, d_row, d_col = ctx.position
-            torch.mul(grad_s, dist, out=coeffs[:, 0])
-            grad_dist = (grad_s * sim_query).view(n, h, w)
-            grad_half_row = grad_dist.sum(2)  # [n, h]
-            grad_half_col = grad_dist.sum(1)  # [n, w]
-            inv_var = 1.0 / (scale * scale)
-            # G(t) = exp(-t^2 / 2 sigma^2) / (sigma sqrt(2 pi)):
-            # dG/dt = -t / sigma^2 G,  dG/dsigma = G (t^2 / sigma^2 - 1) / sigma
-            grad_t_row = -grad_half_row * half_row * t_row * inv_var
-            grad_t_col = -grad_half_col * half_col * t_col * inv_var
-            grad_theta = torch.stack([(grad_t_row * d_row).sum(),
-                                      (grad_t_col * d_col).sum()]).view_as(theta)
-            grad_scale = ((grad_half_row * half_row *
-                           (t_row * t_row * inv_var - 1)).sum() +
-                          (grad_half_col * half_col *
-                           (t_col * t_col * inv_var - 1)).sum()) / scale
-            grad_scale = grad_scale.view_as(scale)
-        else:
-            coeffs[:, 0] = grad_s
-        coeffs[:, 1] = grad_s
-        coeffs[:, 2] = 1.0
 
-        grad_keys = torch.bmm(xg, coeffs[:, :2].transpose(1, 2))  # [n, cg, 2]
-        grad_key_query, grad_key_context = grad_keys.split(1, 2)  # [n, cg, 1]
-        grad_alpha = (query * grad_key_query).sum(1)  # [n, 1]
-        grad_beta = (context * grad_key_context).sum(1)
-        grad_zero = _sum_over_batch(grad_alpha, b, alpha.new_empty(1, groups, 1))
-        grad_one = _sum_over_batch(grad_beta, b, grad_zero)
-        grad_query = grad_key_query * alpha[:, :, None]  # [n, cg, 1]
-        grad_context = grad_key_context * beta[:, :, None]
-
-        all_keys = torch.cat([keys, grad_context / num_positions], 2)
-        grad_x = gy * gate[:, None, :]
-        grad_x.baddbmm_(all_keys, coeffs)
-        grad_x.scatter_add_(
-            2, query_index.view(n, 1, 1).expand(n, cg, 1), grad_query)
-        return (grad_x.view(b, c, h, w), grad_identity, grad_weight,
-                grad_bias, grad_one, grad_zero, grad_theta, grad_scale, None,
-                None, None, None, None, None)
+def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
+                           identity: Tensor, weight: Tensor, bias: Tensor,
+                           one: Tensor, zero: Tensor, theta: Tensor,
+                           scale: Tensor, groups: int,
+                           use_position: bool = True, use_norm: bool = True,
+                           normalized_positions: bool = False,
+                           eps: float = NORM_EPS) -> Tensor:
+    """``relu(prm(norm(c)) + identity)`` for an ``nn.BatchNorm2d`` ``norm``,
+    keeping no normalized copy of ``c`` for backward (see
+    :class:`_BatchNormPRM`). Updates ``norm``'s running statistics exactly
+    as ``norm(c)`` would."""
+    # the bookkeeping of torch's _BatchNorm.forward
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and \
+            norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            factor = 1.0 / float(norm.num_batches_tracked)
+    use_batch_stats = norm.training or norm.running_mean is None
+    keep_running = not norm.training or norm.track_running_stats
+    return _BatchNormPRM.apply(
+        c.contiguous(), norm.weight, norm.bias,
+        norm.running_mean if keep_running else None,
+        norm.running_var if keep_running else None, use_batch_stats, factor,
+        norm.eps, identity.contiguous(), weight, bias, one, zero, theta,
+        scale, groups, use_position, use_norm, normalized_positions, eps,
+        True)
 
 
 def prm(x: Tensor,

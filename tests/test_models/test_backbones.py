@@ -203,3 +203,78 @@ def test_attention_options_and_stages_are_arguments():
     assert hasattr(se.layer1[0], 'se')
     assert issubclass(PRMResNet, ResNet) and issubclass(SEResNet, ResNet)
     assert issubclass(GCResNet, ResNet)
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+@pytest.mark.parametrize('bn_training', [True, False])
+def test_fused_block_tail_equals_norm_prm_add_relu(depth, bn_training):
+    """The PRM block computes relu(prm(norm(conv(x))) + shortcut) in one
+    Function (normalized map recomputed in backward): same outputs,
+    gradients and BatchNorm running statistics as the plain composition."""
+    import copy
+    torch.manual_seed(0)
+    model = small('PRMResNet', depth).double()
+    block = model.layer2[0]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    block.train(bn_training)
+    plain = copy.deepcopy(block)
+    norm_name = 'norm2' if depth < 50 else 'norm3'
+    conv_name = 'conv2' if depth < 50 else 'conv3'
+
+    def plain_forward(x):
+        out = plain.relu(plain.norm1(plain.conv1(x)))
+        if depth >= 50:
+            out = plain.relu(plain.norm2(plain.conv2(out)))
+        c = getattr(plain, conv_name)(out)
+        return torch.relu(plain.prm(getattr(plain, norm_name)(c)) +
+                          plain.downsample(x))
+
+    x = torch.randn(2, block.conv1.in_channels, 12, 10, dtype=torch.float64)
+    upstream = torch.randn(2, block.prm.in_channels, 6, 5,
+                           dtype=torch.float64)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    y1 = block(x1)
+    y2 = plain_forward(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
+    (y1 * upstream).sum().backward()
+    (y2 * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-10)
+    grads_plain = dict(plain.named_parameters())
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(p.grad, grads_plain[name].grad,
+                                   rtol=1e-9, atol=1e-10, msg=name)
+    norm, norm_plain = getattr(block, norm_name), getattr(plain, norm_name)
+    for key in ('running_mean', 'running_var', 'num_batches_tracked'):
+        torch.testing.assert_close(getattr(norm, key),
+                                   getattr(norm_plain, key), msg=key)
+
+
+def test_prm_block_keeps_no_normalized_copy_for_backward():
+    """Tensors saved for backward by a PRM block: no more of the feature
+    map's size than a plain ResNet block saves."""
+    def saved_bytes(model, x):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(seen.values())
+
+    torch.manual_seed(0)
+    plain = MODELS.build(dict(type='ResNet', depth=50, norm_eval=False))
+    prm = MODELS.build(dict(type='PRMResNet', depth=50, norm_eval=False))
+    plain.train()
+    prm.train()
+    x = torch.randn(2, 3, 128, 128, requires_grad=True)
+    ratio = saved_bytes(prm.layer1, plain.maxpool(plain.relu(plain.norm1(
+        plain.conv1(x))))) / saved_bytes(plain.layer1, plain.maxpool(
+            plain.relu(plain.norm1(plain.conv1(x)))))
+    # PRM's own state is [b*g, h*w] per tensor (c/g = 4 times smaller than
+    # the map in the first stage); a saved normalized map would add ~25%
+    assert ratio < 1.12, ratio

@@ -53,25 +53,29 @@ class PluginBasicBlock(BasicBlock):
             out = self.norm1(out)
             out = self.relu(out)
             out = self.conv2(out)
-            out = self.norm2(out)
             if self.downsample is not None:
                 identity = self.downsample(x)
-            return _attend_add_relu(self, self.plugin_names, out, identity,
-                                    self.relu)
+            return _block_tail(self, self.plugin_names, out, self.norm2,
+                               identity, self.relu)
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(_inner_forward, x, use_reentrant=False)
         return _inner_forward(x)
 
 
-def _attend_add_relu(block, plugin_names, out, identity, relu):
-    """The block's tail: plugins, shortcut add, ReLU. When the last plugin
-    can do the add and the ReLU itself (``forward_residual``, PRM's fast
-    path), it does, in its gating pass: two passes over the feature map fewer
-    than mmdet's ``out += identity; relu(out)``."""
+def _block_tail(block, plugin_names, out, norm, identity, relu):
+    """A residual block's tail from its last conv's output: norm, plugins,
+    shortcut add, ReLU. When the attention can do more of it itself, it
+    does: ``forward_norm_residual`` (PRM after a BatchNorm2d: the norm's
+    output is not kept for backward) or ``forward_residual`` (PRM: the add
+    and the ReLU in its gating pass, two passes over the map fewer than
+    mmdet's ``out += identity; relu(out)``)."""
+    last = getattr(block, plugin_names[-1]) if plugin_names else None
+    if len(plugin_names) == 1 and hasattr(last, 'forward_norm_residual'):
+        return last.forward_norm_residual(out, norm, identity)
+    out = norm(out)
     for name in plugin_names[:-1]:
         out = getattr(block, name)(out)
-    last = getattr(block, plugin_names[-1]) if plugin_names else None
     if hasattr(last, 'forward_residual'):
         return last.forward_residual(out, identity)
     if last is not None:
@@ -99,11 +103,11 @@ class AttentionBottleneck(Bottleneck):
             if self.with_plugins:
                 out = self.forward_plugin(out, self.after_conv2_plugin_names)
             out = self.conv3(out)
-            out = self.norm3(out)
             if self.downsample is not None:
                 identity = self.downsample(x)
             names = self.after_conv3_plugin_names if self.with_plugins else []
-            return _attend_add_relu(self, names, out, identity, self.relu)
+            return _block_tail(self, names, out, self.norm3, identity,
+                               self.relu)
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(_inner_forward, x, use_reentrant=False)

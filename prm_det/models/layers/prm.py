@@ -8,7 +8,7 @@ import torch.nn as nn
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from prm_det.ops.prm import MODES, NORM_EPS, prm
+from prm_det.ops.prm import MODES, NORM_EPS, batchnorm_prm_residual, prm
 
 
 @MODELS.register_module()
@@ -102,6 +102,24 @@ class PRM(nn.Module):
                    self.scale, self.groups, self.mode, self.use_position,
                    self.use_norm, self.normalized_positions, NORM_EPS,
                    self.reference, identity=identity, relu=True)
+
+    def forward_norm_residual(self, c: Tensor, norm: nn.Module,
+                              identity: Tensor) -> Tensor:
+        """``relu(self(norm(c)) + identity)`` from the last convolution's
+        output ``c``. With a BatchNorm2d ``norm`` on the fast path, the
+        normalized map is recomputed in backward instead of being kept, so a
+        PRM block keeps what a plain block keeps (plus PRM's small state).
+        """
+        if (type(norm) is nn.BatchNorm2d and self.mode == 'dotproduct'
+                and not self.reference
+                and c.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(c.device.type)):
+            return batchnorm_prm_residual(
+                c, norm, identity, self.weight, self.bias, self.one,
+                self.zero, self.theta, self.scale, self.groups,
+                self.use_position, self.use_norm, self.normalized_positions,
+                NORM_EPS)
+        return self.forward_residual(norm(c), identity)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, groups={self.groups}, mode={self.mode!r}'
