@@ -179,6 +179,8 @@ def main(argv=None):
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)
     register_all_modules()
+    from mmengine.logging import MMLogger
+    MMLogger.get_instance('mmengine').setLevel('ERROR')  # init_weights chatter
     torch.manual_seed(0)
     device = args.device
     backbones = {k: v for k, v in BACKBONES.items()

@@ -60,14 +60,16 @@ def test_attention_runs_after_the_last_norm_before_the_add(type_, depth):
     model = small(type_, depth)
     model.eval()
     block = model.layer2[0]
-    last_norm = block.norm2 if depth < 50 else block.norm3
+    last_conv, last_norm = ((block.conv2, block.norm2) if depth < 50 else
+                            (block.conv3, block.norm3))
     attention = getattr(block, ABBR[type_])
     seen = {}
-    last_norm.register_forward_hook(lambda m, i, o: seen.update(norm=o))
+    last_conv.register_forward_hook(lambda m, i, o: seen.update(conv=o))
     x = torch.randn(1, block.conv1.in_channels, 16, 16)
     with torch.no_grad():
         out = block(x)
-        expected = torch.relu(attention(seen['norm']) + block.downsample(x))
+        expected = torch.relu(
+            attention(last_norm(seen['conv'])) + block.downsample(x))
     torch.testing.assert_close(out, expected)
 
 
