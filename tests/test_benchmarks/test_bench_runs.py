@@ -1,0 +1,22 @@
+"""The benchmark script runs and reports every variant (no timing asserted:
+speed is measured by hand with benchmarks/, never in tests)."""
+import os.path as osp
+import subprocess
+import sys
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
+    out = tmp_path / 'bench.md'
+    proc = subprocess.run(
+        [sys.executable, 'benchmarks/bench_backbones.py', '--reps', '1',
+         '--sizes', '1x64x64', '--no-detector', '--out', str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    for name in ('ResNet-50', 'SE-ResNet-50', 'GC-ResNet-50',
+                 'PRM-ResNet-50', 'PRM-ResNet-50 (reference PRM)'):
+        assert f'| {name} |' in table
+    assert '| train step | 1x3x64x64 | ResNet-50 |' in table
+    assert '1.000x' in table and 'Machine:' in table
