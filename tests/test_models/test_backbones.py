@@ -280,3 +280,15 @@ def test_prm_block_keeps_no_normalized_copy_for_backward():
     # PRM's own state is [b*g, h*w] per tensor (c/g = 4 times smaller than
     # the map in the first stage); a saved normalized map would add ~25%
     assert ratio < 1.12, ratio
+
+
+def test_channels_last_backbone_matches_contiguous():
+    torch.manual_seed(0)
+    model = small('PRMResNet', 50)
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    outs = model(x)
+    outs_cl = model.to(memory_format=torch.channels_last)(
+        x.to(memory_format=torch.channels_last))
+    for a, b in zip(outs, outs_cl):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

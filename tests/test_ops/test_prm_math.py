@@ -271,3 +271,16 @@ def test_fused_residual_relu_matches_prm_plus_identity_then_relu(shape):
     assert rel(gi1, gi2) < 1e-10
     for k in NAMES:
         assert (gp1[k] - gp2[k]).norm() <= 1e-10 * max(gp2[k].norm(), 1), k
+
+
+def test_channels_last_inputs_give_the_same_results():
+    x, upstream = random_case(2, 32, 9, 7, 8, torch.float64, seed=5)
+    params = init_params(8, torch.float64, seed=6)
+    ref = run(prm, x, params, upstream, groups=8)
+    cl = run(prm, x.to(memory_format=torch.channels_last), params,
+             upstream.to(memory_format=torch.channels_last), groups=8)
+    for a, b in zip(ref[:2], cl[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for k in NAMES:
+        torch.testing.assert_close(ref[2][k], cl[2][k], rtol=1e-12,
+                                   atol=1e-12)
