@@ -20,8 +20,6 @@ from mmdet.utils import register_all_modules  # noqa: E402
 
 
 def self_times(model, x, steps):
-    for _ in range(2):
-        backbone_train_step(model, x)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             backbone_train_step(model, x)
@@ -29,20 +27,36 @@ def self_times(model, x, steps):
             for e in prof.key_averages()}
 
 
+def interleaved_self_times(models, x, steps, rounds=3):
+    """Profiles the models in turn, ``rounds`` times, and averages: one
+    model measured first and alone would carry the machine's drift."""
+    for model in models:
+        for _ in range(2):
+            backbone_train_step(model, x)
+    totals = [dict() for _ in models]
+    for _ in range(rounds):
+        for total, model in zip(totals, models):
+            for key, (t, calls) in self_times(model, x, steps).items():
+                t0, _ = total.get(key, (0.0, calls))
+                total[key] = (t0 + t / rounds, calls)
+    return totals
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--size', default='2x224x224')
-    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--rows', type=int, default=25)
     args = parser.parse_args(argv)
     register_all_modules()
+    from mmengine.logging import MMLogger
+    MMLogger.get_instance('mmengine').setLevel('ERROR')
     torch.manual_seed(0)
     b, h, w = (int(v) for v in args.size.split('x'))
     x = torch.randn(b, 3, h, w)
-    plain = self_times(build_backbone(dict(type='ResNet'), 'cpu'), x,
-                       args.steps)
-    prm = self_times(build_backbone(dict(type='PRMResNet'), 'cpu'), x,
-                     args.steps)
+    plain, prm = interleaved_self_times(
+        [build_backbone(dict(type='ResNet'), 'cpu'),
+         build_backbone(dict(type='PRMResNet'), 'cpu')], x, args.steps)
     total_plain = sum(t for t, _ in plain.values())
     total_prm = sum(t for t, _ in prm.values())
     print(f'train step {b}x3x{h}x{w}: ResNet-50 {total_plain:.1f} ms, '

@@ -111,3 +111,12 @@ def test_positions_matter_for_prm_but_not_for_se():
         torch.testing.assert_close(se_layer(shuffle(x)), shuffle(se_layer(x)))
         diff = (prm_layer(shuffle(x)) - shuffle(prm_layer(x))).abs().max()
     assert diff > 1e-3
+
+
+def test_prm_plugin_goes_into_mmdet_resnext():
+    from mmdet.models.backbones import ResNeXt
+    model = ResNeXt(depth=50, groups=32, base_width=4, plugins=[
+        dict(cfg=dict(type='PRM'), position='after_conv3')])
+    assert isinstance(model.layer3[0].prm, PRM)
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [256, 512, 1024, 2048]
