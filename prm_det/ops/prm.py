@@ -21,12 +21,16 @@ Two implementations live here:
 
 * :func:`prm_reference`: the straightforward autograd composition, written to
   be read. Every mode and option. Tests check the fast path against it.
-* :class:`_PRMDotProduct`: the fast path for the 'dotproduct' similarity (the
-  paper's default and what every config uses): one autograd Function whose
-  backward is written by hand, saves only ``x`` and a few per-position vectors,
-  and makes three passes over the feature map in forward.
+* the fast path for the 'dotproduct' similarity (the paper's default and what
+  every config uses): :func:`_gate_forward` / :func:`_gate_backward` with the
+  backward written by hand, wrapped in two autograd Functions:
+  :class:`_PRMDotProduct` (``x`` in; optionally also the residual add and
+  ReLU) and :class:`_BatchNormPRM` (a residual block's whole tail from the
+  last conv's output, recomputing the normalized map in backward instead of
+  keeping it). Only [b*g, h*w]-sized state is kept besides ``x`` or ``c``.
 
-:func:`prm` picks between them. Nothing in this file imports mmcv or mmdet.
+:func:`prm` picks between them; :func:`batchnorm_prm_residual` is the block
+tail. Nothing in this file imports mmcv or mmdet.
 """
 import math
 from types import SimpleNamespace
