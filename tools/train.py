@@ -95,16 +95,21 @@ def build_cfg(args):
     return cfg
 
 
+def train(cfg):
+    runner = (Runner.from_cfg(cfg)
+              if 'runner_type' not in cfg else RUNNERS.build(cfg))
+    runner.train()
+    # the runner (and its DDP wrapper) goes before the process group does
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = build_cfg(args)
     except (DatasetNotFound, FileNotFoundError) as error:
         raise SystemExit(f'error: {error}')
-    runner = (Runner.from_cfg(cfg)
-              if 'runner_type' not in cfg else RUNNERS.build(cfg))
     try:
-        runner.train()
+        train(cfg)
     except PretrainedWeightsUnavailable as error:
         raise SystemExit(f'error: {error}')
     finally:

@@ -3,6 +3,7 @@
 Kept out of the tools so that tests call the same code.
 """
 import datetime
+import gc
 import os.path as osp
 import re
 from typing import Iterable, List, Optional
@@ -157,9 +158,13 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
 
 
 def finish_distributed() -> None:
-    """Tear the process group down before the interpreter exits: a gloo
-    group left to interpreter shutdown aborts the process ("terminate called
-    without an active exception"), which torchrun reports as a failure."""
+    """Tear the process group down before the interpreter exits, once every
+    rank is done and the objects using it (the Runner, its DDP wrapper) are
+    gone: a gloo group left to interpreter shutdown, or destroyed under a
+    live DDP reducer, can abort the process ("terminate called without an
+    active exception"), which torchrun reports as a failure."""
     if torch.distributed.is_available() and \
             torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
