@@ -21,3 +21,4 @@ param_scheduler = {{_base_.shapes.param_scheduler}}
 default_hooks = {{_base_.shapes.default_hooks}}
 optim_wrapper = {{_base_.shapes.optim_wrapper}}
 auto_scale_lr = dict(base_batch_size=8)
+randomness = dict(seed=0)  # the demo's numbers are reproducible
