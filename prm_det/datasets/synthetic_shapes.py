@@ -88,7 +88,7 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int,
         shapes.append((label, int(mask.sum())))
     boxes = []
     for i, (label, area) in enumerate(shapes):
-        ys, xs = np.nonzero(owner == i)
+        ys, xs = np.where(owner == i)
         if len(xs) < max(MIN_VISIBLE_FRACTION * area, 4):
             continue
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
