@@ -21,15 +21,17 @@ shapes_test_pipeline = [
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
                     'scale_factor')),
 ]
+shapes_dataset = dict(
+    type='CocoDataset',
+    data_root=shapes_data_root,
+    metainfo=dict(classes=shapes_classes))
 shapes = dict(
     train_dataloader=dict(
         batch_size=8,
         num_workers=1,
         persistent_workers=True,
         dataset=dict(
-            type='CocoDataset',
-            data_root=shapes_data_root,
-            metainfo=dict(classes=shapes_classes),
+            shapes_dataset,
             ann_file='annotations/instances_train.json',
             data_prefix=dict(img='train/'),
             filter_cfg=dict(filter_empty_gt=True, min_size=4),
@@ -39,9 +41,7 @@ shapes = dict(
         num_workers=1,
         persistent_workers=True,
         dataset=dict(
-            type='CocoDataset',
-            data_root=shapes_data_root,
-            metainfo=dict(classes=shapes_classes),
+            shapes_dataset,
             ann_file='annotations/instances_val.json',
             data_prefix=dict(img='val/'),
             test_mode=True,

@@ -10,7 +10,6 @@ CVPR 2018) and GC (Cao et al., ICCV 2019) put it. Everything else is mmdet's
 from typing import Optional, Sequence
 
 import torch.utils.checkpoint as cp
-from mmcv.cnn import build_plugin_layer
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
 
@@ -30,20 +29,14 @@ class PluginBasicBlock(BasicBlock):
 
     def __init__(self, inplanes, planes, *args, plugins=None, **kwargs):
         super().__init__(inplanes, planes, *args, plugins=None, **kwargs)
-        self.plugin_names = []
         for plugin in plugins or []:
             if plugin['position'] not in self._positions:
                 raise ValueError(
                     f'a BasicBlock takes plugins at {self._positions} (after '
                     f'its last norm), got position={plugin["position"]!r}')
-            cfg = dict(plugin['cfg'])
-            name, layer = build_plugin_layer(
-                cfg, in_channels=planes, postfix=cfg.pop('postfix', ''))
-            if hasattr(self, name):
-                raise ValueError(f'duplicate plugin {name!r}: give one of '
-                                 f'them a postfix')
-            self.add_module(name, layer)
-            self.plugin_names.append(name)
+        # mmdet's Bottleneck builds and names plugins the same way
+        self.plugin_names = Bottleneck.make_block_plugins(
+            self, planes, [plugin['cfg'] for plugin in plugins or []])
 
     def forward(self, x):
 

@@ -82,26 +82,37 @@ class PRM(nn.Module):
         self.theta = nn.Parameter(torch.rand(1, 2, 1, 1))  # (row, col)
         self.scale = nn.Parameter(torch.ones(1))  # sigma
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f'PRM expects [b, {self.in_channels}, h, w] inputs, got '
                 f'{tuple(x.shape)}')
-        return prm(x, self.weight, self.bias, self.one, self.zero, self.theta,
-                   self.scale, self.groups, self.mode, self.use_position,
-                   self.use_norm, self.normalized_positions, NORM_EPS,
-                   self.reference)
+
+    def _parameters_and_options(self) -> tuple:
+        """Everything the ops after the input take, in their order."""
+        return (self.weight, self.bias, self.one, self.zero, self.theta,
+                self.scale, self.groups, self.use_position, self.use_norm,
+                self.normalized_positions, NORM_EPS)
+
+    def _prm(self, x: Tensor, **kwargs) -> Tensor:
+        self._check_input(x)
+        (weight, bias, one, zero, theta, scale, groups, use_position,
+         use_norm, normalized_positions, eps) = self._parameters_and_options()
+        return prm(x, weight, bias, one, zero, theta, scale, groups,
+                   self.mode, use_position, use_norm, normalized_positions,
+                   eps, self.reference, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._prm(x)
 
     def forward_residual(self, x: Tensor, identity: Tensor) -> Tensor:
         """``relu(self(x) + identity)``: a residual block's output, with the
         shortcut add and the ReLU done in PRM's gating pass."""
         if identity.shape != x.shape:
-            raise ValueError(f'PRM.forward_residual: identity {tuple(identity.shape)}'
-                             f' does not match x {tuple(x.shape)}')
-        return prm(x, self.weight, self.bias, self.one, self.zero, self.theta,
-                   self.scale, self.groups, self.mode, self.use_position,
-                   self.use_norm, self.normalized_positions, NORM_EPS,
-                   self.reference, identity=identity, relu=True)
+            raise ValueError(
+                f'PRM.forward_residual: identity {tuple(identity.shape)} '
+                f'does not match x {tuple(x.shape)}')
+        return self._prm(x, identity=identity, relu=True)
 
     def forward_norm_residual(self, c: Tensor, norm: nn.Module,
                               identity: Tensor) -> Tensor:
@@ -113,12 +124,11 @@ class PRM(nn.Module):
         if (type(norm) is nn.BatchNorm2d and self.mode == 'dotproduct'
                 and not self.reference
                 and c.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled(c.device.type)):
-            return batchnorm_prm_residual(
-                c, norm, identity, self.weight, self.bias, self.one,
-                self.zero, self.theta, self.scale, self.groups,
-                self.use_position, self.use_norm, self.normalized_positions,
-                NORM_EPS)
+                and not torch.is_autocast_enabled(c.device.type)
+                and identity.shape == c.shape):
+            self._check_input(c)
+            return batchnorm_prm_residual(c, norm, identity,
+                                          *self._parameters_and_options())
         return self.forward_residual(norm(c), identity)
 
     def extra_repr(self) -> str:
