@@ -4,7 +4,8 @@
         [--sizes 2x224x224 1x512x832] [--no-detector] [--out FILE.md]
 
 Measures plain ResNet-50 (mmdet's ``ResNet``), SE-, GC- and PRM-ResNet-50
-(the fast path) and PRM-ResNet-50 with the straightforward reference PRM,
+(the fast path: on CPU the compiled kernel), PRM-ResNet-50 on the fast
+path's torch ops (kernel off) and with the straightforward reference PRM,
 for a training step (forward + backward, all stages trainable, BN in train
 mode) and for inference (eval, no_grad), at each input size; then a whole
 RetinaNet training step (mmdet's R50-FPN config, 80 classes) with each
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prm_det  # noqa: E402,F401
+from prm_det.ops import cpu_kernel  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 
@@ -39,9 +41,24 @@ BACKBONES = {
     'SE-ResNet-50': dict(type='SEResNet'),
     'GC-ResNet-50': dict(type='GCResNet'),
     'PRM-ResNet-50': dict(type='PRMResNet'),
+    'PRM-ResNet-50 (torch ops)': dict(type='PRMResNet'),
     'PRM-ResNet-50 (reference PRM)': dict(
         type='PRMResNet', attention=dict(reference=True)),
 }
+# variants that run the same model in another mode
+CONTEXTS = {'PRM-ResNet-50 (torch ops)': cpu_kernel.kernel_disabled}
+
+
+def in_context(name: str, fn: Callable) -> Callable:
+    """``fn`` run inside the variant's context (if it has one)."""
+    if name not in CONTEXTS:
+        return fn
+
+    def wrapped():
+        with CONTEXTS[name]():
+            return fn()
+
+    return wrapped
 
 
 def sync(device):
@@ -140,7 +157,7 @@ def detector_step_fns(device, size):
                         for v in losses.values())
             total.backward()
 
-        fns[name] = step
+        fns[name] = in_context(name, step)
     return fns
 
 
@@ -192,7 +209,8 @@ def main(argv=None):
         x = torch.randn(b, 3, h, w, device=device)
         for task, step in (('train step', backbone_train_step),
                            ('inference', backbone_infer)):
-            fns = {k: (lambda m=m: step(m, x)) for k, m in models.items()}
+            fns = {k: in_context(k, lambda m=m: step(m, x))
+                   for k, m in models.items()}
             medians = interleaved_medians(fns, args.reps, device)
             stats = {k: dict(time=t) for k, t in medians.items()}
             if task == 'train step':
