@@ -341,47 +341,24 @@ def _gate_backward(x, gy, gate, st):
             grad_zero, grad_theta, grad_scale)
 
 
-class _Kernel:
-    """The compiled CPU kernel's side of the two Functions below: one call
-    forward, one backward (see csrc/prm_cpu.cpp). Keeps per (sample, group)
-    only the query index, query and context vectors and S's mean and std;
-    backward recomputes the gate from them."""
-
-    @staticmethod
-    def forward(ctx, x, identity, relu, params, groups, use_position,
-                use_norm, normalized_positions, eps):
-        flat = [p.reshape(-1).contiguous() for p in params]
-        options = (groups, use_position, use_norm, normalized_positions, eps)
-        y, query_index, query, context, stats = \
-            cpu_kernel.ops().prm_forward(x, identity, relu, *flat, *options)
-        ctx.kernel = (flat, options,
-                      [p.shape for p in params])
-        return y, (query_index, query, context, stats)
-
-    @staticmethod
-    def backward(ctx, grad_y, source, norm_affine, y, saved):
-        """grad_x, the masked upstream gradient (None without ReLU) and the
-        six parameter gradients (None for theta and sigma without the
-        position term, as in autograd)."""
-        flat, options, shapes = ctx.kernel
-        scale, shift = norm_affine if norm_affine is not None else (None,
-                                                                    None)
-        out = cpu_kernel.ops().prm_backward(
-            grad_y.contiguous(), y, source, scale, shift, *saved, *flat,
-            *options)
-        grad_x, masked = out[0], (out[1] if y is not None else None)
-        grads = [g.view(shape) for g, shape in zip(out[2:], shapes)]
-        if not options[1]:  # use_position off: theta and sigma unused
-            grads[4] = grads[5] = None
-        return grad_x, masked, grads
+def _no_position_grads(grads, use_position):
+    """Without the position term theta and sigma take no part: no gradient
+    (None, as autograd gives the reference)."""
+    if not use_position:
+        grads[4] = grads[5] = None
+    return grads
 
 
 class _PRMDotProduct(torch.autograd.Function):
     """PRM with dot-product similarity, forward and backward by hand:
     ``y = x * gate`` (+ identity, + ReLU: a residual block's tail in the same
     pass). Saves x, the output when it applies the ReLU, and the gate's small
-    state; no full-size intermediates. On CPU it runs the compiled kernel
-    (:mod:`prm_det.ops.cpu_kernel`) when available, torch ops otherwise.
+    state; no full-size intermediates.
+
+    On CPU it runs the compiled kernel (:mod:`prm_det.ops.cpu_kernel`: one
+    op each way, keeping per (sample, group) only the query index, query and
+    context vectors and S's mean and std), elsewhere (or where the kernel
+    cannot be built) torch ops.
     """
 
     @staticmethod
@@ -389,35 +366,38 @@ class _PRMDotProduct(torch.autograd.Function):
                 groups, use_position, use_norm, normalized_positions, eps,
                 relu):
         params = (weight, bias, one, zero, theta, scale)
+        ctx.options = (groups, use_position, use_norm, normalized_positions,
+                       eps)
         ctx.has_identity, ctx.relu = identity is not None, relu
         ctx.use_kernel = cpu_kernel.use_kernel(x)
         if ctx.use_kernel:
-            y, saved = _Kernel.forward(ctx, x, identity, relu, params,
-                                       groups, use_position, use_norm,
-                                       normalized_positions, eps)
-            ctx.save_for_backward(x, y if relu else None, *saved)
-            return y
-        gate, ctx.state = _gate_forward(x, *params, groups, use_position,
-                                        use_norm, normalized_positions, eps)
-        y = _apply_gate(x, gate, identity, relu, groups)
-        ctx.save_for_backward(x, gate, y if relu else None)
+            y, *prm_saved = cpu_kernel.ops().prm_forward(
+                x, identity, relu, *params, *ctx.options)
+        else:
+            gate, ctx.state = _gate_forward(x, *params, *ctx.options)
+            y = _apply_gate(x, gate, identity, relu, groups)
+            prm_saved = [gate]
+        ctx.save_for_backward(x, y if relu else None, *params, *prm_saved)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         with torch.autocast(grad_y.device.type, enabled=False):
+            x, y, *rest = ctx.saved_tensors
+            params, prm_saved = rest[:6], rest[6:]
             if ctx.use_kernel:
-                x, y, *saved = ctx.saved_tensors
-                grad_x, masked, grads = _Kernel.backward(
-                    ctx, grad_y, x, None, y, saved)
+                grad_x, masked, *grads = cpu_kernel.ops().prm_backward(
+                    grad_y.contiguous(), y, x, *prm_saved, *params,
+                    *ctx.options)
                 grad_y = masked if ctx.relu else grad_y
             else:
-                x, gate, y = ctx.saved_tensors
                 if ctx.relu:  # the block's ReLU, fused: y is its output
                     grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
-                grad_x, *grads = _gate_backward(x, grad_y, gate, ctx.state)
+                grad_x, *grads = _gate_backward(x, grad_y, prm_saved[0],
+                                                ctx.state)
             # the shortcut's gradient is the block output's, unchanged
             grad_identity = grad_y if ctx.has_identity else None
+            grads = _no_position_grads(grads, ctx.options[1])
             return (grad_x, grad_identity, *grads, None, None, None, None,
                     None, None)
 
@@ -428,10 +408,15 @@ class _BatchNormPRM(torch.autograd.Function):
 
     A plain block keeps ``c`` for BatchNorm's backward; PRM would also keep
     the normalized ``x`` (its input) for its own. Here ``x`` is recomputed
-    from ``c`` in backward (one per-channel affine pass), so the block keeps
-    what a plain ResNet block keeps, plus PRM's small [b*g, h*w] state.
-    BatchNorm's forward (and its running-statistics update) and backward
-    are torch's own (``native_batch_norm`` and its backward).
+    from ``c`` in backward (one per-channel affine), so the block keeps what
+    a plain ResNet block keeps, plus PRM's small state. BatchNorm's forward
+    (and its running-statistics update) is torch's ``native_batch_norm``.
+
+    On CPU the compiled kernel does the whole tail each way: forward writes
+    y over the normalized map, and backward fuses BatchNorm's backward (its
+    per-channel sums of PRM's dL/dx are taken as the rows are made, so that
+    map is never stored). Elsewhere: torch ops and
+    ``native_batch_norm_backward``.
     """
 
     @staticmethod
@@ -439,55 +424,68 @@ class _BatchNormPRM(torch.autograd.Function):
                 bn_training, bn_momentum, bn_eps, identity, weight, bias, one,
                 zero, theta, scale, groups, use_position, use_norm,
                 normalized_positions, eps, relu):
-        x, save_mean, save_invstd = torch.native_batch_norm(
-            c, bn_weight, bn_bias, running_mean, running_var, bn_training,
-            bn_momentum, bn_eps)
         params = (weight, bias, one, zero, theta, scale)
-        ctx.use_kernel = cpu_kernel.use_kernel(x)
-        if ctx.use_kernel:
-            y, prm_saved = _Kernel.forward(ctx, x, identity, relu, params,
-                                           groups, use_position, use_norm,
-                                           normalized_positions, eps)
-        else:
-            gate, ctx.state = _gate_forward(x, *params, groups, use_position,
-                                            use_norm, normalized_positions,
-                                            eps)
-            y = _apply_gate(x, gate, identity, relu, groups)
-            prm_saved = (gate, )
+        ctx.options = (groups, use_position, use_norm, normalized_positions,
+                       eps)
         ctx.bn = (bn_training, bn_eps)
         ctx.has_identity, ctx.relu = identity is not None, relu
+        ctx.use_kernel = cpu_kernel.use_kernel(c)
+        if ctx.use_kernel:
+            y, save_mean, save_invstd, *prm_saved = \
+                cpu_kernel.ops().bn_prm_forward(
+                    c, bn_weight, bn_bias, running_mean, running_var,
+                    bn_training, bn_momentum, bn_eps, identity, relu,
+                    *params, *ctx.options)
+        else:
+            x, save_mean, save_invstd = torch.native_batch_norm(
+                c, bn_weight, bn_bias, running_mean, running_var,
+                bn_training, bn_momentum, bn_eps)
+            gate, ctx.state = _gate_forward(x, *params, *ctx.options)
+            y = _apply_gate(x, gate, identity, relu, groups)
+            prm_saved = [gate]
         # training: backward uses the batch statistics only, and the running
         # ones may be updated again before it runs (another forward)
         keep = not bn_training
         ctx.save_for_backward(c, bn_weight, bn_bias,
                               running_mean if keep else None,
                               running_var if keep else None, save_mean,
-                              save_invstd, y if relu else None, *prm_saved)
+                              save_invstd, y if relu else None, *params,
+                              *prm_saved)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         with torch.autocast(grad_y.device.type, enabled=False):
             (c, bn_weight, bn_bias, running_mean, running_var, save_mean,
-             save_invstd, y, *prm_saved) = ctx.saved_tensors
+             save_invstd, y, *rest) = ctx.saved_tensors
+            params, prm_saved = rest[:6], rest[6:]
             bn_training, bn_eps = ctx.bn
-            # x = c * a + b per channel, with the statistics forward used
-            if bn_training:
-                mean, invstd = save_mean, save_invstd
-            else:
-                mean = running_mean
-                invstd = torch.rsqrt(running_var + bn_eps)
-            a = invstd if bn_weight is None else invstd * bn_weight
-            shift = -mean * a
-            if bn_bias is not None:
-                shift = shift + bn_bias
-            if ctx.use_kernel:  # x is recomputed inside the kernel's passes
-                grad_x, masked, grads = _Kernel.backward(
-                    ctx, grad_y, c, (a.to(c.dtype).contiguous(),
-                                     shift.to(c.dtype).contiguous()), y,
-                    prm_saved)
+            mask = [ctx.needs_input_grad[0],
+                    bn_weight is not None and ctx.needs_input_grad[1],
+                    bn_bias is not None and ctx.needs_input_grad[2]]
+            if ctx.use_kernel:
+                (grad_c, grad_bn_weight, grad_bn_bias, masked,
+                 *grads) = cpu_kernel.ops().bn_prm_backward(
+                     grad_y.contiguous(), y, c, bn_weight, bn_bias,
+                     running_mean, running_var, save_mean, save_invstd,
+                     bn_training, bn_eps, *prm_saved, *params, *ctx.options,
+                     *mask)
+                grad_c, grad_bn_weight, grad_bn_bias = (
+                    g if m else None
+                    for g, m in zip((grad_c, grad_bn_weight, grad_bn_bias),
+                                    mask))
                 grad_y = masked if ctx.relu else grad_y
             else:
+                # x = c * a + b per channel, with the statistics forward used
+                if bn_training:
+                    mean, invstd = save_mean, save_invstd
+                else:
+                    mean = running_mean
+                    invstd = torch.rsqrt(running_var + bn_eps)
+                a = invstd if bn_weight is None else invstd * bn_weight
+                shift = -mean * a
+                if bn_bias is not None:
+                    shift = shift + bn_bias
                 x = torch.addcmul(shift.view(1, -1, 1, 1), c,
                                   a.view(1, -1, 1, 1))
                 if ctx.relu:
@@ -495,14 +493,12 @@ class _BatchNormPRM(torch.autograd.Function):
                 grad_x, *grads = _gate_backward(x, grad_y, prm_saved[0],
                                                 ctx.state)
                 del x
+                grad_c, grad_bn_weight, grad_bn_bias = \
+                    torch.ops.aten.native_batch_norm_backward(
+                        grad_x, c, bn_weight, running_mean, running_var,
+                        save_mean, save_invstd, bn_training, bn_eps, mask)
             grad_identity = grad_y if ctx.has_identity else None
-            mask = [ctx.needs_input_grad[0],
-                    bn_weight is not None and ctx.needs_input_grad[1],
-                    bn_bias is not None and ctx.needs_input_grad[2]]
-            grad_c, grad_bn_weight, grad_bn_bias = \
-                torch.ops.aten.native_batch_norm_backward(
-                    grad_x, c, bn_weight, running_mean, running_var,
-                    save_mean, save_invstd, bn_training, bn_eps, mask)
+            grads = _no_position_grads(grads, ctx.options[1])
             return (grad_c, grad_bn_weight, grad_bn_bias, None, None, None,
                     None, None, grad_identity, *grads, None, None, None,
                     None, None, None)
