@@ -524,13 +524,23 @@ def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
             factor = 1.0 / float(norm.num_batches_tracked)
     use_batch_stats = norm.training or norm.running_mean is None
     keep_running = not norm.training or norm.track_running_stats
-    return _BatchNormPRM.apply(
-        c.contiguous(), norm.weight, norm.bias,
-        norm.running_mean if keep_running else None,
-        norm.running_var if keep_running else None, use_batch_stats, factor,
-        norm.eps, identity.contiguous(), weight, bias, one, zero, theta,
-        scale, groups, use_position, use_norm, normalized_positions, eps,
-        True)
+    args = (c.contiguous(), norm.weight, norm.bias,
+            norm.running_mean if keep_running else None,
+            norm.running_var if keep_running else None, use_batch_stats,
+            factor, norm.eps, identity.contiguous(), weight, bias, one, zero,
+            theta, scale, groups, use_position, use_norm,
+            normalized_positions, eps, True)
+    if not _needs_grad(c, identity, norm.weight, norm.bias, weight, bias,
+                       one, zero, theta, scale) and cpu_kernel.use_kernel(c):
+        # inference: the kernel's op alone, no autograd bookkeeping
+        return cpu_kernel.ops().bn_prm_forward(*args[:9], *args[20:],
+                                               *args[9:20])[0]
+    return _BatchNormPRM.apply(*args)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
 
 
 def prm(x: Tensor,
@@ -572,11 +582,18 @@ def prm(x: Tensor,
         if identity is not None:
             identity = identity.to(compute_dtype)
         if mode == 'dotproduct' and not reference:
-            y = _PRMDotProduct.apply(
-                x.contiguous(),
-                None if identity is None else identity.contiguous(), *params,
-                groups, use_position, use_norm, normalized_positions, eps,
-                relu)
+            x = x.contiguous()
+            if identity is not None:
+                identity = identity.contiguous()
+            options = (groups, use_position, use_norm, normalized_positions,
+                       eps)
+            if not _needs_grad(x, identity, *params) and \
+                    cpu_kernel.use_kernel(x):
+                y = cpu_kernel.ops().prm_forward(x, identity, relu, *params,
+                                                 *options)[0]
+            else:
+                y = _PRMDotProduct.apply(x, identity, *params, *options,
+                                         relu)
         else:
             y = prm_reference(x, *params, groups, mode, use_position,
                               use_norm, normalized_positions, eps)

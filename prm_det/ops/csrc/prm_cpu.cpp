@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <bit>
+#include <type_traits>
 #include <vector>
 
 namespace prm_det {
@@ -38,6 +39,9 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 // the variance is clamped to this before the square root (prm.py _TINY_VAR)
 constexpr double kTinyVar = 1e-30;
 constexpr double kTinyStd = 1e-15;  // sqrt(kTinyVar)
+// positions per chunk of the passes that accumulate over channels: their
+// accumulators stay in L1 (chunks are whole rows, at least one)
+constexpr int64_t kChunk = 512;
 
 struct Options {
   int64_t groups, cg, h, w, P;
@@ -149,6 +153,30 @@ Params group_params(const Options& o, int64_t group, const T* lam,
                 double(sigma[0])};
 }
 
+// The map PRM reads: x itself, or the pre-BatchNorm map c with the
+// per-channel affine x = c * a + b applied on the fly (BatchNorm with known
+// statistics: eval in forward, and backward, which recomputes x).
+template <typename T, bool FromNorm>
+struct Source {
+  const T* data;  // the group's [cg, P] block of x or c
+  const T* a;     // the group's cg affine scales (FromNorm)
+  const T* b;     // and shifts
+  // One channel's row, with its affine hoisted out of the loops.
+  struct Row {
+    const T* __restrict__ p;
+    T a, b;
+    inline T operator()(int64_t k) const {
+      if (FromNorm) return p[k] * a + b;
+      return p[k];
+    }
+  };
+  inline Row row(int64_t c, int64_t P) const {
+    if (FromNorm) return Row{data + c * P, a[c], b[c]};
+    return Row{data + c * P, T(1), T(0)};
+  }
+  inline T at(int64_t c, int64_t k, int64_t P) const { return row(c, P)(k); }
+};
+
 // Index of the first maximum (as torch.argmax), vectorized: each of L
 // lanes keeps its own first maximum, then the lanes are merged.
 template <typename T>
@@ -190,54 +218,98 @@ int64_t first_argmax(const T* v, int64_t n) {
   return best_index;
 }
 
-template <typename T, bool HasIdentity, bool Relu>
-void forward_group(const Options& o, const Params& p, const T* x,
-                   const T* identity, T* y, T* query, T* context, State& st,
-                   T* colsum, T* sq, T* sz, T* hr, T* hc) {
+template <typename T, bool FromNorm, bool HasIdentity, bool Relu>
+void forward_group(const Options& o, const Params& p,
+                   const Source<T, FromNorm>& x, const T* identity, T* y,
+                   T* query, T* context, State& st, T* colsum, T* sq, T* sz,
+                   T* hr, T* hc) {
   const int64_t P = o.P, cg = o.cg;
   // pass 1: the channel sum at every position and every channel's mean
-  std::fill(colsum, colsum + P, T(0));
+  T* __restrict__ cs = colsum;
   for (int64_t c = 0; c < cg; ++c) {
-    const T* row = x + c * P;
+    const auto row = x.row(c, P);
     T acc = 0;
+    if (c == 0) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < P; ++k) {
-      colsum[k] += row[k];
-      acc += row[k];
+      for (int64_t k = 0; k < P; ++k) {
+        const T v = row(k);
+        cs[k] = v;
+        acc += v;
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < P; ++k) {
+        const T v = row(k);
+        cs[k] += v;
+        acc += v;
+      }
     }
     context[c] = acc / static_cast<T>(P);
   }
   const int64_t qi = first_argmax(colsum, P);
   st.query_index = qi;
-  for (int64_t c = 0; c < cg; ++c) query[c] = x[c * P + qi];
+  for (int64_t c = 0; c < cg; ++c) query[c] = x.at(c, qi, P);
 
-  // pass 2: both similarities
-  std::fill(sq, sq + P, T(0));
-  std::fill(sz, sz + P, T(0));
-  for (int64_t c = 0; c < cg; ++c) {
-    const T* row = x + c * P;
-    const T qc = query[c], zc = context[c];
-#pragma omp simd
-    for (int64_t k = 0; k < P; ++k) {
-      sq[k] += qc * row[k];
-      sz[k] += zc * row[k];
-    }
-  }
+  // pass 2, in chunks of whole rows that stay in L1: both similarities
+  // accumulated over the channels, then S and its running mean and M2
+  // (chunks merged as in Chan et al.'s parallel variance)
   if (o.use_position) position_tables(o, p, qi, hr, hc);
   T* s = colsum;  // reused
-  similarity_map(o, p, sq, sz, hr, hc, s);
-  if (o.use_norm) {
-    double sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t k = 0; k < P; ++k) sum += s[k];
-    const double mean = sum / P;
-    double sq_dev = 0;
-#pragma omp simd reduction(+ : sq_dev)
-    for (int64_t k = 0; k < P; ++k) {
-      const double d = s[k] - mean;
-      sq_dev += d * d;
+  const int64_t rows_per = std::max<int64_t>(1, kChunk / o.w);
+  const T alpha = static_cast<T>(p.alpha), beta = static_cast<T>(p.beta);
+  double mean = 0, m2 = 0;
+  int64_t count = 0;
+  for (int64_t i0 = 0; i0 < o.h; i0 += rows_per) {
+    const int64_t i1 = std::min(o.h, i0 + rows_per);
+    const int64_t k0 = i0 * o.w, len = (i1 - i0) * o.w;
+    T* __restrict__ aq = sq;
+    T* __restrict__ az = sz;
+    std::fill(aq, aq + len, T(0));
+    std::fill(az, az + len, T(0));
+    for (int64_t c = 0; c < cg; ++c) {
+      const T qc = query[c], zc = context[c];
+      const auto row = x.row(c, P);
+      const auto* __restrict__ rp = row.p + k0;
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) {
+        const T v = FromNorm ? rp[l] * row.a + row.b : rp[l];
+        aq[l] += qc * v;
+        az[l] += zc * v;
+      }
     }
-    const double var = sq_dev / std::max<int64_t>(P - 1, 1);
+    T* sc = s + k0;
+    if (o.use_position) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T r = hr[i];
+        const int64_t base = (i - i0) * o.w;
+#pragma omp simd
+        for (int64_t j = 0; j < o.w; ++j)
+          sc[base + j] =
+              alpha * sq[base + j] * (r + hc[j]) + beta * sz[base + j];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) sc[l] = alpha * sq[l] + beta * sz[l];
+    }
+    if (!o.use_norm) continue;
+    double csum = 0;
+#pragma omp simd reduction(+ : csum)
+    for (int64_t l = 0; l < len; ++l) csum += sc[l];
+    const double cmean = csum / len;
+    double cm2 = 0;
+#pragma omp simd reduction(+ : cm2)
+    for (int64_t l = 0; l < len; ++l) {
+      const double d = sc[l] - cmean;
+      cm2 += d * d;
+    }
+    const int64_t total = count + len;
+    const double delta = cmean - mean;
+    mean += delta * len / total;
+    m2 += cm2 + delta * delta * (double(count) * len / total);
+    count = total;
+  }
+  if (o.use_norm) {
+    const double var = m2 / std::max<int64_t>(P - 1, 1);
     st.mean = mean;
     st.std = std::sqrt(std::max(var, kTinyVar));
   } else {
@@ -248,12 +320,13 @@ void forward_group(const Options& o, const Params& p, const T* x,
 
   // pass 3: y = x * gate (+ identity, ReLU)
   for (int64_t c = 0; c < cg; ++c) {
-    const T* row = x + c * P;
-    const T* id = HasIdentity ? identity + c * P : nullptr;
-    T* out = y + c * P;
+    const T* __restrict__ id = HasIdentity ? identity + c * P : nullptr;
+    T* out = y + c * P;  // may be x itself: no restrict
+    const auto row = x.row(c, P);
+    const T* __restrict__ gate = s;
 #pragma omp simd
     for (int64_t k = 0; k < P; ++k) {
-      T v = row[k] * s[k];
+      T v = row(k) * gate[k];
       if (HasIdentity) v += id[k];
       if (Relu) v = v > T(0) ? v : T(0);
       out[k] = v;
@@ -267,18 +340,6 @@ struct ParamGrads {
          sigma = 0;
 };
 
-// x for backward: the saved map itself, or the pre-BatchNorm map c with the
-// per-channel affine x = c * a + b recomputed on the fly.
-template <typename T, bool FromNorm>
-struct Source {
-  const T* data;  // the group's [cg, P] block of x or c
-  const T* a;     // the group's cg affine scales (FromNorm)
-  const T* b;     // and shifts
-  inline T at(int64_t c, int64_t k, int64_t P) const {
-    if (FromNorm) return data[c * P + k] * a[c] + b[c];
-    return data[c * P + k];
-  }
-};
 
 // Row c of dL/dx, from the per-position maps and four numbers per row:
 //   gate_p g_cp + kq coef_q_p + kz grad_s_p + gz   (+ gq at the query)
@@ -308,26 +369,35 @@ void backward_group(const Options& o, const Params& p, const State& st,
     *ghc = hc + o.w;
   T* gg = maps.coef_q;  // dL/dgate, then dL/d(pre-sigmoid), then coef_q
   T *gate = maps.gate, *grad_s = maps.grad_s;
-  // pass 1: dL/dgate = sum_c g x; q . x and z . x again; the ReLU mask
-  std::fill(gg, gg + P, T(0));
-  std::fill(sq, sq + P, T(0));
-  std::fill(sz, sz + P, T(0));
-  for (int64_t c = 0; c < cg; ++c) {
-    const T* gy = grad_y + c * P;
-    const T* yr = Relu ? y + c * P : nullptr;
-    T* mr = Relu ? masked + c * P : nullptr;
-    const T qc = query[c], zc = context[c];
+  // pass 1, in chunks whose accumulators stay in L1: dL/dgate = sum_c g x,
+  // q . x and z . x again, the ReLU mask
+  for (int64_t k0 = 0; k0 < P; k0 += kChunk) {
+    const int64_t len = std::min(kChunk, P - k0);
+    T* __restrict__ agg = gg + k0;
+    T* __restrict__ aq = sq + k0;
+    T* __restrict__ az = sz + k0;
+    std::fill(agg, agg + len, T(0));
+    std::fill(aq, aq + len, T(0));
+    std::fill(az, az + len, T(0));
+    for (int64_t c = 0; c < cg; ++c) {
+      const T* __restrict__ gy = grad_y + c * P + k0;
+      const T* __restrict__ yr = Relu ? y + c * P + k0 : nullptr;
+      T* __restrict__ mr = Relu ? masked + c * P + k0 : nullptr;
+      const auto row = src.row(c, P);
+      const T* __restrict__ rp = row.p + k0;
+      const T qc = query[c], zc = context[c];
 #pragma omp simd
-    for (int64_t k = 0; k < P; ++k) {
-      const T xv = src.at(c, k, P);
-      T g = gy[k];
-      if (Relu) {
-        g = yr[k] > T(0) ? g : T(0);
-        mr[k] = g;
+      for (int64_t l = 0; l < len; ++l) {
+        const T xv = FromNorm ? rp[l] * row.a + row.b : rp[l];
+        T g = gy[l];
+        if (Relu) {
+          g = yr[l] > T(0) ? g : T(0);
+          mr[l] = g;
+        }
+        agg[l] += g * xv;
+        aq[l] += qc * xv;
+        az[l] += zc * xv;
       }
-      gg[k] += g * xv;
-      sq[k] += qc * xv;
-      sz[k] += zc * xv;
     }
   }
   if (o.use_position) position_tables(o, p, qi, hr, hc);
@@ -419,11 +489,14 @@ void backward_group(const Options& o, const Params& p, const State& st,
   double grad_alpha = 0, grad_beta = 0;
   for (int64_t c = 0; c < cg; ++c) {
     T gkq = 0, gkz = 0;
+    const auto row = src.row(c, P);
+    const T* __restrict__ cq = coef_q;
+    const T* __restrict__ gs = grad_s;
 #pragma omp simd reduction(+ : gkq, gkz)
     for (int64_t k = 0; k < P; ++k) {
-      const T xv = src.at(c, k, P);
-      gkq += xv * coef_q[k];
-      gkz += xv * grad_s[k];
+      const T xv = row(k);
+      gkq += xv * cq[k];
+      gkz += xv * gs[k];
     }
     grad_alpha += double(query[c]) * gkq;
     grad_beta += double(context[c]) * gkz;
@@ -536,12 +609,44 @@ bool given(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
+// A BatchNorm's per-channel view: x = c * a + shift and
+// xhat = (c - mean) * invstd, with the statistics the forward normalized
+// with. One [4, C] table in c's dtype: mean, invstd, a, shift.
+struct NormView {
+  at::Tensor table;
+  int64_t C;
+  template <typename T>
+  const T* row(int64_t i) const {
+    return table.data_ptr<T>() + i * C;
+  }
+};
+
+// values of a small CPU tensor as doubles (no torch ops: dispatching a few
+// of them per block would cost more than the arithmetic)
+std::vector<double> doubles(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.numel() == n, "prm_det: BatchNorm ",
+              name, " must be a CPU tensor of ", n, " values, got ",
+              t.sizes());
+  const at::Tensor u = t.is_contiguous() ? t : t.contiguous();
+  std::vector<double> out(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, u.scalar_type(), "prm_det_doubles", [&] {
+        const scalar_t* p = u.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i]);
+      });
+  return out;
+}
+
 // PRM forward on x into y (y may be x itself: the gating pass reads each
 // value before writing it). Returns query_index, query, context, stats.
+//
+// With norm the map read is x = c * a + shift per channel (``x`` is then
+// BatchNorm's input c).
 std::vector<at::Tensor> forward_into(const at::Tensor& x,
                                      const c10::optional<at::Tensor>& identity,
                                      bool relu, const PRMParams& params,
-                                     const Options& o, at::Tensor& y) {
+                                     const Options& o, at::Tensor& y,
+                                     const NormView* norm = nullptr) {
   const bool has_identity = given(identity);
   if (has_identity) check_map(*identity, x, "identity");
   const int64_t n = x.size(0) * o.groups;
@@ -555,6 +660,8 @@ std::vector<at::Tensor> forward_into(const at::Tensor& x,
     using T = scalar_t;
     const T* xp = x.data_ptr<T>();
     const T* ip = has_identity ? identity->data_ptr<T>() : nullptr;
+    const T* ap = norm ? norm->row<T>(2) : nullptr;
+    const T* bp = norm ? norm->row<T>(3) : nullptr;
     T* yp = y.data_ptr<T>();
     int64_t* qip = query_index.data_ptr<int64_t>();
     T* qp = query.data_ptr<T>();
@@ -562,21 +669,32 @@ std::vector<at::Tensor> forward_into(const at::Tensor& x,
     double* sp = stats.data_ptr<double>();
     const int64_t block = o.cg * o.P;
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> buf(3 * o.P + o.h + o.w);
-      T *colsum = buf.data(), *sq = colsum + o.P, *sz = sq + o.P,
-        *hr = sz + o.P, *hc = hr + o.h;
+      const int64_t cap = std::max(kChunk, o.w);  // a chunk's positions
+      std::vector<T> buf(o.P + 2 * cap + o.h + o.w);
+      T *colsum = buf.data(), *sq = colsum + o.P, *sz = sq + cap,
+        *hr = sz + cap, *hc = hr + o.h;
       for (int64_t k = begin; k < end; ++k) {
         const Params p = params.group<T>(k % o.groups);
         State st;
         const T* idk = has_identity ? ip + k * block : nullptr;
-        auto run = [&](auto fn) {
-          fn(o, p, xp + k * block, idk, yp + k * block, qp + k * o.cg,
-             zp + k * o.cg, st, colsum, sq, sz, hr, hc);
+        auto run = [&](auto fn, const auto& view) {
+          fn(o, p, view, idk, yp + k * block, qp + k * o.cg, zp + k * o.cg,
+             st, colsum, sq, sz, hr, hc);
         };
-        if (has_identity && relu) run(forward_group<T, true, true>);
-        else if (has_identity) run(forward_group<T, true, false>);
-        else if (relu) run(forward_group<T, false, true>);
-        else run(forward_group<T, false, false>);
+        auto with_source = [&](const auto& view) {
+          using V = std::decay_t<decltype(view)>;
+          constexpr bool N = std::is_same_v<V, Source<T, true>>;
+          if (has_identity && relu) run(forward_group<T, N, true, true>, view);
+          else if (has_identity) run(forward_group<T, N, true, false>, view);
+          else if (relu) run(forward_group<T, N, false, true>, view);
+          else run(forward_group<T, N, false, false>, view);
+        };
+        if (ap) {
+          const int64_t first = (k % o.groups) * o.cg;
+          with_source(Source<T, true>{xp + k * block, ap + first, bp + first});
+        } else {
+          with_source(Source<T, false>{xp + k * block, nullptr, nullptr});
+        }
         qip[k] = st.query_index;
         sp[2 * k] = st.mean;
         sp[2 * k + 1] = st.std;
@@ -729,35 +847,42 @@ std::vector<at::Tensor> prm_backward(
   return out;
 }
 
-// A BatchNorm's per-channel view for backward: x = c * a + shift and
-// xhat = (c - mean) * invstd, with the statistics forward normalized with.
-struct NormView {
-  at::Tensor mean, invstd, a, shift;
-};
-
 NormView norm_view(const at::Tensor& c, const c10::optional<at::Tensor>& weight,
                    const c10::optional<at::Tensor>& bias,
                    const c10::optional<at::Tensor>& running_mean,
                    const c10::optional<at::Tensor>& running_var,
                    const at::Tensor& save_mean, const at::Tensor& save_invstd,
                    bool training, double bn_eps) {
-  at::Tensor mean, invstd;
+  const int64_t C = c.size(1);
+  std::vector<double> mean, stat;  // stat: invstd (training) or var (eval)
   if (training) {
-    mean = save_mean;
-    invstd = save_invstd;
+    mean = doubles(save_mean, C, "save_mean");
+    stat = doubles(save_invstd, C, "save_invstd");
   } else {
     TORCH_CHECK(given(running_mean) && given(running_var),
                 "prm_det: BatchNorm in eval mode needs running statistics");
-    mean = *running_mean;
-    invstd = (*running_var + bn_eps).rsqrt();
+    mean = doubles(*running_mean, C, "running_mean");
+    stat = doubles(*running_var, C, "running_var");
   }
-  at::Tensor a = given(weight) ? invstd * *weight : invstd;
-  at::Tensor shift = -mean * a;
-  if (given(bias)) shift = shift + *bias;
-  auto prep = [&](const at::Tensor& t) {
-    return t.to(c.scalar_type()).contiguous();
-  };
-  return NormView{prep(mean), prep(invstd), prep(a), prep(shift)};
+  const std::vector<double> w =
+      given(weight) ? doubles(*weight, C, "weight") : std::vector<double>();
+  const std::vector<double> b =
+      given(bias) ? doubles(*bias, C, "bias") : std::vector<double>();
+  NormView nv{at::empty({4, C}, c.options()), C};
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "prm_det_norm_view", [&] {
+    scalar_t* o = nv.table.data_ptr<scalar_t>();
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const double invstd =
+          training ? stat[ch] : 1.0 / std::sqrt(stat[ch] + bn_eps);
+      const double a = w.empty() ? invstd : invstd * w[ch];
+      o[ch] = static_cast<scalar_t>(mean[ch]);
+      o[C + ch] = static_cast<scalar_t>(invstd);
+      o[2 * C + ch] = static_cast<scalar_t>(a);
+      o[3 * C + ch] =
+          static_cast<scalar_t>((b.empty() ? 0.0 : b[ch]) - mean[ch] * a);
+    }
+  });
+  return nv;
 }
 
 // relu(PRM(BatchNorm(c)) + identity): torch's native_batch_norm (and its
@@ -779,6 +904,16 @@ std::vector<at::Tensor> bn_prm_forward(
   const Options o =
       make_options(c, groups, use_position, use_norm, normalized, eps);
   const PRMParams params(c, groups, {weight, bias, one, zero, theta, scale});
+  if (!training && given(running_mean) && given(running_var)) {
+    // eval: BatchNorm is a per-channel affine, applied as the passes read
+    // c; the normalized map is never written
+    const NormView nv = norm_view(c, bn_weight, bn_bias, running_mean,
+                                  running_var, c, c, false, bn_eps);
+    at::Tensor y = at::empty_like(c);
+    auto saved = forward_into(c, identity, relu, params, o, y, &nv);
+    saved.insert(saved.begin(), {y, none_tensor(c), none_tensor(c)});
+    return saved;
+  }
   auto normed = at::native_batch_norm(c, bn_weight, bn_bias, running_mean,
                                       running_var, training, momentum, bn_eps);
   at::Tensor x = std::get<0>(normed).contiguous();
@@ -832,17 +967,20 @@ std::vector<at::Tensor> bn_prm_backward(
       const BackwardCall<T> call{
           o, params, query_index, query, context, stats, cp,
           grad_y.data_ptr<T>(), relu ? y->data_ptr<T>() : nullptr,
-          nv.a.data_ptr<T>(), nv.shift.data_ptr<T>(),
+          nv.row<T>(2), nv.row<T>(3),
           relu ? masked.data_ptr<T>() : nullptr};
       const T* g_all = relu ? call.masked : call.grad_y;
       const int64_t* qip = query_index.data_ptr<int64_t>();
       // the per-position maps and row numbers of every group, for phase 2
-      std::vector<T> map_store(static_cast<size_t>(n) * 3 * o.P);
-      std::vector<RowGrad<T>> row_store(static_cast<size_t>(n) * o.cg);
+      // (torch's allocator, not value-initialized std::vectors)
+      at::Tensor map_store = at::empty({n, 3, o.P}, c.options());
+      at::Tensor row_store = at::empty({n, o.cg, 4}, c.options());
       auto maps_of = [&](int64_t k) {
-        T* base = map_store.data() + k * 3 * o.P;
+        T* base = map_store.data_ptr<T>() + k * 3 * o.P;
         return Maps<T>{base, base + o.P, base + 2 * o.P};
       };
+      RowGrad<T>* all_rows =
+          reinterpret_cast<RowGrad<T>*>(row_store.data_ptr<T>());
       double* pp = partial.data_ptr<double>();
       double* sp = sums.data_ptr<double>();
       const int64_t block = o.cg * o.P;
@@ -852,7 +990,7 @@ std::vector<at::Tensor> bn_prm_backward(
         for (int64_t k = begin; k < end; ++k) {
           ParamGrads pg;
           const Maps<T> m = maps_of(k);
-          RowGrad<T>* rows = row_store.data() + k * o.cg;
+          RowGrad<T>* rows = all_rows + k * o.cg;
           call(k, m, rows, pg, scratch.data(), ghr.data());
           store_param_grads(pp + 7 * k, pg);
           for (int64_t ch = 0; ch < o.cg; ++ch) {
@@ -867,9 +1005,9 @@ std::vector<at::Tensor> bn_prm_backward(
       // dL/d(bn weight) = sum dL/dx * xhat = invstd (sum dL/dx c - mean sum)
       auto per_channel = sums.sum(0);  // [C, 2]
       const double* pc = per_channel.data_ptr<double>();
-      const T* mean = nv.mean.data_ptr<T>();
-      const T* invstd = nv.invstd.data_ptr<T>();
-      const T* a = nv.a.data_ptr<T>();
+      const T* mean = nv.row<T>(0);
+      const T* invstd = nv.row<T>(1);
+      const T* a = nv.row<T>(2);
       std::vector<double> sum_g(C), sum_gxhat(C);
       for (int64_t ch = 0; ch < C; ++ch) {
         sum_g[ch] = pc[2 * ch];
@@ -895,7 +1033,7 @@ std::vector<at::Tensor> bn_prm_backward(
           const int64_t group = k % o.groups;
           for (int64_t cl = 0; cl < o.cg; ++cl) {
             const int64_t ch = group * o.cg + cl;
-            const RowGrad<T>& r = row_store[k * o.cg + cl];
+            const RowGrad<T>& r = all_rows[k * o.cg + cl];
             const T* g = g_all + k * block + cl * o.P;
             const T* cr = cp + k * block + cl * o.P;
             T* out = gcp + k * block + cl * o.P;
