@@ -31,3 +31,19 @@ def _mmdet_scope():
 def repo():
     os.chdir(REPO)
     return REPO
+
+
+@pytest.fixture(params=['kernel', 'torch ops'])
+def prm_path(request):
+    """Runs a test on each of PRM's fast implementations on CPU: the
+    compiled kernel (what CPU runs by default; ``make setup`` builds it, so
+    a kernel that does not build fails here with the reason) and the torch
+    ops the fast path runs elsewhere (CUDA) or without the kernel."""
+    from prm_det.ops import cpu_kernel
+    if request.param == 'kernel':
+        assert cpu_kernel.available(), (
+            f'the PRM CPU kernel did not build: {cpu_kernel.error()}')
+        yield request.param
+    else:
+        with cpu_kernel.kernel_disabled():
+            yield request.param

@@ -108,6 +108,10 @@ step "installing $(pin mmdet), $(pin pycocotools) and $(pin pytest)" \
 step "installing prm_det (editable)" "see pip's message above; pyproject.toml must be valid"
 "${pip[@]}" --no-deps --no-build-isolation -e .
 
+step "compiling prm_det's PRM CPU kernel (prm_det/ops/csrc/prm_cpu.cpp, about a minute)" \
+  "run '$venv/bin/python -c \"from prm_det.ops import cpu_kernel; cpu_kernel.build(verbose=True)\"' to see the compiler's error; it needs the C++ compiler checked above and ninja (installed with mmengine above)"
+"$venv/bin/python" -c 'from prm_det.ops import cpu_kernel; cpu_kernel.build()'
+
 step "checking that the stack imports and mmcv's compiled ops load" \
   "run '$venv/bin/python -c \"from mmcv.ops import nms\"' to see the error; rebuild mmcv with 'rm -rf $venv && make setup'"
 "$venv/bin/python" -c 'import torch, mmengine, mmcv, mmdet, pycocotools, prm_det

@@ -209,7 +209,8 @@ def test_attention_options_and_stages_are_arguments():
 
 @pytest.mark.parametrize('depth', [18, 50])
 @pytest.mark.parametrize('bn_training', [True, False])
-def test_fused_block_tail_equals_norm_prm_add_relu(depth, bn_training):
+def test_fused_block_tail_equals_norm_prm_add_relu(depth, bn_training,
+                                                  prm_path):
     """The PRM block computes relu(prm(norm(conv(x))) + shortcut) in one
     Function (normalized map recomputed in backward): same outputs,
     gradients and BatchNorm running statistics as the plain composition."""
@@ -254,7 +255,7 @@ def test_fused_block_tail_equals_norm_prm_add_relu(depth, bn_training):
                                    getattr(norm_plain, key), msg=key)
 
 
-def test_prm_block_keeps_no_normalized_copy_for_backward():
+def test_prm_block_keeps_no_normalized_copy_for_backward(prm_path):
     """Tensors saved for backward by a PRM block: no more of the feature
     map's size than a plain ResNet block saves."""
     def saved_bytes(model, x):
@@ -282,7 +283,7 @@ def test_prm_block_keeps_no_normalized_copy_for_backward():
     assert ratio < 1.12, ratio
 
 
-def test_channels_last_backbone_matches_contiguous():
+def test_channels_last_backbone_matches_contiguous(prm_path):
     torch.manual_seed(0)
     model = small('PRMResNet', 50)
     model.train()
@@ -292,3 +293,37 @@ def test_channels_last_backbone_matches_contiguous():
         x.to(memory_format=torch.channels_last))
     for a, b in zip(outs, outs_cl):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_prm_blocks_run_the_fused_batchnorm_kernel_on_cpu():
+    """On CPU each PRM block's tail (BatchNorm, PRM, add, ReLU) is one
+    kernel op each way, in training and in inference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    model = small('PRMResNet', 50, norm_eval=False)
+    num_blocks = sum(len(getattr(model, name)) for name in model.res_layers)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    with Recorder() as rec:
+        sum(o.sum() for o in model(x)).backward()
+    assert rec.ops.count('prm_det.bn_prm_forward') == num_blocks
+    assert rec.ops.count('prm_det.bn_prm_backward') == num_blocks
+    model.eval()
+    with Recorder() as rec, torch.no_grad():
+        model(x)
+    assert rec.ops.count('prm_det.bn_prm_forward') == num_blocks
+    # torch runs the other norms only: the stem's, the first two of each
+    # block and the four downsample shortcuts'
+    torch_norms = [op for op in rec.ops
+                   if 'batch_norm' in op and not op.startswith('prm_det.')]
+    assert len(torch_norms) == 1 + 2 * num_blocks + 4, torch_norms

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from prm_det.ops import cpu_kernel
+
 from prm_det.ops.prm import prm, prm_reference
 
 NAMES = ('weight', 'bias', 'one', 'zero', 'theta', 'scale')
@@ -57,11 +59,17 @@ def golden_errors(case, params, fn=prm):
     return errs
 
 
-@pytest.mark.parametrize('fn', [prm, prm_reference])
-def test_golden_vectors_match_official_float64(golden, fn):
+def test_golden_vectors_match_official_float64(golden, prm_path):
     assert len(golden['cases']) >= 8
     for i, case in enumerate(golden['cases']):
-        errs = golden_errors(case, case['params'], fn)
+        errs = golden_errors(case, case['params'], prm)
+        worst = max(errs.values())
+        assert worst < 1e-9, (i, case['mode'], case['groups'], errs)
+
+
+def test_reference_matches_official_float64(golden):
+    for i, case in enumerate(golden['cases']):
+        errs = golden_errors(case, case['params'], prm_reference)
         worst = max(errs.values())
         assert worst < 1e-9, (i, case['mode'], case['groups'], errs)
 
@@ -82,9 +90,12 @@ def random_case(b, c, h, w, groups, dtype, seed):
     return x, upstream
 
 
+# odd sizes, 1xN and Nx1 maps, 1x1, one channel per group; the last two
+# span several of the kernel's 512-position chunks (several rows per chunk,
+# and rows wider than a chunk)
 SHAPES = [(2, 16, 7, 9, 4), (1, 8, 1, 13, 8), (3, 12, 5, 1, 3),
           (2, 64, 11, 6, 64), (1, 6, 2, 2, 1), (2, 32, 1, 1, 8),
-          (1, 24, 13, 17, 6)]
+          (1, 24, 13, 17, 6), (1, 8, 37, 29, 2), (2, 4, 3, 701, 2)]
 OPTIONS = [dict(), dict(use_position=False), dict(use_norm=False),
            dict(normalized_positions=True),
            dict(use_position=False, use_norm=False)]
@@ -94,7 +105,7 @@ OPTIONS = [dict(), dict(use_position=False), dict(use_norm=False),
                                        (torch.float32, 2e-4)])
 @pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('options', OPTIONS)
-def test_fast_path_matches_reference(dtype, tol, shape, options):
+def test_fast_path_matches_reference(dtype, tol, shape, options, prm_path):
     b, c, h, w, groups = shape
     x, upstream = random_case(b, c, h, w, groups, dtype, seed=sum(shape))
     params = init_params(groups, dtype, seed=c)
@@ -113,7 +124,7 @@ def test_fast_path_matches_reference(dtype, tol, shape, options):
 
 
 @pytest.mark.parametrize('mode', ['dotproduct', 'cosine', 'l1norm'])
-def test_one_by_one_map_is_finite_and_gates_by_xi(mode):
+def test_one_by_one_map_is_finite_and_gates_by_xi(mode, prm_path):
     x = torch.randn(2, 16, 1, 1, dtype=torch.float64)
     params = init_params(4)
     y, gx, gp = run(prm, x, params, torch.ones_like(x), groups=4, mode=mode)
@@ -125,7 +136,7 @@ def test_one_by_one_map_is_finite_and_gates_by_xi(mode):
 
 @pytest.mark.parametrize('mode', ['dotproduct', 'cosine', 'l1norm'])
 @pytest.mark.parametrize('value', [0.0, 3.5])
-def test_constant_input_is_finite(mode, value):
+def test_constant_input_is_finite(mode, value, prm_path):
     x = torch.full((2, 16, 6, 5), value)
     params = init_params(4, torch.float32)
     y, gx, gp = run(prm, x, params, torch.randn_like(x), groups=4, mode=mode)
@@ -182,7 +193,7 @@ class OpRecorder(TorchDispatchMode):
         return out
 
 
-def test_no_nonzero_no_sync_no_distribution_objects(monkeypatch):
+def test_no_nonzero_no_sync_no_distribution_objects(monkeypatch, prm_path):
     import torch.distributions
 
     def forbidden(*a, **k):
@@ -202,7 +213,7 @@ def test_no_nonzero_no_sync_no_distribution_objects(monkeypatch):
                    for op in rec.ops), rec.ops
 
 
-def test_forward_materializes_no_full_size_gate():
+def test_forward_materializes_no_full_size_gate(prm_path):
     x = torch.randn(2, 64, 9, 7)
     params = list(init_params(16, torch.float32).values())
     rec = OpRecorder()
@@ -249,7 +260,8 @@ def test_math_imports_with_torch_alone():
 
 @pytest.mark.parametrize('shape', [(2, 16, 7, 9, 4), (1, 8, 1, 13, 8),
                                    (2, 32, 1, 1, 8)])
-def test_fused_residual_relu_matches_prm_plus_identity_then_relu(shape):
+def test_fused_residual_relu_matches_prm_plus_identity_then_relu(
+        shape, prm_path):
     b, c, h, w, groups = shape
     x, upstream = random_case(b, c, h, w, groups, torch.float64, seed=3)
     identity = torch.randn(b, c, h, w, dtype=torch.float64)
@@ -273,7 +285,7 @@ def test_fused_residual_relu_matches_prm_plus_identity_then_relu(shape):
         assert (gp1[k] - gp2[k]).norm() <= 1e-10 * max(gp2[k].norm(), 1), k
 
 
-def test_channels_last_inputs_give_the_same_results():
+def test_channels_last_inputs_give_the_same_results(prm_path):
     x, upstream = random_case(2, 32, 9, 7, 8, torch.float64, seed=5)
     params = init_params(8, torch.float64, seed=6)
     ref = run(prm, x, params, upstream, groups=8)
@@ -284,3 +296,61 @@ def test_channels_last_inputs_give_the_same_results():
     for k in NAMES:
         torch.testing.assert_close(ref[2][k], cl[2][k], rtol=1e-12,
                                    atol=1e-12)
+
+
+def test_cpu_runs_the_compiled_kernel_by_default():
+    x = torch.randn(2, 32, 7, 5, requires_grad=True)
+    params = [p.requires_grad_() for p in init_params(8, torch.float32)
+              .values()]
+    rec = OpRecorder()
+    with rec:
+        prm(x, *params, groups=8).sum().backward()
+        with torch.no_grad():
+            prm(x, *params, groups=8)
+    assert rec.ops.count('prm_det.prm_forward') == 2, rec.ops
+    assert rec.ops.count('prm_det.prm_backward') == 1, rec.ops
+    # the kernel computes everything: no torch math op runs a [b*g, h*w] map
+    assert 'aten.bmm' not in rec.ops and 'aten.sigmoid' not in rec.ops
+
+
+def test_inference_without_autograd_equals_the_training_forward(prm_path):
+    x, _ = random_case(2, 48, 9, 11, 12, torch.float32, seed=8)
+    identity = torch.randn_like(x)
+    params = [p.requires_grad_() for p in init_params(12, torch.float32,
+                                                      seed=9).values()]
+    y_grad = prm(x, *params, groups=12, identity=identity, relu=True)
+    with torch.no_grad():
+        y_inference = prm(x, *params, groups=12, identity=identity,
+                          relu=True)
+    assert y_grad.requires_grad and not y_inference.requires_grad
+    torch.testing.assert_close(y_inference, y_grad.detach(), rtol=0, atol=0)
+
+
+def test_kernel_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, '0')
+    assert not cpu_kernel.available()
+    rec = OpRecorder()
+    x = torch.randn(1, 16, 5, 5)
+    with rec, torch.no_grad():
+        y = prm(x, *init_params(4, torch.float32).values(), groups=4)
+    assert not any(op.startswith('prm_det.') for op in rec.ops), rec.ops
+    monkeypatch.delenv(cpu_kernel.ENV_SWITCH)
+    with torch.no_grad():
+        y_kernel = prm(x, *init_params(4, torch.float32).values(), groups=4)
+    torch.testing.assert_close(y, y_kernel)
+
+
+def test_kernel_that_cannot_build_falls_back_with_a_warning_naming_why(
+        monkeypatch):
+    def no_compiler(verbose=False):
+        raise RuntimeError('no C++ compiler found')
+
+    monkeypatch.setattr(cpu_kernel, 'build', no_compiler)
+    monkeypatch.setattr(cpu_kernel, '_state', dict(
+        loaded=None, error=None, warned=False, disabled=0))
+    x = torch.randn(1, 16, 5, 5)
+    params = list(init_params(4, torch.float32).values())
+    with pytest.warns(UserWarning, match='no C.. compiler found.*Fix:'):
+        y = prm(x, *params, groups=4)
+    torch.testing.assert_close(y, prm_reference(x, *params, groups=4))
+    assert 'no C++ compiler found' in cpu_kernel.error()
