@@ -218,6 +218,13 @@ int64_t first_argmax(const T* v, int64_t n) {
   return best_index;
 }
 
+// Groups per parallel task: at least ~32K values of the map each, so that
+// small maps (the last stages, small images) run on the calling thread
+// instead of paying for waking the others.
+inline int64_t group_grain(const Options& o) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, o.cg * o.P));
+}
+
 template <typename T, bool FromNorm, bool HasIdentity, bool Relu>
 void forward_group(const Options& o, const Params& p,
                    const Source<T, FromNorm>& x, const T* identity, T* y,
@@ -668,7 +675,7 @@ std::vector<at::Tensor> forward_into(const at::Tensor& x,
     T* zp = context.data_ptr<T>();
     double* sp = stats.data_ptr<double>();
     const int64_t block = o.cg * o.P;
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
       const int64_t cap = std::max(kChunk, o.w);  // a chunk's positions
       std::vector<T> buf(o.P + 2 * cap + o.h + o.w);
       T *colsum = buf.data(), *sq = colsum + o.P, *sz = sq + cap,
@@ -821,7 +828,7 @@ std::vector<at::Tensor> prm_backward(
           nullptr, relu ? masked.data_ptr<T>() : nullptr};
       T* gxp = grad_x.data_ptr<T>();
       double* pp = partial.data_ptr<double>();
-      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
         std::vector<T> buf(6 * o.P + o.h + 2 * o.w);
         std::vector<double> ghr(o.h);
         std::vector<RowGrad<T>> rows(o.cg);
@@ -984,7 +991,7 @@ std::vector<at::Tensor> bn_prm_backward(
       double* pp = partial.data_ptr<double>();
       double* sp = sums.data_ptr<double>();
       const int64_t block = o.cg * o.P;
-      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
         std::vector<T> scratch(3 * o.P + o.h + 2 * o.w);
         std::vector<double> ghr(o.h);
         for (int64_t k = begin; k < end; ++k) {
@@ -1027,7 +1034,7 @@ std::vector<at::Tensor> bn_prm_backward(
       //   training: a (gx - mean(gx) - xhat mean(gx xhat)); eval: a gx
       const double count = double(b) * o.P;
       T* gcp = grad_c.data_ptr<T>();
-      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           const Maps<T> m = maps_of(k);
           const int64_t group = k % o.groups;
