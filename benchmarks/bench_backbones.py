@@ -118,7 +118,13 @@ def peak_memory(fn, device) -> int:
 
 
 def interleaved_medians(fns: Dict[str, Callable], reps: int, device: str,
-                        warmup: int = 2) -> Dict[str, float]:
+                        warmup: int = 2,
+                        baseline: str = 'ResNet-50') -> Dict[str, dict]:
+    """Runs every variant once per repetition (rotating the order) and
+    returns, per variant, the median time and the median of its
+    per-repetition ratio to ``baseline``: variants timed back to back see
+    the same machine, so the paired ratio cancels drifts in the machine's
+    speed that last longer than a repetition."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -133,7 +139,10 @@ def interleaved_medians(fns: Dict[str, Callable], reps: int, device: str,
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    base = times[baseline]
+    return {k: dict(time=statistics.median(v),
+                    ratio=statistics.median(t / b for t, b in zip(v, base)))
+            for k, v in times.items()}
 
 
 def detector_step_fns(device, size):
@@ -164,15 +173,15 @@ def detector_step_fns(device, size):
 def fmt_table(rows, baseline='ResNet-50'):
     lines = ['| task | input | backbone | median ms | vs ResNet-50 | memory MiB '
              '| vs ResNet-50 |', '|---|---|---|---|---|---|---|']
+    # time ratio: the median of per-repetition ratios (see interleaved_medians)
     for (task, size), stats in rows.items():
-        base_t = stats[baseline]['time']
         base_m = stats[baseline].get('mem')
         for name, s in stats.items():
             mem = s.get('mem')
             mem_s = f'{mem / 2**20:.0f}' if mem else ''
             mem_r = f'{mem / base_m:.3f}x' if mem and base_m else ''
             lines.append(f'| {task} | {size} | {name} | {1000 * s["time"]:.1f}'
-                         f' | {s["time"] / base_t:.3f}x | {mem_s} | {mem_r} |')
+                         f' | {s["ratio"]:.3f}x | {mem_s} | {mem_r} |')
     return '\n'.join(lines)
 
 
@@ -211,8 +220,7 @@ def main(argv=None):
                            ('inference', backbone_infer)):
             fns = {k: in_context(k, lambda m=m: step(m, x))
                    for k, m in models.items()}
-            medians = interleaved_medians(fns, args.reps, device)
-            stats = {k: dict(time=t) for k, t in medians.items()}
+            stats = interleaved_medians(fns, args.reps, device)
             if task == 'train step':
                 for k, fn in fns.items():
                     stats[k]['mem'] = peak_memory(fn, device)
@@ -222,15 +230,15 @@ def main(argv=None):
         h, w = (int(v) for v in args.detector_size.split('x'))
         fns = detector_step_fns(device, (h, w))
         fns = {k: v for k, v in fns.items() if k in backbones}
-        medians = interleaved_medians(fns, args.reps, device, warmup=1)
-        stats = {k: dict(time=t) for k, t in medians.items()}
+        stats = interleaved_medians(fns, args.reps, device, warmup=1)
         for k, fn in fns.items():
             stats[k]['mem'] = peak_memory(fn, device)
         rows[('RetinaNet train step', f'1x3x{h}x{w}')] = stats
     mem_note = ('peak allocated (CUDA)' if device == 'cuda' else
                 'tensors saved for backward (CPU)')
     report = (f'Machine: {machine(device)}; torch {torch.__version__}; '
-              f'medians of {args.reps} interleaved runs; memory: {mem_note}.'
+              f'medians of {args.reps} interleaved runs (ratios: median of '
+              f'the per-run ratios); memory: {mem_note}.'
               f'\n\n' + fmt_table(rows) + '\n')
     print('\n' + report)
     if args.out:

@@ -20,3 +20,17 @@ def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
         assert f'| {name} |' in table
     assert '| train step | 1x3x64x64 | ResNet-50 |' in table
     assert '1.000x' in table and 'Machine:' in table
+
+
+def test_block_tail_benchmark_reports_every_stage_and_task(tmp_path):
+    out = tmp_path / 'tail.md'
+    proc = subprocess.run(
+        [sys.executable, 'benchmarks/bench_block_tail.py', '--reps', '1',
+         '--size', '1x64x64', '--out', str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    for task in ('train step', 'train step, BN frozen', 'inference'):
+        for where in ('1x256x16x16', '1x2048x2x2', 'whole backbone'):
+            assert f'| {task} | {where} |' in table, (task, where)
+    assert 'PRM tail (torch ops)' in table
