@@ -15,14 +15,13 @@ added milliseconds are what PRM costs a whole backbone, less Python.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_backbones import interleaved_medians  # noqa: E402
 from prm_det.ops import cpu_kernel  # noqa: E402
 from prm_det.ops.prm import batchnorm_prm_residual  # noqa: E402
 
@@ -82,20 +81,6 @@ def tail_fns(shape, task):
     return fns
 
 
-def medians(fns, reps):
-    for fn in fns.values():
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--size', default='2x224x224')
@@ -115,7 +100,9 @@ def main(argv=None):
         for stage, blocks in enumerate(BLOCKS):
             scale = 4 * 2**stage
             shape = (b, 256 * 2**stage, -(-h // scale), -(-w // scale))
-            med = medians(tail_fns(shape, task), args.reps)
+            med = {k: v['time'] for k, v in interleaved_medians(
+                tail_fns(shape, task), args.reps, 'cpu',
+                baseline='plain tail').items()}
             for k, v in med.items():
                 total[k] = total.get(k, 0.0) + blocks * v
             lines.append(_row(task, 'x'.join(map(str, shape)), blocks, med))
