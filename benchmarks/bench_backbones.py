@@ -1,7 +1,8 @@
 """Speed and memory of the attention backbones, side by side in one run.
 
     python benchmarks/bench_backbones.py [--reps 7] [--device cpu|cuda]
-        [--sizes 2x224x224 1x512x832] [--no-detector] [--out FILE.md]
+        [--sizes 2x224x224 1x512x832] [--tasks 'train step' inference]
+        [--no-detector] [--only VARIANT ...] [--out FILE.md]
 
 Measures plain ResNet-50 (mmdet's ``ResNet``), SE-, GC- and PRM-ResNet-50
 (the fast path: on CPU the compiled kernel), PRM-ResNet-50 on the fast
@@ -88,6 +89,9 @@ def backbone_infer(model, x):
     model.eval()
     with torch.no_grad():
         model(x)
+
+
+TASKS = {'train step': backbone_train_step, 'inference': backbone_infer}
 
 
 def saved_activation_bytes(fn) -> int:
@@ -201,6 +205,9 @@ def main(argv=None):
                         default=['2x224x224', '1x512x832'])
     parser.add_argument('--detector-size', default='512x832')
     parser.add_argument('--no-detector', action='store_true')
+    parser.add_argument('--tasks', nargs='+', choices=list(TASKS),
+                        default=list(TASKS),
+                        help='backbone tasks to time at each size')
     parser.add_argument('--only', nargs='+', choices=list(BACKBONES))
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)
@@ -216,8 +223,8 @@ def main(argv=None):
     for size in args.sizes:
         b, h, w = (int(v) for v in size.split('x'))
         x = torch.randn(b, 3, h, w, device=device)
-        for task, step in (('train step', backbone_train_step),
-                           ('inference', backbone_infer)):
+        for task in args.tasks:
+            step = TASKS[task]
             fns = {k: in_context(k, lambda m=m: step(m, x))
                    for k, m in models.items()}
             stats = interleaved_medians(fns, args.reps, device)

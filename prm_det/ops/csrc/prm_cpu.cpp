@@ -49,9 +49,13 @@ struct Options {
   double eps;
 };
 
-// One group's parameters and fixed per-layer ones, in double.
+// One group's parameters and fixed per-layer ones, in double; the
+// Gaussians of the row and column distances 0..h-1 and 0..w-1 (they depend
+// only on the per-layer theta and sigma: computed once per call).
 struct Params {
   double lam, xi, beta, alpha, theta_row, theta_col, sigma;
+  const double* gauss_row;
+  const double* gauss_col;
 };
 
 // Per-group state kept from forward for backward.
@@ -87,23 +91,37 @@ inline T sigmoid(T v) {
   return T(1) / (T(1) + vexp(-v));
 }
 
+// Half the Gaussian of every row distance 0..h-1 (out[0, h)) and column
+// distance 0..w-1 (out[h, h + w)): the position weight's two 1-D halves
+// before they are centred on a query. theta and sigma are per layer, so one
+// table serves every group of a call.
+std::vector<double> distance_gaussians(const Options& o, double theta_row,
+                                       double theta_col, double sigma) {
+  const double sr = o.normalized ? 1.0 / std::max<int64_t>(o.h - 1, 1) : 1.0;
+  const double sc = o.normalized ? 1.0 / std::max<int64_t>(o.w - 1, 1) : 1.0;
+  const double norm = 0.5 * kInvSqrt2Pi / sigma;
+  std::vector<double> out(o.h + o.w);
+  for (int64_t d = 0; d < o.h; ++d) {
+    const double t = theta_row * d * sr / sigma;
+    out[d] = norm * std::exp(-0.5 * t * t);
+  }
+  for (int64_t d = 0; d < o.w; ++d) {
+    const double t = theta_col * d * sc / sigma;
+    out[o.h + d] = norm * std::exp(-0.5 * t * t);
+  }
+  return out;
+}
+
 // Row and column halves of the position weight: D[i * w + j] = hr[i] + hc[j]
 // (the mean of two 1-D Gaussians, the 1/2 in each table).
 template <typename T>
 void position_tables(const Options& o, const Params& p, int64_t qi, T* hr,
                      T* hc) {
   const int64_t qr = qi / o.w, qc = qi % o.w;
-  const double sr = o.normalized ? 1.0 / std::max<int64_t>(o.h - 1, 1) : 1.0;
-  const double sc = o.normalized ? 1.0 / std::max<int64_t>(o.w - 1, 1) : 1.0;
-  const double norm = 0.5 * kInvSqrt2Pi / p.sigma;
-  for (int64_t i = 0; i < o.h; ++i) {
-    const double t = p.theta_row * std::abs(i - qr) * sr / p.sigma;
-    hr[i] = static_cast<T>(norm * std::exp(-0.5 * t * t));
-  }
-  for (int64_t j = 0; j < o.w; ++j) {
-    const double t = p.theta_col * std::abs(j - qc) * sc / p.sigma;
-    hc[j] = static_cast<T>(norm * std::exp(-0.5 * t * t));
-  }
+  for (int64_t i = 0; i < o.h; ++i)
+    hr[i] = static_cast<T>(p.gauss_row[std::abs(i - qr)]);
+  for (int64_t j = 0; j < o.w; ++j)
+    hc[j] = static_cast<T>(p.gauss_col[std::abs(j - qc)]);
 }
 
 // S = alpha * (q . x_p) * D_p + beta * (z . x_p), into s.
@@ -141,16 +159,6 @@ void gate_from_map(const Options& o, const Params& p, const State& st, T* s) {
   }
 #pragma omp simd
   for (int64_t k = 0; k < o.P; ++k) s[k] = sigmoid(xi + gain * (s[k] - mean));
-}
-
-template <typename T>
-Params group_params(const Options& o, int64_t group, const T* lam,
-                    const T* xi, const T* beta, const T* alpha,
-                    const T* theta, const T* sigma) {
-  return Params{double(lam[group]),  double(xi[group]),
-                double(beta[group]), double(alpha[group]),
-                double(theta[0]),    double(theta[1]),
-                double(sigma[0])};
 }
 
 // The map PRM reads: x itself, or the pre-BatchNorm map c with the
@@ -225,31 +233,93 @@ inline int64_t group_grain(const Options& o) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, o.cg * o.P));
 }
 
+// q . x_p and z . x_p for the positions k0 .. k0 + len, accumulated over
+// the channels into aq and az, four channels per sweep.
+template <typename T, bool FromNorm>
+inline void similarity_chunk(const Source<T, FromNorm>& x, const T* query,
+                             const T* context, int64_t cg, int64_t P,
+                             int64_t k0, int64_t len, T* __restrict__ aq,
+                             T* __restrict__ az) {
+  if (cg % 4 != 0) {
+    std::fill(aq, aq + len, T(0));
+    std::fill(az, az + len, T(0));
+  }
+  int64_t c = 0;
+  for (; c + 4 <= cg; c += 4) {
+    const auto r0 = x.row(c, P), r1 = x.row(c + 1, P), r2 = x.row(c + 2, P),
+               r3 = x.row(c + 3, P);
+    const bool first = c == 0;
+    const T* __restrict__ p0 = r0.p + k0;
+    const T* __restrict__ p1 = r1.p + k0;
+    const T* __restrict__ p2 = r2.p + k0;
+    const T* __restrict__ p3 = r3.p + k0;
+    const T q0 = query[c], q1 = query[c + 1], q2 = query[c + 2],
+            q3 = query[c + 3];
+    const T z0 = context[c], z1 = context[c + 1], z2 = context[c + 2],
+            z3 = context[c + 3];
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) {
+      const T v0 = FromNorm ? p0[l] * r0.a + r0.b : p0[l];
+      const T v1 = FromNorm ? p1[l] * r1.a + r1.b : p1[l];
+      const T v2 = FromNorm ? p2[l] * r2.a + r2.b : p2[l];
+      const T v3 = FromNorm ? p3[l] * r3.a + r3.b : p3[l];
+      const T bq = first ? T(0) : aq[l], bz = first ? T(0) : az[l];
+      aq[l] = bq + q0 * v0 + q1 * v1 + q2 * v2 + q3 * v3;
+      az[l] = bz + z0 * v0 + z1 * v1 + z2 * v2 + z3 * v3;
+    }
+  }
+  for (; c < cg; ++c) {
+    const T qc = query[c], zc = context[c];
+    const auto row = x.row(c, P);
+    const T* __restrict__ rp = row.p + k0;
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) {
+      const T v = FromNorm ? rp[l] * row.a + row.b : rp[l];
+      aq[l] += qc * v;
+      az[l] += zc * v;
+    }
+  }
+}
+
 template <typename T, bool FromNorm, bool HasIdentity, bool Relu>
 void forward_group(const Options& o, const Params& p,
                    const Source<T, FromNorm>& x, const T* identity, T* y,
                    T* query, T* context, State& st, T* colsum, T* sq, T* sz,
                    T* hr, T* hc) {
   const int64_t P = o.P, cg = o.cg;
-  // pass 1: the channel sum at every position and every channel's mean
+  // pass 1: the channel sum at every position and every channel's mean,
+  // four channels per sweep (the sums are added in channel order all the
+  // same)
   T* __restrict__ cs = colsum;
-  for (int64_t c = 0; c < cg; ++c) {
+  int64_t c = 0;
+  for (; c + 4 <= cg; c += 4) {
+    const auto r0 = x.row(c, P), r1 = x.row(c + 1, P), r2 = x.row(c + 2, P),
+               r3 = x.row(c + 3, P);
+    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    const bool first = c == 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t k = 0; k < P; ++k) {
+      const T v0 = r0(k), v1 = r1(k), v2 = r2(k), v3 = r3(k);
+      cs[k] = (first ? v0 : cs[k] + v0) + v1 + v2 + v3;
+      a0 += v0;
+      a1 += v1;
+      a2 += v2;
+      a3 += v3;
+    }
+    context[c] = a0 / static_cast<T>(P);
+    context[c + 1] = a1 / static_cast<T>(P);
+    context[c + 2] = a2 / static_cast<T>(P);
+    context[c + 3] = a3 / static_cast<T>(P);
+  }
+  for (; c < cg; ++c) {
     const auto row = x.row(c, P);
     T acc = 0;
-    if (c == 0) {
+    const bool first = c == 0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < P; ++k) {
-        const T v = row(k);
-        cs[k] = v;
-        acc += v;
-      }
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < P; ++k) {
-        const T v = row(k);
-        cs[k] += v;
-        acc += v;
-      }
+    for (int64_t k = 0; k < P; ++k) {
+      const T v = row(k);
+      cs[k] = first ? v : cs[k] + v;
+      acc += v;
     }
     context[c] = acc / static_cast<T>(P);
   }
@@ -269,21 +339,7 @@ void forward_group(const Options& o, const Params& p,
   for (int64_t i0 = 0; i0 < o.h; i0 += rows_per) {
     const int64_t i1 = std::min(o.h, i0 + rows_per);
     const int64_t k0 = i0 * o.w, len = (i1 - i0) * o.w;
-    T* __restrict__ aq = sq;
-    T* __restrict__ az = sz;
-    std::fill(aq, aq + len, T(0));
-    std::fill(az, az + len, T(0));
-    for (int64_t c = 0; c < cg; ++c) {
-      const T qc = query[c], zc = context[c];
-      const auto row = x.row(c, P);
-      const auto* __restrict__ rp = row.p + k0;
-#pragma omp simd
-      for (int64_t l = 0; l < len; ++l) {
-        const T v = FromNorm ? rp[l] * row.a + row.b : rp[l];
-        aq[l] += qc * v;
-        az[l] += zc * v;
-      }
-    }
+    similarity_chunk(x, query, context, cg, P, k0, len, sq, sz);
     T* sc = s + k0;
     if (o.use_position) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -581,8 +637,12 @@ Options make_options(const at::Tensor& x, int64_t groups, bool use_position,
 // size; contiguous copies of the map's dtype.
 struct PRMParams {
   std::vector<at::Tensor> t;  // lam, xi, beta, alpha, theta, sigma
-  PRMParams(const at::Tensor& x, int64_t groups,
-            std::initializer_list<at::Tensor> params) {
+  std::vector<double> gauss;  // distance_gaussians (with use_position)
+  int64_t h;
+  PRMParams(const at::Tensor& x, const Options& o,
+            std::initializer_list<at::Tensor> params)
+      : h(o.h) {
+    const int64_t groups = o.groups;
     const int64_t sizes[6] = {groups, groups, groups, groups, 2, 1};
     const char* names[6] = {"weight", "bias", "one", "zero", "theta",
                             "scale"};
@@ -594,13 +654,22 @@ struct PRMParams {
       t.push_back(p.to(x.scalar_type()).contiguous());
       ++i;
     }
+    if (o.use_position) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prm_det_params", [&] {
+        const scalar_t* theta = t[4].data_ptr<scalar_t>();
+        gauss = distance_gaussians(o, double(theta[0]), double(theta[1]),
+                                   double(t[5].data_ptr<scalar_t>()[0]));
+      });
+    }
   }
   template <typename T>
   Params group(int64_t g) const {
     return Params{double(t[0].data_ptr<T>()[g]), double(t[1].data_ptr<T>()[g]),
                   double(t[2].data_ptr<T>()[g]), double(t[3].data_ptr<T>()[g]),
                   double(t[4].data_ptr<T>()[0]), double(t[4].data_ptr<T>()[1]),
-                  double(t[5].data_ptr<T>()[0])};
+                  double(t[5].data_ptr<T>()[0]),
+                  gauss.empty() ? nullptr : gauss.data(),
+                  gauss.empty() ? nullptr : gauss.data() + h};
   }
 };
 
@@ -790,7 +859,7 @@ std::vector<at::Tensor> prm_forward(
               "prm_det: the CPU kernel takes contiguous CPU maps");
   const Options o =
       make_options(x, groups, use_position, use_norm, normalized, eps);
-  const PRMParams params(x, groups, {weight, bias, one, zero, theta, scale});
+  const PRMParams params(x, o, {weight, bias, one, zero, theta, scale});
   auto y = at::empty_like(x);
   auto saved = forward_into(x, identity, relu, params, o, y);
   saved.insert(saved.begin(), y);
@@ -812,7 +881,7 @@ std::vector<at::Tensor> prm_backward(
   check_map(grad_y, x, "grad_y");
   const Options o =
       make_options(x, groups, use_position, use_norm, normalized, eps);
-  const PRMParams params(x, groups, {weight, bias, one, zero, theta, scale});
+  const PRMParams params(x, o, {weight, bias, one, zero, theta, scale});
   const bool relu = given(y);
   if (relu) check_map(*y, x, "y");
   const int64_t b = x.size(0), n = b * groups;
@@ -910,7 +979,7 @@ std::vector<at::Tensor> bn_prm_forward(
               "prm_det: the CPU kernel takes contiguous CPU maps");
   const Options o =
       make_options(c, groups, use_position, use_norm, normalized, eps);
-  const PRMParams params(c, groups, {weight, bias, one, zero, theta, scale});
+  const PRMParams params(c, o, {weight, bias, one, zero, theta, scale});
   if (!training && given(running_mean) && given(running_var)) {
     // eval: BatchNorm is a per-channel affine, applied as the passes read
     // c; the normalized map is never written
@@ -954,7 +1023,7 @@ std::vector<at::Tensor> bn_prm_backward(
   check_map(grad_y, c, "grad_y");
   const Options o =
       make_options(c, groups, use_position, use_norm, normalized, eps);
-  const PRMParams params(c, groups, {weight, bias, one, zero, theta, scale});
+  const PRMParams params(c, o, {weight, bias, one, zero, theta, scale});
   const bool relu = given(y);
   if (relu) check_map(*y, c, "y");
   const NormView nv = norm_view(c, bn_weight, bn_bias, running_mean,
