@@ -185,45 +185,24 @@ struct Source {
   inline T at(int64_t c, int64_t k, int64_t P) const { return row(c, P)(k); }
 };
 
-// Index of the first maximum (as torch.argmax), vectorized: each of L
-// lanes keeps its own first maximum, then the lanes are merged.
+// Index of the first maximum (as torch.argmax): the maximum by a
+// vectorized reduction, then the first position holding it.
 template <typename T>
 int64_t first_argmax(const T* v, int64_t n) {
-  constexpr int64_t L = 16;
-  int64_t best_index = 0;
   T best = v[0];
-  const int64_t body = n / L * L;
-  if (body > 0) {
-    T lane_best[L];
-    int32_t lane_index[L];
-    for (int64_t l = 0; l < L; ++l) {
-      lane_best[l] = v[l];
-      lane_index[l] = static_cast<int32_t>(l);
-    }
-    for (int64_t k0 = L; k0 < body; k0 += L) {
-#pragma omp simd
-      for (int64_t l = 0; l < L; ++l) {
-        const T x = v[k0 + l];
-        const bool better = x > lane_best[l];
-        lane_best[l] = better ? x : lane_best[l];
-        lane_index[l] = better ? static_cast<int32_t>(k0 + l) : lane_index[l];
-      }
-    }
-    best = lane_best[0];
-    best_index = lane_index[0];
-    for (int64_t l = 1; l < L; ++l)
-      if (lane_best[l] > best ||
-          (lane_best[l] == best && lane_index[l] < best_index)) {
-        best = lane_best[l];
-        best_index = lane_index[l];
-      }
+#pragma omp simd reduction(max : best)
+  for (int64_t k = 0; k < n; ++k) best = v[k] > best ? v[k] : best;
+  constexpr int64_t L = 64;  // scanned a block at a time
+  for (int64_t k0 = 0; k0 < n; k0 += L) {
+    const int64_t k1 = std::min(n, k0 + L);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t k = k0; k < k1; ++k) hit |= v[k] == best;
+    if (hit)
+      for (int64_t k = k0; k < k1; ++k)
+        if (v[k] == best) return k;
   }
-  for (int64_t k = body; k < n; ++k)
-    if (v[k] > best) {
-      best = v[k];
-      best_index = k;
-    }
-  return best_index;
+  return 0;  // NaNs only
 }
 
 // Groups per parallel task: at least ~32K values of the map each, so that
@@ -231,6 +210,45 @@ int64_t first_argmax(const T* v, int64_t n) {
 // instead of paying for waking the others.
 inline int64_t group_grain(const Options& o) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, o.cg * o.P));
+}
+
+// Pass 1 over channels c .. c + 3: adds them to the channel sums cs (sets
+// them if First) and stores their means in context.
+template <bool First, typename T, bool FromNorm>
+inline void channel_sums4(const Source<T, FromNorm>& x, int64_t c, int64_t P,
+                          T* __restrict__ cs, T* context) {
+  const auto r0 = x.row(c, P), r1 = x.row(c + 1, P), r2 = x.row(c + 2, P),
+             r3 = x.row(c + 3, P);
+  T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t k = 0; k < P; ++k) {
+    const T v0 = r0(k), v1 = r1(k), v2 = r2(k), v3 = r3(k);
+    if (First) cs[k] = v0 + v1 + v2 + v3;
+    else cs[k] = cs[k] + v0 + v1 + v2 + v3;
+    a0 += v0;
+    a1 += v1;
+    a2 += v2;
+    a3 += v3;
+  }
+  context[c] = a0 / static_cast<T>(P);
+  context[c + 1] = a1 / static_cast<T>(P);
+  context[c + 2] = a2 / static_cast<T>(P);
+  context[c + 3] = a3 / static_cast<T>(P);
+}
+
+template <bool First, typename T, bool FromNorm>
+inline void channel_sums1(const Source<T, FromNorm>& x, int64_t c, int64_t P,
+                          T* __restrict__ cs, T* context) {
+  const auto row = x.row(c, P);
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < P; ++k) {
+    const T v = row(k);
+    if (First) cs[k] = v;
+    else cs[k] += v;
+    acc += v;
+  }
+  context[c] = acc / static_cast<T>(P);
 }
 
 // q . x_p and z . x_p for the positions k0 .. k0 + len, accumulated over
@@ -290,38 +308,14 @@ void forward_group(const Options& o, const Params& p,
   // pass 1: the channel sum at every position and every channel's mean,
   // four channels per sweep (the sums are added in channel order all the
   // same)
-  T* __restrict__ cs = colsum;
   int64_t c = 0;
   for (; c + 4 <= cg; c += 4) {
-    const auto r0 = x.row(c, P), r1 = x.row(c + 1, P), r2 = x.row(c + 2, P),
-               r3 = x.row(c + 3, P);
-    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    const bool first = c == 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t k = 0; k < P; ++k) {
-      const T v0 = r0(k), v1 = r1(k), v2 = r2(k), v3 = r3(k);
-      cs[k] = (first ? v0 : cs[k] + v0) + v1 + v2 + v3;
-      a0 += v0;
-      a1 += v1;
-      a2 += v2;
-      a3 += v3;
-    }
-    context[c] = a0 / static_cast<T>(P);
-    context[c + 1] = a1 / static_cast<T>(P);
-    context[c + 2] = a2 / static_cast<T>(P);
-    context[c + 3] = a3 / static_cast<T>(P);
+    if (c == 0) channel_sums4<true>(x, c, P, colsum, context);
+    else channel_sums4<false>(x, c, P, colsum, context);
   }
   for (; c < cg; ++c) {
-    const auto row = x.row(c, P);
-    T acc = 0;
-    const bool first = c == 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < P; ++k) {
-      const T v = row(k);
-      cs[k] = first ? v : cs[k] + v;
-      acc += v;
-    }
-    context[c] = acc / static_cast<T>(P);
+    if (c == 0) channel_sums1<true>(x, c, P, colsum, context);
+    else channel_sums1<false>(x, c, P, colsum, context);
   }
   const int64_t qi = first_argmax(colsum, P);
   st.query_index = qi;
