@@ -510,11 +510,17 @@ def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
                            scale: Tensor, groups: int,
                            use_position: bool = True, use_norm: bool = True,
                            normalized_positions: bool = False,
-                           eps: float = NORM_EPS) -> Tensor:
+                           eps: float = NORM_EPS,
+                           reuse_c: bool = False) -> Tensor:
     """``relu(prm(norm(c)) + identity)`` for an ``nn.BatchNorm2d`` ``norm``,
     keeping no normalized copy of ``c`` for backward (see
     :class:`_BatchNormPRM`). Updates ``norm``'s running statistics exactly
-    as ``norm(c)`` would."""
+    as ``norm(c)`` would.
+
+    ``reuse_c`` says that ``c`` is scratch: a convolution's fresh output
+    that nothing else holds. Inference on the CPU kernel (no gradient, BatchNorm
+    in eval) then writes the result over ``c`` instead of a new map, as
+    mmdet's own blocks add the shortcut over their norm's output."""
     # the bookkeeping of torch's _BatchNorm.forward
     factor = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and \
@@ -533,6 +539,11 @@ def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
     if not _needs_grad(c, identity, norm.weight, norm.bias, weight, bias,
                        one, zero, theta, scale) and cpu_kernel.use_kernel(c):
         # inference: the kernel's op alone, no autograd bookkeeping
+        if reuse_c and not use_batch_stats and args[8] is not args[0]:
+            # args[0] is c or a contiguous copy of it: scratch either way
+            return cpu_kernel.ops().bn_prm_eval_(
+                args[0], norm.weight, norm.bias, norm.running_mean,
+                norm.running_var, norm.eps, args[8], True, *args[9:20])
         return cpu_kernel.ops().bn_prm_forward(*args[:9], *args[20:],
                                                *args[9:20])[0]
     return _BatchNormPRM.apply(*args)

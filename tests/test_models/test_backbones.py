@@ -321,9 +321,65 @@ def test_prm_blocks_run_the_fused_batchnorm_kernel_on_cpu():
     model.eval()
     with Recorder() as rec, torch.no_grad():
         model(x)
-    assert rec.ops.count('prm_det.bn_prm_forward') == num_blocks
+    # inference writes each tail's result over its conv's output
+    assert rec.ops.count('prm_det.bn_prm_eval_') == num_blocks
+    assert rec.ops.count('prm_det.bn_prm_forward') == 0
     # torch runs the other norms only: the stem's, the first two of each
     # block and the four downsample shortcuts'
     torch_norms = [op for op in rec.ops
                    if 'batch_norm' in op and not op.startswith('prm_det.')]
     assert len(torch_norms) == 1 + 2 * num_blocks + 4, torch_norms
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_inference_block_equals_norm_prm_add_relu(depth, prm_path):
+    """Inference (eval, no_grad), where the kernel writes the tail's result
+    over the conv's output: the same result as the plain composition."""
+    import copy
+    torch.manual_seed(0)
+    model = small('PRMResNet', depth).double()
+    model.eval()  # (mmdet's ResNet.train returns None)
+    block = model.layer2[0]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+    plain = copy.deepcopy(block)
+    norm_name = 'norm2' if depth < 50 else 'norm3'
+    conv_name = 'conv2' if depth < 50 else 'conv3'
+    x = torch.randn(2, block.conv1.in_channels, 12, 10, dtype=torch.float64)
+    with torch.no_grad():
+        out = plain.relu(plain.norm1(plain.conv1(x)))
+        if depth >= 50:
+            out = plain.relu(plain.norm2(plain.conv2(out)))
+        c = getattr(plain, conv_name)(out)
+        expected = torch.relu(plain.prm(getattr(plain, norm_name)(c)) +
+                              plain.downsample(x))
+        x_before = x.clone()
+        y = block(x)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    assert torch.equal(x, x_before)  # the block's input is left alone
+
+
+def test_inference_leaves_a_hooked_conv_output_alone():
+    """A forward hook that keeps the last conv's output sees it unchanged:
+    with a hook there, the result goes to a new map."""
+    torch.manual_seed(0)
+    model = small('PRMResNet', 50)
+    model.eval()
+    block = model.layer1[0]
+    kept = []
+    handle = block.conv3.register_forward_hook(
+        lambda module, args, output: kept.append((output, output.clone())))
+    x = torch.randn(2, block.conv1.in_channels, 16, 16)
+    with torch.no_grad():
+        y_hooked = block(x)
+    handle.remove()
+    with torch.no_grad():
+        y = block(x)
+    (output, copy_at_hook), = kept
+    assert torch.equal(output, copy_at_hook)
+    torch.testing.assert_close(y_hooked, y, rtol=0, atol=0)

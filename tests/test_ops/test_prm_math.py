@@ -326,6 +326,31 @@ def test_inference_without_autograd_equals_the_training_forward(prm_path):
     torch.testing.assert_close(y_inference, y_grad.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_eval_op_writes_over_c_what_the_forward_op_returns(dtype):
+    """bn_prm_eval_ (inference, result over the conv's output) equals
+    bn_prm_forward in eval bit for bit, and refuses an identity that shares
+    c's memory (it would be overwritten while being read)."""
+    assert cpu_kernel.available()
+    torch.manual_seed(3)
+    c = torch.randn(2, 64, 9, 13, dtype=dtype)
+    identity = torch.randn_like(c)
+    bn = [torch.rand(64, dtype=dtype) + 0.5, torch.randn(64, dtype=dtype),
+          torch.randn(64, dtype=dtype), torch.rand(64, dtype=dtype) + 0.5]
+    params = list(init_params(16, dtype, seed=4).values())
+    options = (16, True, True, False, 1e-5)
+    y = cpu_kernel.ops().bn_prm_forward(c, *bn, False, 0.1, 1e-5, identity,
+                                        True, *params, *options)[0]
+    scratch = c.clone()
+    out = cpu_kernel.ops().bn_prm_eval_(scratch, *bn, 1e-5, identity, True,
+                                        *params, *options)
+    assert out.data_ptr() == scratch.data_ptr()
+    assert torch.equal(scratch, y)
+    with pytest.raises(RuntimeError, match='identity must not share'):
+        cpu_kernel.ops().bn_prm_eval_(scratch, *bn, 1e-5, scratch[:], True,
+                                      *params, *options)
+
+
 def test_kernel_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, '0')
     assert not cpu_kernel.available()

@@ -9,6 +9,7 @@ CVPR 2018) and GC (Cao et al., ICCV 2019) put it. Everything else is mmdet's
 """
 from typing import Optional, Sequence
 
+import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
@@ -49,23 +50,33 @@ class PluginBasicBlock(BasicBlock):
             if self.downsample is not None:
                 identity = self.downsample(x)
             return _block_tail(self, self.plugin_names, out, self.norm2,
-                               identity, self.relu)
+                               identity, self.relu, _is_scratch(self.conv2))
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(_inner_forward, x, use_reentrant=False)
         return _inner_forward(x)
 
 
-def _block_tail(block, plugin_names, out, norm, identity, relu):
+def _is_scratch(conv) -> bool:
+    """Whether ``conv``'s output is the block's alone: no forward hook (the
+    module's or a global one) can have kept a reference to it."""
+    return not (conv._forward_hooks or getattr(
+        nn.modules.module, '_global_forward_hooks', None))
+
+
+def _block_tail(block, plugin_names, out, norm, identity, relu,
+                out_is_scratch=False):
     """A residual block's tail from its last conv's output: norm, plugins,
     shortcut add, ReLU. When the attention can do more of it itself, it
     does: ``forward_norm_residual`` (PRM after a BatchNorm2d: the norm's
-    output is not kept for backward) or ``forward_residual`` (PRM: the add
-    and the ReLU in its gating pass, two passes over the map fewer than
+    output is not kept for backward, and in inference the result goes over
+    the conv's output when it is scratch) or ``forward_residual`` (PRM: the
+    add and the ReLU in its gating pass, two passes over the map fewer than
     mmdet's ``out += identity; relu(out)``)."""
     last = getattr(block, plugin_names[-1]) if plugin_names else None
     if len(plugin_names) == 1 and hasattr(last, 'forward_norm_residual'):
-        return last.forward_norm_residual(out, norm, identity)
+        return last.forward_norm_residual(out, norm, identity,
+                                          reuse_c=out_is_scratch)
     out = norm(out)
     for name in plugin_names[:-1]:
         out = getattr(block, name)(out)
@@ -100,7 +111,7 @@ class AttentionBottleneck(Bottleneck):
                 identity = self.downsample(x)
             names = self.after_conv3_plugin_names if self.with_plugins else []
             return _block_tail(self, names, out, self.norm3, identity,
-                               self.relu)
+                               self.relu, _is_scratch(self.conv3))
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(_inner_forward, x, use_reentrant=False)

@@ -115,11 +115,14 @@ class PRM(nn.Module):
         return self._prm(x, identity=identity, relu=True)
 
     def forward_norm_residual(self, c: Tensor, norm: nn.Module,
-                              identity: Tensor) -> Tensor:
+                              identity: Tensor,
+                              reuse_c: bool = False) -> Tensor:
         """``relu(self(norm(c)) + identity)`` from the last convolution's
         output ``c``. With a BatchNorm2d ``norm`` on the fast path, the
         normalized map is recomputed in backward instead of being kept, so a
         PRM block keeps what a plain block keeps (plus PRM's small state).
+        ``reuse_c``: nothing else holds ``c``, so inference may write the
+        result over it (see :func:`batchnorm_prm_residual`).
         """
         if (type(norm) is nn.BatchNorm2d and self.mode == 'dotproduct'
                 and not self.reference
@@ -128,7 +131,8 @@ class PRM(nn.Module):
                 and identity.shape == c.shape):
             self._check_input(c)
             return batchnorm_prm_residual(c, norm, identity,
-                                          *self._parameters_and_options())
+                                          *self._parameters_and_options(),
+                                          reuse_c=reuse_c)
         return self.forward_residual(norm(c), identity)
 
     def extra_repr(self) -> str:

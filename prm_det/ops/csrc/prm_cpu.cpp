@@ -993,6 +993,33 @@ std::vector<at::Tensor> bn_prm_forward(
   return saved;
 }
 
+// Inference: relu(PRM(BatchNorm(c)) + identity) with BatchNorm in eval
+// (its running statistics), written over c, which the caller no longer
+// needs (a convolution's fresh output): no new map, and the gating pass
+// writes the lines it has just read. Returns c.
+at::Tensor bn_prm_eval_(
+    at::Tensor& c, const c10::optional<at::Tensor>& bn_weight,
+    const c10::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double bn_eps,
+    const c10::optional<at::Tensor>& identity, bool relu,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& one,
+    const at::Tensor& zero, const at::Tensor& theta, const at::Tensor& scale,
+    int64_t groups, bool use_position, bool use_norm, bool normalized,
+    double eps) {
+  TORCH_CHECK(c.device().is_cpu() && c.is_contiguous(),
+              "prm_det: the CPU kernel takes contiguous CPU maps");
+  TORCH_CHECK(!given(identity) || !identity->is_alias_of(c),
+              "prm_det: bn_prm_eval_ writes over c, so identity must not "
+              "share its memory");
+  const Options o =
+      make_options(c, groups, use_position, use_norm, normalized, eps);
+  const PRMParams params(c, o, {weight, bias, one, zero, theta, scale});
+  const NormView nv = norm_view(c, bn_weight, bn_bias, running_mean,
+                                running_var, c, c, false, bn_eps);
+  forward_into(c, identity, relu, params, o, c, &nv);
+  return c;
+}
+
 // Gradients of bn_prm_forward: grad_c, grad_bn_weight, grad_bn_bias (each
 // empty unless asked for), the masked upstream gradient (empty without
 // relu) and PRM's six parameters'. BatchNorm's backward is fused in: PRM's
@@ -1156,6 +1183,13 @@ TORCH_LIBRARY(prm_det, m) {
       "Tensor scale, int groups, bool use_position, bool use_norm, "
       "bool normalized, float eps) -> Tensor[]");
   m.def(
+      "bn_prm_eval_(Tensor(a!) c, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor running_mean, Tensor running_var, float bn_eps, "
+      "Tensor? identity, bool relu, Tensor weight, Tensor bias, Tensor one, "
+      "Tensor zero, Tensor theta, Tensor scale, int groups, "
+      "bool use_position, bool use_norm, bool normalized, float eps) "
+      "-> Tensor(a!)");
+  m.def(
       "bn_prm_backward(Tensor grad_y, Tensor? y, Tensor c, Tensor? bn_weight, "
       "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "
       "Tensor save_mean, Tensor save_invstd, bool training, float bn_eps, "
@@ -1170,6 +1204,7 @@ TORCH_LIBRARY_IMPL(prm_det, CPU, m) {
   m.impl("prm_forward", &prm_forward);
   m.impl("prm_backward", &prm_backward);
   m.impl("bn_prm_forward", &bn_prm_forward);
+  m.impl("bn_prm_eval_", &bn_prm_eval_);
   m.impl("bn_prm_backward", &bn_prm_backward);
 }
 
