@@ -631,6 +631,8 @@ Options make_options(const at::Tensor& x, int64_t groups, bool use_position,
 // size; contiguous copies of the map's dtype.
 struct PRMParams {
   std::vector<at::Tensor> t;  // lam, xi, beta, alpha, theta, sigma
+  std::vector<double> per_group[4];  // lam, xi, beta, alpha
+  double theta_row, theta_col, sigma;
   std::vector<double> gauss;  // distance_gaussians (with use_position)
   int64_t h;
   PRMParams(const at::Tensor& x, const Options& o,
@@ -648,21 +650,24 @@ struct PRMParams {
       t.push_back(p.to(x.scalar_type()).contiguous());
       ++i;
     }
-    if (o.use_position) {
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prm_det_params", [&] {
-        const scalar_t* theta = t[4].data_ptr<scalar_t>();
-        gauss = distance_gaussians(o, double(theta[0]), double(theta[1]),
-                                   double(t[5].data_ptr<scalar_t>()[0]));
-      });
-    }
+    // every value as a double, read once here rather than once per group
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prm_det_params", [&] {
+      for (int j = 0; j < 4; ++j) {
+        const scalar_t* v = t[j].data_ptr<scalar_t>();
+        per_group[j].assign(v, v + groups);
+      }
+      const scalar_t* theta = t[4].data_ptr<scalar_t>();
+      theta_row = double(theta[0]);
+      theta_col = double(theta[1]);
+      sigma = double(t[5].data_ptr<scalar_t>()[0]);
+    });
+    if (o.use_position)
+      gauss = distance_gaussians(o, theta_row, theta_col, sigma);
   }
-  template <typename T>
   Params group(int64_t g) const {
-    return Params{double(t[0].data_ptr<T>()[g]), double(t[1].data_ptr<T>()[g]),
-                  double(t[2].data_ptr<T>()[g]), double(t[3].data_ptr<T>()[g]),
-                  double(t[4].data_ptr<T>()[0]), double(t[4].data_ptr<T>()[1]),
-                  double(t[5].data_ptr<T>()[0]),
-                  gauss.empty() ? nullptr : gauss.data(),
+    return Params{per_group[0][g], per_group[1][g], per_group[2][g],
+                  per_group[3][g], theta_row,       theta_col,
+                  sigma,           gauss.empty() ? nullptr : gauss.data(),
                   gauss.empty() ? nullptr : gauss.data() + h};
   }
 };
@@ -744,7 +749,7 @@ std::vector<at::Tensor> forward_into(const at::Tensor& x,
       T *colsum = buf.data(), *sq = colsum + o.P, *sz = sq + cap,
         *hr = sz + cap, *hc = hr + o.h;
       for (int64_t k = begin; k < end; ++k) {
-        const Params p = params.group<T>(k % o.groups);
+        const Params p = params.group(k % o.groups);
         State st;
         const T* idk = has_identity ? ip + k * block : nullptr;
         auto run = [&](auto fn, const auto& view) {
@@ -786,7 +791,7 @@ struct BackwardCall {
   void operator()(int64_t k, const Maps<T>& maps, RowGrad<T>* rows,
                   ParamGrads& pg, T* scratch, double* ghr) const {
     const int64_t group = k % o.groups, block = o.cg * o.P;
-    const Params p = params.group<T>(group);
+    const Params p = params.group(group);
     const double* sp = stats.data_ptr<double>();
     const State st{query_index.data_ptr<int64_t>()[k], sp[2 * k],
                    sp[2 * k + 1]};
