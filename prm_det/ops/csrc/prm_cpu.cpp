@@ -412,6 +412,53 @@ struct Maps {
   T *gate, *coef_q, *grad_s;
 };
 
+// Backward pass 1 over channels c .. c + B - 1 and the positions k0 ..
+// k0 + len: adds sum_c g x, q . x and z . x to agg, aq and az (g: the
+// upstream gradient, masked by y > 0 with Relu and stored in masked).
+template <int B, typename T, bool FromNorm, bool Relu>
+inline void backward_sums(const Source<T, FromNorm>& src, const T* grad_y,
+                          const T* y, T* masked, const T* query,
+                          const T* context, int64_t c, int64_t P, int64_t k0,
+                          int64_t len, T* __restrict__ agg,
+                          T* __restrict__ aq, T* __restrict__ az) {
+  const T* gy[B];
+  const T* yr[B];
+  T* mr[B];
+  const T* rp[B];
+  T a[B], b[B], q[B], z[B];
+  for (int i = 0; i < B; ++i) {
+    const int64_t off = (c + i) * P + k0;
+    gy[i] = grad_y + off;
+    yr[i] = Relu ? y + off : nullptr;
+    mr[i] = Relu ? masked + off : nullptr;
+    const auto row = src.row(c + i, P);
+    rp[i] = row.p + k0;
+    a[i] = row.a;
+    b[i] = row.b;
+    q[i] = query[c + i];
+    z[i] = context[c + i];
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < len; ++l) {
+    T sg = agg[l], sq = aq[l], sz = az[l];
+#pragma GCC unroll 4
+    for (int i = 0; i < B; ++i) {
+      const T xv = FromNorm ? rp[i][l] * a[i] + b[i] : rp[i][l];
+      T g = gy[i][l];
+      if (Relu) {
+        g = yr[i][l] > T(0) ? g : T(0);
+        mr[i][l] = g;
+      }
+      sg += g * xv;
+      sq += q[i] * xv;
+      sz += z[i] * xv;
+    }
+    agg[l] = sg;
+    aq[l] = sq;
+    az[l] = sz;
+  }
+}
+
 // Everything of one group's backward except writing dL/dx: the masked
 // upstream gradient (with ReLU), the maps, the row numbers and the
 // parameters' gradients. Scratch: 3 P + h + 2 w values of T and h doubles.
@@ -436,26 +483,13 @@ void backward_group(const Options& o, const Params& p, const State& st,
     std::fill(agg, agg + len, T(0));
     std::fill(aq, aq + len, T(0));
     std::fill(az, az + len, T(0));
-    for (int64_t c = 0; c < cg; ++c) {
-      const T* __restrict__ gy = grad_y + c * P + k0;
-      const T* __restrict__ yr = Relu ? y + c * P + k0 : nullptr;
-      T* __restrict__ mr = Relu ? masked + c * P + k0 : nullptr;
-      const auto row = src.row(c, P);
-      const T* __restrict__ rp = row.p + k0;
-      const T qc = query[c], zc = context[c];
-#pragma omp simd
-      for (int64_t l = 0; l < len; ++l) {
-        const T xv = FromNorm ? rp[l] * row.a + row.b : rp[l];
-        T g = gy[l];
-        if (Relu) {
-          g = yr[l] > T(0) ? g : T(0);
-          mr[l] = g;
-        }
-        agg[l] += g * xv;
-        aq[l] += qc * xv;
-        az[l] += zc * xv;
-      }
-    }
+    int64_t c = 0;
+    for (; c + 4 <= cg; c += 4)
+      backward_sums<4, T, FromNorm, Relu>(src, grad_y, y, masked, query,
+                                          context, c, P, k0, len, agg, aq, az);
+    for (; c < cg; ++c)
+      backward_sums<1, T, FromNorm, Relu>(src, grad_y, y, masked, query,
+                                          context, c, P, k0, len, agg, aq, az);
   }
   if (o.use_position) position_tables(o, p, qi, hr, hc);
   similarity_map(o, p, sq, sz, hr, hc, s);  // S
