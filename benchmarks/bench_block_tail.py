@@ -5,7 +5,8 @@
 
 A plain ResNet-50 block ends with ``relu(bn(conv3_out) + identity)``; a
 PRM-ResNet-50 block with ``relu(prm(bn(conv3_out)) + identity)``, which
-prm_det runs as one op each way (``batchnorm_prm_residual``). This times
+prm_det runs as one op each way (``batchnorm_prm_residual``; in inference
+written over the conv's output). This times
 both at each stage's map size for the given input (64 heads, as in
 PRM-ResNet-50), interleaved, for a training step (forward + backward, BN in
 train mode), a training step with BN frozen (``norm_eval``, as in the
@@ -52,11 +53,18 @@ def tail_fns(shape, task):
     bn.train(task == 'train step')
     params = prm_params()
 
-    def plain():
-        return torch.relu(bn(c) + identity)
+    # inference starts each tail from a fresh copy of c, as a block starts
+    # from its conv's fresh output, which the PRM tail then writes over
+    fresh = (lambda: c.clone()) if task == 'inference' else (lambda: c)
+
+    def plain():  # mmdet's Bottleneck: out = norm3(out); out += id; relu
+        out = bn(fresh())
+        out += identity
+        return torch.relu_(out)
 
     def prm_tail():
-        return batchnorm_prm_residual(c, bn, identity, *params, GROUPS)
+        return batchnorm_prm_residual(fresh(), bn, identity, *params, GROUPS,
+                                      reuse_c=task == 'inference')
 
     def step(fn):
         if task == 'inference':
