@@ -131,5 +131,7 @@ def use_kernel(x: torch.Tensor) -> bool:
 
 
 def ops():
-    """The kernel's operators (``prm_forward``, ``prm_backward``)."""
+    """The kernel's operators: ``prm_forward`` and ``prm_backward``,
+    ``bn_prm_forward`` and ``bn_prm_backward`` (BatchNorm fused in), and
+    ``bn_prm_eval_`` (inference, the result written over its input)."""
     return torch.ops.prm_det

@@ -20,6 +20,9 @@
 // maps are recomputed from them in backward (exactly: the same code runs).
 // Backward can take the block's pre-BatchNorm map with the per-channel affine
 // instead of x, recomputing x on the fly (see _BatchNormPRM in prm.py).
+// The passes that accumulate over channels take four channel rows per sweep
+// (their per-position accumulators are loaded and stored a quarter as
+// often), and bn_prm_eval_ (inference) writes y over the map it reads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
