@@ -865,17 +865,39 @@ void store_param_grads(double* out, const ParamGrads& pg) {
 }
 
 // [b * g, 7] per (sample, group) -> the six parameters' gradients, shaped
-// like the parameters given.
+// like the parameters given: summed over the batch, theta's and sigma's
+// then over the groups (a plain loop: a dozen small torch ops per call
+// would cost more than the sums).
 std::vector<at::Tensor> param_grads(const at::Tensor& partial, int64_t b,
                                     int64_t groups, at::ScalarType dtype,
                                     const std::vector<at::Tensor>& like) {
-  auto per_group = partial.view({b, groups, 7}).sum(0);
-  auto col = [&](int64_t i, const at::Tensor& l) {
-    return per_group.select(1, i).to(dtype).view(l.sizes());
-  };
-  return {col(0, like[0]), col(1, like[1]), col(2, like[2]), col(3, like[3]),
-          per_group.narrow(1, 4, 2).sum(0).to(dtype).view(like[4].sizes()),
-          per_group.select(1, 6).sum().to(dtype).view(like[5].sizes())};
+  const double* pp = partial.data_ptr<double>();
+  std::vector<double> per_group(groups * 7, 0.0);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int j = 0; j < 7; ++j)
+        per_group[g * 7 + j] += pp[(i * groups + g) * 7 + j];
+  double shared[3] = {0, 0, 0};  // theta_row, theta_col, sigma
+  for (int64_t g = 0; g < groups; ++g)
+    for (int j = 0; j < 3; ++j) shared[j] += per_group[g * 7 + 4 + j];
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 6; ++i) {
+    at::Tensor t = at::empty(like[i].sizes(), like[i].options().dtype(dtype));
+    AT_DISPATCH_FLOATING_TYPES(dtype, "prm_det_param_grads", [&] {
+      scalar_t* o = t.data_ptr<scalar_t>();
+      if (i < 4) {
+        for (int64_t g = 0; g < groups; ++g)
+          o[g] = static_cast<scalar_t>(per_group[g * 7 + i]);
+      } else if (i == 4) {
+        o[0] = static_cast<scalar_t>(shared[0]);
+        o[1] = static_cast<scalar_t>(shared[1]);
+      } else {
+        o[0] = static_cast<scalar_t>(shared[2]);
+      }
+    });
+    out.push_back(t);
+  }
+  return out;
 }
 
 at::Tensor none_tensor(const at::Tensor& like) {
