@@ -128,7 +128,8 @@ def _row(task, where, blocks, med):
     cells = [f'{1000 * base:.3f}']
     for k in ('PRM tail', 'PRM tail (torch ops)'):
         if k in med:
-            cells += [f'{1000 * med[k]:.3f}', f'{1000 * (med[k] - base):+.3f}']
+            cells += [f'{1000 * med[k]:.3f}',
+                      f'{1000 * (med[k] - base):+.3f}']
         else:
             cells += ['', '']
     return f'| {task} | {where} | {blocks} | ' + ' | '.join(cells) + ' |'

@@ -518,9 +518,9 @@ def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
     as ``norm(c)`` would.
 
     ``reuse_c`` says that ``c`` is scratch: a convolution's fresh output
-    that nothing else holds. Inference on the CPU kernel (no gradient, BatchNorm
-    in eval) then writes the result over ``c`` instead of a new map, as
-    mmdet's own blocks add the shortcut over their norm's output."""
+    that nothing else holds. Inference on the CPU kernel (no gradient,
+    BatchNorm in eval) then writes the result over ``c`` instead of a new
+    map, as mmdet's own blocks add the shortcut over their norm's output."""
     # the bookkeeping of torch's _BatchNorm.forward
     factor = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and \
@@ -539,7 +539,8 @@ def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
     if not _needs_grad(c, identity, norm.weight, norm.bias, weight, bias,
                        one, zero, theta, scale) and cpu_kernel.use_kernel(c):
         # inference: the kernel's op alone, no autograd bookkeeping
-        if reuse_c and not use_batch_stats and args[8] is not args[0]:
+        if reuse_c and not use_batch_stats and not _shares_memory(args[0],
+                                                                  args[8]):
             # args[0] is c or a contiguous copy of it: scratch either way
             return cpu_kernel.ops().bn_prm_eval_(
                 args[0], norm.weight, norm.bias, norm.running_mean,
@@ -547,6 +548,10 @@ def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
         return cpu_kernel.ops().bn_prm_forward(*args[:9], *args[20:],
                                                *args[9:20])[0]
     return _BatchNormPRM.apply(*args)
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _needs_grad(*tensors) -> bool:

@@ -351,6 +351,23 @@ def test_eval_op_writes_over_c_what_the_forward_op_returns(dtype):
                                       *params, *options)
 
 
+def test_reuse_c_with_an_identity_sharing_c_makes_a_new_map():
+    """batchnorm_prm_residual(reuse_c=True) writes over c only when the
+    identity is another map; sharing c's memory, it leaves c alone."""
+    from prm_det.ops.prm import batchnorm_prm_residual
+    torch.manual_seed(5)
+    bn = torch.nn.BatchNorm2d(32).eval()
+    c = torch.randn(2, 32, 6, 7)
+    params = list(init_params(8, torch.float32, seed=6).values())
+    before = c.clone()
+    with torch.no_grad():
+        y = batchnorm_prm_residual(c, bn, c[:], *params, 8, reuse_c=True)
+        expected = batchnorm_prm_residual(before.clone(), bn, before,
+                                          *params, 8)
+    assert torch.equal(c, before)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 def test_kernel_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, '0')
     assert not cpu_kernel.available()
