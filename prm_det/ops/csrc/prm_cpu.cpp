@@ -254,51 +254,55 @@ inline void channel_sums1(const Source<T, FromNorm>& x, int64_t c, int64_t P,
   context[c] = acc / static_cast<T>(P);
 }
 
+// q . x_p and z . x_p over channels c .. c + B - 1 for the positions k0 ..
+// k0 + len, added to aq and az (written, if First).
+template <int B, bool First, typename T, bool FromNorm>
+inline void similarity_sweep(const Source<T, FromNorm>& x, const T* query,
+                             const T* context, int64_t c, int64_t P,
+                             int64_t k0, int64_t len, T* __restrict__ aq,
+                             T* __restrict__ az) {
+  const T* rp[B];
+  T a[B], b[B], q[B], z[B];
+  for (int i = 0; i < B; ++i) {
+    const auto row = x.row(c + i, P);
+    rp[i] = row.p + k0;
+    a[i] = row.a;
+    b[i] = row.b;
+    q[i] = query[c + i];
+    z[i] = context[c + i];
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < len; ++l) {
+    T sq = First ? T(0) : aq[l], sz = First ? T(0) : az[l];
+#pragma GCC unroll 4
+    for (int i = 0; i < B; ++i) {
+      const T v = FromNorm ? rp[i][l] * a[i] + b[i] : rp[i][l];
+      sq += q[i] * v;
+      sz += z[i] * v;
+    }
+    aq[l] = sq;
+    az[l] = sz;
+  }
+}
+
 // q . x_p and z . x_p for the positions k0 .. k0 + len, accumulated over
 // the channels into aq and az, four channels per sweep.
 template <typename T, bool FromNorm>
 inline void similarity_chunk(const Source<T, FromNorm>& x, const T* query,
                              const T* context, int64_t cg, int64_t P,
-                             int64_t k0, int64_t len, T* __restrict__ aq,
-                             T* __restrict__ az) {
-  if (cg % 4 != 0) {
-    std::fill(aq, aq + len, T(0));
-    std::fill(az, az + len, T(0));
-  }
+                             int64_t k0, int64_t len, T* aq, T* az) {
   int64_t c = 0;
   for (; c + 4 <= cg; c += 4) {
-    const auto r0 = x.row(c, P), r1 = x.row(c + 1, P), r2 = x.row(c + 2, P),
-               r3 = x.row(c + 3, P);
-    const bool first = c == 0;
-    const T* __restrict__ p0 = r0.p + k0;
-    const T* __restrict__ p1 = r1.p + k0;
-    const T* __restrict__ p2 = r2.p + k0;
-    const T* __restrict__ p3 = r3.p + k0;
-    const T q0 = query[c], q1 = query[c + 1], q2 = query[c + 2],
-            q3 = query[c + 3];
-    const T z0 = context[c], z1 = context[c + 1], z2 = context[c + 2],
-            z3 = context[c + 3];
-#pragma omp simd
-    for (int64_t l = 0; l < len; ++l) {
-      const T v0 = FromNorm ? p0[l] * r0.a + r0.b : p0[l];
-      const T v1 = FromNorm ? p1[l] * r1.a + r1.b : p1[l];
-      const T v2 = FromNorm ? p2[l] * r2.a + r2.b : p2[l];
-      const T v3 = FromNorm ? p3[l] * r3.a + r3.b : p3[l];
-      const T bq = first ? T(0) : aq[l], bz = first ? T(0) : az[l];
-      aq[l] = bq + q0 * v0 + q1 * v1 + q2 * v2 + q3 * v3;
-      az[l] = bz + z0 * v0 + z1 * v1 + z2 * v2 + z3 * v3;
-    }
+    if (c == 0) similarity_sweep<4, true>(x, query, context, c, P, k0, len,
+                                          aq, az);
+    else similarity_sweep<4, false>(x, query, context, c, P, k0, len, aq,
+                                     az);
   }
   for (; c < cg; ++c) {
-    const T qc = query[c], zc = context[c];
-    const auto row = x.row(c, P);
-    const T* __restrict__ rp = row.p + k0;
-#pragma omp simd
-    for (int64_t l = 0; l < len; ++l) {
-      const T v = FromNorm ? rp[l] * row.a + row.b : rp[l];
-      aq[l] += qc * v;
-      az[l] += zc * v;
-    }
+    if (c == 0) similarity_sweep<1, true>(x, query, context, c, P, k0, len,
+                                          aq, az);
+    else similarity_sweep<1, false>(x, query, context, c, P, k0, len, aq,
+                                     az);
   }
 }
 
