@@ -368,6 +368,58 @@ def test_reuse_c_with_an_identity_sharing_c_makes_a_new_map():
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
+def _bn_prm_tail_grads(shape, groups, dtype, bn_training, frozen, seed):
+    """relu(prm(bn(c)) + identity)'s output and every gradient, from
+    batchnorm_prm_residual, with the inputs in ``frozen`` not requiring
+    grad."""
+    from prm_det.ops.prm import batchnorm_prm_residual
+    torch.manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(shape[1]).to(dtype).train(bn_training)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    c = torch.randn(shape, dtype=dtype, requires_grad='c' not in frozen)
+    identity = torch.randn(shape, dtype=dtype, requires_grad=True)
+    bn.weight.requires_grad_('bn' not in frozen)
+    bn.bias.requires_grad_('bn' not in frozen)
+    params = [p.requires_grad_() for p in init_params(
+        groups, dtype, seed=seed).values()]
+    y = batchnorm_prm_residual(c, bn, identity, *params, groups)
+    y.backward(torch.randn_like(y))
+    leaves = [c, identity, bn.weight, bn.bias, *params]
+    return [y.detach(), bn.running_mean, bn.running_var] + [
+        t.grad for t in leaves]
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2e-4),
+                                       (torch.float64, 1e-9)])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('bn_training', [True, False])
+@pytest.mark.parametrize('frozen', [(), ('c', ), ('bn', )])
+def test_fused_batchnorm_backward_matches_torch_ops(dtype, tol, batch,
+                                                    bn_training, frozen):
+    """The kernel's BatchNorm + PRM backward (a task per channel group over
+    the whole batch, scratch kept per thread across calls) gives the torch
+    ops path's output and gradients, whichever inputs need them; a large
+    map run first leaves its scratch to a small one, then a large one
+    again."""
+    assert cpu_kernel.available()
+    for shape, groups in (((batch, 48, 23, 17), 12), ((batch, 24, 5, 1), 6),
+                          ((batch, 32, 9, 31), 8)):
+        args = (shape, groups, dtype, bn_training, frozen, 11)
+        fast = _bn_prm_tail_grads(*args)
+        with cpu_kernel.kernel_disabled():
+            plain = _bn_prm_tail_grads(*args)
+        for i, (a, b) in enumerate(zip(fast, plain)):
+            if b is None:
+                assert a is None, i
+            else:
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol,
+                                           msg=f'{shape} output {i}')
+
+
 def test_kernel_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, '0')
     assert not cpu_kernel.available()

@@ -208,6 +208,41 @@ int64_t first_argmax(const T* v, int64_t n) {
   return 0;  // NaNs only
 }
 
+// Scratch of the calling thread, kept across calls and grown to the largest
+// asked for: the passes' per-position buffers would otherwise be allocated
+// (and, past malloc's mmap threshold, page-faulted in afresh) on every call.
+// One user at a time per thread: take every buffer of a task from one call.
+// Returns at least `bytes` bytes aligned for double.
+inline void* thread_scratch(size_t bytes) {
+  thread_local std::vector<double> buf;
+  const size_t n = (bytes + sizeof(double) - 1) / sizeof(double);
+  if (buf.size() < n) {
+    std::vector<double>().swap(buf);  // free first: no two copies at once
+    buf.resize(n);
+  }
+  return buf.data();
+}
+
+// Carves consecutive arrays out of thread_scratch.
+class ScratchCarver {
+ public:
+  explicit ScratchCarver(char* base) : at_(base) {}
+  template <typename U>
+  U* take(int64_t count) {
+    U* out = reinterpret_cast<U*>(at_);
+    at_ += round_up(count * int64_t(sizeof(U)));
+    return out;
+  }
+  template <typename U>
+  static int64_t bytes(int64_t count) {
+    return round_up(count * int64_t(sizeof(U)));
+  }
+
+ private:
+  static int64_t round_up(int64_t b) { return (b + 63) / 64 * 64; }
+  char* at_;
+};
+
 // Groups per parallel task: at least ~32K values of the map each, so that
 // small maps (the last stages, small images) run on the calling thread
 // instead of paying for waking the others.
@@ -786,9 +821,9 @@ std::vector<at::Tensor> forward_into(const at::Tensor& x,
     const int64_t block = o.cg * o.P;
     at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
       const int64_t cap = std::max(kChunk, o.w);  // a chunk's positions
-      std::vector<T> buf(o.P + 2 * cap + o.h + o.w);
-      T *colsum = buf.data(), *sq = colsum + o.P, *sz = sq + cap,
-        *hr = sz + cap, *hc = hr + o.h;
+      T* colsum = static_cast<T*>(
+          thread_scratch(sizeof(T) * (o.P + 2 * cap + o.h + o.w)));
+      T *sq = colsum + o.P, *sz = sq + cap, *hr = sz + cap, *hc = hr + o.h;
       for (int64_t k = begin; k < end; ++k) {
         const Params p = params.group(k % o.groups);
         State st;
@@ -960,16 +995,20 @@ std::vector<at::Tensor> prm_backward(
       T* gxp = grad_x.data_ptr<T>();
       double* pp = partial.data_ptr<double>();
       at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
-        std::vector<T> buf(6 * o.P + o.h + 2 * o.w);
-        std::vector<double> ghr(o.h);
-        std::vector<RowGrad<T>> rows(o.cg);
-        const Maps<T> maps{buf.data(), buf.data() + o.P,
-                           buf.data() + 2 * o.P};
-        T* scratch = buf.data() + 3 * o.P;
+        using Carve = ScratchCarver;
+        const int64_t buf_n = 6 * o.P + o.h + 2 * o.w;
+        Carve carve(static_cast<char*>(
+            thread_scratch(Carve::bytes<T>(buf_n) + Carve::bytes<double>(o.h) +
+                           Carve::bytes<RowGrad<T>>(o.cg))));
+        T* buf = carve.take<T>(buf_n);
+        double* ghr = carve.take<double>(o.h);
+        RowGrad<T>* rows = carve.take<RowGrad<T>>(o.cg);
+        const Maps<T> maps{buf, buf + o.P, buf + 2 * o.P};
+        T* scratch = buf + 3 * o.P;
         const int64_t block = o.cg * o.P;
         for (int64_t k = begin; k < end; ++k) {
           ParamGrads pg;
-          call(k, maps, rows.data(), pg, scratch, ghr.data());
+          call(k, maps, rows, pg, scratch, ghr);
           const T* g = (relu ? call.masked : call.grad_y) + k * block;
           for (int64_t c = 0; c < o.cg; ++c)
             write_grad_row(g + c * o.P, maps, rows[c], o.P,
@@ -1122,9 +1161,9 @@ std::vector<at::Tensor> bn_prm_backward(
   at::Tensor masked = relu ? at::empty_like(c) : none_tensor(c);
   at::Tensor grad_c = need_c ? at::empty_like(c) : none_tensor(c);
   auto partial = at::zeros({n, 7}, c.options().dtype(at::kDouble));
-  // per (sample, channel): sum of dL/dx and of dL/dx * c
-  auto sums = at::zeros({b, C, 2}, c.options().dtype(at::kDouble));
-  std::pair<at::Tensor, at::Tensor> bn_grads_out;  // weight, bias
+  // per channel over the batch: dL/d(bn bias) = sum dL/dx and
+  // dL/d(bn weight) = sum dL/dx * xhat
+  std::vector<double> sum_g(C, 0.0), sum_gxhat(C, 0.0);
   if (n > 0 && o.P > 0) {
     AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "prm_det_bn_backward", [&] {
       using T = scalar_t;
@@ -1136,94 +1175,94 @@ std::vector<at::Tensor> bn_prm_backward(
           relu ? masked.data_ptr<T>() : nullptr};
       const T* g_all = relu ? call.masked : call.grad_y;
       const int64_t* qip = query_index.data_ptr<int64_t>();
-      // the per-position maps and row numbers of every group, for phase 2
-      // (torch's allocator, not value-initialized std::vectors)
-      at::Tensor map_store = at::empty({n, 3, o.P}, c.options());
-      at::Tensor row_store = at::empty({n, o.cg, 4}, c.options());
-      auto maps_of = [&](int64_t k) {
-        T* base = map_store.data_ptr<T>() + k * 3 * o.P;
-        return Maps<T>{base, base + o.P, base + 2 * o.P};
-      };
-      RowGrad<T>* all_rows =
-          reinterpret_cast<RowGrad<T>*>(row_store.data_ptr<T>());
-      double* pp = partial.data_ptr<double>();
-      double* sp = sums.data_ptr<double>();
-      const int64_t block = o.cg * o.P;
-      at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
-        std::vector<T> scratch(3 * o.P + o.h + 2 * o.w);
-        std::vector<double> ghr(o.h);
-        for (int64_t k = begin; k < end; ++k) {
-          ParamGrads pg;
-          const Maps<T> m = maps_of(k);
-          RowGrad<T>* rows = all_rows + k * o.cg;
-          call(k, m, rows, pg, scratch.data(), ghr.data());
-          store_param_grads(pp + 7 * k, pg);
-          for (int64_t ch = 0; ch < o.cg; ++ch) {
-            const T* g = g_all + k * block + ch * o.P;
-            const T* cr = cp + k * block + ch * o.P;
-            grad_row_sums(g, cr, m, rows[ch], o.P, qip[k],
-                          sp + 2 * (k * o.cg + ch));
-          }
-        }
-      });
-      // per channel over the batch: dL/d(bn bias) = sum dL/dx,
-      // dL/d(bn weight) = sum dL/dx * xhat = invstd (sum dL/dx c - mean sum)
-      auto per_channel = sums.sum(0);  // [C, 2]
-      const double* pc = per_channel.data_ptr<double>();
       const T* mean = nv.row<T>(0);
       const T* invstd = nv.row<T>(1);
       const T* a = nv.row<T>(2);
-      std::vector<double> sum_g(C), sum_gxhat(C);
-      for (int64_t ch = 0; ch < C; ++ch) {
-        sum_g[ch] = pc[2 * ch];
-        sum_gxhat[ch] = double(invstd[ch]) * (pc[2 * ch + 1] -
-                                              double(mean[ch]) * pc[2 * ch]);
-      }
-      if (need_bn_bias || need_bn_weight) {
-        // (copies: the vectors die with this scope)
-        auto as_tensor = [&](std::vector<double>& v) {
-          return at::from_blob(v.data(), {C}, c.options().dtype(at::kDouble))
-              .to(c.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-        };
-        bn_grads_out = std::make_pair(as_tensor(sum_gxhat), as_tensor(sum_g));
-      }
-      if (!need_c) return;
-      // phase 2: dL/dc per row, from the row of dL/dx recomputed:
-      //   training: a (gx - mean(gx) - xhat mean(gx xhat)); eval: a gx
+      T* gcp = need_c ? grad_c.data_ptr<T>() : nullptr;
+      double* pp = partial.data_ptr<double>();
+      const int64_t block = o.cg * o.P;
       const double count = double(b) * o.P;
-      T* gcp = grad_c.data_ptr<T>();
-      at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          const Maps<T> m = maps_of(k);
-          const int64_t group = k % o.groups;
+      // One task per channel group, over the whole batch: BatchNorm's
+      // backward needs each channel's sums over the batch before any dL/dc
+      // of it, and a group's channels are its own, so a task makes the
+      // group's maps for every sample (phase 1), sums them, and writes dL/dc
+      // (phase 2) while the group's rows are still in cache.
+      const int64_t grain = std::max<int64_t>(1, group_grain(o) / b);
+      at::parallel_for(0, o.groups, grain, [&](int64_t begin, int64_t end) {
+        using Carve = ScratchCarver;
+        const int64_t maps_n = b * 3 * o.P, scratch_n = 3 * o.P + o.h + 2 * o.w;
+        Carve carve(static_cast<char*>(thread_scratch(
+            Carve::bytes<T>(maps_n) + Carve::bytes<T>(scratch_n) +
+            Carve::bytes<RowGrad<T>>(b * o.cg) +
+            Carve::bytes<double>(o.h + 2 * o.cg))));
+        T* map_buf = carve.take<T>(maps_n);
+        T* scratch = carve.take<T>(scratch_n);
+        RowGrad<T>* rows = carve.take<RowGrad<T>>(b * o.cg);
+        double* ghr = carve.take<double>(o.h);
+        double* sums = carve.take<double>(2 * o.cg);  // per channel: g, g c
+        auto maps_of = [&](int64_t i) {
+          T* base = map_buf + i * 3 * o.P;
+          return Maps<T>{base, base + o.P, base + 2 * o.P};
+        };
+        for (int64_t group = begin; group < end; ++group) {
+          std::fill(sums, sums + 2 * o.cg, 0.0);
+          for (int64_t i = 0; i < b; ++i) {  // phase 1
+            const int64_t k = i * o.groups + group;
+            ParamGrads pg;
+            const Maps<T> m = maps_of(i);
+            RowGrad<T>* r = rows + i * o.cg;
+            call(k, m, r, pg, scratch, ghr);
+            store_param_grads(pp + 7 * k, pg);
+            for (int64_t cl = 0; cl < o.cg; ++cl) {
+              double row[2];
+              grad_row_sums(g_all + k * block + cl * o.P,
+                            cp + k * block + cl * o.P, m, r[cl], o.P, qip[k],
+                            row);
+              sums[2 * cl] += row[0];
+              sums[2 * cl + 1] += row[1];
+            }
+          }
           for (int64_t cl = 0; cl < o.cg; ++cl) {
             const int64_t ch = group * o.cg + cl;
-            const RowGrad<T>& r = all_rows[k * o.cg + cl];
-            const T* g = g_all + k * block + cl * o.P;
-            const T* cr = cp + k * block + cl * o.P;
-            T* out = gcp + k * block + cl * o.P;
-            const T aw = a[ch];
-            T slope = 0, offset = 0;
-            if (training) {  // xhat = (c - mean) invstd
-              const double mg = sum_g[ch] / count;
-              const double mgx = sum_gxhat[ch] / count;
-              slope = static_cast<T>(-double(aw) * mgx * double(invstd[ch]));
-              offset = static_cast<T>(-double(aw) * mg +
-                                      double(aw) * mgx * double(invstd[ch]) *
-                                          double(mean[ch]));
+            sum_g[ch] = sums[2 * cl];
+            // xhat = (c - mean) invstd
+            sum_gxhat[ch] = double(invstd[ch]) *
+                            (sums[2 * cl + 1] - double(mean[ch]) * sums[2 * cl]);
+          }
+          if (!need_c) continue;
+          // phase 2: dL/dc per row, from the row of dL/dx recomputed:
+          //   training: a (gx - mean(gx) - xhat mean(gx xhat)); eval: a gx
+          for (int64_t i = 0; i < b; ++i) {
+            const int64_t k = i * o.groups + group;
+            const Maps<T> m = maps_of(i);
+            for (int64_t cl = 0; cl < o.cg; ++cl) {
+              const int64_t ch = group * o.cg + cl;
+              const T aw = a[ch];
+              T slope = 0, offset = 0;
+              if (training) {
+                const double mg = sum_g[ch] / count;
+                const double mgx = sum_gxhat[ch] / count;
+                slope = static_cast<T>(-double(aw) * mgx * double(invstd[ch]));
+                offset = static_cast<T>(-double(aw) * mg +
+                                        double(aw) * mgx * double(invstd[ch]) *
+                                            double(mean[ch]));
+              }
+              const int64_t off = k * block + cl * o.P;
+              write_norm_grad_row(g_all + off, cp + off, m, rows[i * o.cg + cl],
+                                  aw, slope, offset, o.P, qip[k], gcp + off);
             }
-            write_norm_grad_row(g, cr, m, r, aw, slope, offset, o.P,
-                                qip[k], out);
           }
         }
       });
     });
   }
   at::Tensor grad_bn_weight = none_tensor(c), grad_bn_bias = none_tensor(c);
-  if (bn_grads_out.first.defined()) {
-    if (need_bn_weight) grad_bn_weight = bn_grads_out.first;
-    if (need_bn_bias) grad_bn_bias = bn_grads_out.second;
-  }
+  auto as_tensor = [&](std::vector<double>& v) {
+    return at::from_blob(v.data(), {C}, c.options().dtype(at::kDouble))
+        .to(c.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  };
+  if (need_bn_weight) grad_bn_weight = as_tensor(sum_gxhat);
+  if (need_bn_bias) grad_bn_bias = as_tensor(sum_g);
   auto out = param_grads(partial, b, groups, c.scalar_type(), params.t);
   out.insert(out.begin(), {grad_c, grad_bn_weight, grad_bn_bias, masked});
   return out;
