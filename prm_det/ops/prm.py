@@ -409,14 +409,15 @@ class _BatchNormPRM(torch.autograd.Function):
     A plain block keeps ``c`` for BatchNorm's backward; PRM would also keep
     the normalized ``x`` (its input) for its own. Here ``x`` is recomputed
     from ``c`` in backward (one per-channel affine), so the block keeps what
-    a plain ResNet block keeps, plus PRM's small state. BatchNorm's forward
-    (and its running-statistics update) is torch's ``native_batch_norm``.
+    a plain ResNet block keeps, plus PRM's small state.
 
-    On CPU the compiled kernel does the whole tail each way: forward writes
-    y over the normalized map, and backward fuses BatchNorm's backward (its
-    per-channel sums of PRM's dL/dx are taken as the rows are made, so that
-    map is never stored). Elsewhere: torch ops and
-    ``native_batch_norm_backward``.
+    On CPU the compiled kernel does the whole tail each way: forward takes
+    the batch statistics (and updates the running ones as
+    ``native_batch_norm`` does), then applies BatchNorm as PRM's passes read
+    ``c``, so the normalized map is never written; backward fuses
+    BatchNorm's backward (its per-channel sums of PRM's dL/dx are taken as
+    the rows are made, so that map is never stored). Elsewhere: torch's
+    ``native_batch_norm``, torch ops and ``native_batch_norm_backward``.
     """
 
     @staticmethod
@@ -521,6 +522,13 @@ def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
     that nothing else holds. Inference on the CPU kernel (no gradient,
     BatchNorm in eval) then writes the result over ``c`` instead of a new
     map, as mmdet's own blocks add the shortcut over their norm's output."""
+    use_batch_stats = norm.training or norm.running_mean is None
+    if use_batch_stats and c.numel() <= c.shape[1]:
+        # as nn.BatchNorm2d (F.batch_norm) refuses it
+        raise ValueError(
+            f'Expected more than 1 value per channel when training, got '
+            f'input size {tuple(c.shape)}: use a batch of more than one '
+            f'sample or a larger map, or put the norm in eval mode')
     # the bookkeeping of torch's _BatchNorm.forward
     factor = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and \
@@ -528,7 +536,6 @@ def batchnorm_prm_residual(c: Tensor, norm: torch.nn.Module,
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:
             factor = 1.0 / float(norm.num_batches_tracked)
-    use_batch_stats = norm.training or norm.running_mean is None
     keep_running = not norm.training or norm.track_running_stats
     args = (c.contiguous(), norm.weight, norm.bias,
             norm.running_mean if keep_running else None,

@@ -420,6 +420,19 @@ def test_fused_batchnorm_backward_matches_torch_ops(dtype, tol, batch,
                                            msg=f'{shape} output {i}')
 
 
+def test_batch_statistics_of_one_value_per_channel_are_refused(prm_path):
+    """As nn.BatchNorm2d: training on one value per channel has no
+    variance; the error names the shape and the ways out."""
+    from prm_det.ops.prm import batchnorm_prm_residual
+    bn = torch.nn.BatchNorm2d(16).train()
+    c = torch.randn(1, 16, 1, 1)
+    params = list(init_params(4, torch.float32).values())
+    with pytest.raises(ValueError, match=r'more than 1 value per channel.*'
+                       r'\(1, 16, 1, 1\)'):
+        batchnorm_prm_residual(c, bn, torch.randn_like(c), *params, 4)
+    assert bn.num_batches_tracked.item() == 0
+
+
 def test_kernel_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, '0')
     assert not cpu_kernel.available()

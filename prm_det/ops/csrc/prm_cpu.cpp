@@ -18,8 +18,12 @@
 // Only the query index, the query and context vectors and two statistics per
 // group are kept between forward and backward; the gate and the similarity
 // maps are recomputed from them in backward (exactly: the same code runs).
-// Backward can take the block's pre-BatchNorm map with the per-channel affine
-// instead of x, recomputing x on the fly (see _BatchNormPRM in prm.py).
+// With BatchNorm fused in (bn_prm_*, see _BatchNormPRM in prm.py) the passes
+// read the block's pre-BatchNorm map c and apply the per-channel affine on
+// the fly, so the normalized map is never written: forward first takes the
+// batch statistics (training), and backward runs one task per channel group
+// over the whole batch (BatchNorm's sums over the batch, then dL/dc, while
+// the group's rows are in cache).
 // The passes that accumulate over channels take four channel rows per sweep
 // (their per-position accumulators are loaded and stored a quarter as
 // often), and bn_prm_eval_ (inference) writes y over the map it reads.
@@ -32,7 +36,9 @@
 #include <cmath>
 #include <cstdint>
 #include <bit>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace prm_det {
@@ -1062,10 +1068,82 @@ NormView norm_view(const at::Tensor& c, const c10::optional<at::Tensor>& weight,
   return nv;
 }
 
-// relu(PRM(BatchNorm(c)) + identity): torch's native_batch_norm (and its
-// running-statistics update), then PRM's passes writing y over the
-// normalized map (it is not kept: backward recomputes it from c). Returns
-// y, save_mean, save_invstd, query_index, query, context, stats.
+// BatchNorm's batch statistics of c [b, C, P] per channel, in double: the
+// mean and the biased variance, from sums shifted by the channel's first
+// value (one pass, without the cancellation of plain sums of squares).
+template <typename T>
+void batch_stats(const T* c, int64_t b, int64_t C, int64_t P, double* mean,
+                 double* var) {
+  const double count = double(b) * P;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(
+                                                 1, b * P));
+  at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const double x0 = double(c[ch * P]);
+      double s1 = 0, s2 = 0;
+      for (int64_t i = 0; i < b; ++i) {
+        const T* __restrict__ row = c + (i * C + ch) * P;
+#pragma omp simd reduction(+ : s1, s2)
+        for (int64_t k = 0; k < P; ++k) {
+          const double d = double(row[k]) - x0;
+          s1 += d;
+          s2 += d * d;
+        }
+      }
+      const double m = s1 / count;
+      mean[ch] = x0 + m;
+      var[ch] = std::max(s2 / count - m * m, 0.0);
+    }
+  });
+}
+
+// BatchNorm in training from c's batch statistics, as native_batch_norm:
+// returns save_mean and save_invstd (c's dtype) and updates the running
+// statistics (momentum, unbiased variance) when given.
+std::pair<at::Tensor, at::Tensor> batch_norm_stats(
+    const at::Tensor& c, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum,
+    double bn_eps) {
+  const int64_t b = c.size(0), C = c.size(1), P = c.numel() / (b * C);
+  std::vector<double> mean(C), var(C);
+  at::Tensor save_mean = at::empty({C}, c.options());
+  at::Tensor save_invstd = at::empty({C}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "prm_det_batch_stats", [&] {
+    batch_stats(c.data_ptr<scalar_t>(), b, C, P, mean.data(), var.data());
+    scalar_t* sm = save_mean.data_ptr<scalar_t>();
+    scalar_t* si = save_invstd.data_ptr<scalar_t>();
+    for (int64_t ch = 0; ch < C; ++ch) {
+      sm[ch] = static_cast<scalar_t>(mean[ch]);
+      si[ch] = static_cast<scalar_t>(1.0 / std::sqrt(var[ch] + bn_eps));
+    }
+  });
+  const double unbias = double(b * P) / double(b * P - 1);
+  auto update = [&](const c10::optional<at::Tensor>& running,
+                    const std::vector<double>& batch, double factor,
+                    const char* name) {
+    if (!given(running)) return;
+    TORCH_CHECK(running->device().is_cpu() && running->is_contiguous() &&
+                    running->numel() == C,
+                "prm_det: BatchNorm ", name, " must be a contiguous CPU "
+                "tensor of ", C, " values, got ", running->sizes());
+    AT_DISPATCH_FLOATING_TYPES(running->scalar_type(), "prm_det_running", [&] {
+      scalar_t* r = running->data_ptr<scalar_t>();
+      for (int64_t ch = 0; ch < C; ++ch)
+        r[ch] = static_cast<scalar_t>((1 - momentum) * double(r[ch]) +
+                                      momentum * batch[ch] * factor);
+    });
+  };
+  update(running_mean, mean, 1.0, "running_mean");
+  update(running_var, var, unbias, "running_var");
+  return {save_mean, save_invstd};
+}
+
+// relu(PRM(BatchNorm(c)) + identity), BatchNorm applied as PRM's passes
+// read c (a per-channel affine x = c * a + shift): the normalized map is
+// never written. In training the batch statistics are taken first (and
+// the running ones updated, as native_batch_norm does). Returns y,
+// save_mean, save_invstd (empty in eval), query_index, query, context,
+// stats.
 std::vector<at::Tensor> bn_prm_forward(
     const at::Tensor& c, const c10::optional<at::Tensor>& bn_weight,
     const c10::optional<at::Tensor>& bn_bias,
@@ -1081,22 +1159,21 @@ std::vector<at::Tensor> bn_prm_forward(
   const Options o =
       make_options(c, groups, use_position, use_norm, normalized, eps);
   const PRMParams params(c, o, {weight, bias, one, zero, theta, scale});
-  if (!training && given(running_mean) && given(running_var)) {
-    // eval: BatchNorm is a per-channel affine, applied as the passes read
-    // c; the normalized map is never written
-    const NormView nv = norm_view(c, bn_weight, bn_bias, running_mean,
-                                  running_var, c, c, false, bn_eps);
-    at::Tensor y = at::empty_like(c);
-    auto saved = forward_into(c, identity, relu, params, o, y, &nv);
-    saved.insert(saved.begin(), {y, none_tensor(c), none_tensor(c)});
-    return saved;
+  at::Tensor save_mean = none_tensor(c), save_invstd = none_tensor(c);
+  if (training) {
+    TORCH_CHECK(c.size(0) * o.P > 1,
+                "prm_det: BatchNorm in training needs more than one value "
+                "per channel, got a map of shape ", c.sizes());
+    std::tie(save_mean, save_invstd) =
+        batch_norm_stats(c, running_mean, running_var, momentum, bn_eps);
   }
-  auto normed = at::native_batch_norm(c, bn_weight, bn_bias, running_mean,
-                                      running_var, training, momentum, bn_eps);
-  at::Tensor x = std::get<0>(normed).contiguous();
-  auto saved = forward_into(x, identity, relu, params, o, x);
-  saved.insert(saved.begin(),
-               {x, std::get<1>(normed), std::get<2>(normed)});
+  // the table backward rebuilds from the same saved statistics
+  const NormView nv = norm_view(c, bn_weight, bn_bias, running_mean,
+                                running_var, save_mean, save_invstd, training,
+                                bn_eps);
+  at::Tensor y = at::empty_like(c);
+  auto saved = forward_into(c, identity, relu, params, o, y, &nv);
+  saved.insert(saved.begin(), {y, save_mean, save_invstd});
   return saved;
 }
 
