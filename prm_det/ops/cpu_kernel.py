@@ -1,11 +1,13 @@
 """PRM's compiled CPU kernel (csrc/prm_cpu.cpp): built at first use, cached.
 
 The kernel runs PRM's forward and backward one channel group at a time while
-the group's block sits in cache: three reads of the map in forward and two in
-backward, against the dozens of eager passes torch ops need. It is compiled
-with torch's C++ extension builder (a C++ compiler and ninja; ``make setup``
-builds it once) for the instruction set this CPU runs (torch's own CPU
-capability), so one cache may serve machines of different kinds.
+the group's block sits in cache: three passes over the map in forward (after
+one for BatchNorm's batch statistics in training) and three in backward,
+mostly from cache, against the dozens of eager passes torch ops need. It is
+compiled with torch's C++ extension builder (a C++ compiler and ninja;
+``make setup`` builds it once) for the instruction set this CPU runs
+(torch's own CPU capability), so one cache may serve machines of different
+kinds.
 
 Where it cannot be built, PRM runs its torch-ops path with the same results
 and a one-time warning naming the reason. ``PRM_DET_CPU_KERNEL=0`` turns the

@@ -656,36 +656,30 @@ inline void write_grad_row(const T* g, const Maps<T>& m, const RowGrad<T>& r,
   out[qi] += r.gq;
 }
 
-// Sums of one row of dL/dx and of dL/dx * c (BatchNorm's backward
-// reductions), without storing the row. out: [2] doubles.
-template <typename T>
-inline void grad_row_sums(const T* g, const T* c, const Maps<T>& m,
-                          const RowGrad<T>& r, int64_t P, int64_t qi,
-                          double* out) {
+// One row of dL/dx recomputed from the maps (it is never stored). With
+// Sums, its sum and its dot with c (BatchNorm's backward reductions) are
+// added to sums[0] and sums[1]; with Write, dL/dc = aw * dL/dx + slope * c +
+// offset (BatchNorm's backward in affine form) is written to out.
+template <bool Sums, bool Write, typename T>
+inline void norm_grad_row(const T* g, const T* c, const Maps<T>& m,
+                          const RowGrad<T>& r, T aw, T slope, T offset,
+                          int64_t P, int64_t qi, double* sums, T* out) {
   double s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
   for (int64_t k = 0; k < P; ++k) {
     const T gx = g[k] * m.gate[k] + r.kq * m.coef_q[k] + r.kz * m.grad_s[k] +
                  r.gz;
-    s1 += gx;
-    s2 += double(gx) * c[k];
+    if (Sums) {
+      s1 += gx;
+      s2 += double(gx) * c[k];
+    }
+    if (Write) out[k] = aw * gx + slope * c[k] + offset;
   }
-  out[0] = s1 + r.gq;
-  out[1] = s2 + double(r.gq) * c[qi];
-}
-
-// dL/dc for one row: aw * dL/dx + slope * c + offset (BatchNorm's backward
-// in affine form), dL/dx recomputed from the maps.
-template <typename T>
-inline void write_norm_grad_row(const T* g, const T* c, const Maps<T>& m,
-                                const RowGrad<T>& r, T aw, T slope, T offset,
-                                int64_t P, int64_t qi, T* out) {
-  const T kq = aw * r.kq, kz = aw * r.kz, gz = aw * r.gz + offset;
-#pragma omp simd
-  for (int64_t k = 0; k < P; ++k)
-    out[k] = aw * g[k] * m.gate[k] + kq * m.coef_q[k] + kz * m.grad_s[k] +
-             gz + slope * c[k];
-  out[qi] += aw * r.gq;
+  if (Sums) {
+    sums[0] += s1 + r.gq;
+    sums[1] += s2 + double(r.gq) * c[qi];
+  }
+  if (Write) out[qi] += aw * r.gq;
 }
 
 Options make_options(const at::Tensor& x, int64_t groups, bool use_position,
@@ -1281,6 +1275,9 @@ std::vector<at::Tensor> bn_prm_backward(
           T* base = map_buf + i * 3 * o.P;
           return Maps<T>{base, base + o.P, base + 2 * o.P};
         };
+        // BatchNorm in eval: dL/dc = a dL/dx needs no sums over the batch,
+        // so each row's dL/dc is written as its sums are taken
+        const bool write_in_phase1 = need_c && !training;
         for (int64_t group = begin; group < end; ++group) {
           std::fill(sums, sums + 2 * o.cg, 0.0);
           for (int64_t i = 0; i < b; ++i) {  // phase 1
@@ -1291,42 +1288,46 @@ std::vector<at::Tensor> bn_prm_backward(
             call(k, m, r, pg, scratch, ghr);
             store_param_grads(pp + 7 * k, pg);
             for (int64_t cl = 0; cl < o.cg; ++cl) {
-              double row[2];
-              grad_row_sums(g_all + k * block + cl * o.P,
-                            cp + k * block + cl * o.P, m, r[cl], o.P, qip[k],
-                            row);
-              sums[2 * cl] += row[0];
-              sums[2 * cl + 1] += row[1];
+              const int64_t off = k * block + cl * o.P;
+              if (write_in_phase1)
+                norm_grad_row<true, true>(g_all + off, cp + off, m, r[cl],
+                                          a[group * o.cg + cl], T(0), T(0),
+                                          o.P, qip[k], sums + 2 * cl,
+                                          gcp + off);
+              else
+                norm_grad_row<true, false>(g_all + off, cp + off, m, r[cl],
+                                           T(0), T(0), T(0), o.P, qip[k],
+                                           sums + 2 * cl,
+                                           static_cast<T*>(nullptr));
             }
           }
           for (int64_t cl = 0; cl < o.cg; ++cl) {
             const int64_t ch = group * o.cg + cl;
             sum_g[ch] = sums[2 * cl];
             // xhat = (c - mean) invstd
-            sum_gxhat[ch] = double(invstd[ch]) *
-                            (sums[2 * cl + 1] - double(mean[ch]) * sums[2 * cl]);
+            sum_gxhat[ch] =
+                double(invstd[ch]) *
+                (sums[2 * cl + 1] - double(mean[ch]) * sums[2 * cl]);
           }
-          if (!need_c) continue;
-          // phase 2: dL/dc per row, from the row of dL/dx recomputed:
-          //   training: a (gx - mean(gx) - xhat mean(gx xhat)); eval: a gx
+          if (!need_c || write_in_phase1) continue;
+          // phase 2 (training): dL/dc = a (gx - mean(gx) - xhat mean(gx
+          // xhat)) per row, from the row of dL/dx recomputed
           for (int64_t i = 0; i < b; ++i) {
             const int64_t k = i * o.groups + group;
             const Maps<T> m = maps_of(i);
             for (int64_t cl = 0; cl < o.cg; ++cl) {
               const int64_t ch = group * o.cg + cl;
-              const T aw = a[ch];
-              T slope = 0, offset = 0;
-              if (training) {
-                const double mg = sum_g[ch] / count;
-                const double mgx = sum_gxhat[ch] / count;
-                slope = static_cast<T>(-double(aw) * mgx * double(invstd[ch]));
-                offset = static_cast<T>(-double(aw) * mg +
-                                        double(aw) * mgx * double(invstd[ch]) *
-                                            double(mean[ch]));
-              }
+              const double aw = double(a[ch]), is = double(invstd[ch]);
+              const double mg = sum_g[ch] / count;
+              const double mgx = sum_gxhat[ch] / count;
+              const T slope = static_cast<T>(-aw * mgx * is);
+              const T offset =
+                  static_cast<T>(-aw * mg + aw * mgx * is * double(mean[ch]));
               const int64_t off = k * block + cl * o.P;
-              write_norm_grad_row(g_all + off, cp + off, m, rows[i * o.cg + cl],
-                                  aw, slope, offset, o.P, qip[k], gcp + off);
+              norm_grad_row<false, true>(g_all + off, cp + off, m,
+                                         rows[i * o.cg + cl], a[ch], slope,
+                                         offset, o.P, qip[k], nullptr,
+                                         gcp + off);
             }
           }
         }
