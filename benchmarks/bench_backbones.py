@@ -3,6 +3,7 @@
     python benchmarks/bench_backbones.py [--reps 7] [--device cpu|cuda]
         [--sizes 2x224x224 1x512x832] [--tasks 'train step' inference]
         [--no-detector] [--only VARIANT ...] [--out FILE.md]
+        [--default-malloc]
 
 Measures plain ResNet-50 (mmdet's ``ResNet``), SE-, GC- and PRM-ResNet-50
 (the fast path: on CPU the compiled kernel), PRM-ResNet-50 on the fast
@@ -18,6 +19,13 @@ Memory: on CUDA the peak allocated during a training step
 counter, the bytes of tensors autograd saves for backward during the
 forward pass (the activation memory that dominates a training step's peak),
 counted once per storage.
+
+Allocator: on glibc the script re-runs itself with malloc keeping freed
+memory (``GLIBC_TUNABLES``), as jemalloc and tcmalloc do: with glibc's
+defaults each repetition page-faults freed feature maps back in, thousands
+of faults a pass whose count depends on the order of earlier frees, and
+that swings one model's time by 10-30% between runs. ``--default-malloc``
+times without it.
 """
 import argparse
 import gc
@@ -189,6 +197,40 @@ def fmt_table(rows, baseline='ResNet-50'):
     return '\n'.join(lines)
 
 
+# glibc's malloc hands freed feature maps back to the kernel and page-faults
+# them in again on the next repetition; how much of that a run pays depends
+# on the order of earlier frees, so it swings the same model's time by 10-30%
+# from run to run (thousands of faults a pass). Keeping freed memory in the
+# heap (jemalloc and tcmalloc, which PyTorch's CPU guides recommend, do
+# likewise) leaves the compute to be compared.
+STEADY_MALLOC = ('glibc.malloc.trim_threshold=4294967296:'
+                 'glibc.malloc.mmap_threshold=33554432')
+
+
+def steady_malloc(default_malloc: bool, may_reexec: bool) -> str:
+    """Re-runs this script (``may_reexec``: run from the command line) with
+    glibc's malloc keeping freed memory, unless ``default_malloc`` or not on
+    glibc; returns the allocator's line for the report."""
+    if 'glibc.malloc.trim_threshold' in os.environ.get('GLIBC_TUNABLES', ''):
+        return ('glibc malloc keeping freed memory (GLIBC_TUNABLES '
+                'trim_threshold=4 GiB, mmap_threshold=32 MiB; '
+                '--default-malloc to run without)')
+    if not default_malloc and may_reexec and \
+            platform.libc_ver()[0] == 'glibc':
+        env = dict(os.environ, GLIBC_TUNABLES=':'.join(
+            filter(None, [os.environ.get('GLIBC_TUNABLES'), STEADY_MALLOC])))
+        os.execve(sys.executable,
+                  [sys.executable, os.path.abspath(sys.argv[0]),
+                   *sys.argv[1:]], env)
+    return 'default malloc'
+
+
+def add_malloc_argument(parser):
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="time with glibc malloc's defaults (freed maps "
+                        'returned to the kernel and faulted in again)')
+
+
 def machine(device):
     if device == 'cuda':
         return torch.cuda.get_device_name()
@@ -210,7 +252,9 @@ def main(argv=None):
                         help='backbone tasks to time at each size')
     parser.add_argument('--only', nargs='+', choices=list(BACKBONES))
     parser.add_argument('--out', default=None)
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
+    allocator = steady_malloc(args.default_malloc, may_reexec=argv is None)
     register_all_modules()
     from mmengine.logging import MMLogger
     MMLogger.get_instance('mmengine').setLevel('ERROR')  # init_weights chatter
@@ -244,6 +288,7 @@ def main(argv=None):
     mem_note = ('peak allocated (CUDA)' if device == 'cuda' else
                 'tensors saved for backward (CPU)')
     report = (f'Machine: {machine(device)}; torch {torch.__version__}; '
+              f'{allocator}; '
               f'medians of {args.reps} interleaved runs (ratios: median of '
               f'the per-run ratios); memory: {mem_note}.'
               f'\n\n' + fmt_table(rows) + '\n')

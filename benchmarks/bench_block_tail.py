@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_backbones import interleaved_medians  # noqa: E402
+from bench_backbones import (add_malloc_argument,  # noqa: E402
+                             interleaved_medians, steady_malloc)
 from prm_det.ops import cpu_kernel  # noqa: E402
 from prm_det.ops.prm import batchnorm_prm_residual  # noqa: E402
 
@@ -94,11 +95,14 @@ def main(argv=None):
     parser.add_argument('--size', default='2x224x224')
     parser.add_argument('--reps', type=int, default=25)
     parser.add_argument('--out', default=None)
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
+    allocator = steady_malloc(args.default_malloc, may_reexec=argv is None)
     torch.manual_seed(0)
     b, h, w = (int(v) for v in args.size.split('x'))
     lines = [f'Block tails of ResNet-50 at {b}x3x{h}x{w}, CPU, '
-             f'{torch.get_num_threads()} threads, torch {torch.__version__}; '
+             f'{torch.get_num_threads()} threads, torch {torch.__version__}, '
+             f'{allocator}; '
              f'medians of {args.reps} interleaved runs; ms per block ("whole '
              f'backbone": summed over its 16 blocks).', '',
              '| task | stage map | blocks | plain tail | PRM tail | added '

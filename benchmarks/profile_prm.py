@@ -17,8 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_backbones import (backbone_infer, backbone_train_step,  # noqa: E402
-                             build_backbone)
+from bench_backbones import (add_malloc_argument,  # noqa: E402
+                             backbone_infer, backbone_train_step,
+                             build_backbone, steady_malloc)
 from mmdet.utils import register_all_modules  # noqa: E402
 
 
@@ -53,7 +54,9 @@ def main(argv=None):
     parser.add_argument('--rows', type=int, default=25)
     parser.add_argument('--task', choices=['train', 'inference'],
                         default='train')
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
+    allocator = steady_malloc(args.default_malloc, may_reexec=argv is None)
     register_all_modules()
     from mmengine.logging import MMLogger
     MMLogger.get_instance('mmengine').setLevel('ERROR')
@@ -69,7 +72,7 @@ def main(argv=None):
     total_prm = sum(t for t, _ in prm.values())
     print(f'{task} {b}x3x{h}x{w}: ResNet-50 {total_plain:.1f} ms, '
           f'PRM-ResNet-50 {total_prm:.1f} ms ({total_prm / total_plain:.3f}x)'
-          f', self CPU time per step\n')
+          f', self CPU time per step; {allocator}\n')
     keys = sorted(set(plain) | set(prm),
                   key=lambda k: -(prm.get(k, (0, 0))[0] -
                                   plain.get(k, (0, 0))[0]))

@@ -1,6 +1,7 @@
 """The benchmark script runs and reports every variant (no timing asserted:
 speed is measured by hand with benchmarks/, never in tests)."""
 import os.path as osp
+import platform
 import subprocess
 import sys
 
@@ -20,13 +21,15 @@ def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
         assert f'| {name} |' in table
     assert '| train step | 1x3x64x64 | ResNet-50 |' in table
     assert '1.000x' in table and 'Machine:' in table
+    if platform.libc_ver()[0] == 'glibc':  # re-ran itself with malloc tuned
+        assert 'glibc malloc keeping freed memory' in table
 
 
 def test_block_tail_benchmark_reports_every_stage_and_task(tmp_path):
     out = tmp_path / 'tail.md'
     proc = subprocess.run(
         [sys.executable, 'benchmarks/bench_block_tail.py', '--reps', '1',
-         '--size', '1x64x64', '--out', str(out)],
+         '--size', '1x64x64', '--out', str(out), '--default-malloc'],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
@@ -34,3 +37,4 @@ def test_block_tail_benchmark_reports_every_stage_and_task(tmp_path):
         for where in ('1x256x16x16', '1x2048x2x2', 'whole backbone'):
             assert f'| {task} | {where} |' in table, (task, where)
     assert 'PRM tail (torch ops)' in table
+    assert 'default malloc' in table
