@@ -23,9 +23,8 @@ counted once per storage.
 Allocator: on glibc the script re-runs itself with malloc keeping freed
 memory (``GLIBC_TUNABLES``), as jemalloc and tcmalloc do: with glibc's
 defaults each repetition page-faults freed feature maps back in, thousands
-of faults a pass whose count depends on the order of earlier frees, and
-that swings one model's time by 10-30% between runs. ``--default-malloc``
-times without it.
+of faults a pass whose count depends on the order of earlier frees.
+``--default-malloc`` times without it.
 """
 import argparse
 import gc
@@ -199,10 +198,10 @@ def fmt_table(rows, baseline='ResNet-50'):
 
 # glibc's malloc hands freed feature maps back to the kernel and page-faults
 # them in again on the next repetition; how much of that a run pays depends
-# on the order of earlier frees, so it swings the same model's time by 10-30%
-# from run to run (thousands of faults a pass). Keeping freed memory in the
-# heap (jemalloc and tcmalloc, which PyTorch's CPU guides recommend, do
-# likewise) leaves the compute to be compared.
+# on the order of earlier frees (4,700 to 15,600 faults a ResNet-50 pass in
+# separate runs of the same model). Keeping freed memory in the heap
+# (jemalloc and tcmalloc, which PyTorch's CPU guides recommend, do likewise)
+# leaves the compute to be compared.
 STEADY_MALLOC = ('glibc.malloc.trim_threshold=4294967296:'
                  'glibc.malloc.mmap_threshold=33554432')
 
