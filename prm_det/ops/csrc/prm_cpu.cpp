@@ -295,6 +295,30 @@ inline void channel_sums1(const Source<T, FromNorm>& x, int64_t c, int64_t P,
   context[c] = acc / static_cast<T>(P);
 }
 
+// B consecutive channel rows c .. c + B - 1 from position k0, with their
+// affines (FromNorm) and query and context values: what the sweeps that
+// accumulate over channels read.
+template <int B, typename T, bool FromNorm>
+struct ChannelRows {
+  const T* p[B];
+  T a[B], b[B], q[B], z[B];
+  ChannelRows(const Source<T, FromNorm>& x, const T* query, const T* context,
+              int64_t c, int64_t P, int64_t k0) {
+    for (int i = 0; i < B; ++i) {
+      const auto row = x.row(c + i, P);
+      p[i] = row.p + k0;
+      a[i] = row.a;
+      b[i] = row.b;
+      q[i] = query[c + i];
+      z[i] = context[c + i];
+    }
+  }
+  // x of row i at position k0 + l
+  inline T operator()(int i, int64_t l) const {
+    return FromNorm ? p[i][l] * a[i] + b[i] : p[i][l];
+  }
+};
+
 // q . x_p and z . x_p over channels c .. c + B - 1 for the positions k0 ..
 // k0 + len, added to aq and az (written, if First).
 template <int B, bool First, typename T, bool FromNorm>
@@ -302,24 +326,15 @@ inline void similarity_sweep(const Source<T, FromNorm>& x, const T* query,
                              const T* context, int64_t c, int64_t P,
                              int64_t k0, int64_t len, T* __restrict__ aq,
                              T* __restrict__ az) {
-  const T* rp[B];
-  T a[B], b[B], q[B], z[B];
-  for (int i = 0; i < B; ++i) {
-    const auto row = x.row(c + i, P);
-    rp[i] = row.p + k0;
-    a[i] = row.a;
-    b[i] = row.b;
-    q[i] = query[c + i];
-    z[i] = context[c + i];
-  }
+  const ChannelRows<B, T, FromNorm> rows(x, query, context, c, P, k0);
 #pragma omp simd
   for (int64_t l = 0; l < len; ++l) {
     T sq = First ? T(0) : aq[l], sz = First ? T(0) : az[l];
 #pragma GCC unroll 4
     for (int i = 0; i < B; ++i) {
-      const T v = FromNorm ? rp[i][l] * a[i] + b[i] : rp[i][l];
-      sq += q[i] * v;
-      sz += z[i] * v;
+      const T v = rows(i, l);
+      sq += rows.q[i] * v;
+      sz += rows.z[i] * v;
     }
     aq[l] = sq;
     az[l] = sz;
@@ -469,37 +484,30 @@ inline void backward_sums(const Source<T, FromNorm>& src, const T* grad_y,
                           const T* context, int64_t c, int64_t P, int64_t k0,
                           int64_t len, T* __restrict__ agg,
                           T* __restrict__ aq, T* __restrict__ az) {
+  const ChannelRows<B, T, FromNorm> rows(src, query, context, c, P, k0);
   const T* gy[B];
   const T* yr[B];
   T* mr[B];
-  const T* rp[B];
-  T a[B], b[B], q[B], z[B];
   for (int i = 0; i < B; ++i) {
     const int64_t off = (c + i) * P + k0;
     gy[i] = grad_y + off;
     yr[i] = Relu ? y + off : nullptr;
     mr[i] = Relu ? masked + off : nullptr;
-    const auto row = src.row(c + i, P);
-    rp[i] = row.p + k0;
-    a[i] = row.a;
-    b[i] = row.b;
-    q[i] = query[c + i];
-    z[i] = context[c + i];
   }
 #pragma omp simd
   for (int64_t l = 0; l < len; ++l) {
     T sg = agg[l], sq = aq[l], sz = az[l];
 #pragma GCC unroll 4
     for (int i = 0; i < B; ++i) {
-      const T xv = FromNorm ? rp[i][l] * a[i] + b[i] : rp[i][l];
+      const T xv = rows(i, l);
       T g = gy[i][l];
       if (Relu) {
         g = yr[i][l] > T(0) ? g : T(0);
         mr[i][l] = g;
       }
       sg += g * xv;
-      sq += q[i] * xv;
-      sz += z[i] * xv;
+      sq += rows.q[i] * xv;
+      sz += rows.z[i] * xv;
     }
     agg[l] = sg;
     aq[l] = sq;
