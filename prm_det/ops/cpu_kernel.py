@@ -11,8 +11,9 @@ kinds.
 
 Where it cannot be built, PRM runs its torch-ops path with the same results
 and a one-time warning naming the reason. ``PRM_DET_CPU_KERNEL=0`` turns the
-kernel off; :func:`kernel_disabled` does so within a ``with`` block (tests and
-benchmarks compare both paths).
+kernel off (read once, when PRM first asks for the kernel);
+:func:`kernel_disabled` does so within a ``with`` block (tests and benchmarks
+compare both paths).
 """
 import contextlib
 import os
@@ -35,7 +36,11 @@ _ISA_FLAGS = {
 ENV_SWITCH = 'PRM_DET_CPU_KERNEL'
 
 _lock = threading.Lock()
-_state = {'loaded': None, 'error': None, 'warned': False, 'disabled': 0}
+# enabled: PRM_DET_CPU_KERNEL, read once, when the kernel is first asked for
+# (PRM asks on every block's forward, where an environment lookup costs more
+# than it should)
+_state = {'enabled': None, 'loaded': None, 'error': None, 'warned': False,
+          'disabled': 0}
 
 
 def _capability() -> str:
@@ -75,8 +80,10 @@ def build(verbose: bool = False) -> None:
         cpp_extension.load(
             name=extension_name(),
             sources=[_SOURCE],
-            extra_cflags=['-O3', '-fopenmp', *_ISA_FLAGS.get(_capability(),
-                                                             [])],
+            # -fno-math-errno: lets loops with a square root vectorize
+            # (errno is never read here)
+            extra_cflags=['-O3', '-fopenmp', '-fno-math-errno',
+                          *_ISA_FLAGS.get(_capability(), [])],
             extra_ldflags=['-fopenmp'],
             is_python_module=False,
             verbose=verbose)
@@ -90,7 +97,11 @@ def _enabled_by_env() -> bool:
 def available() -> bool:
     """Whether PRM on CPU runs the compiled kernel (building it on the first
     call). False when turned off or when it cannot be built (warns once)."""
-    if _state['disabled'] or not _enabled_by_env():
+    if _state['disabled']:
+        return False
+    if _state['enabled'] is None:
+        _state['enabled'] = _enabled_by_env()
+    if not _state['enabled']:
         return False
     if _state['loaded'] is None:
         with _lock:

@@ -364,6 +364,67 @@ def test_inference_block_equals_norm_prm_add_relu(depth, prm_path):
     assert torch.equal(x, x_before)  # the block's input is left alone
 
 
+def _eval_tail_case(case):
+    """A PRM module, a BatchNorm2d in eval, c and identity, arranged as
+    ``case`` says (what the kernel's inference op can or cannot take)."""
+    from prm_det.models.layers import PRM
+    torch.manual_seed(7)
+    prm = PRM(32, groups=8)
+    norm = torch.nn.BatchNorm2d(
+        32, track_running_stats=case != 'batch statistics in eval')
+    with torch.no_grad():
+        for p in list(prm.parameters()) + list(norm.parameters()):
+            p.add_(torch.randn_like(p) * 0.3)
+        if norm.running_mean is not None:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2)
+    norm.train(case == 'norm in training')
+    c = torch.randn(2, 32, 7, 9)
+    identity = torch.randn(2, 32, 7, 9)
+    if case == 'channels-last c':
+        c = c.contiguous(memory_format=torch.channels_last)
+    if case == 'strided identity':
+        identity = torch.randn(2, 32, 7, 18)[..., ::2]
+    if case == 'float64':
+        prm, norm = prm.double(), norm.double()
+        c, identity = c.double(), identity.double()
+    return prm, norm, c, identity
+
+
+@pytest.mark.parametrize('case', [
+    'float32', 'float64', 'norm in training', 'batch statistics in eval',
+    'channels-last c', 'strided identity'])
+def test_inference_tail_equals_norm_prm_add_relu_and_takes_the_kernel_where_it_can(
+        case):
+    """PRM.forward_norm_residual under no_grad: the kernel's op straight
+    away for a contiguous float map and a norm in eval with running
+    statistics; the general path otherwise. Always relu(prm(norm(c)) + id),
+    and the norm's running statistics move exactly as norm(c) moves them."""
+    import copy
+    prm, norm, c, identity = _eval_tail_case(case)
+    plain_norm = copy.deepcopy(norm)
+    with torch.no_grad():
+        expected = torch.relu(prm(plain_norm(c.clone())) + identity)
+    from prm_det.ops.prm import batchnorm_prm_eval
+    with torch.no_grad():
+        direct = batchnorm_prm_eval(c, norm, identity,
+                                    prm._params(), prm._options())
+    takes_kernel = case in ('float32', 'float64')
+    assert (direct is not None) == takes_kernel
+    scratch = c.clone()
+    with torch.no_grad():
+        y = prm.forward_norm_residual(scratch, norm, identity, reuse_c=True)
+    tol = dict(rtol=1e-5, atol=1e-5) if case != 'float64' else dict(
+        rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, expected, **tol)
+    if takes_kernel:
+        torch.testing.assert_close(direct, expected, **tol)
+        assert y.data_ptr() == scratch.data_ptr()  # written over c
+    for key in ('running_mean', 'running_var', 'num_batches_tracked'):
+        torch.testing.assert_close(getattr(norm, key),
+                                   getattr(plain_norm, key), msg=key)
+
+
 def test_inference_leaves_a_hooked_conv_output_alone():
     """A forward hook that keeps the last conv's output sees it unchanged:
     with a hook there, the result goes to a new map."""

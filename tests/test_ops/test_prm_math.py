@@ -329,8 +329,9 @@ def test_inference_without_autograd_equals_the_training_forward(prm_path):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_eval_op_writes_over_c_what_the_forward_op_returns(dtype):
     """bn_prm_eval_ (inference, result over the conv's output) equals
-    bn_prm_forward in eval bit for bit, and refuses an identity that shares
-    c's memory (it would be overwritten while being read)."""
+    bn_prm_forward in eval bit for bit, and refuses an identity that
+    overlaps c's memory (it would be overwritten while being read); one in
+    the same storage but elsewhere is fine."""
     assert cpu_kernel.available()
     torch.manual_seed(3)
     c = torch.randn(2, 64, 9, 13, dtype=dtype)
@@ -346,9 +347,15 @@ def test_eval_op_writes_over_c_what_the_forward_op_returns(dtype):
                                         *params, *options)
     assert out.data_ptr() == scratch.data_ptr()
     assert torch.equal(scratch, y)
-    with pytest.raises(RuntimeError, match='identity must not share'):
+    with pytest.raises(RuntimeError, match='identity must not overlap'):
         cpu_kernel.ops().bn_prm_eval_(scratch, *bn, 1e-5, scratch[:], True,
                                       *params, *options)
+    shared = torch.cat([c.flatten(), identity.flatten()])
+    halves = shared.view(2, *c.shape)  # c, then identity, one storage
+    cpu_kernel.ops().bn_prm_eval_(halves[0], *bn, 1e-5, halves[1], True,
+                                  *params, *options)
+    assert torch.equal(halves[0], y)
+    assert torch.equal(halves[1], identity)
 
 
 def test_reuse_c_with_an_identity_sharing_c_makes_a_new_map():
@@ -433,8 +440,16 @@ def test_batch_statistics_of_one_value_per_channel_are_refused(prm_path):
     assert bn.num_batches_tracked.item() == 0
 
 
+def _fresh_kernel_state(monkeypatch):
+    """cpu_kernel as in a new process: the switch not read, nothing
+    built or warned yet."""
+    monkeypatch.setattr(cpu_kernel, '_state', dict(
+        enabled=None, loaded=None, error=None, warned=False, disabled=0))
+
+
 def test_kernel_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, '0')
+    _fresh_kernel_state(monkeypatch)
     assert not cpu_kernel.available()
     rec = OpRecorder()
     x = torch.randn(1, 16, 5, 5)
@@ -442,8 +457,11 @@ def test_kernel_switch_turns_the_kernel_off(monkeypatch):
         y = prm(x, *init_params(4, torch.float32).values(), groups=4)
     assert not any(op.startswith('prm_det.') for op in rec.ops), rec.ops
     monkeypatch.delenv(cpu_kernel.ENV_SWITCH)
-    with torch.no_grad():
+    _fresh_kernel_state(monkeypatch)
+    rec = OpRecorder()
+    with rec, torch.no_grad():
         y_kernel = prm(x, *init_params(4, torch.float32).values(), groups=4)
+    assert any(op.startswith('prm_det.') for op in rec.ops), rec.ops
     torch.testing.assert_close(y, y_kernel)
 
 
@@ -453,8 +471,7 @@ def test_kernel_that_cannot_build_falls_back_with_a_warning_naming_why(
         raise RuntimeError('no C++ compiler found')
 
     monkeypatch.setattr(cpu_kernel, 'build', no_compiler)
-    monkeypatch.setattr(cpu_kernel, '_state', dict(
-        loaded=None, error=None, warned=False, disabled=0))
+    _fresh_kernel_state(monkeypatch)
     x = torch.randn(1, 16, 5, 5)
     params = list(init_params(4, torch.float32).values())
     with pytest.warns(UserWarning, match='no C.. compiler found.*Fix:'):

@@ -8,7 +8,8 @@ import torch.nn as nn
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from prm_det.ops.prm import MODES, NORM_EPS, batchnorm_prm_residual, prm
+from prm_det.ops.prm import (MODES, NORM_EPS, batchnorm_prm_eval,
+                             batchnorm_prm_residual, prm)
 
 
 @MODELS.register_module()
@@ -88,11 +89,21 @@ class PRM(nn.Module):
                 f'PRM expects [b, {self.in_channels}, h, w] inputs, got '
                 f'{tuple(x.shape)}')
 
+    def _params(self) -> tuple:
+        """The six parameters in the ops' order, read from
+        ``_parameters`` directly (nn.Module's attribute lookup is a Python
+        call per name, which a block's forward pays on every call)."""
+        p = self._parameters
+        return (p['weight'], p['bias'], p['one'], p['zero'], p['theta'],
+                p['scale'])
+
+    def _options(self) -> tuple:
+        return (self.groups, self.use_position, self.use_norm,
+                self.normalized_positions, NORM_EPS)
+
     def _parameters_and_options(self) -> tuple:
         """Everything the ops after the input take, in their order."""
-        return (self.weight, self.bias, self.one, self.zero, self.theta,
-                self.scale, self.groups, self.use_position, self.use_norm,
-                self.normalized_positions, NORM_EPS)
+        return self._params() + self._options()
 
     def _prm(self, x: Tensor, **kwargs) -> Tensor:
         self._check_input(x)
@@ -125,14 +136,21 @@ class PRM(nn.Module):
         result over it (see :func:`batchnorm_prm_residual`).
         """
         if (type(norm) is nn.BatchNorm2d and self.mode == 'dotproduct'
-                and not self.reference
-                and c.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled(c.device.type)
-                and identity.shape == c.shape):
-            self._check_input(c)
-            return batchnorm_prm_residual(c, norm, identity,
-                                          *self._parameters_and_options(),
-                                          reuse_c=reuse_c)
+                and not self.reference):
+            if not torch.is_grad_enabled() and c.dim() == 4 and \
+                    c.shape[1] == self.in_channels:
+                # inference: the CPU kernel straight away where it applies
+                y = batchnorm_prm_eval(c, norm, identity, self._params(),
+                                       self._options(), reuse_c)
+                if y is not None:
+                    return y
+            if (c.dtype in (torch.float32, torch.float64)
+                    and not torch.is_autocast_enabled(c.device.type)
+                    and identity.shape == c.shape):
+                self._check_input(c)
+                return batchnorm_prm_residual(
+                    c, norm, identity, *self._parameters_and_options(),
+                    reuse_c=reuse_c)
         return self.forward_residual(norm(c), identity)
 
     def extra_repr(self) -> str:

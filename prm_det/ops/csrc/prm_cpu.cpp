@@ -813,7 +813,11 @@ struct PRMParams {
       TORCH_CHECK(p.device().is_cpu() && p.numel() == sizes[i],
                   "prm_det: PRM's ", names[i], " must be a CPU tensor of ",
                   sizes[i], " values, got ", p.sizes());
-      t.push_back(p.to(x.scalar_type()).contiguous());
+      // (to() and contiguous() are dispatcher calls even when they have
+      // nothing to do: skipped for the usual, already right, parameters)
+      t.push_back(p.scalar_type() == x.scalar_type() && p.is_contiguous()
+                      ? p
+                      : p.to(x.scalar_type()).contiguous());
       ++i;
     }
     // every value as a double, read once here rather than once per group
@@ -850,15 +854,23 @@ bool given(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
+// whether two contiguous maps' bytes overlap
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  const auto pa = reinterpret_cast<uintptr_t>(a.data_ptr());
+  const auto pb = reinterpret_cast<uintptr_t>(b.data_ptr());
+  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+
 // A BatchNorm's per-channel view: x = c * a + shift and
 // xhat = (c - mean) * invstd, with the statistics the forward normalized
-// with. One [4, C] table in c's dtype: mean, invstd, a, shift.
+// with. One [4, C] table in c's dtype: mean, invstd, a, shift (held in
+// doubles, room for either dtype: no tensor allocated per call).
 struct NormView {
-  at::Tensor table;
+  std::vector<double> table;
   int64_t C;
   template <typename T>
   const T* row(int64_t i) const {
-    return table.data_ptr<T>() + i * C;
+    return reinterpret_cast<const T*>(table.data()) + i * C;
   }
 };
 
@@ -879,7 +891,9 @@ std::vector<double> doubles(const at::Tensor& t, int64_t n, const char* name) {
 }
 
 // PRM forward on x into y (y may be x itself: the gating pass reads each
-// value before writing it). Returns query_index, query, context, stats.
+// value before writing it). Returns query_index, query, context, stats
+// (what backward needs), or nothing without keep_state (inference: the
+// query and context vectors then live in per-thread scratch).
 //
 // With norm the map read is x = c * a + shift per channel (``x`` is then
 // BatchNorm's input c).
@@ -887,15 +901,23 @@ std::vector<at::Tensor> forward_into(const at::Tensor& x,
                                      const c10::optional<at::Tensor>& identity,
                                      bool relu, const PRMParams& params,
                                      const Options& o, at::Tensor& y,
-                                     const NormView* norm = nullptr) {
+                                     const NormView* norm = nullptr,
+                                     bool keep_state = true) {
   const bool has_identity = given(identity);
   if (has_identity) check_map(*identity, x, "identity");
   const int64_t n = x.size(0) * o.groups;
-  auto query_index = at::empty({n}, x.options().dtype(at::kLong));
-  auto query = at::empty({n, o.cg}, x.options());
-  auto context = at::empty({n, o.cg}, x.options());
-  auto stats = at::empty({n, 2}, x.options().dtype(at::kDouble));
-  if (n == 0 || o.P == 0) return {query_index, query, context, stats};
+  at::Tensor query_index, query, context, stats;
+  if (keep_state) {
+    query_index = at::empty({n}, x.options().dtype(at::kLong));
+    query = at::empty({n, o.cg}, x.options());
+    context = at::empty({n, o.cg}, x.options());
+    stats = at::empty({n, 2}, x.options().dtype(at::kDouble));
+  }
+  auto result = [&]() -> std::vector<at::Tensor> {
+    if (!keep_state) return {};
+    return {query_index, query, context, stats};
+  };
+  if (n == 0 || o.P == 0) return result();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prm_det_forward", [&] {
     using T = scalar_t;
@@ -904,23 +926,27 @@ std::vector<at::Tensor> forward_into(const at::Tensor& x,
     const T* ap = norm ? norm->row<T>(2) : nullptr;
     const T* bp = norm ? norm->row<T>(3) : nullptr;
     T* yp = y.data_ptr<T>();
-    int64_t* qip = query_index.data_ptr<int64_t>();
-    T* qp = query.data_ptr<T>();
-    T* zp = context.data_ptr<T>();
-    double* sp = stats.data_ptr<double>();
+    int64_t* qip = keep_state ? query_index.data_ptr<int64_t>() : nullptr;
+    T* qp = keep_state ? query.data_ptr<T>() : nullptr;
+    T* zp = keep_state ? context.data_ptr<T>() : nullptr;
+    double* sp = keep_state ? stats.data_ptr<double>() : nullptr;
     const int64_t block = o.cg * o.P;
     at::parallel_for(0, n, group_grain(o), [&](int64_t begin, int64_t end) {
       const int64_t cap = std::max(kChunk, o.w);  // a chunk's positions
-      T* colsum = static_cast<T*>(
-          thread_scratch(sizeof(T) * (o.P + 2 * cap + o.h + o.w)));
+      T* colsum = static_cast<T*>(thread_scratch(
+          sizeof(T) * (o.P + 2 * cap + o.h + o.w + 2 * o.cg)));
       T *sq = colsum + o.P, *sz = sq + cap, *hr = sz + cap, *hc = hr + o.h;
+      T* own_query = hc + o.w;  // without keep_state
+      T* own_context = own_query + o.cg;
       for (int64_t k = begin; k < end; ++k) {
         const Params p = params.group(k % o.groups);
         State st;
         const T* idk = has_identity ? ip + k * block : nullptr;
+        T* qk = keep_state ? qp + k * o.cg : own_query;
+        T* zk = keep_state ? zp + k * o.cg : own_context;
         auto run = [&](auto fn, const auto& view) {
-          fn(o, p, view, idk, yp + k * block, qp + k * o.cg, zp + k * o.cg,
-             st, colsum, sq, sz, hr, hc);
+          fn(o, p, view, idk, yp + k * block, qk, zk, st, colsum, sq, sz, hr,
+             hc);
         };
         auto with_source = [&](const auto& view) {
           using V = std::decay_t<decltype(view)>;
@@ -936,13 +962,15 @@ std::vector<at::Tensor> forward_into(const at::Tensor& x,
         } else {
           with_source(Source<T, false>{xp + k * block, nullptr, nullptr});
         }
-        qip[k] = st.query_index;
-        sp[2 * k] = st.mean;
-        sp[2 * k + 1] = st.std;
+        if (keep_state) {
+          qip[k] = st.query_index;
+          sp[2 * k] = st.mean;
+          sp[2 * k + 1] = st.std;
+        }
       }
     });
   });
-  return {query_index, query, context, stats};
+  return result();
 }
 
 // Calls backward_group for group k with the right instantiation.
@@ -1135,12 +1163,19 @@ NormView norm_view(const at::Tensor& c, const c10::optional<at::Tensor>& weight,
       given(weight) ? doubles(*weight, C, "weight") : std::vector<double>();
   const std::vector<double> b =
       given(bias) ? doubles(*bias, C, "bias") : std::vector<double>();
-  NormView nv{at::empty({4, C}, c.options()), C};
+  if (!training) {
+    // var -> invstd, a vector at a time (built with -fno-math-errno: a
+    // square root that may set errno stays scalar, 2048 of them per call
+    // were most of this function's time)
+    double* v = stat.data();
+#pragma omp simd
+    for (int64_t ch = 0; ch < C; ++ch) v[ch] = 1.0 / std::sqrt(v[ch] + bn_eps);
+  }
+  NormView nv{std::vector<double>(4 * C), C};
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "prm_det_norm_view", [&] {
-    scalar_t* o = nv.table.data_ptr<scalar_t>();
+    scalar_t* o = reinterpret_cast<scalar_t*>(nv.table.data());
     for (int64_t ch = 0; ch < C; ++ch) {
-      const double invstd =
-          training ? stat[ch] : 1.0 / std::sqrt(stat[ch] + bn_eps);
+      const double invstd = stat[ch];
       const double a = w.empty() ? invstd : invstd * w[ch];
       o[ch] = static_cast<scalar_t>(mean[ch]);
       o[C + ch] = static_cast<scalar_t>(invstd);
@@ -1276,15 +1311,15 @@ at::Tensor bn_prm_eval_(
     double eps) {
   TORCH_CHECK(c.device().is_cpu() && c.is_contiguous(),
               "prm_det: the CPU kernel takes contiguous CPU maps");
-  TORCH_CHECK(!given(identity) || !identity->is_alias_of(c),
+  TORCH_CHECK(!given(identity) || !overlaps(*identity, c),
               "prm_det: bn_prm_eval_ writes over c, so identity must not "
-              "share its memory");
+              "overlap its memory");
   const Options o =
       make_options(c, groups, use_position, use_norm, normalized, eps);
   const PRMParams params(c, o, {weight, bias, one, zero, theta, scale});
   const NormView nv = norm_view(c, bn_weight, bn_bias, running_mean,
                                 running_var, c, c, false, bn_eps);
-  forward_into(c, identity, relu, params, o, c, &nv);
+  forward_into(c, identity, relu, params, o, c, &nv, /*keep_state=*/false);
   return c;
 }
 
