@@ -1,6 +1,7 @@
 """Speed and memory of the attention backbones, side by side in one run.
 
-    python benchmarks/bench_backbones.py [--reps 7] [--device cpu|cuda]
+    python benchmarks/bench_backbones.py [--reps 7] [--inference-reps N]
+        [--device cpu|cuda]
         [--sizes 2x224x224 1x512x832] [--tasks 'train step' inference]
         [--no-detector] [--only VARIANT ...] [--out FILE.md]
         [--default-malloc]
@@ -13,6 +14,9 @@ mode) and for inference (eval, no_grad), at each input size; then a whole
 RetinaNet training step (mmdet's R50-FPN config, 80 classes) with each
 backbone. The variants are interleaved within every repetition, so machine
 noise hits them alike; the table gives medians and ratios to plain ResNet-50.
+Inference, a few times cheaper than a training step and so more exposed to
+the machine's drift, gets more repetitions (``--inference-reps``, four times
+``--reps`` by default).
 
 Memory: on CUDA the peak allocated during a training step
 (``torch.cuda.max_memory_allocated``); on CPU, where torch keeps no such
@@ -240,6 +244,8 @@ def machine(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--reps', type=int, default=7)
+    parser.add_argument('--inference-reps', type=int, default=None,
+                        help='repetitions of inference (default: 4 x reps)')
     parser.add_argument('--device', default='cuda' if
                         torch.cuda.is_available() else 'cpu')
     parser.add_argument('--sizes', nargs='+',
@@ -254,6 +260,8 @@ def main(argv=None):
     add_malloc_argument(parser)
     args = parser.parse_args(argv)
     allocator = steady_malloc(args.default_malloc, may_reexec=argv is None)
+    reps = {task: args.reps for task in TASKS}
+    reps['inference'] = args.inference_reps or 4 * args.reps
     register_all_modules()
     from mmengine.logging import MMLogger
     MMLogger.get_instance('mmengine').setLevel('ERROR')  # init_weights chatter
@@ -270,7 +278,7 @@ def main(argv=None):
             step = TASKS[task]
             fns = {k: in_context(k, lambda m=m: step(m, x))
                    for k, m in models.items()}
-            stats = interleaved_medians(fns, args.reps, device)
+            stats = interleaved_medians(fns, reps[task], device)
             if task == 'train step':
                 for k, fn in fns.items():
                     stats[k]['mem'] = peak_memory(fn, device)
@@ -288,7 +296,8 @@ def main(argv=None):
                 'tensors saved for backward (CPU)')
     report = (f'Machine: {machine(device)}; torch {torch.__version__}; '
               f'{allocator}; '
-              f'medians of {args.reps} interleaved runs (ratios: median of '
+              f'medians of {args.reps} interleaved runs, '
+              f'{reps["inference"]} for inference (ratios: median of '
               f'the per-run ratios); memory: {mem_note}.'
               f'\n\n' + fmt_table(rows) + '\n')
     print('\n' + report)

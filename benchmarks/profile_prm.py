@@ -1,12 +1,19 @@
 """Where PRM's time goes: an operator profile of one training step.
 
     python benchmarks/profile_prm.py [--size 2x224x224] [--rows 25]
-        [--task train|inference]
+        [--task train|inference] [--tails [--reps 30]]
 
 Profiles a training step (forward + backward) or an inference pass of
 PRM-ResNet-50 and of plain ResNet-50 with torch.profiler and prints, per
 operator, the self time each spends, and the difference: the operators PRM
 adds or makes slower, then those it removes or makes faster.
+
+``--tails`` times instead each block's tail (from the last convolution's
+output to the block's output: norm, attention, add, ReLU, and the Python
+around them) inside whole passes of both backbones, stage by stage, without
+the profiler: inside a pass the tails run right after a convolution has
+swept the caches, where the same calls cost several times what they do in
+a loop (benchmarks/bench_block_tail.py), Python and op set-up above all.
 """
 import argparse
 import os
@@ -54,6 +61,10 @@ def main(argv=None):
     parser.add_argument('--rows', type=int, default=25)
     parser.add_argument('--task', choices=['train', 'inference'],
                         default='train')
+    parser.add_argument('--tails', action='store_true',
+                        help='time the block tails inside whole passes')
+    parser.add_argument('--reps', type=int, default=30,
+                        help='passes per backbone with --tails')
     add_malloc_argument(parser)
     args = parser.parse_args(argv)
     allocator = steady_malloc(args.default_malloc, may_reexec=argv is None)
@@ -63,6 +74,9 @@ def main(argv=None):
     torch.manual_seed(0)
     b, h, w = (int(v) for v in args.size.split('x'))
     x = torch.randn(b, 3, h, w)
+    if args.tails:
+        print(tails_in_passes(x, args.task, args.reps, allocator))
+        return
     plain, prm = interleaved_self_times(
         [build_backbone(dict(type='ResNet'), 'cpu'),
          build_backbone(dict(type='PRMResNet'), 'cpu')], x, args.steps,
@@ -84,6 +98,66 @@ def main(argv=None):
         tp, cp = plain.get(k, (0.0, 0))
         tq, cq = prm.get(k, (0.0, 0))
         print(f'| {k} | {tp:.2f} | {tq:.2f} | {tq - tp:+.2f} | {cq - cp:+d} |')
+
+
+def tails_in_passes(x, task, reps, allocator):
+    """Milliseconds per pass spent in the block tails of ResNet-50 and
+    PRM-ResNet-50, by stage, inside whole passes run in turn. The plain
+    backbone is AttentionResNet without attention: mmdet's ResNet-50, whose
+    blocks end in the same _block_tail as PRM's (norm, add, ReLU)."""
+    import time
+    from collections import defaultdict
+
+    from prm_det.models.backbones import attention_resnet
+    inner = attention_resnet._block_tail
+    spent = defaultdict(float)
+    current = [None]
+
+    def timed_tail(block, names, out, *args, **kwargs):
+        start = time.perf_counter()
+        y = inner(block, names, out, *args, **kwargs)
+        spent[current[0], out.shape[1]] += time.perf_counter() - start
+        return y
+
+    step = backbone_train_step if task == 'train' else backbone_infer
+    models = {'ResNet-50': build_backbone(
+        dict(type='AttentionResNet', depth=50, attention=None), 'cpu'),
+        'PRM-ResNet-50': build_backbone(dict(type='PRMResNet'), 'cpu')}
+    attention_resnet._block_tail = timed_tail
+    try:
+        for name, model in models.items():  # warm-up, not counted
+            current[0] = name
+            step(model, x)
+        spent.clear()
+        for rep in range(reps):
+            for name in list(models)[::1 if rep % 2 else -1]:
+                current[0] = name
+                step(models[name], x)
+    finally:
+        attention_resnet._block_tail = inner
+    channels = sorted({c for _, c in spent})
+    task_name = 'train step' if task == 'train' else 'inference'
+    lines = [f'Block tails inside whole {task_name} passes at '
+             f'{"x".join(map(str, x.shape))}, {torch.get_num_threads()} '
+             f'threads, torch {torch.__version__}, {allocator}; ms per pass, '
+             f'mean of {reps} passes each (interleaved)'
+             + ('; forward tails only (their backward runs inside autograd '
+                'after the pass)' if task == 'train' else '') + '.', '',
+             '| stage (channels) | ResNet-50 tails | PRM-ResNet-50 tails | '
+             'added |', '|---|---|---|---|']
+    totals = [0.0, 0.0]
+    for c in channels + [None]:
+        if c is None:
+            plain, prm = totals
+            where = 'all 16 blocks'
+        else:
+            plain = 1000 * spent['ResNet-50', c] / reps
+            prm = 1000 * spent['PRM-ResNet-50', c] / reps
+            totals = [totals[0] + plain, totals[1] + prm]
+            where = str(c)
+        lines.append(f'| {where} | {plain:.2f} | {prm:.2f} | '
+                     f'{prm - plain:+.2f} |')
+    return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':

@@ -12,7 +12,8 @@ def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
     out = tmp_path / 'bench.md'
     proc = subprocess.run(
         [sys.executable, 'benchmarks/bench_backbones.py', '--reps', '1',
-         '--sizes', '1x64x64', '--no-detector', '--out', str(out)],
+         '--inference-reps', '2', '--sizes', '1x64x64', '--no-detector',
+         '--out', str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
@@ -21,6 +22,7 @@ def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
         assert f'| {name} |' in table
     assert '| train step | 1x3x64x64 | ResNet-50 |' in table
     assert '1.000x' in table and 'Machine:' in table
+    assert 'medians of 1 interleaved runs, 2 for inference' in table
     if platform.libc_ver()[0] == 'glibc':  # re-ran itself with malloc tuned
         assert 'glibc malloc keeping freed memory' in table
 
@@ -38,3 +40,20 @@ def test_block_tail_benchmark_reports_every_stage_and_task(tmp_path):
             assert f'| {task} | {where} |' in table, (task, where)
     assert 'PRM tail (torch ops)' in table
     assert 'default malloc' in table
+
+
+def test_profile_times_the_tails_of_every_stage_inside_whole_passes():
+    proc = subprocess.run(
+        [sys.executable, 'benchmarks/profile_prm.py', '--tails', '--reps',
+         '1', '--size', '1x64x64', '--task', 'inference',
+         '--default-malloc'],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines()
+            if line.startswith('| ') and line[2].isdigit() or
+            line.startswith('| all 16 blocks')]
+    assert [row.split(' | ')[0] for row in rows] == [
+        '| 256', '| 512', '| 1024', '| 2048', '| all 16 blocks'], rows
+    for row in rows:  # every stage's tails took time in both backbones
+        plain, prm = (float(v) for v in row.split(' | ')[1:3])
+        assert plain > 0 and prm > 0, row
