@@ -478,3 +478,40 @@ def test_kernel_that_cannot_build_falls_back_with_a_warning_naming_why(
         y = prm(x, *params, groups=4)
     torch.testing.assert_close(y, prm_reference(x, *params, groups=4))
     assert 'no C++ compiler found' in cpu_kernel.error()
+
+
+@pytest.mark.parametrize('relu', [False, True])
+def test_saturated_gates_stay_finite_and_match_the_reference(relu):
+    """Large lambdas push some gates' pre-activations past +-88, where a
+    float exp overflows: gates are then 0 or 1, never NaN, forward and
+    backward, on the kernel as on the torch ops (a NaN gate hides behind
+    the ReLU in forward, so both are checked)."""
+    torch.manual_seed(0)
+    groups = 8
+    x = torch.randn(2, 32, 23, 29) * 3
+    identity = torch.randn_like(x)
+    params = init_params(groups, torch.float32, seed=9)
+    params['weight'] = params['weight'] * 40  # |gain * (S - mean)| > 88
+    upstream = torch.randn_like(x)
+    results = []
+    for path in ('kernel', 'torch ops', 'reference'):
+        xs = x.clone().requires_grad_()
+        ps = [p.clone().requires_grad_() for p in params.values()]
+        if path == 'reference':
+            y = prm_reference(xs, *ps, groups=groups) + identity
+            y = torch.relu(y) if relu else y
+        elif path == 'kernel':
+            assert cpu_kernel.available()
+            y = prm(xs, *ps, groups=groups, identity=identity, relu=relu)
+        else:
+            with cpu_kernel.kernel_disabled():
+                y = prm(xs, *ps, groups=groups, identity=identity, relu=relu)
+        y.backward(upstream)
+        results.append([y.detach(), xs.grad] + [p.grad for p in ps])
+    pre = params['weight'].abs().max() * 2  # gain * |S - mean| can pass 88
+    assert pre > 88
+    for path, result in zip(('kernel', 'torch ops'), results[:2]):
+        for name, got, want in zip(('y', 'x', *params), result, results[2]):
+            assert torch.isfinite(got).all(), (path, name)
+            torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-3,
+                                       msg=f'{path} {name}')
