@@ -34,6 +34,7 @@ _ISA_FLAGS = {
     'AVX2': ['-mavx2', '-mfma'],
 }
 ENV_SWITCH = 'PRM_DET_CPU_KERNEL'
+DTYPES = (torch.float32, torch.float64)  # what the kernel computes in
 
 _lock = threading.Lock()
 # enabled: PRM_DET_CPU_KERNEL, read once, when the kernel is first asked for
@@ -140,7 +141,7 @@ def kernel_disabled():
 def use_kernel(x: torch.Tensor) -> bool:
     """Whether PRM on ``x`` should take the compiled kernel."""
     return (x.device.type == 'cpu'
-            and x.dtype in (torch.float32, torch.float64) and available())
+            and x.dtype in DTYPES and available())
 
 
 def ops():

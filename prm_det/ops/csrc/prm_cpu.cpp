@@ -1149,7 +1149,7 @@ NormView norm_view(const at::Tensor& c, const c10::optional<at::Tensor>& weight,
                    const at::Tensor& save_mean, const at::Tensor& save_invstd,
                    bool training, double bn_eps) {
   const int64_t C = c.size(1);
-  std::vector<double> mean, stat;  // stat: invstd (training) or var (eval)
+  std::vector<double> mean, stat;  // stat: invstd (eval: var, made invstd)
   if (training) {
     mean = doubles(save_mean, C, "save_mean");
     stat = doubles(save_invstd, C, "save_invstd");
