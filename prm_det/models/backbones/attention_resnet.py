@@ -60,8 +60,20 @@ class PluginBasicBlock(BasicBlock):
 def _is_scratch(conv) -> bool:
     """Whether ``conv``'s output is the block's alone: no forward hook (the
     module's or a global one) can have kept a reference to it."""
-    return not (conv._forward_hooks or getattr(
-        nn.modules.module, '_global_forward_hooks', None))
+    return not (conv._forward_hooks or _global_hooks())
+
+
+def _global_hooks() -> bool:
+    module = nn.modules.module
+    return bool(getattr(module, '_global_forward_hooks', None)
+                or getattr(module, '_global_forward_pre_hooks', None))
+
+
+def _hooked(module) -> bool:
+    """Whether a forward hook or pre-hook (the module's or a global one)
+    expects ``module`` to be called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or _global_hooks())
 
 
 def _block_tail(block, plugin_names, out, norm, identity, relu,
@@ -72,15 +84,19 @@ def _block_tail(block, plugin_names, out, norm, identity, relu,
     output is not kept for backward, and in inference the result goes over
     the conv's output when it is scratch) or ``forward_residual`` (PRM: the
     add and the ReLU in its gating pass, two passes over the map fewer than
-    mmdet's ``out += identity; relu(out)``)."""
+    mmdet's ``out += identity; relu(out)``). Where a hook sits on the norm
+    or the attention (feature capture, visualization), every module is
+    called as in a plain block, so the hooks fire."""
     last = getattr(block, plugin_names[-1]) if plugin_names else None
-    if len(plugin_names) == 1 and hasattr(last, 'forward_norm_residual'):
+    fuse = last is not None and not _hooked(last)
+    if (fuse and len(plugin_names) == 1 and not _hooked(norm)
+            and hasattr(last, 'forward_norm_residual')):
         return last.forward_norm_residual(out, norm, identity,
                                           reuse_c=out_is_scratch)
     out = norm(out)
     for name in plugin_names[:-1]:
         out = getattr(block, name)(out)
-    if hasattr(last, 'forward_residual'):
+    if fuse and hasattr(last, 'forward_residual'):
         return last.forward_residual(out, identity)
     if last is not None:
         out = last(out)
@@ -168,11 +184,17 @@ class AttentionResNet(ResNet):
         num_stages = kwargs.get('num_stages', 4)
         if attention_stages is None:
             attention_stages = self.default_stages or (True, ) * num_stages
-        attention_stages = tuple(bool(s) for s in attention_stages)
-        if len(attention_stages) != num_stages:
+        # a string is a sequence too: 'FFFF' would be four True flags
+        if (not isinstance(attention_stages, (list, tuple))
+                or len(attention_stages) != num_stages or not all(
+                    isinstance(s, (bool, int)) and s in (0, 1)
+                    for s in attention_stages)):
             raise ValueError(
                 f'attention_stages needs one flag per stage ({num_stages} '
-                f'for num_stages={num_stages}), got {attention_stages}')
+                f'for num_stages={num_stages}), a tuple of True/False such '
+                f'as {(False, ) + (True, ) * (num_stages - 1)}; got '
+                f'{attention_stages!r}')
+        attention_stages = tuple(bool(s) for s in attention_stages)
         cfg = attention_cfg(attention, self.default_attention)
 
         plugins = list(plugins or [])

@@ -1,15 +1,40 @@
-"""PRM as an MMDetection module (the math is in :mod:`prm_det.ops.prm`).
+"""PRM as an MMDetection module (the math is in :mod:`prm_det.ops`).
 
 Ma & Fu, "Position-Aware Recalibration Module: Learning From Feature Semantics
 and Feature Position", IJCAI 2020. https://www.ijcai.org/proceedings/2020/111
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from prm_det.ops.prm import (MODES, NORM_EPS, batchnorm_prm_eval,
-                             batchnorm_prm_residual, prm)
+from prm_det.ops import (MODES, NORM_EPS, BatchNorm, PRMOptions, PRMParams,
+                         prm, prm_block_tail)
+
+
+def batch_norm_of(norm: nn.Module) -> Optional[BatchNorm]:
+    """An ``nn.BatchNorm2d`` as the op's :class:`BatchNorm` (tensors and
+    settings), with the bookkeeping of torch's ``_BatchNorm.forward``
+    (``num_batches_tracked``, the momentum factor); None for any other
+    norm."""
+    if type(norm) is not nn.BatchNorm2d:
+        return None
+    buffers = norm._buffers
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    tracked = buffers.get('num_batches_tracked')
+    if norm.training and norm.track_running_stats and tracked is not None:
+        tracked.add_(1)
+        if norm.momentum is None:
+            factor = 1.0 / float(tracked)
+    running_mean, running_var = buffers['running_mean'], buffers['running_var']
+    use_batch_stats = norm.training or running_mean is None
+    keep_running = not norm.training or norm.track_running_stats
+    return BatchNorm(norm._parameters['weight'], norm._parameters['bias'],
+                     running_mean if keep_running else None,
+                     running_var if keep_running else None, use_batch_stats,
+                     factor, norm.eps)
 
 
 @MODELS.register_module()
@@ -70,12 +95,10 @@ class PRM(nn.Module):
             raise ValueError(
                 f'PRM: mode must be one of {MODES}, got {mode!r}')
         self.in_channels = in_channels
-        self.groups = groups
-        self.mode = mode
-        self.use_position = use_position
-        self.use_norm = use_norm
-        self.normalized_positions = normalized_positions
-        self.reference = reference
+        self.options = PRMOptions(
+            groups=groups, use_position=use_position, use_norm=use_norm,
+            normalized_positions=normalized_positions, eps=NORM_EPS,
+            mode=mode, backend='reference' if reference else None)
         self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1))  # lambda
         self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))  # xi
         self.one = nn.Parameter(torch.ones(1, groups, 1))  # beta
@@ -89,69 +112,50 @@ class PRM(nn.Module):
                 f'PRM expects [b, {self.in_channels}, h, w] inputs, got '
                 f'{tuple(x.shape)}')
 
-    def _params(self) -> tuple:
-        """The six parameters in the ops' order, read from
-        ``_parameters`` directly (nn.Module's attribute lookup is a Python
-        call per name, which a block's forward pays on every call)."""
+    def _params(self) -> PRMParams:
+        """The six parameters, read from ``_parameters`` directly
+        (nn.Module's attribute lookup is a Python call per name, which a
+        block's forward pays on every call)."""
         p = self._parameters
-        return (p['weight'], p['bias'], p['one'], p['zero'], p['theta'],
-                p['scale'])
-
-    def _options(self) -> tuple:
-        return (self.groups, self.use_position, self.use_norm,
-                self.normalized_positions, NORM_EPS)
-
-    def _parameters_and_options(self) -> tuple:
-        """Everything the ops after the input take, in their order."""
-        return self._params() + self._options()
-
-    def _prm(self, x: Tensor, **kwargs) -> Tensor:
-        self._check_input(x)
-        (weight, bias, one, zero, theta, scale, groups, use_position,
-         use_norm, normalized_positions, eps) = self._parameters_and_options()
-        return prm(x, weight, bias, one, zero, theta, scale, groups,
-                   self.mode, use_position, use_norm, normalized_positions,
-                   eps, self.reference, **kwargs)
+        return PRMParams(p['weight'], p['bias'], p['one'], p['zero'],
+                         p['theta'], p['scale'])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._prm(x)
+        self._check_input(x)
+        return prm(x, self._params(), self.options)
 
     def forward_residual(self, x: Tensor, identity: Tensor) -> Tensor:
         """``relu(self(x) + identity)``: a residual block's output, with the
         shortcut add and the ReLU done in PRM's gating pass."""
-        if identity.shape != x.shape:
-            raise ValueError(
-                f'PRM.forward_residual: identity {tuple(identity.shape)} '
-                f'does not match x {tuple(x.shape)}')
-        return self._prm(x, identity=identity, relu=True)
+        self._check_input(x)
+        return prm_block_tail(x, self._params(), self.options,
+                              identity=identity, relu=True)
 
     def forward_norm_residual(self, c: Tensor, norm: nn.Module,
                               identity: Tensor,
                               reuse_c: bool = False) -> Tensor:
         """``relu(self(norm(c)) + identity)`` from the last convolution's
-        output ``c``. With a BatchNorm2d ``norm`` on the fast path, the
-        normalized map is recomputed in backward instead of being kept, so a
-        PRM block keeps what a plain block keeps (plus PRM's small state).
-        ``reuse_c``: nothing else holds ``c``, so inference may write the
-        result over it (see :func:`batchnorm_prm_residual`).
+        output ``c``. With a BatchNorm2d ``norm`` the op applies the norm
+        itself (the normalized map is not kept for backward); anything else
+        runs ``norm`` first. ``reuse_c``: nothing else holds ``c``, so
+        inference may write the result over it.
         """
-        if (type(norm) is nn.BatchNorm2d and self.mode == 'dotproduct'
-                and not self.reference):
-            if not torch.is_grad_enabled() and c.dim() == 4 and \
-                    c.shape[1] == self.in_channels:
-                # inference: the CPU kernel straight away where it applies
-                y = batchnorm_prm_eval(c, norm, identity, self._params(),
-                                       self._options(), reuse_c)
-                if y is not None:
-                    return y
-            if (c.dtype in (torch.float32, torch.float64)
-                    and not torch.is_autocast_enabled(c.device.type)
-                    and identity.shape == c.shape):
-                self._check_input(c)
-                return batchnorm_prm_residual(
-                    c, norm, identity, *self._parameters_and_options(),
-                    reuse_c=reuse_c)
-        return self.forward_residual(norm(c), identity)
+        bn = batch_norm_of(norm)
+        if bn is None:
+            return self.forward_residual(norm(c), identity)
+        self._check_input(c)
+        return prm_block_tail(c, self._params(), self.options,
+                              identity=identity, norm=bn, relu=True,
+                              inplace=reuse_c)
+
+    # the settings, read from the options the op takes
+    groups = property(lambda self: self.options.groups)
+    mode = property(lambda self: self.options.mode)
+    use_position = property(lambda self: self.options.use_position)
+    use_norm = property(lambda self: self.options.use_norm)
+    normalized_positions = property(
+        lambda self: self.options.normalized_positions)
+    reference = property(lambda self: self.options.backend == 'reference')
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, groups={self.groups}, mode={self.mode!r}'

@@ -1,0 +1,105 @@
+"""PRM's backends and the one place that chooses among them.
+
+- ``cpu``: the compiled C++/OpenMP kernel (:mod:`.cpu`), CPU float32 and
+  float64 maps; the default there.
+- ``triton``: Triton kernels (:mod:`.triton_backend`), the default on CUDA;
+  on CPU tensors it runs through Triton's interpreter (``TRITON_INTERPRET=1``
+  set before triton is imported), which is how the tests run it.
+- ``torch``: torch ops, any device and dtype (:mod:`.torch_ops`); where
+  neither of the others applies.
+- ``reference``: not a backend but the readable autograd composition
+  (:func:`prm_det.ops.reference.prm_reference`): every similarity mode, and
+  the route taken while exporting (ONNX, tracing).
+
+:func:`select` is the only code that picks one. To force one (tests,
+benchmarks, bug reports): ``with prm_det.ops.use_backend('torch'):`` or the
+environment variable ``PRM_DET_BACKEND=torch`` (read once, at the first
+PRM call); a layer's ``PRMOptions.backend`` pins that layer.
+"""
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from ..contract import PRMOptions
+from . import cpu, torch_ops, triton_backend
+
+ENV_VAR = 'PRM_DET_BACKEND'
+BACKENDS = {'cpu': cpu, 'triton': triton_backend, 'torch': torch_ops}
+NAMES = tuple(BACKENDS) + ('reference',)
+
+_forced = []  # use_backend's stack, innermost last
+_from_env = []  # PRM_DET_BACKEND, read once: [name or None]
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in NAMES:
+        raise ValueError(
+            f'{where}: unknown PRM backend {name!r}; choose one of {NAMES}')
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run PRM on backend ``name`` inside the block (whatever the device).
+
+    Example:
+        >>> import torch, prm_det.ops as ops
+        >>> with ops.use_backend('torch'):
+        ...     pass  # every PRM call here runs on torch ops
+    """
+    _forced.append(_check_name(name, 'use_backend'))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _env_choice() -> Optional[str]:
+    if not _from_env:
+        value = os.environ.get(ENV_VAR, '').strip().lower() or None
+        _from_env.append(value and _check_name(value, ENV_VAR))
+    return _from_env[0]
+
+
+def _exporting() -> bool:
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_exporting())
+
+
+def _default(c: Tensor) -> str:
+    """The fastest backend that takes ``c``, by device and availability."""
+    if c.is_cuda and triton_backend.available():
+        return 'triton'
+    if cpu.check(c) is None and cpu.available():
+        return 'cpu'
+    return 'torch'
+
+
+def select(c: Tensor, options: PRMOptions):
+    """The backend module that runs PRM on ``c``, or None for the reference
+    composition. The order: the layer's own ``options.backend``, then
+    :func:`use_backend`, then ``PRM_DET_BACKEND``; otherwise the reference
+    for modes other than 'dotproduct' and while exporting, else the fastest
+    backend for ``c``'s device and dtype."""
+    name = options.backend or (_forced[-1] if _forced else _env_choice())
+    if name is None:
+        if options.mode != 'dotproduct' or _exporting():
+            return None
+        name = _default(c)
+    if name == 'reference' or options.mode != 'dotproduct':
+        return None  # the backends compute the dot-product mode only
+    backend = BACKENDS[name]
+    reason = backend.check(c)
+    if reason is not None:
+        raise RuntimeError(
+            f'PRM backend {name!r} (forced by PRMOptions.backend, use_backend'
+            f' or {ENV_VAR}) cannot run a {c.device.type} {c.dtype} map: '
+            f'{reason}. Force another backend ({", ".join(NAMES)}) or none.')
+    if not backend.available():
+        raise RuntimeError(
+            f'PRM backend {name!r} is not available here: '
+            f'{backend.unavailable_reason()}')
+    return backend
