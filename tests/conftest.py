@@ -3,6 +3,16 @@ import os.path as osp
 
 import pytest
 
+# Triton's interpreter runs the ``triton`` backend's kernels on CPU tensors;
+# it must be chosen before triton is imported. A CUDA machine runs them
+# compiled instead.
+try:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault('TRITON_INTERPRET', '1')
+except ImportError:  # test_setup runs before the stack is installed
+    pass
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 GOLDEN = osp.join(osp.dirname(REPO), 'shared', 'golden', 'prm_official.pt')
 
@@ -33,17 +43,17 @@ def repo():
     return REPO
 
 
-@pytest.fixture(params=['kernel', 'torch ops'])
-def prm_path(request):
-    """Runs a test on each of PRM's fast implementations on CPU: the
-    compiled kernel (what CPU runs by default; ``make setup`` builds it, so
-    a kernel that does not build fails here with the reason) and the torch
-    ops the fast path runs elsewhere (CUDA) or without the kernel."""
-    from prm_det.ops import cpu_kernel
-    if request.param == 'kernel':
-        assert cpu_kernel.available(), (
-            f'the PRM CPU kernel did not build: {cpu_kernel.error()}')
+@pytest.fixture(params=['cpu', 'torch', 'triton'])
+def backend(request):
+    """Runs a test on each of PRM's backends, forced with ``use_backend``:
+    the compiled CPU kernel (``make setup`` builds it, so a kernel that does
+    not build fails here with the reason), torch ops, and the Triton kernels
+    (through Triton's interpreter on a machine without CUDA)."""
+    from prm_det.ops import use_backend
+    from prm_det.ops.backends import BACKENDS
+    module = BACKENDS[request.param]
+    assert module.available(), (
+        f'PRM backend {request.param!r} is not available: '
+        f'{module.unavailable_reason()}')
+    with use_backend(request.param):
         yield request.param
-    else:
-        with cpu_kernel.kernel_disabled():
-            yield request.param

@@ -3,8 +3,8 @@
 #
 #   bash tools/setup_env.sh          (what `make setup` runs)
 #
-# Order matters: torch -> mmengine -> mmcv (compiled, with ops) -> mmdet ->
-# pycocotools -> prm_det (editable). Versions come from requirements.txt.
+# Order matters: torch -> mmengine -> mmcv (compiled, with ops) -> triton
+# (where torch has none) -> mmdet -> pycocotools -> prm_det (editable). Versions come from requirements.txt.
 # Idempotent: a stamp keyed to requirements.txt, pyproject.toml and this script
 # makes a second run return at once. The stamp is written only after every step
 # and the import check succeeded, and removed before any step runs, so a failed
@@ -101,6 +101,15 @@ else
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${pip[@]}" --no-build-isolation "$(pin mmcv)"
 fi
 
+# A CUDA build of torch brings its own pinned Triton (pip would refuse ours
+# beside it); the CPU build has none, and the tests run the Triton kernels
+# through Triton's interpreter.
+if [ "$with_cuda" = 0 ]; then
+  step "installing $(pin triton) (the PRM kernels' language; on CPU its interpreter runs them)" \
+    "make PyPI reachable; a CUDA build of torch brings its own triton instead"
+  "${pip[@]}" "$(pin triton)"
+fi
+
 step "installing $(pin mmdet), $(pin pycocotools) and $(pin pytest)" \
   "make PyPI reachable; mmdet 3.3.0 needs mmcv>=2.0.0rc4,<2.2.0"
 "${pip[@]}" "$(pin mmdet)" "$(pin pycocotools)" "$(pin pytest)"
@@ -108,16 +117,17 @@ step "installing $(pin mmdet), $(pin pycocotools) and $(pin pytest)" \
 step "installing prm_det (editable)" "see pip's message above; pyproject.toml must be valid"
 "${pip[@]}" --no-deps --no-build-isolation -e .
 
-step "compiling prm_det's PRM CPU kernel (prm_det/ops/csrc/prm_cpu.cpp, about a minute)" \
-  "run '$venv/bin/python -c \"from prm_det.ops import cpu_kernel; cpu_kernel.build(verbose=True)\"' to see the compiler's error; it needs the C++ compiler checked above and ninja (installed with mmengine above)"
-"$venv/bin/python" -c 'from prm_det.ops import cpu_kernel; cpu_kernel.build()'
+step "compiling prm_det's PRM CPU kernel (prm_det/ops/csrc/, about a minute)" \
+  "run '$venv/bin/python -c \"from prm_det.ops.backends import cpu; cpu.build(verbose=True)\"' to see the compiler's error; it needs the C++ compiler checked above and ninja (installed with mmengine above)"
+"$venv/bin/python" -c 'from prm_det.ops.backends import cpu; cpu.build()'
 
 step "checking that the stack imports and mmcv's compiled ops load" \
   "run '$venv/bin/python -c \"from mmcv.ops import nms\"' to see the error; rebuild mmcv with 'rm -rf $venv && make setup'"
-"$venv/bin/python" -c 'import torch, mmengine, mmcv, mmdet, pycocotools, prm_det
+"$venv/bin/python" -c 'import torch, mmengine, mmcv, mmdet, pycocotools, prm_det, triton
 from mmcv.ops import nms, RoIAlign, sigmoid_focal_loss
 print("[setup] torch", torch.__version__, "| mmengine", mmengine.__version__, "| mmcv", mmcv.__version__,
-      "| mmdet", mmdet.__version__, "| prm_det", prm_det.__version__)'
+      "| mmdet", mmdet.__version__, "| triton", triton.__version__,
+      "| prm_det", prm_det.__version__)'
 
 echo "$key" > "$stamp"
 echo "[setup] done: $venv"

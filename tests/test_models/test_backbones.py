@@ -210,7 +210,7 @@ def test_attention_options_and_stages_are_arguments():
 @pytest.mark.parametrize('depth', [18, 50])
 @pytest.mark.parametrize('bn_training', [True, False])
 def test_fused_block_tail_equals_norm_prm_add_relu(depth, bn_training,
-                                                  prm_path):
+                                                  backend):
     """The PRM block computes relu(prm(norm(conv(x))) + shortcut) in one
     Function (normalized map recomputed in backward): same outputs,
     gradients and BatchNorm running statistics as the plain composition."""
@@ -255,7 +255,7 @@ def test_fused_block_tail_equals_norm_prm_add_relu(depth, bn_training,
                                    getattr(norm_plain, key), msg=key)
 
 
-def test_prm_block_keeps_no_normalized_copy_for_backward(prm_path):
+def test_prm_block_keeps_no_normalized_copy_for_backward(backend):
     """Tensors saved for backward by a PRM block: no more of the feature
     map's size than a plain ResNet block saves."""
     def saved_bytes(model, x):
@@ -283,7 +283,7 @@ def test_prm_block_keeps_no_normalized_copy_for_backward(prm_path):
     assert ratio < 1.12, ratio
 
 
-def test_channels_last_backbone_matches_contiguous(prm_path):
+def test_channels_last_backbone_matches_contiguous(backend):
     torch.manual_seed(0)
     model = small('PRMResNet', 50)
     model.train()
@@ -332,7 +332,7 @@ def test_prm_blocks_run_the_fused_batchnorm_kernel_on_cpu():
 
 
 @pytest.mark.parametrize('depth', [18, 50])
-def test_inference_block_equals_norm_prm_add_relu(depth, prm_path):
+def test_inference_block_equals_norm_prm_add_relu(depth, backend):
     """Inference (eval, no_grad), where the kernel writes the tail's result
     over the conv's output: the same result as the plain composition."""
     import copy
@@ -394,35 +394,86 @@ def _eval_tail_case(case):
 @pytest.mark.parametrize('case', [
     'float32', 'float64', 'norm in training', 'batch statistics in eval',
     'channels-last c', 'strided identity'])
-def test_inference_tail_equals_norm_prm_add_relu_and_takes_the_kernel_where_it_can(
+def test_inference_tail_equals_norm_prm_add_relu_and_writes_over_c_where_it_can(
         case):
-    """PRM.forward_norm_residual under no_grad: the kernel's op straight
-    away for a contiguous float map and a norm in eval with running
-    statistics; the general path otherwise. Always relu(prm(norm(c)) + id),
-    and the norm's running statistics move exactly as norm(c) moves them."""
+    """PRM.forward_norm_residual under no_grad on CPU: the kernel's
+    inference op, writing over c, for a contiguous float map and a norm in
+    eval with running statistics (a strided identity is copied first); the
+    kernel's forward op otherwise. Always relu(prm(norm(c)) + id), and the
+    norm's running statistics move exactly as norm(c) moves them."""
     import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
     prm, norm, c, identity = _eval_tail_case(case)
     plain_norm = copy.deepcopy(norm)
     with torch.no_grad():
         expected = torch.relu(prm(plain_norm(c.clone())) + identity)
-    from prm_det.ops.prm import batchnorm_prm_eval
-    with torch.no_grad():
-        direct = batchnorm_prm_eval(c, norm, identity,
-                                    prm._params(), prm._options())
-    takes_kernel = case in ('float32', 'float64')
-    assert (direct is not None) == takes_kernel
+    over_c = case in ('float32', 'float64', 'strided identity')
     scratch = c.clone()
-    with torch.no_grad():
+    with torch.no_grad(), Recorder() as rec:
         y = prm.forward_norm_residual(scratch, norm, identity, reuse_c=True)
+    assert rec.ops.count('prm_det.bn_prm_eval_') == int(over_c), rec.ops
+    assert rec.ops.count('prm_det.bn_prm_forward') == int(not over_c)
     tol = dict(rtol=1e-5, atol=1e-5) if case != 'float64' else dict(
         rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, expected, **tol)
-    if takes_kernel:
-        torch.testing.assert_close(direct, expected, **tol)
+    if over_c:
         assert y.data_ptr() == scratch.data_ptr()  # written over c
     for key in ('running_mean', 'running_var', 'num_batches_tracked'):
         torch.testing.assert_close(getattr(norm, key),
                                    getattr(plain_norm, key), msg=key)
+
+
+@pytest.mark.parametrize('where', ['norm3', 'prm'])
+@pytest.mark.parametrize('kind', ['forward hook', 'pre-hook'])
+def test_hooks_on_the_last_norm_and_on_prm_fire_as_in_resnet(
+        where, kind, backend):
+    """Feature capture and visualization tools hook a block's last norm or
+    its attention: the block then calls them as a plain block does (the
+    hook fires once per forward, and a forward hook sees the module's
+    output), with the same result as without the hook."""
+    torch.manual_seed(0)
+    model = small('PRMResNet', 50)
+    model.eval()
+    block = model.layer1[0]
+    module = getattr(block, where)
+    seen = []
+    if kind == 'forward hook':
+        handle = module.register_forward_hook(
+            lambda m, args, out: seen.append((args[0].clone(), out.clone())))
+    else:
+        handle = module.register_forward_pre_hook(
+            lambda m, args: seen.append((args[0].clone(), None)))
+    x = torch.randn(2, block.conv1.in_channels, 9, 11)
+    with torch.no_grad():
+        y_hooked = block(x)
+    handle.remove()
+    with torch.no_grad():
+        y = block(x)
+    assert len(seen) == 1
+    torch.testing.assert_close(y_hooked, y, rtol=1e-5, atol=1e-6)
+    inputs, output = seen[0]
+    with torch.no_grad():
+        out = block.relu(block.norm2(block.conv2(block.relu(block.norm1(
+            block.conv1(x))))))
+        expected_input = block.conv3(out)
+        if where == 'prm':
+            expected_input = block.norm3(expected_input)
+    torch.testing.assert_close(inputs, expected_input, rtol=1e-5, atol=1e-6)
+    if output is not None:
+        torch.testing.assert_close(output, module(expected_input),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_inference_leaves_a_hooked_conv_output_alone():

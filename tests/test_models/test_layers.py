@@ -28,7 +28,7 @@ def test_fresh_prm_gates_everything_at_sigmoid_one():
     torch.testing.assert_close(layer(x), x * torch.sigmoid(torch.tensor(1.)))
 
 
-def test_prm_module_reproduces_golden_vectors(golden, prm_path):
+def test_prm_module_reproduces_golden_vectors(golden, backend):
     for case in golden['cases']:
         layer = MODELS.build(dict(type='PRM', in_channels=case['x'].shape[1],
                                   groups=case['groups'], mode=case['mode']))

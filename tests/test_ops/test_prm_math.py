@@ -1,4 +1,4 @@
-"""PRM tensor math: the official results, the fast path against the readable
+"""PRM tensor math: the official results, every backend against the readable
 reference, and the faults of the official code that ours must not have."""
 import subprocess
 import sys
@@ -7,11 +7,22 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prm_det.ops import cpu_kernel
-
-from prm_det.ops.prm import prm, prm_reference
+from prm_det.models.layers.prm import batch_norm_of
+from prm_det.ops import (PRMOptions, PRMParams, prm_block_tail,
+                         prm_reference, use_backend)
+from prm_det.ops.backends import cpu as cpu_backend
 
 NAMES = ('weight', 'bias', 'one', 'zero', 'theta', 'scale')
+
+
+def prm(x, *params, groups, mode='dotproduct', identity=None, relu=False,
+        **options):
+    """The op as the old positional call read: PRM (+ identity, ReLU) on the
+    backend in force."""
+    return prm_block_tail(
+        x, PRMParams(*params), PRMOptions(groups=groups, mode=mode,
+                                          **options),
+        identity=identity, relu=relu)
 
 
 def init_params(groups, dtype=torch.float64, seed=0, away=True):
@@ -59,7 +70,7 @@ def golden_errors(case, params, fn=prm):
     return errs
 
 
-def test_golden_vectors_match_official_float64(golden, prm_path):
+def test_golden_vectors_match_official_float64(golden, backend):
     assert len(golden['cases']) >= 8
     for i, case in enumerate(golden['cases']):
         errs = golden_errors(case, case['params'], prm)
@@ -105,7 +116,7 @@ OPTIONS = [dict(), dict(use_position=False), dict(use_norm=False),
                                        (torch.float32, 2e-4)])
 @pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('options', OPTIONS)
-def test_fast_path_matches_reference(dtype, tol, shape, options, prm_path):
+def test_fast_path_matches_reference(dtype, tol, shape, options, backend):
     b, c, h, w, groups = shape
     x, upstream = random_case(b, c, h, w, groups, dtype, seed=sum(shape))
     params = init_params(groups, dtype, seed=c)
@@ -124,7 +135,7 @@ def test_fast_path_matches_reference(dtype, tol, shape, options, prm_path):
 
 
 @pytest.mark.parametrize('mode', ['dotproduct', 'cosine', 'l1norm'])
-def test_one_by_one_map_is_finite_and_gates_by_xi(mode, prm_path):
+def test_one_by_one_map_is_finite_and_gates_by_xi(mode, backend):
     x = torch.randn(2, 16, 1, 1, dtype=torch.float64)
     params = init_params(4)
     y, gx, gp = run(prm, x, params, torch.ones_like(x), groups=4, mode=mode)
@@ -136,7 +147,7 @@ def test_one_by_one_map_is_finite_and_gates_by_xi(mode, prm_path):
 
 @pytest.mark.parametrize('mode', ['dotproduct', 'cosine', 'l1norm'])
 @pytest.mark.parametrize('value', [0.0, 3.5])
-def test_constant_input_is_finite(mode, value, prm_path):
+def test_constant_input_is_finite(mode, value, backend):
     x = torch.full((2, 16, 6, 5), value)
     params = init_params(4, torch.float32)
     y, gx, gp = run(prm, x, params, torch.randn_like(x), groups=4, mode=mode)
@@ -193,7 +204,10 @@ class OpRecorder(TorchDispatchMode):
         return out
 
 
-def test_no_nonzero_no_sync_no_distribution_objects(monkeypatch, prm_path):
+@pytest.mark.parametrize('name', ['cpu', 'torch'])
+def test_no_nonzero_no_sync_no_distribution_objects(monkeypatch, name):
+    """(Triton's interpreter copies every map to the host by design, so the
+    triton backend is checked for this on a GPU only.)"""
     import torch.distributions
 
     def forbidden(*a, **k):
@@ -204,7 +218,7 @@ def test_no_nonzero_no_sync_no_distribution_objects(monkeypatch, prm_path):
     params = [p.requires_grad_() for p in init_params(8, torch.float32)
               .values()]
     rec = OpRecorder()
-    with rec:
+    with rec, use_backend(name):
         y = prm(x, *params, groups=8)
         y.sum().backward()
     assert not any('nonzero' in op for op in rec.ops), rec.ops
@@ -213,18 +227,19 @@ def test_no_nonzero_no_sync_no_distribution_objects(monkeypatch, prm_path):
                    for op in rec.ops), rec.ops
 
 
-def test_forward_materializes_no_full_size_gate(prm_path):
+@pytest.mark.parametrize('name', ['cpu', 'torch'])
+def test_forward_materializes_no_full_size_gate(name):
     x = torch.randn(2, 64, 9, 7)
     params = list(init_params(16, torch.float32).values())
     rec = OpRecorder()
     rec.full_numel = x.numel()
-    with torch.no_grad(), rec:
+    with torch.no_grad(), rec, use_backend(name):
         prm(x, *params, groups=16)
     # the output y = x * gate is the only full-size tensor forward makes
     assert len(rec.full_size_outputs) == 1, rec.full_size_outputs
 
 
-def test_query_argmax_takes_first_maximum_and_position_matters():
+def test_query_argmax_takes_first_maximum_and_position_matters(backend):
     # two identical peaks: the first (row-major) one is the query
     x = torch.zeros(1, 4, 3, 3, dtype=torch.float64)
     x[0, :, 0, 1] = 1.0
@@ -245,11 +260,12 @@ def test_math_imports_with_torch_alone():
     code = ('import sys\n'
             'for m in ("mmdet", "mmcv", "mmengine"): sys.modules[m] = None\n'
             'import torch\n'
-            'from prm_det.ops.prm import prm\n'
+            'from prm_det.ops import prm, PRMOptions, PRMParams\n'
             'x = torch.randn(1, 8, 3, 3)\n'
             'p = [torch.zeros(1,2,1,1), torch.ones(1,2,1,1), torch.ones(1,2,1),'
             ' torch.zeros(1,2,1), torch.rand(1,2,1,1), torch.ones(1)]\n'
-            'assert prm(x, *p, groups=2).shape == x.shape\n'
+            'y = prm(x, PRMParams(*p), PRMOptions(groups=2))\n'
+            'assert y.shape == x.shape\n'
             'import prm_det\n'
             'assert "prm_det.models" not in sys.modules\n'
             'print("ok")\n')
@@ -261,7 +277,7 @@ def test_math_imports_with_torch_alone():
 @pytest.mark.parametrize('shape', [(2, 16, 7, 9, 4), (1, 8, 1, 13, 8),
                                    (2, 32, 1, 1, 8)])
 def test_fused_residual_relu_matches_prm_plus_identity_then_relu(
-        shape, prm_path):
+        shape, backend):
     b, c, h, w, groups = shape
     x, upstream = random_case(b, c, h, w, groups, torch.float64, seed=3)
     identity = torch.randn(b, c, h, w, dtype=torch.float64)
@@ -285,7 +301,7 @@ def test_fused_residual_relu_matches_prm_plus_identity_then_relu(
         assert (gp1[k] - gp2[k]).norm() <= 1e-10 * max(gp2[k].norm(), 1), k
 
 
-def test_channels_last_inputs_give_the_same_results(prm_path):
+def test_channels_last_inputs_give_the_same_results(backend):
     x, upstream = random_case(2, 32, 9, 7, 8, torch.float64, seed=5)
     params = init_params(8, torch.float64, seed=6)
     ref = run(prm, x, params, upstream, groups=8)
@@ -313,7 +329,7 @@ def test_cpu_runs_the_compiled_kernel_by_default():
     assert 'aten.bmm' not in rec.ops and 'aten.sigmoid' not in rec.ops
 
 
-def test_inference_without_autograd_equals_the_training_forward(prm_path):
+def test_inference_without_autograd_equals_the_training_forward(backend):
     x, _ = random_case(2, 48, 9, 11, 12, torch.float32, seed=8)
     identity = torch.randn_like(x)
     params = [p.requires_grad_() for p in init_params(12, torch.float32,
@@ -332,7 +348,8 @@ def test_eval_op_writes_over_c_what_the_forward_op_returns(dtype):
     bn_prm_forward in eval bit for bit, and refuses an identity that
     overlaps c's memory (it would be overwritten while being read); one in
     the same storage but elsewhere is fine."""
-    assert cpu_kernel.available()
+    assert cpu_backend.available()
+    ops = torch.ops.prm_det
     torch.manual_seed(3)
     c = torch.randn(2, 64, 9, 13, dtype=dtype)
     identity = torch.randn_like(c)
@@ -340,46 +357,54 @@ def test_eval_op_writes_over_c_what_the_forward_op_returns(dtype):
           torch.randn(64, dtype=dtype), torch.rand(64, dtype=dtype) + 0.5]
     params = list(init_params(16, dtype, seed=4).values())
     options = (16, True, True, False, 1e-5)
-    y = cpu_kernel.ops().bn_prm_forward(c, *bn, False, 0.1, 1e-5, identity,
-                                        True, *params, *options)[0]
+    y = ops.bn_prm_forward(c, *bn, False, 0.1, 1e-5, identity,
+                         True, *params, *options)[0]
     scratch = c.clone()
-    out = cpu_kernel.ops().bn_prm_eval_(scratch, *bn, 1e-5, identity, True,
+    out = ops.bn_prm_eval_(scratch, *bn, 1e-5, identity, True,
                                         *params, *options)
     assert out.data_ptr() == scratch.data_ptr()
     assert torch.equal(scratch, y)
     with pytest.raises(RuntimeError, match='identity must not overlap'):
-        cpu_kernel.ops().bn_prm_eval_(scratch, *bn, 1e-5, scratch[:], True,
+        ops.bn_prm_eval_(scratch, *bn, 1e-5, scratch[:], True,
                                       *params, *options)
     shared = torch.cat([c.flatten(), identity.flatten()])
     halves = shared.view(2, *c.shape)  # c, then identity, one storage
-    cpu_kernel.ops().bn_prm_eval_(halves[0], *bn, 1e-5, halves[1], True,
+    ops.bn_prm_eval_(halves[0], *bn, 1e-5, halves[1], True,
                                   *params, *options)
     assert torch.equal(halves[0], y)
     assert torch.equal(halves[1], identity)
 
 
-def test_reuse_c_with_an_identity_sharing_c_makes_a_new_map():
-    """batchnorm_prm_residual(reuse_c=True) writes over c only when the
+def block_tail(c, bn, identity, *params, groups, **kw):
+    """relu(prm(bn(c)) + identity) from an nn.BatchNorm2d, as a block runs
+    it (the module unpacks itself into the op's BatchNorm)."""
+    return prm_block_tail(c, PRMParams(*params), PRMOptions(groups=groups),
+                          identity=identity, norm=batch_norm_of(bn, c),
+                          relu=True, **kw)
+
+
+def test_reuse_c_with_an_identity_sharing_c_makes_a_new_map(backend):
+    """In inference with ``inplace`` the op writes over c only when the
     identity is another map; sharing c's memory, it leaves c alone."""
-    from prm_det.ops.prm import batchnorm_prm_residual
     torch.manual_seed(5)
     bn = torch.nn.BatchNorm2d(32).eval()
     c = torch.randn(2, 32, 6, 7)
     params = list(init_params(8, torch.float32, seed=6).values())
     before = c.clone()
     with torch.no_grad():
-        y = batchnorm_prm_residual(c, bn, c[:], *params, 8, reuse_c=True)
-        expected = batchnorm_prm_residual(before.clone(), bn, before,
-                                          *params, 8)
+        y = block_tail(c, bn, c[:], *params, groups=8, inplace=True)
+        expected = block_tail(before.clone(), bn, before, *params, groups=8)
+        scratch = before.clone()
+        over = block_tail(scratch, bn, before, *params, groups=8,
+                          inplace=True)
     assert torch.equal(c, before)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(over, expected, rtol=0, atol=0)
 
 
 def _bn_prm_tail_grads(shape, groups, dtype, bn_training, frozen, seed):
     """relu(prm(bn(c)) + identity)'s output and every gradient, from
-    batchnorm_prm_residual, with the inputs in ``frozen`` not requiring
-    grad."""
-    from prm_det.ops.prm import batchnorm_prm_residual
+    the op, with the inputs in ``frozen`` not requiring grad."""
     torch.manual_seed(seed)
     bn = torch.nn.BatchNorm2d(shape[1]).to(dtype).train(bn_training)
     with torch.no_grad():
@@ -393,7 +418,7 @@ def _bn_prm_tail_grads(shape, groups, dtype, bn_training, frozen, seed):
     bn.bias.requires_grad_('bn' not in frozen)
     params = [p.requires_grad_() for p in init_params(
         groups, dtype, seed=seed).values()]
-    y = batchnorm_prm_residual(c, bn, identity, *params, groups)
+    y = block_tail(c, bn, identity, *params, groups=groups)
     y.backward(torch.randn_like(y))
     leaves = [c, identity, bn.weight, bn.bias, *params]
     return [y.detach(), bn.running_mean, bn.running_var] + [
@@ -405,19 +430,22 @@ def _bn_prm_tail_grads(shape, groups, dtype, bn_training, frozen, seed):
 @pytest.mark.parametrize('batch', [1, 3])
 @pytest.mark.parametrize('bn_training', [True, False])
 @pytest.mark.parametrize('frozen', [(), ('c', ), ('bn', )])
+@pytest.mark.parametrize('name', ['cpu', 'triton'])
 def test_fused_batchnorm_backward_matches_torch_ops(dtype, tol, batch,
-                                                    bn_training, frozen):
-    """The kernel's BatchNorm + PRM backward (a task per channel group over
-    the whole batch, scratch kept per thread across calls) gives the torch
-    ops path's output and gradients, whichever inputs need them; a large
-    map run first leaves its scratch to a small one, then a large one
-    again."""
-    assert cpu_kernel.available()
+                                                    bn_training, frozen,
+                                                    name):
+    """Every backend's BatchNorm + PRM (the CPU kernel: a task per channel
+    group over the whole batch, scratch kept per thread across calls;
+    Triton: BatchNorm folded into the passes) gives the torch backend's
+    output, running statistics and gradients through the one autograd
+    Function, whichever inputs need them; on the kernel a large map run
+    first leaves its scratch to a small one, then a large one again."""
     for shape, groups in (((batch, 48, 23, 17), 12), ((batch, 24, 5, 1), 6),
                           ((batch, 32, 9, 31), 8)):
         args = (shape, groups, dtype, bn_training, frozen, 11)
-        fast = _bn_prm_tail_grads(*args)
-        with cpu_kernel.kernel_disabled():
+        with use_backend(name):
+            fast = _bn_prm_tail_grads(*args)
+        with use_backend('torch'):
             plain = _bn_prm_tail_grads(*args)
         for i, (a, b) in enumerate(zip(fast, plain)):
             if b is None:
@@ -427,42 +455,60 @@ def test_fused_batchnorm_backward_matches_torch_ops(dtype, tol, batch,
                                            msg=f'{shape} output {i}')
 
 
-def test_batch_statistics_of_one_value_per_channel_are_refused(prm_path):
+def test_batch_statistics_of_one_value_per_channel_are_refused(backend):
     """As nn.BatchNorm2d: training on one value per channel has no
     variance; the error names the shape and the ways out."""
-    from prm_det.ops.prm import batchnorm_prm_residual
     bn = torch.nn.BatchNorm2d(16).train()
     c = torch.randn(1, 16, 1, 1)
     params = list(init_params(4, torch.float32).values())
     with pytest.raises(ValueError, match=r'more than 1 value per channel.*'
                        r'\(1, 16, 1, 1\)'):
-        batchnorm_prm_residual(c, bn, torch.randn_like(c), *params, 4)
+        block_tail(c, bn, torch.randn_like(c), *params, groups=4)
     assert bn.num_batches_tracked.item() == 0
 
 
-def _fresh_kernel_state(monkeypatch):
-    """cpu_kernel as in a new process: the switch not read, nothing
-    built or warned yet."""
-    monkeypatch.setattr(cpu_kernel, '_state', dict(
-        enabled=None, loaded=None, error=None, warned=False, disabled=0))
+def _fresh_backend_state(monkeypatch):
+    """The backends as in a new process: PRM_DET_BACKEND not read yet, the
+    CPU kernel neither built nor warned about."""
+    from prm_det.ops import backends
+    monkeypatch.setattr(backends, '_from_env', [])
+    monkeypatch.setattr(cpu_backend, '_state',
+                        dict(loaded=None, error=None, warned=False))
 
 
-def test_kernel_switch_turns_the_kernel_off(monkeypatch):
-    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, '0')
-    _fresh_kernel_state(monkeypatch)
-    assert not cpu_kernel.available()
-    rec = OpRecorder()
+def test_environment_variable_forces_a_backend(monkeypatch):
     x = torch.randn(1, 16, 5, 5)
-    with rec, torch.no_grad():
-        y = prm(x, *init_params(4, torch.float32).values(), groups=4)
-    assert not any(op.startswith('prm_det.') for op in rec.ops), rec.ops
-    monkeypatch.delenv(cpu_kernel.ENV_SWITCH)
-    _fresh_kernel_state(monkeypatch)
+    params = list(init_params(4, torch.float32).values())
+    monkeypatch.setenv('PRM_DET_BACKEND', 'torch')
+    _fresh_backend_state(monkeypatch)
     rec = OpRecorder()
     with rec, torch.no_grad():
-        y_kernel = prm(x, *init_params(4, torch.float32).values(), groups=4)
+        y = prm(x, *params, groups=4)
+    assert not any(op.startswith('prm_det.') for op in rec.ops), rec.ops
+    monkeypatch.delenv('PRM_DET_BACKEND')
+    _fresh_backend_state(monkeypatch)
+    rec = OpRecorder()
+    with rec, torch.no_grad():
+        y_kernel = prm(x, *params, groups=4)
     assert any(op.startswith('prm_det.') for op in rec.ops), rec.ops
     torch.testing.assert_close(y, y_kernel)
+    monkeypatch.setenv('PRM_DET_BACKEND', 'cuda-kernel')
+    _fresh_backend_state(monkeypatch)
+    with pytest.raises(ValueError, match="PRM_DET_BACKEND: unknown PRM "
+                       "backend 'cuda-kernel'.*'torch'"):
+        prm(x, *params, groups=4)
+
+
+def test_a_forced_backend_that_cannot_take_the_map_says_why():
+    x = torch.randn(1, 16, 5, 5, dtype=torch.float16)
+    params = list(init_params(4, torch.float32).values())
+    with use_backend('cpu'), pytest.raises(
+            RuntimeError, match="backend 'cpu'.*cpu torch.float16 map.*"
+            "float32 and float64"):
+        prm(x, *params, groups=4)
+    with pytest.raises(ValueError, match='unknown PRM backend'):
+        with use_backend('cuda'):
+            pass
 
 
 def test_kernel_that_cannot_build_falls_back_with_a_warning_naming_why(
@@ -470,14 +516,14 @@ def test_kernel_that_cannot_build_falls_back_with_a_warning_naming_why(
     def no_compiler(verbose=False):
         raise RuntimeError('no C++ compiler found')
 
-    monkeypatch.setattr(cpu_kernel, 'build', no_compiler)
-    _fresh_kernel_state(monkeypatch)
+    monkeypatch.setattr(cpu_backend, 'build', no_compiler)
+    _fresh_backend_state(monkeypatch)
     x = torch.randn(1, 16, 5, 5)
     params = list(init_params(4, torch.float32).values())
     with pytest.warns(UserWarning, match='no C.. compiler found.*Fix:'):
         y = prm(x, *params, groups=4)
     torch.testing.assert_close(y, prm_reference(x, *params, groups=4))
-    assert 'no C++ compiler found' in cpu_kernel.error()
+    assert 'no C++ compiler found' in cpu_backend.unavailable_reason()
 
 
 @pytest.mark.parametrize('relu', [False, True])
@@ -494,24 +540,52 @@ def test_saturated_gates_stay_finite_and_match_the_reference(relu):
     params['weight'] = params['weight'] * 40  # |gain * (S - mean)| > 88
     upstream = torch.randn_like(x)
     results = []
-    for path in ('kernel', 'torch ops', 'reference'):
+    paths = ('cpu', 'torch', 'triton', 'reference')
+    for path in paths:
         xs = x.clone().requires_grad_()
         ps = [p.clone().requires_grad_() for p in params.values()]
-        if path == 'reference':
-            y = prm_reference(xs, *ps, groups=groups) + identity
-            y = torch.relu(y) if relu else y
-        elif path == 'kernel':
-            assert cpu_kernel.available()
+        with use_backend(path):
             y = prm(xs, *ps, groups=groups, identity=identity, relu=relu)
-        else:
-            with cpu_kernel.kernel_disabled():
-                y = prm(xs, *ps, groups=groups, identity=identity, relu=relu)
         y.backward(upstream)
         results.append([y.detach(), xs.grad] + [p.grad for p in ps])
     pre = params['weight'].abs().max() * 2  # gain * |S - mean| can pass 88
     assert pre > 88
-    for path, result in zip(('kernel', 'torch ops'), results[:2]):
+    for path, result in zip(paths, results[:3]):
         for name, got, want in zip(('y', 'x', *params), result, results[2]):
             assert torch.isfinite(got).all(), (path, name)
             torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-3,
                                        msg=f'{path} {name}')
+
+
+@pytest.mark.parametrize('relu', [False, True])
+def test_nan_and_inf_propagate_as_in_torch(backend, relu):
+    """A NaN or Inf in the map or in the shortcut reaches the output as
+    ``relu(x * gate + identity)`` in torch ops carries it (the CPU kernel's
+    fused ReLU once turned NaN into 0: a diverging run looked healthy on
+    CPU), and the backward gives the reference's non-finite pattern."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, 6)
+    identity = torch.randn_like(x)
+    x[0, 3, 2, 2] = float('nan')  # group 0 of sample 0
+    identity[1, 9, 0, 4] = float('nan')
+    identity[1, 12, 3, 1] = float('inf')
+    identity[1, 13, 4, 5] = float('-inf')
+    params = list(init_params(4, torch.float32, seed=2).values())
+    outs = {}
+    for name in (backend, 'reference'):
+        xs = x.clone().requires_grad_()
+        with use_backend(name):
+            y = prm(xs, *params, groups=4, identity=identity, relu=relu)
+        y.backward(torch.ones_like(y))
+        outs[name] = (y.detach(), xs.grad)
+    (y, gx), (y_ref, gx_ref) = outs[backend], outs['reference']
+    assert torch.isnan(y[0, :4]).all()  # the NaN's group, whole
+    assert torch.isnan(y[1, 9, 0, 4]) and y[1, 12, 3, 1] == float('inf')
+    expected_low = 0.0 if relu else float('-inf')
+    assert y[1, 13, 4, 5] == expected_low
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(y_ref))
+    finite = torch.isfinite(y_ref)
+    torch.testing.assert_close(y[finite], y_ref[finite], rtol=1e-4,
+                               atol=1e-5)
+    assert torch.equal(torch.isfinite(gx), torch.isfinite(gx_ref))
