@@ -1,0 +1,174 @@
+"""tools/model_converters/seresnet2prm_det.py: timm and MMPretrain SE-ResNet
+checkpoints load into prm_det's SEResNet with no missing or unexpected key.
+
+The source state dicts are synthesized here as each source names its keys in
+its published model definition:
+
+* timm (huggingface/pytorch-image-models): ``timm/models/resnet.py``
+  (Bottleneck: conv1, bn1, conv2, bn2, conv3, bn3, ``se``, downsample as
+  ``nn.Sequential(conv, norm)``; stages ``layer1``-``layer4``; stem conv1,
+  bn1; classifier ``fc``) and ``timm/layers/squeeze_excite.py`` (SEModule:
+  ``fc1``, ``fc2`` 1x1 convs with bias, hidden ``make_divisible(c / 16, 8)``).
+* MMPretrain (open-mmlab/mmpretrain): ``mmpretrain/models/backbones/
+  seresnet.py`` (SEBottleneck adds ``se_layer``), ``resnet.py`` (norms named
+  bn1..bn3 by build_norm_layer, ``downsample.0/1``),
+  ``mmpretrain/models/utils/se_layer.py`` (``conv1``/``conv2`` ConvModules,
+  so ``.conv.weight`` / ``.conv.bias``); an ImageClassifier saves them under
+  ``backbone.`` and the LinearClsHead as ``head.fc``.
+"""
+import importlib.util
+import os.path as osp
+
+import pytest
+import torch
+from mmdet.registry import MODELS
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def load_tool():
+    path = osp.join(REPO, 'tools', 'model_converters', 'seresnet2prm_det.py')
+    spec = importlib.util.spec_from_file_location('seresnet2prm_det', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bn(prefix, channels):
+    return {f'{prefix}.weight': (channels, ), f'{prefix}.bias': (channels, ),
+            f'{prefix}.running_mean': (channels, ),
+            f'{prefix}.running_var': (channels, ),
+            f'{prefix}.num_batches_tracked': ()}
+
+
+def bottleneck_resnet_shapes(depth, se_names):
+    """ResNet-50/101 keys and shapes as torchvision, timm and MMPretrain
+    name them; ``se_names(prefix, channels, hidden)`` adds the SE layer."""
+    shapes = {'conv1.weight': (64, 3, 7, 7), **bn('bn1', 64)}
+    inplanes = 64
+    for stage, num_blocks in enumerate(BLOCKS[depth]):
+        planes = 64 * 2**stage
+        out = planes * 4
+        for i in range(num_blocks):
+            p = f'layer{stage + 1}.{i}'
+            shapes.update({f'{p}.conv1.weight': (planes, inplanes, 1, 1),
+                           **bn(f'{p}.bn1', planes),
+                           f'{p}.conv2.weight': (planes, planes, 3, 3),
+                           **bn(f'{p}.bn2', planes),
+                           f'{p}.conv3.weight': (out, planes, 1, 1),
+                           **bn(f'{p}.bn3', out)})
+            shapes.update(se_names(p, out, out // 16))
+            if i == 0:
+                shapes[f'{p}.downsample.0.weight'] = (out, inplanes, 1, 1)
+                shapes.update(bn(f'{p}.downsample.1', out))
+            inplanes = out
+    return shapes
+
+
+def timm_state_dict(depth):
+    def se(p, c, hidden):
+        return {f'{p}.se.fc1.weight': (hidden, c, 1, 1),
+                f'{p}.se.fc1.bias': (hidden, ),
+                f'{p}.se.fc2.weight': (c, hidden, 1, 1),
+                f'{p}.se.fc2.bias': (c, )}
+    shapes = bottleneck_resnet_shapes(depth, se)
+    shapes.update({'fc.weight': (1000, 2048), 'fc.bias': (1000, )})
+    return random_tensors(shapes)
+
+
+def mmpretrain_state_dict(depth):
+    def se(p, c, hidden):
+        return {f'{p}.se_layer.conv1.conv.weight': (hidden, c, 1, 1),
+                f'{p}.se_layer.conv1.conv.bias': (hidden, ),
+                f'{p}.se_layer.conv2.conv.weight': (c, hidden, 1, 1),
+                f'{p}.se_layer.conv2.conv.bias': (c, )}
+    shapes = {f'backbone.{k}': v
+              for k, v in bottleneck_resnet_shapes(depth, se).items()}
+    shapes.update({'head.fc.weight': (1000, 2048), 'head.fc.bias': (1000, )})
+    return random_tensors(shapes)
+
+
+def random_tensors(shapes):
+    generator = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=generator) if s else
+            torch.tensor(7) for k, s in shapes.items()}
+
+
+def load_strictly(state_dict, depth):
+    model = MODELS.build(dict(type='SEResNet', depth=depth))
+    result = model.load_state_dict(state_dict, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model
+
+
+@pytest.mark.parametrize('depth', [50, 101])
+def test_timm_seresnet_loads_into_seresnet_with_no_missing_or_unexpected_key(
+        depth):
+    tool = load_tool()
+    source = timm_state_dict(depth)
+    result = tool.convert(source)
+    assert result.source == 'timm'
+    assert result.dropped == ['fc.weight', 'fc.bias']
+    assert result.unmapped == []
+    assert tool.infer_depth(result.state_dict) == depth
+    model = load_strictly(result.state_dict, depth)
+    # the values went where they belong
+    se = model.layer3[5].se
+    assert torch.equal(se.conv1.conv.weight, source['layer3.5.se.fc1.weight'])
+    assert torch.equal(se.conv2.conv.bias, source['layer3.5.se.fc2.bias'])
+    assert torch.equal(model.layer2[0].downsample[1].running_var,
+                       source['layer2.0.downsample.1.running_var'])
+
+
+@pytest.mark.parametrize('depth', [50, 101])
+def test_mmpretrain_seresnet_loads_into_seresnet_with_no_missing_or_unexpected_key(  # noqa: E501
+        depth):
+    tool = load_tool()
+    source = mmpretrain_state_dict(depth)
+    result = tool.convert(source)
+    assert result.source == 'mmpretrain'
+    assert result.dropped == ['head.fc.weight', 'head.fc.bias']
+    assert result.unmapped == []
+    model = load_strictly(result.state_dict, depth)
+    assert torch.equal(
+        model.layer4[2].se.conv2.conv.weight,
+        source['backbone.layer4.2.se_layer.conv2.conv.weight'])
+    assert torch.equal(model.bn1.weight, source['backbone.bn1.weight'])
+
+
+def test_keys_it_cannot_map_are_reported_not_dropped_silently():
+    tool = load_tool()
+    source = timm_state_dict(50)
+    source['layer1.0.attn.gate.weight'] = torch.zeros(3)
+    result = tool.convert(source)
+    assert result.unmapped == ['layer1.0.attn.gate.weight']
+
+
+def test_command_line_converts_a_file_and_the_backbone_loads_it(tmp_path):
+    tool = load_tool()
+    src, dst = tmp_path / 'mmpretrain_seresnet50.pth', tmp_path / 'out.pth'
+    torch.save(dict(meta=dict(mmcls_version='0.x'),
+                    state_dict=mmpretrain_state_dict(50)), src)
+    tool.main([str(src), str(dst)])
+    # as a config's init_cfg would load it
+    from mmengine.runner import load_checkpoint
+    model = MODELS.build(dict(type='SEResNet', depth=50))
+    load_checkpoint(model, str(dst), strict=True)
+
+
+def test_a_shape_that_does_not_fit_is_an_error_naming_the_key():
+    tool = load_tool()
+    source = timm_state_dict(50)
+    # timm rounds SE hidden channels to multiples of 8 (seresnet18's first
+    # stage has 8, prm_det's SE 4): such a checkpoint must not load silently
+    source['layer1.0.se.fc1.weight'] = torch.zeros(8, 256, 1, 1)
+    result = tool.convert(source)
+    with pytest.raises(tool.ConversionError, match='layer1.0.se.conv1.conv'):
+        tool.check_against_seresnet(result.state_dict, 50)
+
+
+def test_an_unknown_checkpoint_is_refused_with_the_reason():
+    tool = load_tool()
+    with pytest.raises(tool.ConversionError, match='not an SE-ResNet'):
+        tool.convert({'conv1.weight': torch.zeros(1)})
