@@ -1,0 +1,158 @@
+"""tools/analysis_tools/get_flops.py counts PRM's, SE's and GC's own
+operations and parameters, and nothing else changes."""
+import importlib.util
+import os.path as osp
+
+import pytest
+import torch
+from mmdet.registry import MODELS
+from torch import nn
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def load_tool():
+    path = osp.join(REPO, 'tools', 'analysis_tools', 'get_flops.py')
+    spec = importlib.util.spec_from_file_location('get_flops', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prm_flops(b, c, h, w, groups, use_position=True, use_norm=True):
+    """PRM's operations on a [b, c, h, w] map, step by step from its
+    definition (PRM_SPEC.md section 1; dot-product similarity), counted as
+    the tool counts: a multiply-add is one, every other arithmetic op one per
+    result, a reduction one per element it reads."""
+    n, cg, p = b * groups, c // groups, h * w  # n: (sample, group) pairs
+    steps = {
+        'channel sum of each group, for the query': n * cg * p,
+        'argmax over positions: the query position': n * p,
+        'z: mean over positions': n * cg * p,
+        'phi(x_p, q) and phi(x_p, z): two dot products': 2 * n * cg * p,
+        'S = alpha * phi_q * D + beta * phi_z': 3 * n * p,
+        'gate = sigmoid(lambda * S + xi)': 3 * n * p,
+        'y = x * gate': n * cg * p,
+    }
+    if use_position:
+        steps.update({
+            'query row and column from its flat index (//, *, -)': 3 * n,
+            # per axis a of length L: |i - i_q| (2 ops), then
+            # G(theta_a * d) = exp(-0.5 * (theta_a * d / sigma)^2) /
+            # (sigma sqrt(2 pi)): theta*, /sigma, ^2, *-0.5, exp, * (6 ops),
+            # and 1 / (sigma sqrt(2 pi)) once (2 ops)
+            'row and column Gaussian tables': 8 * n * (h + w) + 2 * 2,
+            'D = (G_row + G_col) / 2 at every position': 2 * n * p,
+            'phi_q * D': n * p,
+        })
+    if use_norm:
+        steps.update({
+            'mean, S - mean, square, sum over positions, divide by std':
+                5 * n * p,
+            'std = sqrt(max(var / (P - 1), tiny)) + eps': 4 * n,
+        })
+    return sum(steps.values())
+
+
+def se_flops(b, c, h, w):
+    """mmdet's SELayer (r=16): pool, conv c -> c/16 (multiply-adds), ReLU,
+    conv c/16 -> c, sigmoid, scale."""
+    hidden = c // 16
+    return (b * c * h * w + b * c * hidden + b * hidden + b * hidden * c +
+            b * c + b * c * h * w)
+
+
+class One(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize('use_position,use_norm', [
+    (True, True), (False, True), (True, False)])
+def test_prm_operations_on_a_small_map_equal_the_analytic_count(
+        use_position, use_norm):
+    from prm_det.models.layers import PRM
+    tool = load_tool()
+    b, c, h, w, groups = 2, 32, 5, 7, 8
+    model = One(PRM(c, groups=groups, use_position=use_position,
+                    use_norm=use_norm))
+    complexity = tool.count_flops(model, (torch.randn(b, c, h, w), ))
+    expected = prm_flops(b, c, h, w, groups, use_position, use_norm)
+    assert complexity.attention_flops == {'PRM': expected}
+    assert complexity.flops == expected
+
+
+def test_se_operations_equal_the_analytic_count():
+    from prm_det.models.layers.se import SE
+    tool = load_tool()
+    complexity = tool.count_flops(One(SE(64)), (torch.randn(2, 64, 6, 5), ))
+    assert complexity.attention_flops == {'SE': se_flops(2, 64, 6, 5)}
+
+
+@pytest.mark.parametrize('backbone', ['PRMResNet', 'SEResNet', 'GCResNet'])
+def test_an_attention_backbone_counts_a_plain_resnet_plus_its_attention(
+        backbone):
+    """Nothing else in the network changes its count (BatchNorm, convs):
+    what the attention adds is exactly what it computes."""
+    tool = load_tool()
+    x = torch.randn(1, 3, 64, 96)
+    models = {}
+    for name in ('ResNet', backbone):
+        models[name] = MODELS.build(dict(type=name, depth=18))
+        models[name].eval()  # mmdet's ResNet.train() returns None
+    plain = tool.count_flops(models['ResNet'], (x, ))
+    model = models[backbone]
+    complexity = tool.count_flops(model, (x, ))
+    kind = backbone[:-len('ResNet')]
+    assert complexity.attention_flops[kind] > 0
+    assert complexity.flops == plain.flops + complexity.attention_flops[kind]
+    if kind == 'PRM':  # 2 blocks a stage, groups=64, maps 16x24 ... 2x3
+        expected = sum(2 * prm_flops(1, 64 * 2**s, 16 // 2**s, 24 // 2**s,
+                                     64) for s in range(4))
+        assert complexity.attention_flops['PRM'] == expected
+
+
+def test_counting_leaves_the_model_as_it_was():
+    from prm_det.models.layers import PRM
+    tool = load_tool()
+    model = MODELS.build(dict(type='PRMResNet', depth=18))
+    model.eval()
+    tool.count_flops(model, (torch.randn(1, 3, 64, 64), ))
+    assert isinstance(model.layer1[0].prm, PRM)
+
+
+@pytest.mark.slow
+def test_command_line_on_the_retinanet_configs(capsys, repo):
+    """PRM-RetinaNet = RetinaNet + 16 PRMs, operations and parameters; the
+    output is mmdet's."""
+    tool = load_tool()
+    plain = tool.main(['configs/retinanet_r50.py', '--shape', '128', '96'])
+    prm = tool.main(['configs/retinanet_prm_r50.py', '--shape', '128', '96'])
+    maps = [(32, 24), (16, 12), (8, 6), (4, 3)]
+    blocks = (3, 4, 6, 3)
+    expected = sum(blocks[s] * prm_flops(1, 256 * 2**s, *maps[s], 64)
+                   for s in range(4))
+    assert prm['attention_flops'] == {'PRM': expected}
+    assert prm['flops'] - plain['flops'] == expected
+    assert prm['params']['total'] - plain['params']['total'] == 259 * 16
+    assert prm['params']['trainable'] - plain['params']['trainable'] == \
+        259 * 13  # frozen_stages=1
+    out = capsys.readouterr().out
+    assert 'Input shape: (128, 96)' in out
+    assert 'PRM (16 modules, every op counted)' in out
+    assert out.count('Flops: ') == 2 and out.count('Params: ') == 2
+
+
+def test_two_stage_detectors_keep_a_fixed_1000_proposals(repo):
+    from prm_det.engine.launch import load_config
+    tool = load_tool()
+    cfg = load_config('configs/cascade_rcnn_prm_r50.py')
+    assert tool.keep_all_proposals(cfg)
+    assert cfg.model.test_cfg.rpn.nms.iou_threshold == 1.0
+    assert cfg.model.test_cfg.rpn.max_per_img == 1000
+    assert not tool.keep_all_proposals(load_config(
+        'configs/retinanet_prm_r50.py'))
