@@ -53,6 +53,12 @@ def main(argv=None):
           f'shapes: box AP {100 * metrics["coco/bbox_mAP"]:.1f}, '
           f'train {train_time / 60:.1f} min, total '
           f'{(time.time() - start) / 60:.1f} min', flush=True)
+    python = osp.relpath(sys.executable) if osp.abspath(
+        sys.executable).startswith(osp.abspath('.') + osp.sep) else 'python'
+    print(f'[demo] to draw what PRM attends to (query points, position '
+          f'weights, gates): {python} tools/analysis_tools/vis_prm.py '
+          f'{CONFIG} {checkpoint} {DATA_ROOT}/val/000000.png --out-dir '
+          f'{WORK_DIR}/vis_prm', flush=True)
 
 
 if __name__ == '__main__':

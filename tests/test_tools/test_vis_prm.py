@@ -1,0 +1,133 @@
+"""tools/analysis_tools/vis_prm.py: the query points it draws are the argmax
+positions of the groups' channel sums, its gate is PRM's, and the pictures
+are written at the image's size."""
+import importlib.util
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+CONFIG = osp.join(REPO, 'configs', 'demo', 'retinanet_prm_r18_shapes.py')
+IMAGE_HW = (130, 190)  # resized to 88x128 by the demo pipeline, padded to 96
+
+
+def load_tool():
+    path = osp.join(REPO, 'tools', 'analysis_tools', 'vis_prm.py')
+    spec = importlib.util.spec_from_file_location('vis_prm', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def drawn(tmp_path_factory):
+    """vis_prm on a generated gray image, with a demo-config detector whose
+    PRM parameters are random (a fresh PRM's gate is constant)."""
+    import cv2
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    tmp = tmp_path_factory.mktemp('vis_prm')
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 120, IMAGE_HW, dtype=np.uint8)
+    gray[40:80, 100:150] = 230  # a bright block
+    image = str(tmp / 'image.png')
+    cv2.imwrite(image, np.stack([gray] * 3, -1))
+
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(CONFIG).model)
+    for name, param in model.named_parameters():
+        if '.prm.' in name and not name.endswith('scale'):
+            param.data.uniform_(-2, 2)
+    checkpoint = str(tmp / 'random.pth')
+    torch.save(dict(state_dict=model.state_dict(),
+                    meta=dict(dataset_meta=dict(classes=('a', 'b', 'c',
+                                                         'd')))),
+               checkpoint)
+    tool = load_tool()
+    rows = tool.main([CONFIG, checkpoint, image, '--out-dir',
+                      str(tmp / 'out')])
+    return tool, rows, tmp / 'out'
+
+
+def test_one_row_per_stage_the_last_block_of_each(drawn):
+    _, rows, _ = drawn
+    assert [r['block'] for r in rows] == [
+        'layer1.1', 'layer2.1', 'layer3.1', 'layer4.1']
+    # the demo backbone: half-width ResNet-18, 16 PRM groups; input 96x128
+    for stage, row in enumerate(rows):
+        assert row['features'].shape == (32 * 2**stage, 24 // 2**stage,
+                                         32 // 2**stage)
+        assert row['query_xy'].shape == (16, 2)
+
+
+def test_drawn_query_points_are_the_argmax_of_each_groups_channel_sum(drawn):
+    _, rows, _ = drawn
+    # mmdet's Resize keeps the ratio: 190x130 -> 128x88 (scale per axis)
+    scale_x, scale_y = 128 / 190, 88 / 130
+    for row in rows:
+        c, h, w = row['features'].shape
+        sums = row['features'].reshape(16, c // 16, h * w).sum(1)
+        index = sums.argmax(1)
+        np.testing.assert_array_equal(row['query_index'], index)
+        stride_y, stride_x = 96 / h, 128 / w
+        expected_xy = np.stack([(index % w + 0.5) * stride_x / scale_x,
+                                (index // w + 0.5) * stride_y / scale_y], 1)
+        np.testing.assert_allclose(row['query_xy'], expected_xy, rtol=1e-6)
+
+
+def test_the_queries_png_has_a_dot_at_every_query_point(drawn):
+    import matplotlib.image
+    _, rows, _ = drawn
+    for row in rows:
+        picture = matplotlib.image.imread(row['files']['queries'])
+        red = (picture[..., 0] > 0.99) & (picture[..., 1] < 0.01) & \
+            (picture[..., 2] < 0.01)
+        for x, y in row['query_xy']:
+            col = min(int(x), IMAGE_HW[1] - 1)
+            row_ = min(int(y), IMAGE_HW[0] - 1)
+            assert red[row_, col]
+
+
+def test_gate_times_features_is_prms_output(drawn):
+    """The gate drawn is the one PRM multiplies its input by."""
+    from mmdet.apis import init_detector
+
+    from prm_det.ops.reference import prm_reference
+    tool, rows, out = drawn
+    model = init_detector(CONFIG, str(out.parent / 'random.pth'),
+                          device='cpu')
+    for row in rows:
+        prm = dict(model.backbone.named_modules())[f'{row["block"]}.prm']
+        x = torch.from_numpy(row['features'])[None]
+        expected = prm_reference(
+            x, prm.weight, prm.bias, prm.one, prm.zero, prm.theta, prm.scale,
+            prm.groups, prm.mode, prm.use_position, prm.use_norm,
+            prm.normalized_positions)
+        c, h, w = row['features'].shape
+        gate = torch.from_numpy(row['gate_groups'])  # [g, h, w]
+        gated = x.view(16, c // 16, h, w) * gate[:, None]
+        torch.testing.assert_close(gated.view(1, c, h, w), expected.detach(),
+                                   rtol=1e-4, atol=1e-5)
+        assert float(gate.std()) > 0  # random PRM parameters: not constant
+
+
+def test_pictures_are_written_at_the_images_size(drawn):
+    import matplotlib.image
+    tool, rows, out = drawn
+    for row in rows:
+        for path in row['files'].values():
+            assert matplotlib.image.imread(path).shape[:2] == IMAGE_HW
+    grid = matplotlib.image.imread(str(out / 'grid.png'))
+    cell = tool.GRID_CELL_INCHES * tool.GRID_DPI
+    assert grid.shape[:2] == (len(rows) * cell, 3 * cell)
+
+
+def test_a_block_without_prm_is_refused_naming_the_ones_with_it(drawn):
+    from mmdet.apis import init_detector
+    tool, _, out = drawn
+    model = init_detector(CONFIG, str(out.parent / 'random.pth'),
+                          device='cpu')
+    with pytest.raises(ValueError, match='layer1.0'):
+        tool.capture_prm_inputs(model.backbone, ['layer9.0'])

@@ -1,0 +1,287 @@
+"""Draw what PRM attends to on an image: the PRM paper's figure of query
+points, positional masks and attention, for a trained detector.
+
+    python tools/analysis_tools/vis_prm.py CONFIG CHECKPOINT IMAGE
+        --out-dir DIR [--blocks layer1.2 layer4.2 ...] [--device cpu]
+        [--cfg-options k=v ...]
+
+For each chosen block (default: the last block of every stage that has a
+PRM) it writes, at the image's size:
+
+* ``<block>_queries.png``: the query point each group picked (the argmax of
+  the group's channel sum), drawn on the image;
+* ``<block>_position_weight.png``: D, the Gaussian of the distance to the
+  group's query point, averaged over the groups;
+* ``<block>_gate.png``: the gate sigmoid(lambda * N(S) + xi), averaged over
+  the groups (what multiplies the features);
+
+and ``grid.png``, one row per block. The PRM input is taken with a forward
+pre-hook on the block's ``prm`` module during mmdet's inference; the maps are
+computed from it with :mod:`prm_det.ops.reference`'s building blocks.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
+    __file__)))))
+
+import prm_det  # noqa: E402,F401  (registers the backbones)
+from prm_det.ops.reference import (COSINE_EPS, NORM_EPS,  # noqa: E402
+                                   position_weight)
+
+QUERY_COLOR = (255, 0, 0)  # RGB
+
+
+def prm_maps(x: Tensor, prm: nn.Module) -> Dict[str, Tensor]:
+    """Query positions, position weight D and gate of one PRM on its input.
+
+    Args:
+        x (Tensor): the PRM's input, [1, c, h, w].
+        prm (nn.Module): the PRM module (its parameters and options).
+
+    Returns:
+        dict: ``query_index`` [g] (flat index row * w + col), ``query_rc``
+        [g, 2] (row, col), ``position_weight`` and ``gate`` [g, h, w].
+    """
+    _, c, h, w = x.shape
+    groups = prm.groups
+    xg = x.reshape(groups, c // groups, h * w)  # [g, cg, P]
+    query_index = xg.sum(1).argmax(1)  # [g], first maximum
+    query = xg[torch.arange(groups), :, query_index]  # [g, cg]
+    context = xg.mean(2)  # [g, cg]
+    sim_query = similarity(xg, query, prm.mode)  # [g, P]
+    sim_context = similarity(xg, context, prm.mode)  # [g, P]
+    weight = position_weight(query_index, h, w, prm.theta, prm.scale,
+                             prm.normalized_positions)  # [g, P]
+    if prm.use_position:
+        sim_query = sim_query * weight
+    s = prm.zero.view(groups, 1) * sim_query + \
+        prm.one.view(groups, 1) * sim_context  # [g, P]
+    if prm.use_norm:
+        std = s.std(1, keepdim=True) if h * w > 1 else torch.zeros_like(s)
+        s = (s - s.mean(1, keepdim=True)) / (std + NORM_EPS)
+    gate = torch.sigmoid(prm.weight.view(groups, 1) * s +
+                         prm.bias.view(groups, 1))  # [g, P]
+    rows = torch.div(query_index, w, rounding_mode='floor')
+    return dict(query_index=query_index,
+                query_rc=torch.stack([rows, query_index - rows * w], 1),
+                position_weight=weight.view(groups, h, w),
+                gate=gate.view(groups, h, w))
+
+
+def similarity(xg: Tensor, key: Tensor, mode: str) -> Tensor:
+    """phi(x_p, key) at every position; xg [g, cg, P], key [g, cg]."""
+    if mode == 'dotproduct':
+        return torch.einsum('gcp,gc->gp', xg, key)
+    if mode == 'cosine':
+        return F.cosine_similarity(xg, key[:, :, None], dim=1,
+                                   eps=COSINE_EPS)
+    if mode == 'l1norm':
+        return -(xg - key[:, :, None]).abs().sum(1)
+    raise ValueError(f'unknown PRM mode {mode!r}')
+
+
+def default_blocks(backbone: nn.Module) -> List[str]:
+    """The last block with a PRM of every stage, e.g. ['layer1.2', ...]."""
+    blocks = []
+    for layer_name in backbone.res_layers:
+        layer = getattr(backbone, layer_name)
+        with_prm = [i for i, block in enumerate(layer)
+                    if isinstance(getattr(block, 'prm', None), nn.Module)]
+        if with_prm:
+            blocks.append(f'{layer_name}.{with_prm[-1]}')
+    if not blocks:
+        raise ValueError('the backbone has no PRM module (no block has a '
+                         '`prm` attribute): use a PRMResNet config')
+    return blocks
+
+
+def capture_prm_inputs(backbone: nn.Module, blocks: Sequence[str]):
+    """Forward pre-hooks on ``<block>.prm``; returns (captured dict,
+    handles)."""
+    modules = dict(backbone.named_modules())
+    captured, handles = {}, []
+    for block in blocks:
+        prm = modules.get(f'{block}.prm')
+        if prm is None:
+            raise ValueError(
+                f'no PRM at backbone.{block}.prm; blocks with a PRM: '
+                f'{sorted(n[:-4] for n in modules if n.endswith(".prm"))}')
+
+        def hook(module, inputs, block=block):
+            captured[block] = inputs[0].detach()
+        handles.append(prm.register_forward_pre_hook(hook))
+    return captured, handles
+
+
+def to_image(feature_map: np.ndarray, meta: dict,
+             image_hw: Sequence[int]) -> np.ndarray:
+    """A [h, w] map over the network input, as a map over the original
+    image: stretched to the padded input, cropped to the resized image,
+    resized to the original size (nearest: one cell stays one block)."""
+    import cv2
+    input_h, input_w = meta['batch_input_shape']
+    resized_h, resized_w = meta['img_shape']
+    full = cv2.resize(feature_map.astype(np.float32), (input_w, input_h),
+                      interpolation=cv2.INTER_NEAREST)
+    valid = full[:resized_h, :resized_w]
+    return cv2.resize(valid, (image_hw[1], image_hw[0]),
+                      interpolation=cv2.INTER_NEAREST)
+
+
+def query_points_xy(query_rc: np.ndarray, feature_hw: Sequence[int],
+                    meta: dict) -> np.ndarray:
+    """(x, y) in original image pixels of each query cell's center."""
+    input_h, input_w = meta['batch_input_shape']
+    scale_w, scale_h = meta['scale_factor']
+    stride_y, stride_x = input_h / feature_hw[0], input_w / feature_hw[1]
+    x = (query_rc[:, 1] + 0.5) * stride_x / scale_w
+    y = (query_rc[:, 0] + 0.5) * stride_y / scale_h
+    return np.stack([x, y], 1)
+
+
+def draw_queries(image_rgb: np.ndarray, points_xy: np.ndarray) -> np.ndarray:
+    """The image with a filled dot at each query point (inside the image)."""
+    import cv2
+    canvas = np.ascontiguousarray(image_rgb.copy())
+    height, width = canvas.shape[:2]
+    radius = max(2, round(min(height, width) / 80))
+    for x, y in points_xy:
+        col = min(max(int(x), 0), width - 1)
+        row = min(max(int(y), 0), height - 1)
+        cv2.circle(canvas, (col, row), radius, QUERY_COLOR, -1)
+    return canvas
+
+
+def visualize(model: nn.Module, image_path: str, out_dir: str,
+              blocks: Optional[Sequence[str]] = None) -> List[dict]:
+    """Run ``model`` on the image and write the pictures; returns, per
+    block, the arrays drawn (``features`` is the PRM input)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import mmcv
+    from mmdet.apis import inference_detector
+
+    backbone = model.backbone
+    blocks = list(blocks or default_blocks(backbone))
+    image_rgb = mmcv.imread(image_path, channel_order='rgb')
+    captured, handles = capture_prm_inputs(backbone, blocks)
+    try:
+        result = inference_detector(model, image_path)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [b for b in blocks if b not in captured]
+    if missing:
+        raise RuntimeError(
+            f'the PRM modules of {missing} were never called during the '
+            f'forward pass (the block ran a fused path that bypasses the '
+            f'module, so its forward pre-hook did not fire)')
+    meta = result.metainfo
+    os.makedirs(out_dir, exist_ok=True)
+    modules = dict(backbone.named_modules())
+    rows = []
+    for block in blocks:
+        x = captured[block].float()
+        with torch.no_grad():
+            maps = prm_maps(x, modules[f'{block}.prm'])
+        feature_hw = x.shape[2:]
+        points = query_points_xy(maps['query_rc'].numpy(), feature_hw, meta)
+        row = dict(block=block, features=x[0].numpy(),
+                   query_index=maps['query_index'].numpy(),
+                   query_rc=maps['query_rc'].numpy(), query_xy=points,
+                   position_weight_groups=maps['position_weight'].numpy(),
+                   gate_groups=maps['gate'].numpy())
+        row['position_weight'] = row['position_weight_groups'].mean(0)
+        row['gate'] = row['gate_groups'].mean(0)
+        name = block.replace('.', '_')
+        row['files'] = dict(
+            queries=osp.join(out_dir, f'{name}_queries.png'),
+            position_weight=osp.join(out_dir, f'{name}_position_weight.png'),
+            gate=osp.join(out_dir, f'{name}_gate.png'))
+        plt.imsave(row['files']['queries'], draw_queries(image_rgb, points))
+        for key in ('position_weight', 'gate'):
+            plt.imsave(row['files'][key],
+                       to_image(row[key], meta, image_rgb.shape[:2]),
+                       cmap='viridis')
+        rows.append(row)
+    write_grid(rows, image_rgb, meta, osp.join(out_dir, 'grid.png'))
+    return rows
+
+
+GRID_CELL_INCHES, GRID_DPI = 3, 100
+
+
+def write_grid(rows: List[dict], image_rgb: np.ndarray, meta: dict,
+               path: str) -> None:
+    """One row per block: query points, D, gate (with color bars)."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(
+        len(rows), 3, squeeze=False,
+        figsize=(3 * GRID_CELL_INCHES, len(rows) * GRID_CELL_INCHES))
+    for ax_row, row in zip(axes, rows):
+        ax_row[0].imshow(image_rgb)
+        ax_row[0].scatter(row['query_xy'][:, 0], row['query_xy'][:, 1],
+                          s=12, c='red')
+        ax_row[0].set_title(f'{row["block"]}: {len(row["query_xy"])} '
+                            f'queries', fontsize=8)
+        for ax, key, title in ((ax_row[1], 'position_weight', 'D'),
+                               (ax_row[2], 'gate', 'gate')):
+            shown = ax.imshow(to_image(row[key], meta, image_rgb.shape[:2]),
+                              cmap='viridis')
+            fig.colorbar(shown, ax=ax, fraction=0.046)
+            ax.set_title(f'{title} (mean over groups)', fontsize=8)
+        for ax in ax_row:
+            ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=GRID_DPI)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(
+        description='Draw PRM query points, position weights and gates')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('image', help='image file')
+    parser.add_argument('--out-dir', required=True,
+                        help='where the PNGs go')
+    parser.add_argument('--blocks', nargs='+',
+                        help='backbone blocks such as layer3.5 (default: the '
+                        'last PRM block of each stage)')
+    parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> List[dict]:
+    from mmdet.apis import init_detector
+    args = parse_args(argv)
+    for path in (args.config, args.checkpoint, args.image):
+        if not osp.isfile(path):
+            sys.exit(f'[vis_prm] file not found: {path}')
+    model = init_detector(args.config, args.checkpoint, device=args.device,
+                          cfg_options=args.cfg_options)
+    rows = visualize(model, args.image, args.out_dir, args.blocks)
+    for row in rows:
+        print(f'[vis_prm] {row["block"]}: {len(row["query_xy"])} query '
+              f'points on a {row["features"].shape[1]}x'
+              f'{row["features"].shape[2]} map -> '
+              f'{", ".join(row["files"].values())}')
+    print(f'[vis_prm] grid: {osp.join(args.out_dir, "grid.png")}')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
