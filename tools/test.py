@@ -7,6 +7,11 @@ prm_det registered.
 
 Evaluation is mmdet's CocoMetric (pycocotools). At the end the six box AP
 numbers are printed as a table (in %, as in the paper's Table 4).
+
+The checkpoint loads as data (tensors and the types mmengine's Runner
+writes) unless ``--trust-checkpoint``; one whose weights do not fit the
+config's model stops the test with a list of them unless
+``--allow-key-mismatch``.
 """
 import argparse
 import os
@@ -19,12 +24,18 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine import ConfigDict  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
+from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
-from prm_det.engine.launch import (DatasetNotFound,  # noqa: E402
-                                   check_dataset_files, finish_distributed,
-                                   load_config)
+from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
+                                       CheckpointMismatch,
+                                       IncompleteCheckpoint,
+                                       UntrustedCheckpoint,
+                                       check_checkpoint_fits)
+from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
+                                   DatasetNotFound, check_dataset_files,
+                                   distributed_teardown, load_config)
 
 AP_KEYS = (('AP', 'bbox_mAP'), ('AP50', 'bbox_mAP_50'),
            ('AP75', 'bbox_mAP_75'), ('APs', 'bbox_mAP_s'),
@@ -60,10 +71,21 @@ def parse_args(argv=None):
         '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none', help='job launcher')
     parser.add_argument('--tta', action='store_true')
+    parser.add_argument(
+        '--trust-checkpoint', action='store_true',
+        help='load the checkpoint with full pickle, which can run code: only '
+        'for files you trust. Without it, it loads as tensors and the types '
+        f'mmengine\'s Runner writes. Same as {TRUST_ENV}=1.')
+    parser.add_argument(
+        '--allow-key-mismatch', action='store_true',
+        help='evaluate even when the checkpoint lacks weights of the model, '
+        'has others, or has weights of other shapes')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
+    if args.trust_checkpoint:
+        os.environ[TRUST_ENV] = '1'
     return args
 
 
@@ -133,6 +155,14 @@ def run(args):
     if args.out is not None:
         runner.test_evaluator.metrics.append(
             DumpDetResults(out_file_path=args.out))
+    # loaded here, not inside runner.test(), to check it before evaluating
+    checkpoint = runner.load_checkpoint(args.checkpoint)
+    if not args.allow_key_mismatch:
+        model = runner.model
+        # the detector inside DDP or a TTA model, as mmengine loads it
+        while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+            model = model.module
+        check_checkpoint_fits(model, checkpoint, args.checkpoint)
     metrics = runner.test()
     if any(k.endswith('bbox_mAP') for k in metrics):
         print('\nCOCO box AP (%):\n' + format_ap_table(metrics), flush=True)
@@ -144,12 +174,13 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (DatasetNotFound, FileNotFoundError) as error:
-        raise SystemExit(f'error: {error}')
-    finally:
-        finish_distributed()
+    with distributed_teardown():
+        try:
+            return run(args)
+        except (DatasetNotFound, DatasetInvalid, FileNotFoundError,
+                UntrustedCheckpoint, IncompleteCheckpoint,
+                CheckpointMismatch) as error:
+            raise SystemExit(f'error: {error}')
 
 
 if __name__ == '__main__':

@@ -4,9 +4,11 @@
         [--resume [CHECKPOINT]] [--amp] [--auto-scale-lr]
         [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
 
-Same flags and behaviour as MMDetection's, plus: a missing dataset stops at
-once with the ways out; ``--cfg-options data_root=...`` moves the whole
-dataset; distributed runs without CUDA use gloo and a CPU-capable DDP wrapper.
+Same flags and behaviour as MMDetection's, plus: a missing or unusable
+dataset stops at once with the ways out; ``--cfg-options data_root=...``
+moves the whole dataset; distributed runs without CUDA use gloo and a
+CPU-capable DDP wrapper; ``--resume`` without a file takes the newest
+complete checkpoint; checkpoints load as data unless ``--trust-checkpoint``.
 """
 import argparse
 import os
@@ -22,8 +24,13 @@ from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
 from prm_det.engine import PretrainedWeightsUnavailable  # noqa: E402
-from prm_det.engine.launch import (DatasetNotFound,  # noqa: E402
-                                   check_dataset_files, finish_distributed,
+from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
+                                       IncompleteCheckpoint,
+                                       UntrustedCheckpoint)
+from prm_det.engine.hooks import latest_complete_checkpoint  # noqa: E402
+from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
+                                   DatasetNotFound, check_dataset_files,
+                                   collective_timeout, distributed_teardown,
                                    load_config)
 
 
@@ -41,7 +48,13 @@ def parse_args(argv=None):
         '--resume', nargs='?', type=str, const='auto',
         help='If specify checkpoint path, resume from it, while if not '
         'specify, try to auto resume from the latest checkpoint '
-        'in the work directory.')
+        'in the work directory that is complete.')
+    parser.add_argument(
+        '--trust-checkpoint', action='store_true',
+        help='load checkpoints (--resume, load_from, init_cfg) with full '
+        'pickle, which can run code: only for files you trust. Without it '
+        'they load as tensors and the types mmengine\'s Runner writes. '
+        f'Same as {TRUST_ENV}=1.')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override some settings in the used config, the key-value pair '
@@ -54,6 +67,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
+    if args.trust_checkpoint:
+        os.environ[TRUST_ENV] = '1'
     return args
 
 
@@ -81,8 +96,13 @@ def build_cfg(args):
                              'base_batch_size=...)')
     # resume: an explicit checkpoint > the latest one in work_dir
     if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
+        # mmengine trusts `last_checkpoint`, which may name a file cut short
+        # by a kill, or be empty; take the newest whole checkpoint instead
+        cfg.load_from = latest_complete_checkpoint(cfg.work_dir)
+        cfg.resume = cfg.load_from is not None
+        if cfg.load_from is None:
+            print(f'--resume: no complete checkpoint in {cfg.work_dir}; '
+                  f'training from the start', flush=True)
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             raise SystemExit(f'--resume: checkpoint not found: {args.resume}')
@@ -104,16 +124,21 @@ def train(cfg):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        cfg = build_cfg(args)
-    except (DatasetNotFound, FileNotFoundError) as error:
-        raise SystemExit(f'error: {error}')
-    try:
-        train(cfg)
-    except PretrainedWeightsUnavailable as error:
-        raise SystemExit(f'error: {error}')
-    finally:
-        finish_distributed()
+    with distributed_teardown():
+        try:
+            cfg = build_cfg(args)
+        except (DatasetNotFound, DatasetInvalid, FileNotFoundError) as error:
+            raise SystemExit(f'error: {error}')
+        try:
+            train(cfg)
+        except (PretrainedWeightsUnavailable, UntrustedCheckpoint,
+                IncompleteCheckpoint) as error:
+            raise SystemExit(f'error: {error}')
+        except RuntimeError as error:
+            stalled = collective_timeout(error, cfg)
+            if stalled is None:
+                raise
+            raise SystemExit(f'error: {stalled}') from error
 
 
 if __name__ == '__main__':

@@ -60,7 +60,8 @@ shapes = dict(
     ],
     default_hooks=dict(
         logger=dict(type='LoggerHook', interval=10),
-        checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2)),
+        checkpoint=dict(type='AtomicCheckpointHook', interval=1,
+                        max_keep_ckpts=2)),
     # The ImageNet weights of mmdet's configs cannot be fetched everywhere:
     # the demo backbone trains from scratch, so its norms train too.
     # ResNet-18 at half width (PRM with 16 heads: 2 to 16 channels each) so

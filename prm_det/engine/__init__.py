@@ -1,8 +1,14 @@
-from .checkpoint import (PretrainedWeightsUnavailable, load_from_local_file,
+from .checkpoint import (CheckpointMismatch, IncompleteCheckpoint,
+                         PretrainedWeightsUnavailable, UntrustedCheckpoint,
+                         load_checkpoint_file, load_from_local_file,
                          load_from_torchvision_urls)
+from .hooks import AtomicCheckpointHook, latest_complete_checkpoint
 from .wrappers import DeviceAwareDDP
 
 __all__ = [
-    'DeviceAwareDDP', 'PretrainedWeightsUnavailable',
-    'load_from_torchvision_urls', 'load_from_local_file'
+    'AtomicCheckpointHook', 'CheckpointMismatch', 'DeviceAwareDDP',
+    'IncompleteCheckpoint', 'PretrainedWeightsUnavailable',
+    'UntrustedCheckpoint', 'latest_complete_checkpoint',
+    'load_checkpoint_file', 'load_from_local_file',
+    'load_from_torchvision_urls'
 ]

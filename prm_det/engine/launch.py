@@ -2,20 +2,29 @@
 
 Kept out of the tools so that tests call the same code.
 """
+import contextlib
 import datetime
 import gc
+import json
+import logging
+import os
 import os.path as osp
 import re
-from typing import Iterable, List, Optional
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.config import Config
+from mmengine.logging import print_log
 
 _URI = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')  # s3://, http://, ...
 
 
 class DatasetNotFound(FileNotFoundError):
     """A dataset file named by the config is not on disk."""
+
+
+class DatasetInvalid(ValueError):
+    """A dataset file named by the config is on disk but cannot be used."""
 
 
 def relocate_data_root(cfg: Config, new_root: str) -> None:
@@ -63,10 +72,12 @@ def _local(path: Optional[str]) -> bool:
     return bool(path) and not _URI.match(path)
 
 
-def missing_dataset_files(cfg: Config, loaders: Iterable[str]) -> List[str]:
-    """Annotation files and image folders the given dataloaders need but are
-    not on disk (remote paths are not checked)."""
-    missing = []
+def _dataset_paths(cfg: Config, loaders: Iterable[str]
+                   ) -> Iterator[Tuple[str, dict, Optional[str],
+                                       Optional[str]]]:
+    """(loader, dataset config, local annotation file, local image folder)
+    for every leaf dataset of the given dataloaders; remote paths are None.
+    """
     for loader in loaders:
         loader_cfg = cfg.get(loader)
         if not loader_cfg:
@@ -74,25 +85,164 @@ def missing_dataset_files(cfg: Config, loaders: Iterable[str]) -> List[str]:
         for ds in _datasets(loader_cfg.get('dataset')):
             root = ds.get('data_root') or ''
             ann_file = ds.get('ann_file')
+            ann_path = img_path = None
             if _local(ann_file):
-                path = ann_file if osp.isabs(ann_file) else osp.join(
+                ann_path = ann_file if osp.isabs(ann_file) else osp.join(
                     root, ann_file)
-                if not osp.isfile(path):
-                    missing.append(f'{path}  ({loader}.dataset.ann_file)')
             img_dir = (ds.get('data_prefix') or {}).get('img')
             if _local(img_dir) and _local(root or '.'):
-                path = img_dir if osp.isabs(img_dir) else osp.join(
+                img_path = img_dir if osp.isabs(img_dir) else osp.join(
                     root, img_dir)
-                if not osp.isdir(path):
-                    missing.append(f'{path}  ({loader}.dataset.data_prefix)')
+            yield loader, ds, ann_path, img_path
+
+
+def missing_dataset_files(cfg: Config, loaders: Iterable[str]) -> List[str]:
+    """Annotation files and image folders the given dataloaders need but are
+    not on disk (remote paths are not checked)."""
+    missing = []
+    for loader, _, ann_path, img_path in _dataset_paths(cfg, loaders):
+        if ann_path and not osp.isfile(ann_path):
+            missing.append(f'{ann_path}  ({loader}.dataset.ann_file)')
+        if img_path and not osp.isdir(img_path):
+            missing.append(f'{img_path}  ({loader}.dataset.data_prefix)')
     return missing
+
+
+def _is_coco_format(ds: dict) -> bool:
+    """Whether mmdet reads this dataset with pycocotools (``CocoDataset``
+    and its subclasses)."""
+    try:
+        from mmdet.datasets import CocoDataset
+        from mmdet.registry import DATASETS
+        cls = DATASETS.get(ds.get('type', ''))
+    except (ImportError, KeyError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, CocoDataset)
+
+
+def _format_only(cfg: Config, loader: str) -> bool:
+    """Whether the loader's evaluator only writes results (COCO test-dev:
+    images without annotations)."""
+    evaluator = cfg.get(loader.replace('_dataloader', '_evaluator'))
+    evaluators = evaluator if isinstance(evaluator, list) else [evaluator]
+    return any(isinstance(e, dict) and e.get('format_only')
+               for e in evaluators)
+
+
+def _dropped_boxes(coco: dict) -> List[int]:
+    """Ids of the annotations mmdet's ``CocoDataset.parse_data_info`` drops
+    without a word: no overlap with their image, zero area, or a width or
+    height under one pixel."""
+    sizes = {im.get('id'): (im.get('width'), im.get('height'))
+             for im in coco['images'] if isinstance(im, dict)}
+    dropped = []
+    for ann in coco['annotations']:
+        x1, y1, w, h = ann['bbox']
+        img_w, img_h = sizes.get(ann.get('image_id'), (None, None))
+        if img_w is None or img_h is None:
+            continue
+        inter_w = max(0, min(x1 + w, img_w) - max(x1, 0))
+        inter_h = max(0, min(y1 + h, img_h) - max(y1, 0))
+        if (inter_w * inter_h == 0 or ann.get('area', w * h) <= 0 or w < 1
+                or h < 1):
+            dropped.append(ann.get('id'))
+    return dropped
+
+
+def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
+                   img_path: Optional[str]) -> List[str]:
+    """What makes a COCO-format dataset unusable, one line each (warnings
+    for what mmdet would silently drop are printed here)."""
+    where = f'({loader}.dataset.ann_file)'
+    try:
+        with open(ann_path) as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return [f'{ann_path} is not valid JSON: {error} (a truncated or '
+                f'damaged file?) {where}']
+    keys = ('images', 'categories') if _format_only(cfg, loader) else (
+        'images', 'annotations', 'categories')
+    absent = [k for k in keys if not isinstance(
+        coco.get(k) if isinstance(coco, dict) else None, list)]
+    if absent:
+        return [f'{ann_path} is not a COCO annotation file: it has no '
+                f'{" / ".join(repr(k) for k in absent)} list (needs '
+                f'"images", "annotations" and "categories") {where}']
+    problems = []
+    for key in keys:
+        if not coco[key]:
+            problems.append(f'{ann_path} lists no {key} {where}')
+    if problems:
+        return problems
+    classes = ((ds.get('metainfo') or {}).get('classes'))
+    if classes:
+        names = {c.get('name') for c in coco['categories']
+                 if isinstance(c, dict)}
+        if not names.intersection(classes):
+            problems.append(
+                f'{ann_path}: none of the config\'s classes '
+                f'({", ".join(list(classes)[:5])}, ...) is among its '
+                f'categories ({", ".join(sorted(map(str, names))[:5])}, ...)'
+                f' {where}')
+    if img_path:
+        problems += _missing_images(coco, ann_path, img_path, loader)
+    if coco.get('annotations'):
+        dropped = _dropped_boxes(coco)
+        if dropped:
+            print_log(
+                f'{ann_path}: {len(dropped)} of {len(coco["annotations"])} '
+                f'boxes have a width or height under 1 pixel, no area, or '
+                f'lie outside their image; mmdet drops them from '
+                f'{loader}. Annotation ids: '
+                f'{", ".join(map(str, dropped[:5]))}'
+                f'{", ..." if len(dropped) > 5 else ""}',
+                logger='current', level=logging.WARNING)
+    return problems
+
+
+def _missing_images(coco: dict, ann_path: str, img_path: str,
+                    loader: str) -> List[str]:
+    present = set(os.listdir(img_path))
+    files = [im.get('file_name', '') for im in coco['images']
+             if isinstance(im, dict)]
+    missing = [name for name in files if name not in present and not
+               ('/' in name and osp.isfile(osp.join(img_path, name)))]
+    if not missing:
+        return []
+    what = ('is empty' if not present else
+            f'lacks {len(missing)} of them, e.g. {", ".join(missing[:3])}')
+    return [f'{ann_path} lists {len(files)} images; the image folder '
+            f'{img_path} {what} ({loader}.dataset.data_prefix)']
+
+
+def invalid_dataset_files(cfg: Config, loaders: Iterable[str]) -> List[str]:
+    """Problems with the COCO-format annotation files and image folders of
+    the given dataloaders, which are all on disk: a file that is not JSON
+    or not COCO, no images, no annotations (unless the evaluator only
+    formats results), no category the config names, images that are not in
+    the folder. Boxes mmdet would drop are warned about.
+
+    This reads each annotation file once more than mmdet will (COCO train
+    2017: some seconds), so that a bad file stops the tools before any
+    training, not inside a dataloader worker.
+    """
+    problems = []
+    for loader, ds, ann_path, img_path in _dataset_paths(cfg, loaders):
+        if ann_path and _is_coco_format(ds):
+            problems += _coco_problems(cfg, loader, ds, ann_path, img_path)
+    return problems
 
 
 def check_dataset_files(cfg: Config, loaders: Iterable[str]) -> None:
     """Raise :class:`DatasetNotFound` naming what is missing and the ways out,
+    or :class:`DatasetInvalid` naming each file and what is wrong with it,
     instead of a stack trace from inside a dataloader worker."""
     missing = missing_dataset_files(cfg, loaders)
     if not missing:
+        problems = invalid_dataset_files(cfg, loaders)
+        if problems:
+            raise DatasetInvalid('The dataset cannot be used:\n  ' +
+                                 '\n  '.join(problems))
         return
     root = cfg.get('data_root', 'data/coco/')
     raise DatasetNotFound(
@@ -155,6 +305,38 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
         cfg.merge_from_dict(cfg_options)
     configure_launcher(cfg, launcher)
     return cfg
+
+
+def collective_timeout(error: BaseException, cfg: Config) -> Optional[str]:
+    """A message for a distributed run whose collective timed out, naming
+    the setting; None for any other error."""
+    text = str(error)
+    if not (torch.distributed.is_available()
+            and torch.distributed.is_initialized()) or not re.search(
+                r'timed? ?out', text, re.IGNORECASE):
+        return None
+    timeout = ((cfg.get('env_cfg') or {}).get('dist_cfg') or {}).get(
+        'timeout', 1800)
+    first = text.strip().splitlines()[0] if text.strip() else repr(error)
+    return (f'no answer from another rank within {timeout} s '
+            f'(env_cfg.dist_cfg.timeout): a rank stalled or died '
+            f'({first}). torchrun stops the other ranks; --resume continues '
+            f'from the last checkpoint. If one rank legitimately works that '
+            f'long alone (evaluating a large split), raise the timeout: '
+            f'--cfg-options env_cfg.dist_cfg.timeout=SECONDS')
+
+
+@contextlib.contextmanager
+def distributed_teardown() -> Iterator[None]:
+    """Run a tool's work, then :func:`finish_distributed` if it succeeded.
+
+    On an error nothing waits on the other ranks: a barrier there would
+    hang on a rank that died or stalled (until the collective timeout,
+    ``env_cfg.dist_cfg.timeout``). The process exits with the error and
+    torchrun stops the other ranks.
+    """
+    yield
+    finish_distributed()
 
 
 def finish_distributed() -> None:

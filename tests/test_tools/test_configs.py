@@ -5,7 +5,7 @@ import os.path as osp
 
 import pytest
 import torch
-from mmdet.registry import MODELS
+from mmdet.registry import HOOKS, MODELS
 
 from prm_det.engine.launch import load_config
 
@@ -84,3 +84,16 @@ def test_detector_with_prm_backbone_gives_finite_losses():
     losses = model(**data, mode='loss')
     total = sum(sum(v) if isinstance(v, list) else v for v in losses.values())
     assert torch.isfinite(total)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
+def test_config_writes_kill_safe_checkpoints_and_times_out_a_stalled_rank(
+        path):
+    cfg = load_config(path)
+    hook = cfg.default_hooks.checkpoint
+    assert hook.type == 'AtomicCheckpointHook'
+    assert cfg.env_cfg.dist_cfg.timeout == 300  # seconds; gloo waits 1800
+    assert cfg.env_cfg.dist_cfg.backend == 'nccl'  # mmdet's, kept
+    # the other CheckpointHook settings still come from mmdet's config
+    assert hook.interval == 1
+    assert HOOKS.build(dict(hook)).__class__.__name__ == hook.type

@@ -2,71 +2,16 @@
 dataset, as a user runs them (subprocesses, the real configs)."""
 import os
 import os.path as osp
-import re
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-
-from prm_det.datasets.synthetic_shapes import generate
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-RETINA = 'configs/demo/retinanet_prm_r18_shapes.py'
-CASCADE = 'configs/demo/cascade_rcnn_prm_r18_shapes.py'
+from tool_runs import (CASCADE, REPO, RETINA, checkpoint_meta, ok,
+                       parse_ap_table, run_tool, tiny_options)
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_options(data_root, epochs=1, config=RETINA):
-    """8 train images in batches of 2: 4 iterations an epoch. A detector
-    trained 4 iterations scores every box low: keep all of them so that
-    CocoMetric has detections to score."""
-    score = ('model.test_cfg.score_thr=0.0' if config == RETINA else
-             'model.test_cfg.rcnn.score_thr=0.0')
-    return [
-        '--cfg-options', score, f'data_root={data_root}',
-        f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs}',
-        'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
-        'train_dataloader.persistent_workers=False',
-        'val_dataloader.num_workers=0',
-        'val_dataloader.persistent_workers=False',
-        'test_dataloader.num_workers=0',
-        'test_dataloader.persistent_workers=False',
-        'default_hooks.logger.interval=1',
-    ]
-
-
-def run_tool(args, cwd=REPO, timeout=300):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='2')
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('shapes'))
-    generate(root, num_train=8, num_val=4, image_size=96, max_objects=3,
-             min_size=16, max_size=48, seed=1)
-    return root
-
-
-def checkpoint_meta(path):
-    return torch.load(path, map_location='cpu', weights_only=False)['meta']
-
-
-def parse_ap_table(output):
-    match = re.search(r'\| AP \| AP50 \| AP75 \| APs \| APm \| APl \|\n'
-                      r'\|(?:---\|){6}\n\|((?: (?:[\d.]+|n/a) \|){6})', output)
-    assert match, output[-2000:]
-    return [float(v) if v.strip() != 'n/a' else None
-            for v in match.group(1).split('|') if v.strip()]
 
 
 @pytest.mark.parametrize('config', [RETINA, CASCADE])

@@ -1,0 +1,175 @@
+"""Checkpoints that survive a kill at any moment, and resuming from the
+newest one that is whole.
+
+mmengine 0.10.7's ``CheckpointHook`` writes ``epoch_N.pth`` in place (a kill
+during the write leaves a truncated file under the real name), deletes the
+oldest kept checkpoint *before* writing the new one (with
+``max_keep_ckpts=1`` a kill during the write leaves no whole checkpoint at
+all) and writes ``last_checkpoint`` in place (a kill leaves it empty).
+:class:`AtomicCheckpointHook` fixes the order and the writes; the configs in
+``configs/`` select it with
+``default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))``, and
+any config can. :func:`latest_complete_checkpoint` is what
+``tools/train.py --resume`` (without a file) resumes from.
+"""
+import logging
+import os
+import os.path as osp
+import re
+import shutil
+import zipfile
+from typing import List, Optional
+
+from mmengine.dist import is_main_process
+from mmengine.fileio import LocalBackend
+from mmengine.hooks import CheckpointHook
+from mmengine.logging import print_log
+from mmengine.registry import HOOKS
+
+PARTIAL = '.partial'  # suffix of a checkpoint being written
+_STEP_CHECKPOINT = re.compile(r'^(?:epoch|iter)_(\d+)\.pth$')
+
+
+def replace_atomically(src: str, dst: str) -> None:
+    """Flush ``src`` to disk, then rename it to ``dst`` (atomic within one
+    file system: ``dst`` is the old file or the whole new one, never a
+    part)."""
+    if osp.isfile(src):
+        with open(src, 'rb') as f:
+            os.fsync(f.fileno())
+    os.replace(src, dst)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    partial = path + PARTIAL
+    with open(partial, 'w') as f:
+        f.write(text)
+    replace_atomically(partial, path)
+
+
+@HOOKS.register_module()
+class AtomicCheckpointHook(CheckpointHook):
+    """mmengine's ``CheckpointHook`` (every argument and behaviour), with the
+    checkpoints of ``interval`` written so that a kill at any moment leaves
+    a whole one to resume from:
+
+    * each is written to ``<name>.partial`` and renamed into place once
+      complete;
+    * ``last_checkpoint`` is written the same way;
+    * a checkpoint that falls out of ``max_keep_ckpts`` is deleted only
+      after the new one is in place.
+
+    On storage other than the local file system (object stores put whole
+    objects) it is mmengine's hook unchanged. ``save_best`` checkpoints are
+    written by mmengine as before: losing one loses no training.
+
+    Example:
+        >>> default_hooks = dict(checkpoint=dict(
+        ...     type='AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
+    """
+
+    def _local(self) -> bool:
+        backend = getattr(self.file_backend, 'client', self.file_backend)
+        return isinstance(backend, LocalBackend)
+
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        if not self._local():
+            return super()._save_checkpoint_with_step(runner, step, meta)
+        # the same bookkeeping as mmengine's, but the expired checkpoint is
+        # only remembered here and deleted at the end
+        expired = None
+        if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and
+                                            self.keep_ckpt_ids[-1] == step):
+            if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
+                expired = self.keep_ckpt_ids.popleft()
+            self.keep_ckpt_ids.append(step)
+            runner.message_hub.update_info('keep_ckpt_ids',
+                                           list(self.keep_ckpt_ids))
+
+        ckpt_filename = self.filename_tmpl.format(step)
+        self.last_ckpt = self.file_backend.join_path(self.out_dir,
+                                                     ckpt_filename)
+        runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        runner.save_checkpoint(
+            self.out_dir,
+            ckpt_filename + PARTIAL,
+            self.file_client_args,
+            save_optimizer=self.save_optimizer,
+            save_param_scheduler=self.save_param_scheduler,
+            meta=meta,
+            by_epoch=self.by_epoch,
+            backend_args=self.backend_args,
+            **self.args)
+        if not is_main_process():  # the Runner saves on the main process
+            return
+        replace_atomically(self.last_ckpt + PARTIAL, self.last_ckpt)
+        write_text_atomically(
+            osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt)
+        if expired is not None and expired != step:
+            old = osp.join(self.out_dir, self.filename_tmpl.format(expired))
+            if osp.isdir(old):  # deepspeed saves directories
+                shutil.rmtree(old)
+            elif osp.isfile(old):
+                os.remove(old)
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a whole checkpoint, or None when it is.
+
+    torch writes a checkpoint as a zip archive whose directory comes last
+    and whose records carry CRC-32s: a file cut short has no directory, a
+    damaged one fails its CRC. This reads the file once, unpickling nothing.
+    """
+    if not osp.isfile(path):
+        return 'no such file'
+    if osp.getsize(path) == 0:
+        return 'empty file'
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f'incomplete: not a whole checkpoint archive ({error})'
+    if bad is not None:
+        return f'damaged: record {bad} fails its CRC check'
+    return None
+
+
+def latest_complete_checkpoint(work_dir: str) -> Optional[str]:
+    """The newest whole checkpoint in ``work_dir``, saying which ones were
+    skipped and why; None when there is none.
+
+    Candidates, in order: the file ``last_checkpoint`` names, then the
+    ``epoch_N.pth`` / ``iter_N.pth`` files of ``work_dir``, newest first.
+    """
+    candidates: List[str] = []
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    if osp.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        if named:
+            candidates.append(named)
+        else:
+            _say(f'--resume: {pointer} is empty (written when the training '
+                 f'was killed?); looking for the newest complete checkpoint '
+                 f'in {work_dir}')
+    if osp.isdir(work_dir):
+        steps = [osp.join(work_dir, name) for name in os.listdir(work_dir)
+                 if _STEP_CHECKPOINT.match(name)]
+        candidates += sorted(
+            steps, reverse=True,
+            key=lambda p: (osp.getmtime(p), int(
+                _STEP_CHECKPOINT.match(osp.basename(p)).group(1))))
+    seen = set()
+    for path in candidates:
+        if osp.abspath(path) in seen:
+            continue
+        seen.add(osp.abspath(path))
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        _say(f'--resume: skipped {path}: {problem}')
+    return None
+
+
+def _say(message: str) -> None:
+    print_log(message, logger='current', level=logging.WARNING)

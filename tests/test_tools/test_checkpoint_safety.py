@@ -1,0 +1,198 @@
+"""Loading a checkpoint runs no code: every route a user loads one through
+refuses a pickle that would, naming the file, what it holds and the opt-in;
+what mmengine's Runner writes, official PRM and torchvision checkpoints
+still load."""
+import os
+import os.path as osp
+import pickle
+import shlex
+import subprocess
+import sys
+import textwrap
+from collections import OrderedDict
+
+import pytest
+import torch
+from mmdet.registry import MODELS
+from mmengine.runner.checkpoint import CheckpointLoader
+from tool_runs import REPO, RETINA, tiny_options, tool_env
+
+from prm_det.engine.checkpoint import (TRUST_ENV, UntrustedCheckpoint,
+                                       load_checkpoint_file,
+                                       runner_checkpoint_globals)
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {shlex.quote(self.marker)}', )
+
+
+@pytest.fixture
+def evil(tmp_path):
+    """A checkpoint that looks like a detector's, with a payload in meta;
+    returns (its path, the file its unpickling would create)."""
+    marker = str(tmp_path / 'PWNED')
+    path = str(tmp_path / 'evil.pth')
+    torch.save({'meta': {'epoch': 1, 'note': RunsCode(marker)},
+                'state_dict': OrderedDict(w=torch.zeros(1))}, path)
+    return path, marker
+
+
+def assert_refused(message, path):
+    assert f'Refusing to load the checkpoint {path}' in message
+    assert 'posix.system' in message  # what it holds that is not allowed
+    assert '--trust-checkpoint' in message and f'{TRUST_ENV}=1' in message
+
+
+def test_the_payload_is_real_and_the_opt_in_runs_it(evil, monkeypatch):
+    """The opt-in loads with full pickle: the payload runs, so the refusals
+    below are the loader's doing, not a dud file."""
+    path, marker = evil
+    monkeypatch.setenv(TRUST_ENV, '1')
+    CheckpointLoader.load_checkpoint(path)
+    assert osp.exists(marker)
+
+
+def test_importing_prm_det_trusts_nothing(evil, monkeypatch):
+    """Route 1: mmengine's CheckpointLoader, with prm_det imported."""
+    path, marker = evil
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    with pytest.raises(UntrustedCheckpoint) as info:
+        CheckpointLoader.load_checkpoint(path)
+    assert_refused(str(info.value), path)
+    assert not osp.exists(marker)
+
+
+def test_backbone_init_cfg_refuses_the_payload(evil, monkeypatch):
+    """Route 2: init_cfg=dict(type='Pretrained', checkpoint=...)."""
+    path, marker = evil
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    backbone = MODELS.build(dict(
+        type='PRMResNet', depth=18,
+        init_cfg=dict(type='Pretrained', checkpoint=path)))
+    with pytest.raises(UntrustedCheckpoint) as info:
+        backbone.init_weights()
+    assert_refused(str(info.value), path)
+    assert not osp.exists(marker)
+
+
+@pytest.mark.slow
+def test_the_tools_refuse_the_payload(evil, tiny_data, tmp_path):
+    """Routes 3-5: tools/test.py CONFIG evil.pth, tools/train.py --resume
+    evil.pth and --cfg-options load_from=evil.pth (run side by side)."""
+    path, marker = evil
+    env = tool_env(OMP_NUM_THREADS='1')  # three at once on two cores
+    env.pop(TRUST_ENV, None)
+    options = tiny_options(tiny_data)
+    runs = {
+        'test.py': ['tools/test.py', RETINA, path],
+        'train.py --resume': ['tools/train.py', RETINA, '--resume', path],
+        'train.py load_from=': ['tools/train.py', RETINA] + options[:1] +
+        [f'load_from={path}'] + options[1:],
+    }
+    procs = {}
+    for name, args in runs.items():
+        extra = [] if name.endswith('load_from=') else options
+        procs[name] = subprocess.Popen(
+            [sys.executable] + args + ['--work-dir', str(tmp_path / name)] +
+            extra, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0, (name, out[-2000:])
+        assert_refused(err, path)
+        assert 'Traceback' not in err, (name, err[-2000:])
+        assert 'COCO box AP' not in out
+    assert not osp.exists(marker)
+
+
+@pytest.fixture(scope='module')
+def runner_checkpoint(tmp_path_factory):
+    """A checkpoint written by mmengine's Runner (message hub, optimizer,
+    schedulers), from a 2-epoch training of a toy model in a subprocess."""
+    work = tmp_path_factory.mktemp('runner')
+    script = textwrap.dedent(f'''
+        import torch
+        from mmengine.model import BaseModel
+        from mmengine.runner import Runner
+
+        class Toy(BaseModel):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(2, 1)
+
+            def forward(self, x, y, mode='loss'):
+                return dict(loss=((self.fc(x) - y) ** 2).mean())
+
+        data = [dict(x=torch.rand(2), y=torch.rand(1)) for _ in range(8)]
+        Runner(model=Toy(), work_dir={str(work)!r},
+               train_dataloader=dict(
+                   dataset=data, batch_size=4,
+                   sampler=dict(type='DefaultSampler'),
+                   collate_fn=dict(type='default_collate')),
+               optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
+               param_scheduler=dict(type='MultiStepLR', milestones=[1]),
+               train_cfg=dict(by_epoch=True, max_epochs=2),
+               default_hooks=dict(checkpoint=dict(type='CheckpointHook',
+                                                  interval=1))).train()
+    ''')
+    proc = subprocess.run([sys.executable, '-c', script], cwd=str(work),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(work / 'epoch_2.pth')
+
+
+def name(entry):
+    return entry[1] if isinstance(entry, tuple) else \
+        f'{entry.__module__}.{entry.__qualname__}'
+
+
+def test_runner_checkpoints_load_through_exactly_the_allow_list(
+        runner_checkpoint):
+    # torch alone refuses what mmengine writes ...
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(runner_checkpoint, weights_only=True)
+    # ... the allow-list admits it ...
+    checkpoint = load_checkpoint_file(runner_checkpoint, trust=False)
+    assert checkpoint['meta']['epoch'] == 2
+    assert checkpoint['message_hub']['log_scalars']['train/loss'].mean() > 0
+    assert checkpoint['optimizer']['state'] and checkpoint['param_schedulers']
+    # ... and needs every entry but the other numpy's spelling of two names
+    allowed = runner_checkpoint_globals()
+    other_numpy = [entry for entry in allowed if isinstance(entry, tuple)
+                   and name(entry).startswith('numpy.')]
+    assert {name(e).rsplit('.', 1)[1] for e in other_numpy} == {
+        '_reconstruct', 'scalar'}
+    for entry in allowed:
+        if entry in other_numpy:
+            continue
+        fewer = [e for e in allowed if e is not entry]
+        with torch.serialization.safe_globals(fewer):
+            with pytest.raises(pickle.UnpicklingError):
+                torch.load(runner_checkpoint, weights_only=True)
+
+
+def test_official_prm_and_torchvision_formats_load(tmp_path):
+    """The official PRM code's ImageNet checkpoint (DataParallel prefix,
+    optimizer, torch's legacy non-zip format of 2020) and a torchvision
+    state dict load as data."""
+    model = MODELS.build(dict(type='PRMResNet', depth=18))
+    state = OrderedDict(
+        ('module.' + k, v) for k, v in model.state_dict().items())
+    official = str(tmp_path / 'prm_resnet18.pth.tar')
+    torch.save({'epoch': 100, 'arch': 'prm_resnet18', 'state_dict': state,
+                'best_prec1': 70.1, 'optimizer': torch.optim.SGD(
+                    model.parameters(), lr=0.1, momentum=0.9).state_dict()},
+               official, _use_new_zipfile_serialization=False)
+    torchvision = str(tmp_path / 'resnet18-f37072fd.pth')
+    torch.save(model.state_dict(), torchvision)
+    loaded = CheckpointLoader.load_checkpoint(official)
+    assert loaded['arch'] == 'prm_resnet18'
+    assert loaded['state_dict'].keys() == state.keys()
+    assert CheckpointLoader.load_checkpoint(torchvision).keys() == \
+        model.state_dict().keys()

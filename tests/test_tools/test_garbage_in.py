@@ -1,0 +1,185 @@
+"""Garbage in is an error out, before any training or evaluation: unusable
+annotation files and image folders, boxes mmdet would drop, checkpoints of
+another model."""
+import json
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmdet.registry import MODELS
+from tool_runs import (CASCADE, REPO, RETINA, ok, parse_ap_table,
+                       tiny_options, tool_env)
+
+import prm_det.engine.launch as launch
+from prm_det.engine.checkpoint import CheckpointMismatch, check_checkpoint_fits
+from prm_det.engine.launch import (DatasetInvalid, check_dataset_files,
+                                   load_config)
+
+LOADERS = ['train_dataloader', 'val_dataloader']
+
+
+@pytest.fixture
+def data(tiny_data, tmp_path):
+    """A copy of the tiny dataset to damage."""
+    root = str(tmp_path / 'shapes')
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+def train_json(root):
+    return osp.join(root, 'annotations', 'instances_train.json')
+
+
+def edit_train_json(root, edit):
+    with open(train_json(root)) as f:
+        coco = json.load(f)
+    edit(coco)
+    with open(train_json(root), 'w') as f:
+        json.dump(coco, f)
+
+
+def check(root):
+    cfg = load_config(osp.join(REPO, RETINA), {'data_root': root})
+    check_dataset_files(cfg, LOADERS)
+
+
+def truncate(root):
+    with open(train_json(root)) as f:
+        text = f.read()
+    with open(train_json(root), 'w') as f:
+        f.write(text[:len(text) // 2])
+
+
+def empty_object(root):
+    with open(train_json(root), 'w') as f:
+        f.write('{}')
+
+
+def empty_image_folder(root):
+    for name in os.listdir(osp.join(root, 'train')):
+        os.remove(osp.join(root, 'train', name))
+
+
+def rename_categories(root):
+    edit_train_json(root, lambda coco: [
+        c.update(name=f'thing{i}') for i, c in enumerate(coco['categories'])])
+
+
+@pytest.mark.parametrize('damage, says', [
+    (truncate, 'is not valid JSON'),
+    (empty_object, 'is not a COCO annotation file: it has no \'images\' / '
+     '\'annotations\' / \'categories\' list'),
+    (lambda root: edit_train_json(root, lambda c: c.update(images=[])),
+     'lists no images'),
+    (lambda root: edit_train_json(root, lambda c: c.update(annotations=[])),
+     'lists no annotations'),
+    (empty_image_folder, 'lists 8 images; the image folder'),
+    (rename_categories, 'none of the config\'s classes'),
+], ids=['truncated json', '{}', 'no images', 'no annotations',
+        'empty image folder', 'other categories'])
+def test_an_unusable_annotation_file_or_folder_stops_before_training(
+        data, damage, says):
+    damage(data)
+    with pytest.raises(DatasetInvalid) as info:
+        check(data)
+    message = str(info.value)
+    assert train_json(data) in message  # names the file
+    assert says in message
+    if damage is empty_image_folder:
+        assert message.rstrip().endswith(
+            f'{osp.join(data, "train/")} is empty '
+            f'(train_dataloader.dataset.data_prefix)')
+
+
+def test_boxes_mmdet_would_drop_are_counted_with_their_ids(data, monkeypatch):
+    said = []
+    monkeypatch.setattr(launch, 'print_log',
+                        lambda msg, **kw: said.append(msg))
+    check(data)
+    assert said == []  # the generated boxes are all fine
+
+    def degenerate(coco):
+        for ann, (w, h) in zip(coco['annotations'],
+                               [(0, 10), (-3, 10), (10, 0.5)]):
+            ann['bbox'][2:] = [w, h]
+    edit_train_json(data, degenerate)
+    check(data)  # a warning, not an error
+    assert len(said) == 1
+    with open(train_json(data)) as f:
+        coco = json.load(f)
+    ids = [ann['id'] for ann in coco['annotations'][:3]]
+    assert (f'{train_json(data)}: 3 of {len(coco["annotations"])} boxes '
+            f'have a width or height under 1 pixel') in said[0]
+    assert f'Annotation ids: {", ".join(map(str, ids))}' in said[0]
+
+
+@pytest.mark.slow
+def test_train_py_stops_on_a_truncated_annotation_file(data):
+    truncate(data)
+    proc = subprocess.run(
+        [sys.executable, 'tools/train.py', RETINA, '--work-dir',
+         osp.join(data, 'work')] + tiny_options(data),
+        cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f'{train_json(data)} is not valid JSON' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert 'Epoch(train)' not in proc.stdout
+
+
+def build(config):
+    cfg = load_config(osp.join(REPO, config))
+    return MODELS.build(cfg.model)
+
+
+def test_a_checkpoint_must_fit_the_model():
+    retina, cascade = build(RETINA), build(CASCADE)
+    state = retina.state_dict()
+    check_checkpoint_fits(retina, {'state_dict': state}, 'same.pth')
+    # BatchNorm counters are not required (older checkpoints lack them)
+    check_checkpoint_fits(retina, {k: v for k, v in state.items()
+                                   if 'num_batches_tracked' not in k}, 'old')
+    with pytest.raises(CheckpointMismatch) as info:
+        check_checkpoint_fits(cascade, {'state_dict': state}, 'retina.pth')
+    message = str(info.value)
+    assert 'The checkpoint retina.pth does not fit the model' in message
+    assert 'of the model\'s' in message and 'weights are not in it' in message
+    assert 'rpn_head.rpn_conv.weight' in message  # the RPN is not in RetinaNet
+    assert 'of its' in message and 'are not in the model, e.g.' in message
+    assert 'weights have other shapes, e.g. neck.' in message
+    assert '--allow-key-mismatch' in message
+    with pytest.raises(CheckpointMismatch, match='are not in it'):
+        check_checkpoint_fits(retina, {'w': torch.randn(3)}, 'random.pth')
+    narrow = dict(state)
+    narrow['bbox_head.retina_cls.weight'] = torch.zeros(9, 64, 3, 3)
+    with pytest.raises(CheckpointMismatch, match=(
+            r'1 weights have other shapes, e.g. bbox_head.retina_cls.weight: '
+            r'checkpoint \(9, 64, 3, 3\), model \(36, 64, 3, 3\)')):
+        check_checkpoint_fits(retina, narrow, 'other_classes.pth')
+
+
+@pytest.mark.slow
+def test_test_py_refuses_another_models_checkpoint_unless_told(
+        tiny_data, tmp_path):
+    """The RetinaNet demo weights under the Cascade R-CNN demo config: an
+    error listing keys; with --allow-key-mismatch, an AP table (run side by
+    side)."""
+    ckpt = str(tmp_path / 'retina.pth')
+    torch.save({'meta': {}, 'state_dict': build(RETINA).state_dict()}, ckpt)
+    args = [sys.executable, 'tools/test.py', CASCADE, ckpt, '--work-dir',
+            str(tmp_path / 'work')] + tiny_options(tiny_data, config=CASCADE)
+    refused, allowed = [
+        subprocess.Popen(args + extra, cwd=REPO, env=tool_env(), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for extra in ([], ['--allow-key-mismatch'])]
+    out, err = refused.communicate(timeout=300)
+    assert refused.returncode != 0
+    assert f'The checkpoint {ckpt} does not fit the model' in err
+    assert 'rpn_head.rpn_conv.weight' in err and '--allow-key-mismatch' in err
+    assert 'COCO box AP' not in out and 'Traceback' not in err
+    out, err = allowed.communicate(timeout=300)
+    proc = subprocess.CompletedProcess(args, allowed.returncode, out, err)
+    assert len(parse_ap_table(ok(proc))) == 6
