@@ -9,6 +9,7 @@ setup:
 	@bash tools/setup_env.sh
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
