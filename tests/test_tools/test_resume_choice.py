@@ -1,0 +1,67 @@
+"""--resume without a file takes the newest whole checkpoint, saying which
+ones it skipped and why (in-process; the kill -9 run is in test_kills.py)."""
+import os
+import os.path as osp
+
+import pytest
+import torch
+
+import prm_det.engine.hooks as hooks
+from prm_det.engine.hooks import checkpoint_problem, latest_complete_checkpoint
+
+
+@pytest.fixture
+def said(monkeypatch):
+    messages = []
+    monkeypatch.setattr(hooks, '_say', messages.append)
+    return messages
+
+
+def save(path, epoch, mtime):
+    torch.save({'meta': {'epoch': epoch}, 'state_dict': {
+        'w': torch.arange(4096.)}}, path)
+    os.utime(path, (mtime, mtime))
+    return str(path)
+
+
+def test_truncated_newest_and_empty_pointer_are_skipped(tmp_path, said):
+    whole = save(tmp_path / 'epoch_1.pth', 1, 1000)
+    newest = save(tmp_path / 'epoch_2.pth', 2, 2000)
+    with open(newest, 'r+b') as f:
+        f.truncate(osp.getsize(newest) // 3)
+    os.utime(newest, (2000, 2000))
+    (tmp_path / 'last_checkpoint').write_text('')
+    assert latest_complete_checkpoint(str(tmp_path)) == whole
+    assert said[0].startswith(f'--resume: {tmp_path}/last_checkpoint is '
+                              f'empty')
+    assert said[1].startswith(f'--resume: skipped {newest}: incomplete')
+    assert len(said) == 2
+
+
+def test_the_pointer_comes_first_and_a_missing_target_is_skipped(tmp_path,
+                                                                 said):
+    older = save(tmp_path / 'epoch_1.pth', 1, 1000)
+    save(tmp_path / 'epoch_2.pth', 2, 2000)
+    (tmp_path / 'last_checkpoint').write_text(older)
+    assert latest_complete_checkpoint(str(tmp_path)) == older
+    assert said == []
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'gone.pth'))
+    assert latest_complete_checkpoint(str(tmp_path)) == str(
+        tmp_path / 'epoch_2.pth')
+    assert said == [f'--resume: skipped {tmp_path}/gone.pth: no such file']
+
+
+def test_a_damaged_record_fails_its_crc(tmp_path):
+    path = save(tmp_path / 'epoch_1.pth', 1, 1000)
+    with open(path, 'r+b') as f:
+        data = bytearray(f.read())
+        offset = data.index(torch.arange(4096.).numpy().tobytes()[:64]) + 99
+        data[offset] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+    assert 'fails its CRC check' in checkpoint_problem(path)
+
+
+def test_no_checkpoint_at_all(tmp_path, said):
+    assert latest_complete_checkpoint(str(tmp_path)) is None
+    assert latest_complete_checkpoint(str(tmp_path / 'absent')) is None
