@@ -12,9 +12,7 @@ it holds that is not allowed, and the opt-in for files the user trusts:
 ``PRM_DET_TRUST_CHECKPOINTS=1`` in the environment. Importing prm_det never
 trusts anything by itself.
 
-**torchvision://**.
-
-mmdet's configs start ResNet backbones from ``torchvision://resnet50``, which
+**torchvision://**. mmdet's configs start ResNet backbones from ``torchvision://resnet50``, which
 mmengine resolves by importing torchvision to look up the URL. torchvision
 has no CPU build here and a detector does not need it: the URLs are the ones
 mmengine ships in ``mmengine/hub/torchvision_0.12.json``. This scheme takes

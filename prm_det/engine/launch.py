@@ -129,6 +129,11 @@ def _format_only(cfg: Config, loader: str) -> bool:
                for e in evaluators)
 
 
+def _is_box(bbox) -> bool:
+    return isinstance(bbox, list) and len(bbox) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+
+
 def _dropped_boxes(coco: dict) -> List[int]:
     """Ids of the annotations mmdet's ``CocoDataset.parse_data_info`` drops
     without a word: no overlap with their image, zero area, or a width or
@@ -137,6 +142,8 @@ def _dropped_boxes(coco: dict) -> List[int]:
              for im in coco['images'] if isinstance(im, dict)}
     dropped = []
     for ann in coco['annotations']:
+        if not _is_box(ann.get('bbox')):
+            continue  # reported as a problem by _coco_problems
         x1, y1, w, h = ann['bbox']
         img_w, img_h = sizes.get(ann.get('image_id'), (None, None))
         if img_w is None or img_h is None:
@@ -181,27 +188,39 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
         if not names.intersection(classes):
             problems.append(
                 f'{ann_path}: none of the config\'s classes '
-                f'({", ".join(list(classes)[:5])}, ...) is among its '
-                f'categories ({", ".join(sorted(map(str, names))[:5])}, ...)'
-                f' {where}')
+                f'({_first(list(classes))}) is among its categories '
+                f'({_first(sorted(map(str, names)))}) {where}')
     if img_path:
         problems += _missing_images(coco, ann_path, img_path, loader)
-    if coco.get('annotations'):
+    annotations = coco.get('annotations') or []
+    malformed = [a.get('id') if isinstance(a, dict) else a
+                 for a in annotations
+                 if not (isinstance(a, dict) and _is_box(a.get('bbox')))]
+    if malformed:
+        problems.append(
+            f'{ann_path}: {len(malformed)} annotations have no "bbox" '
+            f'[x, y, width, height], e.g. {_first(malformed)} {where}')
+    elif annotations:
         dropped = _dropped_boxes(coco)
         if dropped:
             print_log(
-                f'{ann_path}: {len(dropped)} of {len(coco["annotations"])} '
-                f'boxes have a width or height under 1 pixel, no area, or '
-                f'lie outside their image; mmdet drops them from '
-                f'{loader}. Annotation ids: '
-                f'{", ".join(map(str, dropped[:5]))}'
-                f'{", ..." if len(dropped) > 5 else ""}',
+                f'{ann_path}: {len(dropped)} of {len(annotations)} boxes have '
+                f'a width or height under 1 pixel, no area, or lie outside '
+                f'their image; mmdet drops them from {loader}. Annotation '
+                f'ids: {_first(dropped)}',
                 logger='current', level=logging.WARNING)
     return problems
 
 
+def _first(items: list, count: int = 5) -> str:
+    return ', '.join(map(str, items[:count])) + (
+        ', ...' if len(items) > count else '')
+
+
 def _missing_images(coco: dict, ann_path: str, img_path: str,
                     loader: str) -> List[str]:
+    """The images the annotation file lists that are not in the folder (one
+    directory listing, not a file check per image)."""
     present = set(os.listdir(img_path))
     files = [im.get('file_name', '') for im in coco['images']
              if isinstance(im, dict)]
@@ -210,7 +229,7 @@ def _missing_images(coco: dict, ann_path: str, img_path: str,
     if not missing:
         return []
     what = ('is empty' if not present else
-            f'lacks {len(missing)} of them, e.g. {", ".join(missing[:3])}')
+            f'lacks {len(missing)} of them, e.g. {_first(missing, 3)}')
     return [f'{ann_path} lists {len(files)} images; the image folder '
             f'{img_path} {what} ({loader}.dataset.data_prefix)']
 

@@ -79,8 +79,11 @@ def rename_categories(root):
      'lists no annotations'),
     (empty_image_folder, 'lists 8 images; the image folder'),
     (rename_categories, 'none of the config\'s classes'),
+    (lambda root: edit_train_json(
+        root, lambda c: c['annotations'][0].pop('bbox')),
+     '1 annotations have no "bbox" [x, y, width, height], e.g. '),
 ], ids=['truncated json', '{}', 'no images', 'no annotations',
-        'empty image folder', 'other categories'])
+        'empty image folder', 'other categories', 'no bbox'])
 def test_an_unusable_annotation_file_or_folder_stops_before_training(
         data, damage, says):
     damage(data)

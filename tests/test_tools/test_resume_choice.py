@@ -5,8 +5,10 @@ import os.path as osp
 
 import pytest
 import torch
+from mmengine.runner.checkpoint import CheckpointLoader
 
 import prm_det.engine.hooks as hooks
+from prm_det.engine.checkpoint import IncompleteCheckpoint
 from prm_det.engine.hooks import checkpoint_problem, latest_complete_checkpoint
 
 
@@ -65,3 +67,13 @@ def test_a_damaged_record_fails_its_crc(tmp_path):
 def test_no_checkpoint_at_all(tmp_path, said):
     assert latest_complete_checkpoint(str(tmp_path)) is None
     assert latest_complete_checkpoint(str(tmp_path / 'absent')) is None
+
+
+def test_loading_a_truncated_checkpoint_names_it_and_the_way_out(tmp_path):
+    path = save(tmp_path / 'epoch_3.pth', 3, 1000)
+    with open(path, 'r+b') as f:
+        f.truncate(osp.getsize(path) // 6)
+    with pytest.raises(IncompleteCheckpoint) as info:
+        CheckpointLoader.load_checkpoint(path)
+    assert f'The checkpoint {path} is incomplete' in str(info.value)
+    assert '--resume without a file' in str(info.value)
