@@ -87,6 +87,16 @@ class PRMFunction(torch.autograd.Function):
                 grads.bn_bias, *param_grads)
 
 
+def check_batch_statistics(c: Tensor, training: bool) -> None:
+    """As nn.BatchNorm2d (F.batch_norm): batch statistics of one value per
+    channel are refused."""
+    if training and c.numel() <= c.shape[1]:
+        raise ValueError(
+            f'Expected more than 1 value per channel when training, got '
+            f'input size {tuple(c.shape)}: use a batch of more than one '
+            f'sample or a larger map, or put the norm in eval mode')
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -137,12 +147,8 @@ def prm_block_tail(c: Tensor,
     if identity is not None and identity.shape != c.shape:
         raise ValueError(f'PRM: the shortcut {tuple(identity.shape)} does '
                          f'not match the map {tuple(c.shape)}')
-    if norm is not None and norm.training and c.numel() <= c.shape[1]:
-        # as nn.BatchNorm2d (F.batch_norm) refuses it
-        raise ValueError(
-            f'Expected more than 1 value per channel when training, got '
-            f'input size {tuple(c.shape)}: use a batch of more than one '
-            f'sample or a larger map, or put the norm in eval mode')
+    if norm is not None:
+        check_batch_statistics(c, norm.training)
     backend = backends.select(c, options)
     if backend is None:
         return _reference(c, norm, identity, relu, params, options)

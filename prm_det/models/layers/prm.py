@@ -12,16 +12,20 @@ from torch import Tensor
 
 from prm_det.ops import (MODES, NORM_EPS, BatchNorm, PRMOptions, PRMParams,
                          prm, prm_block_tail)
+from prm_det.ops.functions import check_batch_statistics
 
 
-def batch_norm_of(norm: nn.Module) -> Optional[BatchNorm]:
-    """An ``nn.BatchNorm2d`` as the op's :class:`BatchNorm` (tensors and
-    settings), with the bookkeeping of torch's ``_BatchNorm.forward``
-    (``num_batches_tracked``, the momentum factor); None for any other
+def batch_norm_of(norm: nn.Module, c: Tensor) -> Optional[BatchNorm]:
+    """An ``nn.BatchNorm2d`` about to normalize ``c`` as the op's
+    :class:`BatchNorm` (tensors and settings), with the bookkeeping of
+    torch's ``_BatchNorm.forward`` (``num_batches_tracked``, the momentum
+    factor) once ``c`` is known to be acceptable; None for any other
     norm."""
     if type(norm) is not nn.BatchNorm2d:
         return None
     buffers = norm._buffers
+    check_batch_statistics(
+        c, norm.training or buffers['running_mean'] is None)
     factor = 0.0 if norm.momentum is None else norm.momentum
     tracked = buffers.get('num_batches_tracked')
     if norm.training and norm.track_running_stats and tracked is not None:
@@ -140,7 +144,7 @@ class PRM(nn.Module):
         runs ``norm`` first. ``reuse_c``: nothing else holds ``c``, so
         inference may write the result over it.
         """
-        bn = batch_norm_of(norm)
+        bn = batch_norm_of(norm, c)
         if bn is None:
             return self.forward_residual(norm(c), identity)
         self._check_input(c)

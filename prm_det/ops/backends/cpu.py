@@ -128,6 +128,9 @@ def check(c: Tensor) -> Optional[str]:
 
 
 def _ops():
+    if not _state['loaded'] and not available():
+        raise RuntimeError('prm_det: the PRM CPU kernel is not available: '
+                           f'{unavailable_reason()}')
     return torch.ops.prm_det
 
 
