@@ -1,0 +1,179 @@
+"""prm_det installs into an existing MMDetection environment as a package:
+the wheel built from the repository holds every source file of prm_det
+(kernel sources included), declares no torch or mmcv build, and, installed
+outside the repository, runs PRM from a user's config with no fallback."""
+import filecmp
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+# Where the wheel is installed, outside the repository, always the same
+# place: the kernel compiles at first use with its absolute source path in
+# the build command, so a fixed place with its own torch extension cache
+# compiles it once (not on every run) and never invalidates the build the
+# repository's own runs keep in torch's default cache.
+INSTALL_ROOT = osp.join(
+    os.environ.get('XDG_CACHE_HOME', osp.expanduser('~/.cache')), 'prm_det',
+    'wheel_test')
+SOURCE_SUFFIXES = ('.py', '.cpp', '.h', '.cu', '.cuh')
+
+USER_CONFIG = """\
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['prm_det'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(type='PRMResNet', depth=18, init_cfg=None),
+    neck=dict(in_channels=[64, 128, 256, 512]))
+"""
+
+# Run by a fresh interpreter in the user's own folder, prm_det on PYTHONPATH
+# from the installed wheel only.
+USER_SCRIPT = """\
+import sys
+import warnings
+
+import mmdet.models  # noqa: F401  (the user's stack, its import notices)
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+installed = sys.argv[1]
+# from here every warning fails the run (the kernel's fallback warning
+# above all) but the deprecation notices of the libraries around prm_det
+warnings.simplefilter('error')
+warnings.filterwarnings('ignore', category=DeprecationWarning,
+                        module=r'(?!prm_det)')
+cfg = Config.fromfile('my_retinanet.py')  # custom_imports loads prm_det
+import prm_det
+assert prm_det.__file__.startswith(installed), prm_det.__file__
+from mmdet.registry import MODELS
+init_default_scope('mmdet')
+detector = MODELS.build(cfg.model)
+backbone = detector.backbone
+x = torch.rand(2, 3, 64, 96)
+with torch.no_grad():
+    backbone.eval()
+    shapes = [tuple(o.shape) for o in backbone(x)]
+backbone.train()
+sum(o.sum() for o in backbone(x)).backward()
+assert all(p.grad is not None for n, p in backbone.named_parameters()
+           if p.requires_grad and '.prm.' in n)
+print('prm_det ran from', prm_det.__file__, shapes)
+"""
+
+
+def repository_files():
+    """The working tree as git sees it (tracked and new, not ignored)."""
+    out = subprocess.run(
+        ['git', 'ls-files', '--cached', '--others', '--exclude-standard',
+         '-z'], cwd=REPO, check=True, capture_output=True).stdout
+    return [p for p in out.decode().split('\0')
+            if p and osp.isfile(osp.join(REPO, p))]
+
+
+def pip(*args, cwd=None):
+    result = subprocess.run([sys.executable, '-m', 'pip', *args,
+                             '--disable-pip-version-check', '-q'],
+                            cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def install_keeping_unchanged_files(wheel, target):
+    """``pip install --target`` into a fresh folder, then into ``target``
+    only the files that differ: unchanged kernel sources keep their times,
+    so their cached build stays valid."""
+    fresh = Path(str(target) + '.new')
+    shutil.rmtree(fresh, ignore_errors=True)
+    pip('install', '--target', str(fresh), '--no-deps', str(wheel))
+    new_files = {p.relative_to(fresh) for p in fresh.rglob('*')
+                 if p.is_file()}
+    for old in [p for p in target.rglob('*') if p.is_file()]:
+        if old.relative_to(target) not in new_files:
+            old.unlink()
+    for relative in new_files:
+        dst = target / relative
+        if not dst.is_file() or not filecmp.cmp(fresh / relative, dst,
+                                                shallow=False):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(fresh / relative, dst)
+    shutil.rmtree(fresh)
+
+
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory):
+    """A wheel built from a copy of the repository (building in place would
+    leave build/ and *.egg-info there)."""
+    tmp = tmp_path_factory.mktemp('wheel')
+    source = tmp / 'source'
+    for path in repository_files():
+        os.makedirs(osp.dirname(source / path), exist_ok=True)
+        shutil.copy2(osp.join(REPO, path), source / path)
+    pip('wheel', str(source), '--no-deps', '--no-build-isolation', '-w',
+        str(tmp / 'dist'))
+    (built, ) = (tmp / 'dist').glob('prm_det-*.whl')
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_source_file_of_the_package(wheel):
+    expected = {p for p in repository_files()
+                if p.startswith('prm_det/') and p.endswith(SOURCE_SUFFIXES)}
+    assert any(p.startswith('prm_det/ops/csrc/') for p in expected)
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert expected - names == set()
+
+
+@pytest.mark.slow
+def test_wheel_declares_no_torch_or_mmcv_build(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata, ) = [n for n in archive.namelist()
+                        if n.endswith('.dist-info/METADATA')]
+        lines = archive.read(metadata).decode().splitlines()
+    required = [line.split(':', 1)[1].strip() for line in lines
+                if line.startswith('Requires-Dist:')
+                and 'extra ==' not in line]
+    names = {r.split(';')[0].split('<')[0].split('>')[0].split('=')[0]
+             .strip().lower() for r in required}
+    assert {'mmdet', 'ninja'} <= names  # ninja builds the kernel
+    assert not names & {'torch', 'mmcv', 'mmcv-full', 'mmengine'}
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_prm_from_a_user_config_without_fallback(
+        wheel, tmp_path):
+    installed = Path(INSTALL_ROOT) / 'site'
+    install_keeping_unchanged_files(wheel, installed)
+    user = tmp_path / 'user'  # the user's project, not the repository
+    user.mkdir()
+    (user / 'my_retinanet.py').write_text(USER_CONFIG)
+    (user / 'run.py').write_text(USER_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(installed),
+               TORCH_EXTENSIONS_DIR=osp.join(INSTALL_ROOT,
+                                             'torch_extensions'))
+    result = subprocess.run(
+        [sys.executable, 'run.py', str(installed)], cwd=user, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'prm_det ran from ' + str(installed) in result.stdout
+    # the kernel's sources came with it
+    assert any(name.endswith('.cpp') for name in os.listdir(
+        installed / 'prm_det' / 'ops' / 'csrc'))
+
+
+def test_readme_install_section_names_what_a_user_needs():
+    with open(osp.join(REPO, 'README.md')) as f:
+        readme = f.read()
+    section = readme.split('## Install into your own MMDetection '
+                           'environment', 1)[1].split('\n## ', 1)[0]
+    for needed in ('pip install -e .', 'pip install .', 'mim install -e .',
+                   "custom_imports = dict(imports=['prm_det']",
+                   "type='PRMResNet'", 'plugins=', 'configs/'):
+        assert needed in section, needed
