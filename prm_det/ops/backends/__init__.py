@@ -69,13 +69,13 @@ def _exporting() -> bool:
             or torch.compiler.is_exporting())
 
 
-def _default(c: Tensor) -> str:
+def _default(c: Tensor):
     """The fastest backend that takes ``c``, by device and availability."""
     if c.is_cuda and triton_backend.available():
-        return 'triton'
+        return triton_backend
     if cpu.check(c) is None and cpu.available():
-        return 'cpu'
-    return 'torch'
+        return cpu
+    return torch_ops
 
 
 def select(c: Tensor, options: PRMOptions):
@@ -88,7 +88,7 @@ def select(c: Tensor, options: PRMOptions):
     if name is None:
         if options.mode != 'dotproduct' or _exporting():
             return None
-        name = _default(c)
+        return _default(c)
     if name == 'reference' or options.mode != 'dotproduct':
         return None  # the backends compute the dot-product mode only
     backend = BACKENDS[name]
