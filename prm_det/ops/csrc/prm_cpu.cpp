@@ -1,10 +1,15 @@
 // PRM with dot-product similarity on CPU: forward and backward, one group
 // (a [cg, P] block of one sample's contiguous channels) at a time, groups in
-// parallel. Compiled at first use by prm_det/ops/cpu_kernel.py.
+// parallel: the ``cpu`` backend of prm_det/ops/backends/cpu.py, which
+// compiles it at first use. This file holds the op entry points and their
+// registration; the parts live beside it: prm_types.h (settings, per-group
+// parameters and state), vec_math.h (exp, the float gates' sigmoid),
+// prm_passes.h (the per-group passes), tensor_args.h (arguments read and
+// checked), batch_norm.h (BatchNorm folded in).
 //
-// The math is prm_det/ops/prm.py's (_gate_forward / _apply_gate /
-// _gate_backward); this file arranges it so that a group's block is read a
-// few times while it sits in cache, instead of once per eager op:
+// The math is the torch backend's (prm_det/ops/backends/torch_ops.py),
+// arranged so that a group's block is read a few times while it sits in
+// cache, instead of once per eager op:
 //
 //   forward   pass 1  channel sums (-> query position) and channel means
 //             pass 2  q . x_p and z . x_p for every position
@@ -18,7 +23,7 @@
 // Only the query index, the query and context vectors and two statistics per
 // group are kept between forward and backward; the gate and the similarity
 // maps are recomputed from them in backward (exactly: the same code runs).
-// With BatchNorm fused in (bn_prm_*, see _BatchNormPRM in prm.py) the passes
+// With BatchNorm fused in (bn_prm_*: the op's ``norm``) the passes
 // read the block's pre-BatchNorm map c and apply the per-channel affine on
 // the fly, so the normalized map is never written: forward first takes the
 // batch statistics (training), and backward runs one task per channel group

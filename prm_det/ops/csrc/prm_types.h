@@ -8,7 +8,7 @@ namespace prm_det {
 namespace {
 
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
-// the variance is clamped to this before the square root (prm.py _TINY_VAR)
+// the variance is clamped to this before the square root (reference.py _TINY_VAR)
 constexpr double kTinyVar = 1e-30;
 constexpr double kTinyStd = 1e-15;  // sqrt(kTinyVar)
 // positions per chunk of the passes that accumulate over channels: their
