@@ -130,9 +130,9 @@ def test_command_line_on_the_retinanet_configs(capsys, repo):
     """PRM-RetinaNet = RetinaNet + 16 PRMs, operations and parameters; the
     output is mmdet's."""
     tool = load_tool()
-    plain = tool.main(['configs/retinanet_r50.py', '--shape', '128', '96'])
-    prm = tool.main(['configs/retinanet_prm_r50.py', '--shape', '128', '96'])
-    maps = [(32, 24), (16, 12), (8, 6), (4, 3)]
+    plain = tool.main(['configs/retinanet_r50.py', '--shape', '64', '96'])
+    prm = tool.main(['configs/retinanet_prm_r50.py', '--shape', '64', '96'])
+    maps = [(16, 24), (8, 12), (4, 6), (2, 3)]
     blocks = (3, 4, 6, 3)
     expected = sum(blocks[s] * prm_flops(1, 256 * 2**s, *maps[s], 64)
                    for s in range(4))
@@ -142,7 +142,7 @@ def test_command_line_on_the_retinanet_configs(capsys, repo):
     assert prm['params']['trainable'] - plain['params']['trainable'] == \
         259 * 13  # frozen_stages=1
     out = capsys.readouterr().out
-    assert 'Input shape: (128, 96)' in out
+    assert 'Input shape: (64, 96)' in out
     assert 'PRM (16 modules, every op counted)' in out
     assert out.count('Flops: ') == 2 and out.count('Params: ') == 2
 
