@@ -286,12 +286,14 @@ def report(result: dict) -> str:
               f'Input shape: {result["pad_shape"]}',
               f'Flops: {_format_size(result["flops"])}',
               f'Params: {_format_size(params["total"])}',
-              f'Params (trainable): {_format_size(params["trainable"])}']
+              f'Params (trainable): {_format_size(params["trainable"])}',
+              f'Exact: {result["flops"] / 1e9:.2f} GFLOPs, params '
+              f'{params["total"]:,} ({params["trainable"]:,} trainable)']
     for kind, count in sorted(result['attention_modules'].items()):
         lines.append(
-            f'{kind} ({count} modules, every op counted): Flops '
-            f'{_format_size(result["attention_flops"].get(kind, 0))}, '
-            f'Params {_format_size(params[kind])}')
+            f'{kind} ({count} modules, every op counted): '
+            f'{result["attention_flops"].get(kind, 0) / 1e9:.3f} GFLOPs, '
+            f'params {params[kind]:,}')
     if 'proposals' in result:
         lines.append(f'RPN proposals: {result["proposals"]} (NMS off)')
     lines += [line, '!!!Please be cautious if you use the results in papers. '
