@@ -156,3 +156,22 @@ def test_two_stage_detectors_keep_a_fixed_1000_proposals(repo):
     assert cfg.model.test_cfg.rpn.max_per_img == 1000
     assert not tool.keep_all_proposals(load_config(
         'configs/retinanet_prm_r50.py'))
+
+
+@pytest.mark.slow
+def test_dataset_images_count_as_a_random_image_of_their_size(tiny_data,
+                                                               repo):
+    """Without --shape (mmdet 3.x's way) the val images are traced: the
+    demo pipeline makes the 96 px images 128x128, which --shape 128 128
+    counts the same."""
+    tool = load_tool()
+    config = 'configs/demo/retinanet_prm_r18_shapes.py'
+    options = ['--cfg-options', f'data_root={tiny_data}',
+               'val_dataloader.num_workers=0',
+               'val_dataloader.persistent_workers=False']
+    images = tool.main([config, '--num-images', '2'] + options)
+    shape = tool.main([config, '--shape', '128', '128'])
+    assert images['compute_type'].startswith('dataloader')
+    assert images['pad_shape'] == (128, 128)
+    assert images['flops'] == shape['flops']
+    assert images['attention_flops'] == shape['attention_flops']

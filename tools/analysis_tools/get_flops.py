@@ -323,7 +323,12 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    result = inference(parse_args(argv))
+    from prm_det.engine.launch import DatasetNotFound
+    try:
+        result = inference(parse_args(argv))
+    except (DatasetNotFound, FileNotFoundError) as error:
+        raise SystemExit(f'error: {error}\n(or count on a random image of a '
+                         f'given size: --shape H W)')
     print(report(result))
     return result
 
