@@ -274,7 +274,7 @@ def test_prm_block_keeps_no_normalized_copy_for_backward(backend):
     prm = MODELS.build(dict(type='PRMResNet', depth=50, norm_eval=False))
     plain.train()
     prm.train()
-    x = torch.randn(2, 3, 128, 128, requires_grad=True)
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
     ratio = saved_bytes(prm.layer1, plain.maxpool(plain.relu(plain.norm1(
         plain.conv1(x))))) / saved_bytes(plain.layer1, plain.maxpool(
             plain.relu(plain.norm1(plain.conv1(x)))))

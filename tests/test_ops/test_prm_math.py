@@ -112,11 +112,29 @@ OPTIONS = [dict(), dict(use_position=False), dict(use_norm=False),
            dict(use_position=False, use_norm=False)]
 
 
-@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10),
-                                       (torch.float32, 2e-4)])
-@pytest.mark.parametrize('shape', SHAPES)
-@pytest.mark.parametrize('options', OPTIONS)
-def test_fast_path_matches_reference(dtype, tol, shape, options, backend):
+def _reference_matrix():
+    """Every backend, shape, option set and dtype, except that Triton's
+    interpreter (which runs the kernels' programs one after another in
+    Python, ~10 s for a 64-group case) takes every shape with the default
+    options and every option set on two small shapes."""
+    for name in ('cpu', 'torch', 'triton'):
+        for options in OPTIONS:
+            for shape in SHAPES:
+                if name == 'triton' and options and shape not in SHAPES[:2]:
+                    continue
+                for dtype, tol in ((torch.float64, 1e-10),
+                                   (torch.float32, 2e-4)):
+                    yield pytest.param(name, dtype, tol, shape, options,
+                                       id=f'{name}-{options}-{shape}-{dtype}')
+
+
+@pytest.mark.parametrize('name,dtype,tol,shape,options', _reference_matrix())
+def test_fast_path_matches_reference(name, dtype, tol, shape, options):
+    with use_backend(name):
+        _check_against_reference(dtype, tol, shape, options)
+
+
+def _check_against_reference(dtype, tol, shape, options):
     b, c, h, w, groups = shape
     x, upstream = random_case(b, c, h, w, groups, dtype, seed=sum(shape))
     params = init_params(groups, dtype, seed=c)
@@ -425,12 +443,27 @@ def _bn_prm_tail_grads(shape, groups, dtype, bn_training, frozen, seed):
         t.grad for t in leaves]
 
 
-@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2e-4),
-                                       (torch.float64, 1e-9)])
-@pytest.mark.parametrize('batch', [1, 3])
-@pytest.mark.parametrize('bn_training', [True, False])
-@pytest.mark.parametrize('frozen', [(), ('c', ), ('bn', )])
-@pytest.mark.parametrize('name', ['cpu', 'triton'])
+def _batchnorm_matrix():
+    """Every case on the CPU kernel; on Triton's interpreter (slow, see
+    _reference_matrix) float64 with every BatchNorm mode and frozen input
+    at a batch of 3, plus float32 and a batch of 1."""
+    for name in ('cpu', 'triton'):
+        for dtype, tol in ((torch.float32, 2e-4), (torch.float64, 1e-9)):
+            for batch in (1, 3):
+                for bn_training in (True, False):
+                    for frozen in ((), ('c', ), ('bn', )):
+                        if name == 'triton' and not (
+                                (dtype == torch.float64 and batch == 3)
+                                or (bn_training and frozen == ())):
+                            continue
+                        yield pytest.param(
+                            dtype, tol, batch, bn_training, frozen, name,
+                            id=f'{name}-{dtype}-b{batch}-'
+                            f'{"train" if bn_training else "eval"}-{frozen}')
+
+
+@pytest.mark.parametrize('dtype,tol,batch,bn_training,frozen,name',
+                         _batchnorm_matrix())
 def test_fused_batchnorm_backward_matches_torch_ops(dtype, tol, batch,
                                                     bn_training, frozen,
                                                     name):
