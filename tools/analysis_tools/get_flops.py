@@ -197,7 +197,7 @@ def parameter_counts(model: nn.Module) -> Dict[str, int]:
     return dict(counts)
 
 
-def random_image_inputs(model: nn.Module, height: int, width: int):
+def random_image_inputs(height: int, width: int):
     """``model.forward``'s arguments for one random image (fixed seed)."""
     from mmdet.structures import DetDataSample
     generator = torch.Generator().manual_seed(0)
@@ -239,7 +239,7 @@ def inference(args) -> dict:
     _forward = model.forward
 
     if args.shape is not None:
-        batches = [random_image_inputs(model, height, width)]
+        batches = [random_image_inputs(height, width)]
         result['compute_type'] = 'direct: randomly generate a picture'
     else:
         from mmengine.runner import Runner
