@@ -12,11 +12,12 @@ it holds that is not allowed, and the opt-in for files the user trusts:
 ``PRM_DET_TRUST_CHECKPOINTS=1`` in the environment. Importing prm_det never
 trusts anything by itself.
 
-**torchvision://**. mmdet's configs start ResNet backbones from ``torchvision://resnet50``, which
-mmengine resolves by importing torchvision to look up the URL. torchvision
-has no CPU build here and a detector does not need it: the URLs are the ones
-mmengine ships in ``mmengine/hub/torchvision_0.12.json``. This scheme takes
-over ``torchvision://`` (and the old ``modelzoo://``): it reads that table,
+**torchvision://**. mmdet's configs start ResNet backbones from
+``torchvision://resnet50``, which mmengine resolves by importing torchvision
+to look up the URL. torchvision has no CPU build here and a detector does not
+need it: the URLs are the ones mmengine ships in
+``mmengine/hub/torchvision_0.12.json``. This scheme takes over
+``torchvision://`` (and the old ``modelzoo://``): it reads that table,
 downloads with mmengine's ``load_from_http`` into torch's hub cache, and when
 the download fails says how to use a local file instead.
 """

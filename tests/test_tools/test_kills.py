@@ -14,12 +14,13 @@ from tool_runs import REPO, RETINA, checkpoint_meta, ok, tiny_options, tool_env
 pytestmark = pytest.mark.slow
 
 
-def one_iteration_epochs(data_root, epochs):
-    """8 images in one batch: an epoch is one iteration and a checkpoint
-    (max_keep_ckpts=1, as in the issue)."""
+def short_epochs(data_root, epochs):
+    """Two of the images in one batch: an epoch is one short iteration and
+    a checkpoint (max_keep_ckpts=1, as in the issue); no validation."""
     return tiny_options(data_root, epochs) + [
-        'train_dataloader.batch_size=8',
-        'default_hooks.checkpoint.max_keep_ckpts=1']
+        'train_dataloader.dataset.indices=2',
+        'default_hooks.checkpoint.max_keep_ckpts=1', 'val_cfg=None',
+        'val_dataloader=None', 'val_evaluator=None']
 
 
 def freeze_while_writing(proc, work, deadline):
@@ -44,7 +45,7 @@ def test_kill_9_while_a_checkpoint_is_written_then_resume(tiny_data,
     work = str(tmp_path / 'work')
     proc = subprocess.Popen(
         [sys.executable, 'tools/train.py', RETINA, '--work-dir', work] +
-        one_iteration_epochs(tiny_data, epochs=8),
+        short_epochs(tiny_data, epochs=8),
         cwd=REPO, env=tool_env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     caught = freeze_while_writing(proc, work, time.time() + 240)
@@ -72,7 +73,7 @@ def test_kill_9_while_a_checkpoint_is_written_then_resume(tiny_data,
 
     out = ok(subprocess.run(
         [sys.executable, 'tools/train.py', RETINA, '--work-dir', work,
-         '--resume'] + one_iteration_epochs(tiny_data, epochs=k),
+         '--resume'] + short_epochs(tiny_data, epochs=k),
         cwd=REPO, env=tool_env(), capture_output=True, text=True,
         timeout=300))
     assert 'last_checkpoint is empty' in out
@@ -105,7 +106,7 @@ def test_a_stalled_rank_fails_the_job_after_the_collective_timeout(
             ranks.append(subprocess.Popen(
                 [sys.executable, 'tools/train.py', RETINA, '--launcher',
                  'pytorch', '--work-dir', work] +
-                tiny_options(tiny_data, epochs=100) +
+                short_epochs(tiny_data, epochs=100) +
                 [f'env_cfg.dist_cfg.timeout={timeout}'],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
