@@ -2,6 +2,7 @@
 refuses a pickle that would, naming the file, what it holds and the opt-in;
 what mmengine's Runner writes, official PRM and torchvision checkpoints
 still load."""
+import importlib.util
 import os
 import os.path as osp
 import pickle
@@ -54,6 +55,25 @@ def test_the_payload_is_real_and_the_opt_in_runs_it(evil, monkeypatch):
     below are the loader's doing, not a dud file."""
     path, marker = evil
     monkeypatch.setenv(TRUST_ENV, '1')
+    CheckpointLoader.load_checkpoint(path)
+    assert osp.exists(marker)
+
+
+@pytest.mark.parametrize('tool', ['train', 'test'])
+def test_trust_checkpoint_is_the_tools_opt_in(tool, evil, monkeypatch):
+    path, marker = evil
+    # parse_args sets both; monkeypatch restores them after the test
+    monkeypatch.setenv(TRUST_ENV, '0')
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    spec = importlib.util.spec_from_file_location(
+        f'{tool}_tool', osp.join(REPO, 'tools', f'{tool}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.parse_args([RETINA] + [path] * (tool == 'test'))
+    with pytest.raises(UntrustedCheckpoint):
+        CheckpointLoader.load_checkpoint(path)
+    module.parse_args([RETINA] + [path] * (tool == 'test') +
+                      ['--trust-checkpoint'])
     CheckpointLoader.load_checkpoint(path)
     assert osp.exists(marker)
 
