@@ -84,6 +84,32 @@ def _blocks(cg: int, num_positions: int, tile: int) -> Tuple[int, int]:
     return block_c, block_p
 
 
+def _channel_tile(num_positions: int, tile: int = 1024) -> Tuple[int, int]:
+    """[channels, positions] tile of the per-channel BatchNorm kernels: one
+    channel per program on large maps, several on small ones."""
+    _, block_p = _blocks(1, num_positions, tile)
+    return max(1, tile // block_p), block_p
+
+
+def _prm_grid(c: Tensor, n: int, cg: int, num_positions: int,
+              tile: int) -> dict:
+    """Tile sizes and grid of the PRM kernels: a program takes as many
+    (sample, group) pairs as fill a tile when the maps are small, but on a
+    GPU no fewer programs than ~4 per SM remain (an SM runs several)."""
+    import triton
+    block_c, block_p = _blocks(cg, num_positions, tile)
+    g_block = max(1, tile // (block_c * block_p))
+    if c.is_cuda:
+        sms = torch.cuda.get_device_properties(c.device).multi_processor_count
+        g_block = min(g_block, max(1, n // (4 * sms)))
+    g_block = min(triton.next_power_of_2(g_block),
+                  triton.next_power_of_2(n))
+    g_block = 1 << (g_block.bit_length() - 1)  # a power of two, <= the cap
+    return dict(grid=(triton.cdiv(n, g_block), ),
+                meta=dict(n=n, G_BLOCK=g_block, BLOCK_C=block_c,
+                          BLOCK_P=block_p))
+
+
 def _geometry(c: Tensor, options: PRMOptions) -> dict:
     """The kernels' size arguments."""
     _, ch, h, w = c.shape
@@ -120,10 +146,10 @@ def _batch_statistics(c: Tensor, strides, norm: BatchNorm,
     count = b * h * w
     mean = torch.empty(ch, dtype=acc, device=c.device)
     var = torch.empty(ch, dtype=acc, device=c.device)
-    _, block_p = _blocks(1, h * w, 1024)
-    k.channel_stats_kernel[(ch, )](
-        c, mean, var, b, h * w, 1.0 / count, *strides, BLOCK_P=block_p,
-        ACC=_tl_acc(c))
+    block_ch, block_p = _channel_tile(h * w)
+    k.channel_stats_kernel[(-(-ch // block_ch), )](
+        c, mean, var, ch, b, h * w, 1.0 / count, *strides,
+        BLOCK_CH=block_ch, BLOCK_P=block_p, ACC=_tl_acc(c))
     with torch.no_grad():
         momentum = norm.momentum
         if norm.running_mean is not None:
@@ -175,9 +201,9 @@ def forward(c: Tensor, norm: Optional[BatchNorm], identity: Optional[Tensor],
             torch.empty(n, 2, dtype=acc, device=c.device))
     if n == 0:
         return Forward(y, save_mean, save_invstd, state)
-    block_c, block_p = _blocks(cg, h * w, _TILE['forward'])
+    launch = _prm_grid(c, n, cg, h * w, _TILE['forward'])
     state_args = state if state is not None else (y, ) * 4  # unused
-    k.prm_forward_kernel[(n, )](
+    k.prm_forward_kernel[launch['grid']](
         c, c if identity is None else identity, y,
         c if a is None else a, c if shift is None else shift, *params,
         *state_args, **_geometry(c, options), **dict(zip(
@@ -186,8 +212,8 @@ def forward(c: Tensor, norm: Optional[BatchNorm], identity: Optional[Tensor],
                    strides if identity is None else id_strides)),
         **dict(zip(('sy_b', 'sy_c', 'sy_p'), y_strides)),
         HAS_NORM=norm is not None, HAS_ID=identity is not None, RELU=relu,
-        KEEP_STATE=state is not None, BLOCK_C=block_c, BLOCK_P=block_p,
-        ACC=_tl_acc(c), **_flags(options))
+        KEEP_STATE=state is not None, ACC=_tl_acc(c), **launch['meta'],
+        **_flags(options))
     return Forward(y, save_mean, save_invstd, state)
 
 
@@ -219,8 +245,8 @@ def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
     bn_sums = torch.zeros(b, 2, ch, dtype=acc, device=c.device) \
         if norm is not None else partial
     if n > 0:
-        block_c, block_p = _blocks(ch // groups, h * w, _TILE['backward'])
-        k.prm_backward_kernel[(n, )](
+        launch = _prm_grid(c, n, ch // groups, h * w, _TILE['backward'])
+        k.prm_backward_kernel[launch['grid']](
             grad_y, y, c, *(c if t is None else t
                             for t in (a, shift, mean, invstd)),
             *params, *saved.state, grad_c,
@@ -234,8 +260,7 @@ def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
             HAS_NORM=norm is not None,
             NORM_EVAL=norm is not None and not norm.training,
             WRITE_ID=write_identity, RELU=saved.y is not None,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC=_tl_acc(c),
-            **_flags(options))
+            ACC=_tl_acc(c), **launch['meta'], **_flags(options))
     grad_bn_weight = grad_bn_bias = None
     if norm is not None:
         sum_gx, sum_gx_xhat = bn_sums.sum(0)  # [C] each
@@ -246,10 +271,11 @@ def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
             mg, mgx = sum_gx / count, sum_gx_xhat / count
             coef = torch.stack([a, -a * invstd * mgx,
                                 a * (mean * invstd * mgx - mg)])
-            block_p = min(1024, max(16, _blocks(1, h * w, 1024)[1]))
-            k.bn_backward_kernel[(b * ch, -(-h * w // block_p))](
+            block_ch, block_p = _channel_tile(h * w)
+            k.bn_backward_kernel[(b * -(-ch // block_ch),
+                                  -(-h * w // block_p))](
                 grad_c, c, coef, ch, h * w, *o_strides, *strides,
-                BLOCK_P=block_p, ACC=_tl_acc(c))
+                BLOCK_CH=block_ch, BLOCK_P=block_p, ACC=_tl_acc(c))
         if needs.bn_weight:
             grad_bn_weight = sum_gx_xhat.to(norm.weight.dtype)
         if needs.bn_bias:
