@@ -1,28 +1,38 @@
 """Speed and memory of the attention backbones, side by side in one run.
 
     python benchmarks/bench_backbones.py [--reps 7] [--inference-reps N]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--precisions fp32 bf16 fp16]
         [--sizes 2x224x224 1x512x832] [--tasks 'train step' inference]
         [--no-detector] [--only VARIANT ...] [--out FILE.md]
         [--default-malloc]
 
 Measures plain ResNet-50 (mmdet's ``ResNet``), SE-, GC- and PRM-ResNet-50
-(the fast path: on CPU the compiled kernel), PRM-ResNet-50 on the fast
-path's torch ops (kernel off) and with the straightforward reference PRM,
+(PRM on the backend chosen for the device: the compiled kernel on CPU, the
+Triton kernels on CUDA), PRM-ResNet-50 forced onto the ``torch`` backend
+(``prm_det.ops.use_backend('torch')``) and with the readable reference PRM,
 for a training step (forward + backward, all stages trainable, BN in train
-mode) and for inference (eval, no_grad), at each input size; then a whole
-RetinaNet training step (mmdet's R50-FPN config, 80 classes) with each
-backbone. The variants are interleaved within every repetition, so machine
-noise hits them alike; the table gives medians and ratios to plain ResNet-50.
+mode) and for inference (eval, no_grad), at each input size and precision;
+then a whole RetinaNet training step (mmdet's R50-FPN config, 80 classes,
+fp32) with each backbone. The table names the backend each variant ran on
+(recorded from the op's own choice during a forward pass).
+The variants are interleaved within every repetition, so machine noise hits
+them alike; the table gives medians and ratios to plain ResNet-50.
 Inference, a few times cheaper than a training step and so more exposed to
 the machine's drift, gets more repetitions (``--inference-reps``, four times
 ``--reps`` by default).
 
-Memory: on CUDA the peak allocated during a training step
-(``torch.cuda.max_memory_allocated``); on CPU, where torch keeps no such
-counter, the bytes of tensors autograd saves for backward during the
-forward pass (the activation memory that dominates a training step's peak),
-counted once per storage.
+Precisions: ``fp32``, or ``bf16`` / ``fp16`` autocast around the forward
+pass (backward runs outside it, as with ``torch.autocast`` in training; no
+loss scaling: only time and memory are measured). Defaults: fp32 on CPU,
+all three on CUDA. Sizes default to 2x224x224 and 1x512x832 on CPU and to
+2x800x1216 and 32x224x224 on CUDA (issue 13's table).
+
+Memory: on CUDA the peak allocated during a training step above what was
+allocated before it (``torch.cuda.max_memory_allocated``; every model's
+weights and the input are allocated before and not counted); on CPU, where
+torch keeps no such counter, the bytes of tensors autograd saves for
+backward during the forward pass (the activation memory that dominates a
+training step's peak), counted once per storage.
 
 Allocator: on glibc the script re-runs itself with malloc keeping freed
 memory (``GLIBC_TUNABLES``), as jemalloc and tcmalloc do: with glibc's
@@ -31,6 +41,7 @@ of faults a pass whose count depends on the order of earlier frees.
 ``--default-malloc`` times without it.
 """
 import argparse
+import contextlib
 import gc
 import os
 import platform
@@ -44,7 +55,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prm_det  # noqa: E402,F401
-from prm_det.ops import cpu_kernel  # noqa: E402
+from prm_det.ops import backends as prm_backends  # noqa: E402
+from prm_det.ops import use_backend  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 
@@ -53,12 +65,15 @@ BACKBONES = {
     'SE-ResNet-50': dict(type='SEResNet'),
     'GC-ResNet-50': dict(type='GCResNet'),
     'PRM-ResNet-50': dict(type='PRMResNet'),
-    'PRM-ResNet-50 (torch ops)': dict(type='PRMResNet'),
+    'PRM-ResNet-50 (torch backend)': dict(type='PRMResNet'),
     'PRM-ResNet-50 (reference PRM)': dict(
         type='PRMResNet', attention=dict(reference=True)),
 }
 # variants that run the same model in another mode
-CONTEXTS = {'PRM-ResNet-50 (torch ops)': cpu_kernel.kernel_disabled}
+CONTEXTS = {'PRM-ResNet-50 (torch backend)': lambda: use_backend('torch')}
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+DEFAULT_SIZES = {'cpu': ['2x224x224', '1x512x832'],
+                 'cuda': ['2x800x1216', '32x224x224']}
 
 
 def in_context(name: str, fn: Callable) -> Callable:
@@ -71,6 +86,42 @@ def in_context(name: str, fn: Callable) -> Callable:
             return fn()
 
     return wrapped
+
+
+def autocast(device: str, precision: str):
+    """``torch.autocast`` to the precision's dtype (nothing for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=dtype)
+
+
+def backend_name(module) -> str:
+    """A backend module's name ('cpu', 'triton', 'torch'); None is the
+    readable reference."""
+    if module is None:
+        return 'reference'
+    for name, backend in prm_backends.BACKENDS.items():
+        if backend is module:
+            return name
+    return module.__name__.rsplit('.', 1)[-1]
+
+
+@contextlib.contextmanager
+def recording_backends(chosen: set):
+    """Records the name of every backend the PRM op chooses inside."""
+    select = prm_backends.select
+
+    def recording(c, options):
+        module = select(c, options)
+        chosen.add(f'{backend_name(module)} ({str(c.dtype)[6:]})')
+        return module
+
+    prm_backends.select = recording
+    try:
+        yield
+    finally:
+        prm_backends.select = select
 
 
 def sync(device):
@@ -89,16 +140,17 @@ def build_backbone(cfg, device):
     return model.to(device)
 
 
-def backbone_train_step(model, x):
+def backbone_train_step(model, x, precision='fp32'):
     model.train()
     model.zero_grad(set_to_none=True)
-    outs = model(x)
+    with autocast(x.device.type, precision):
+        outs = model(x)
     sum(o.float().mean() for o in outs).backward()
 
 
-def backbone_infer(model, x):
+def backbone_infer(model, x, precision='fp32'):
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(x.device.type, precision):
         model(x)
 
 
@@ -122,13 +174,16 @@ def saved_activation_bytes(fn) -> int:
 
 
 def peak_memory(fn, device) -> int:
+    """Bytes a training step takes at its peak (see the module's doc)."""
     if device == 'cuda':
         gc.collect()
         torch.cuda.empty_cache()
+        sync(device)
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         sync(device)
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() - before
     return saved_activation_bytes(fn)
 
 
@@ -186,18 +241,32 @@ def detector_step_fns(device, size):
 
 
 def fmt_table(rows, baseline='ResNet-50'):
-    lines = ['| task | input | backbone | median ms | vs ResNet-50 | memory MiB '
-             '| vs ResNet-50 |', '|---|---|---|---|---|---|---|']
+    lines = ['| task | input | precision | backbone | PRM backend (maps) '
+             '| median ms | vs ResNet-50 | memory MiB | vs ResNet-50 |',
+             '|---|---|---|---|---|---|---|---|---|']
     # time ratio: the median of per-repetition ratios (see interleaved_medians)
-    for (task, size), stats in rows.items():
+    for (task, size, precision), stats in rows.items():
         base_m = stats[baseline].get('mem')
         for name, s in stats.items():
             mem = s.get('mem')
             mem_s = f'{mem / 2**20:.0f}' if mem else ''
             mem_r = f'{mem / base_m:.3f}x' if mem and base_m else ''
-            lines.append(f'| {task} | {size} | {name} | {1000 * s["time"]:.1f}'
+            lines.append(f'| {task} | {size} | {precision} | {name} | '
+                         f'{s.get("backend") or "-"} | {1000 * s["time"]:.1f}'
                          f' | {s["ratio"]:.3f}x | {mem_s} | {mem_r} |')
     return '\n'.join(lines)
+
+
+def record_backends(fns: Dict[str, Callable]) -> Dict[str, str]:
+    """Runs each variant once and returns the PRM backends it ran on (and
+    the dtype of the maps they got), '' for a variant without PRM."""
+    names = {}
+    for name, fn in fns.items():
+        chosen = set()
+        with recording_backends(chosen):
+            fn()
+        names[name] = ', '.join(sorted(chosen))
+    return names
 
 
 # glibc's malloc hands freed feature maps back to the kernel and page-faults
@@ -234,11 +303,32 @@ def add_malloc_argument(parser):
                         'returned to the kernel and faulted in again)')
 
 
-def machine(device):
+def cpu_model() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device) -> str:
+    """The machine, in words, with the versions that decide the speed."""
+    versions = f'torch {torch.__version__}'
     if device == 'cuda':
-        return torch.cuda.get_device_name()
-    return (f'{platform.processor() or platform.machine()}, '
-            f'{torch.get_num_threads()} threads')
+        try:
+            import triton
+            versions += f', triton {triton.__version__}'
+        except ImportError:
+            versions += ', no triton'
+        props = torch.cuda.get_device_properties(0)
+        return (f'{torch.cuda.get_device_name()} '
+                f'({props.total_memory / 2**30:.0f} GiB), CUDA '
+                f'{torch.version.cuda}; {versions}')
+    return (f'{cpu_model()}, {torch.get_num_threads()} threads '
+            f'({os.cpu_count()} CPUs visible); {versions}')
 
 
 def main(argv=None):
@@ -248,8 +338,13 @@ def main(argv=None):
                         help='repetitions of inference (default: 4 x reps)')
     parser.add_argument('--device', default='cuda' if
                         torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--sizes', nargs='+',
-                        default=['2x224x224', '1x512x832'])
+    parser.add_argument('--precisions', nargs='+', choices=list(PRECISIONS),
+                        default=None, help='fp32, and bf16 / fp16 autocast '
+                        'around the forward pass (default: fp32 on CPU, all '
+                        'three on CUDA)')
+    parser.add_argument('--sizes', nargs='+', default=None,
+                        help='BxHxW inputs (default: 2x224x224 1x512x832 on '
+                        'CPU, 2x800x1216 32x224x224 on CUDA)')
     parser.add_argument('--detector-size', default='512x832')
     parser.add_argument('--no-detector', action='store_true')
     parser.add_argument('--tasks', nargs='+', choices=list(TASKS),
@@ -260,45 +355,59 @@ def main(argv=None):
     add_malloc_argument(parser)
     args = parser.parse_args(argv)
     allocator = steady_malloc(args.default_malloc, may_reexec=argv is None)
+    device = args.device
+    if device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device here')
+    precisions = args.precisions or (
+        list(PRECISIONS) if device == 'cuda' else ['fp32'])
+    sizes = args.sizes or DEFAULT_SIZES.get(device, DEFAULT_SIZES['cpu'])
     reps = {task: args.reps for task in TASKS}
     reps['inference'] = args.inference_reps or 4 * args.reps
     register_all_modules()
     from mmengine.logging import MMLogger
     MMLogger.get_instance('mmengine').setLevel('ERROR')  # init_weights chatter
     torch.manual_seed(0)
-    device = args.device
     backbones = {k: v for k, v in BACKBONES.items()
                  if not args.only or k in args.only or k == 'ResNet-50'}
     models = {k: build_backbone(v, device) for k, v in backbones.items()}
     rows = {}
-    for size in args.sizes:
+    for size in sizes:
         b, h, w = (int(v) for v in size.split('x'))
         x = torch.randn(b, 3, h, w, device=device)
         for task in args.tasks:
             step = TASKS[task]
-            fns = {k: in_context(k, lambda m=m: step(m, x))
-                   for k, m in models.items()}
-            stats = interleaved_medians(fns, reps[task], device)
-            if task == 'train step':
-                for k, fn in fns.items():
-                    stats[k]['mem'] = peak_memory(fn, device)
-            rows[(task, f'{b}x3x{h}x{w}')] = stats
-            print(fmt_table({(task, size): stats}), flush=True)
+            for precision in precisions:
+                fns = {k: in_context(k, lambda m=m, s=step, x=x, p=precision:
+                                     s(m, x, p))
+                       for k, m in models.items()}
+                ran_on = record_backends(fns)  # also the first warm-up
+                stats = interleaved_medians(fns, reps[task], device, warmup=1)
+                for k in stats:
+                    stats[k]['backend'] = ran_on[k]
+                if task == 'train step':
+                    for k, fn in fns.items():
+                        stats[k]['mem'] = peak_memory(fn, device)
+                key = (task, f'{b}x3x{h}x{w}', precision)
+                rows[key] = stats
+                print(fmt_table({key: stats}), flush=True)
     if not args.no_detector:
         h, w = (int(v) for v in args.detector_size.split('x'))
         fns = detector_step_fns(device, (h, w))
         fns = {k: v for k, v in fns.items() if k in backbones}
-        stats = interleaved_medians(fns, args.reps, device, warmup=1)
+        ran_on = record_backends(fns)
+        stats = interleaved_medians(fns, args.reps, device, warmup=0)
         for k, fn in fns.items():
+            stats[k]['backend'] = ran_on[k]
             stats[k]['mem'] = peak_memory(fn, device)
-        rows[('RetinaNet train step', f'1x3x{h}x{w}')] = stats
-    mem_note = ('peak allocated (CUDA)' if device == 'cuda' else
+        rows[('RetinaNet train step', f'1x3x{h}x{w}', 'fp32')] = stats
+    mem_note = ('peak allocated during the step, above what was allocated '
+                'before it (CUDA)' if device == 'cuda' else
                 'tensors saved for backward (CPU)')
-    report = (f'Machine: {machine(device)}; torch {torch.__version__}; '
-              f'{allocator}; '
+    report = (f'Machine: {machine(device)}; {allocator}; '
               f'medians of {args.reps} interleaved runs, '
               f'{reps["inference"]} for inference (ratios: median of '
-              f'the per-run ratios); memory: {mem_note}.'
+              f'the per-run ratios); memory: {mem_note}; bf16/fp16: autocast '
+              f'around the forward pass.'
               f'\n\n' + fmt_table(rows) + '\n')
     print('\n' + report)
     if args.out:

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_prm.py [--size 2x224x224] [--rows 25]
         [--task train|inference] [--tails [--reps 30]]
+        [--backend cpu|torch|triton|reference]
 
 Profiles a training step (forward + backward) or an inference pass of
 PRM-ResNet-50 and of plain ResNet-50 with torch.profiler and prints, per
@@ -14,6 +15,9 @@ around them) inside whole passes of both backbones, stage by stage, without
 the profiler: inside a pass the tails run right after a convolution has
 swept the caches, where the same calls cost several times what they do in
 a loop (benchmarks/bench_block_tail.py), Python and op set-up above all.
+
+``--backend`` runs PRM on that backend (``prm_det.ops.use_backend``; by
+default the one chosen for CPU tensors: the compiled kernel).
 """
 import argparse
 import os
@@ -28,6 +32,19 @@ from bench_backbones import (add_malloc_argument,  # noqa: E402
                              backbone_infer, backbone_train_step,
                              build_backbone, steady_malloc)
 from mmdet.utils import register_all_modules  # noqa: E402
+
+from prm_det.ops import BACKEND_NAMES, use_backend  # noqa: E402
+
+
+def on_backend(step, backend):
+    """``step`` with PRM forced onto ``backend`` (None: the default)."""
+    if backend is None:
+        return step
+
+    def forced(model, x):
+        with use_backend(backend):
+            step(model, x)
+    return forced
 
 
 def self_times(model, x, steps, step=backbone_train_step):
@@ -65,6 +82,9 @@ def main(argv=None):
                         help='time the block tails inside whole passes')
     parser.add_argument('--reps', type=int, default=30,
                         help='passes per backbone with --tails')
+    parser.add_argument('--backend', choices=BACKEND_NAMES, default=None,
+                        help='run PRM on this backend (default: the one '
+                        'chosen for CPU tensors)')
     add_malloc_argument(parser)
     args = parser.parse_args(argv)
     allocator = steady_malloc(args.default_malloc, may_reexec=argv is None)
@@ -75,18 +95,21 @@ def main(argv=None):
     b, h, w = (int(v) for v in args.size.split('x'))
     x = torch.randn(b, 3, h, w)
     if args.tails:
-        print(tails_in_passes(x, args.task, args.reps, allocator))
+        print(tails_in_passes(x, args.task, args.reps, allocator,
+                              args.backend))
         return
+    step = backbone_train_step if args.task == 'train' else backbone_infer
     plain, prm = interleaved_self_times(
         [build_backbone(dict(type='ResNet'), 'cpu'),
          build_backbone(dict(type='PRMResNet'), 'cpu')], x, args.steps,
-        step=backbone_train_step if args.task == 'train' else backbone_infer)
+        step=on_backend(step, args.backend))
     task = 'train step' if args.task == 'train' else 'inference'
     total_plain = sum(t for t, _ in plain.values())
     total_prm = sum(t for t, _ in prm.values())
     print(f'{task} {b}x3x{h}x{w}: ResNet-50 {total_plain:.1f} ms, '
           f'PRM-ResNet-50 {total_prm:.1f} ms ({total_prm / total_plain:.3f}x)'
-          f', self CPU time per step; {allocator}\n')
+          f', self CPU time per step; PRM backend '
+          f'{args.backend or "default"}; {allocator}\n')
     keys = sorted(set(plain) | set(prm),
                   key=lambda k: -(prm.get(k, (0, 0))[0] -
                                   plain.get(k, (0, 0))[0]))
@@ -100,7 +123,7 @@ def main(argv=None):
         print(f'| {k} | {tp:.2f} | {tq:.2f} | {tq - tp:+.2f} | {cq - cp:+d} |')
 
 
-def tails_in_passes(x, task, reps, allocator):
+def tails_in_passes(x, task, reps, allocator, backend=None):
     """Milliseconds per pass spent in the block tails of ResNet-50 and
     PRM-ResNet-50, by stage, inside whole passes run in turn. The plain
     backbone is AttentionResNet without attention: mmdet's ResNet-50, whose
@@ -119,7 +142,8 @@ def tails_in_passes(x, task, reps, allocator):
         spent[current[0], out.shape[1]] += time.perf_counter() - start
         return y
 
-    step = backbone_train_step if task == 'train' else backbone_infer
+    step = on_backend(
+        backbone_train_step if task == 'train' else backbone_infer, backend)
     models = {'ResNet-50': build_backbone(
         dict(type='AttentionResNet', depth=50, attention=None), 'cpu'),
         'PRM-ResNet-50': build_backbone(dict(type='PRMResNet'), 'cpu')}
@@ -139,7 +163,8 @@ def tails_in_passes(x, task, reps, allocator):
     task_name = 'train step' if task == 'train' else 'inference'
     lines = [f'Block tails inside whole {task_name} passes at '
              f'{"x".join(map(str, x.shape))}, {torch.get_num_threads()} '
-             f'threads, torch {torch.__version__}, {allocator}; ms per pass, '
+             f'threads, torch {torch.__version__}, {allocator}; PRM backend '
+             f'{backend or "default"}; ms per pass, '
              f'mean of {reps} passes each (interleaved)'
              + ('; forward tails only (their backward runs inside autograd '
                 'after the pass)' if task == 'train' else '') + '.', '',

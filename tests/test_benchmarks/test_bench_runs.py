@@ -1,9 +1,12 @@
-"""The benchmark script runs and reports every variant (no timing asserted:
+"""The benchmark scripts run and report every variant (no timing asserted:
 speed is measured by hand with benchmarks/, never in tests)."""
+import os
 import os.path as osp
 import platform
 import subprocess
 import sys
+
+from prm_det.ops.backends import cpu as cpu_backend
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -18,9 +21,17 @@ def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
     for name in ('ResNet-50', 'SE-ResNet-50', 'GC-ResNet-50',
-                 'PRM-ResNet-50', 'PRM-ResNet-50 (reference PRM)'):
+                 'PRM-ResNet-50', 'PRM-ResNet-50 (torch backend)',
+                 'PRM-ResNet-50 (reference PRM)'):
         assert f'| {name} |' in table
-    assert '| train step | 1x3x64x64 | ResNet-50 |' in table
+    assert '| train step | 1x3x64x64 | fp32 | ResNet-50 | - |' in table
+    # each PRM variant names the backend it ran on, as the op chose it
+    default = 'cpu' if cpu_backend.available() else 'torch'
+    for task in ('train step', 'inference'):
+        row = f'| {task} | 1x3x64x64 | fp32 | PRM-ResNet-50'
+        assert f'{row} | {default} (float32) |' in table
+        assert f'{row} (torch backend) | torch (float32) |' in table
+        assert f'{row} (reference PRM) | reference (float32) |' in table
     assert '1.000x' in table and 'Machine:' in table
     assert 'medians of 1 interleaved runs, 2 for inference' in table
     if platform.libc_ver()[0] == 'glibc':  # re-ran itself with malloc tuned
@@ -37,8 +48,20 @@ def test_block_tail_benchmark_reports_every_stage_and_task(tmp_path):
     table = out.read_text()
     for task in ('train step', 'train step, BN frozen', 'inference'):
         for where in ('1x256x16x16', '1x2048x2x2', 'whole backbone'):
-            assert f'| {task} | {where} |' in table, (task, where)
-    assert 'PRM tail (torch ops)' in table
+            assert f'| {task} | {where} | fp32 |' in table, (task, where)
+    backends = ['torch'] + (['cpu'] if cpu_backend.available() else [])
+    for name in backends:
+        assert f'| PRM, {name} | added |' in table
+    for column in ('| copy | copy GB/s | PRM limit | passes |',
+                   f'| PRM, {backends[-1]} / limit |'):
+        assert column in table
+    # passes the PRM kernels make: training 6 + 8, BN frozen 5 + 8,
+    # inference 5
+    for task, passes in (('train step', 14), ('train step, BN frozen', 13),
+                         ('inference', 5)):
+        row = next(line for line in table.splitlines()
+                   if line.startswith(f'| {task} | whole backbone |'))
+        assert row.split(' | ')[-2] == str(passes), row
     assert 'default malloc' in table
 
 
@@ -57,3 +80,12 @@ def test_profile_times_the_tails_of_every_stage_inside_whole_passes():
     for row in rows:  # every stage's tails took time in both backbones
         plain, prm = (float(v) for v in row.split(' | ')[1:3])
         assert plain > 0 and prm > 0, row
+
+
+def test_gpu_script_is_valid_bash():
+    """benchmarks/gpu_run.sh runs on a lent GPU only; here, its syntax."""
+    for script in ('benchmarks/gpu_run.sh', 'benchmarks/gpu_pack.sh'):
+        proc = subprocess.run(['bash', '-n', script], cwd=REPO,
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, (script, proc.stderr)
+        assert os.access(osp.join(REPO, script), os.X_OK), script
