@@ -110,9 +110,10 @@ if [ "$with_cuda" = 0 ]; then
   "${pip[@]}" "$(pin triton)"
 fi
 
-step "installing $(pin mmdet), $(pin pycocotools), $(pin pytest) and $(pin ruff)" \
+step "installing $(pin mmdet), $(pin pycocotools), $(pin pytest), $(pin ruff), $(pin onnx), $(pin onnxruntime) and $(pin onnxscript)" \
   "make PyPI reachable; mmdet 3.3.0 needs mmcv>=2.0.0rc4,<2.2.0"
-"${pip[@]}" "$(pin mmdet)" "$(pin pycocotools)" "$(pin pytest)" "$(pin ruff)"
+"${pip[@]}" "$(pin mmdet)" "$(pin pycocotools)" "$(pin pytest)" "$(pin ruff)" \
+  "$(pin onnx)" "$(pin onnxruntime)" "$(pin onnxscript)"
 
 step "installing prm_det (editable)" "see pip's message above; pyproject.toml must be valid"
 "${pip[@]}" --no-deps --no-build-isolation -e .

@@ -11,6 +11,7 @@ Without a gradient to take, the backend's forward runs alone (no autograd
 bookkeeping; in inference the result may go over ``c``). Modes other than
 'dotproduct', and exporting, take the readable reference.
 """
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -102,6 +103,12 @@ def _needs_grad(*tensors) -> bool:
         t is not None and t.requires_grad for t in tensors)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` where the dtype differs (a trace records even a
+    conversion to the same dtype)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _reference(c, norm, identity, relu, params, options):
     """The op from the readable parts (autograd throughout)."""
     if norm is not None:
@@ -109,13 +116,19 @@ def _reference(c, norm, identity, relu, params, options):
                          norm.bias, norm.training, norm.momentum, norm.eps)
     in_dtype = c.dtype
     dtype = torch.promote_types(in_dtype, torch.float32)
-    with torch.autocast(c.device.type, enabled=False):
-        y = prm_reference(c.to(dtype), *(p.to(dtype) for p in params),
+    # only where autocast is on: torch.export would record the switch as a
+    # higher-order op around the whole composition
+    no_autocast = (torch.autocast(c.device.type, enabled=False)
+                   if torch.is_autocast_enabled(c.device.type) else
+                   contextlib.nullcontext())
+    with no_autocast:
+        y = prm_reference(_as(c, dtype), *(_as(p, dtype) for p in params),
                           groups=options.groups, mode=options.mode,
                           use_position=options.use_position,
                           use_norm=options.use_norm,
                           normalized_positions=options.normalized_positions,
-                          eps=options.eps).to(in_dtype)
+                          eps=options.eps)
+    y = _as(y, in_dtype)
     if identity is not None:
         y = y + identity
     return torch.relu(y) if relu else y
@@ -144,7 +157,10 @@ def prm_block_tail(c: Tensor,
             nothing else holds): in inference the result may be written
             over it.
     """
-    if identity is not None and identity.shape != c.shape:
+    # (a trace holds sizes as tensors: comparing them would bake the traced
+    # sizes into the graph, with a TracerWarning; the add checks them)
+    if (identity is not None and not torch.jit.is_tracing()
+            and identity.shape != c.shape):
         raise ValueError(f'PRM: the shortcut {tuple(identity.shape)} does '
                          f'not match the map {tuple(c.shape)}')
     if norm is not None:

@@ -37,6 +37,21 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TINY_VAR = 1e-30
 
 
+def at_least_one(size):
+    """``max(size, 1)`` for a size (h, w, h * w) that stays a function of the
+    input's size when the model is traced.
+
+    A Python ``max()`` would bake the size the trace saw into the graph (an
+    ONNX export then divides by it at every size). torch.jit's tracer (the
+    TorchScript ONNX exporter) gives sizes as 0-d tensors: a ``clamp_min``
+    op; ``torch.export`` (the dynamo exporter) gives symbolic ints:
+    ``sym_max``; eager gives ints, and ``sym_max`` is ``max``.
+    """
+    if isinstance(size, Tensor):
+        return size.clamp_min(1)
+    return torch.sym_max(size, 1)
+
+
 def gaussian(t: Tensor, sigma: Tensor) -> Tensor:
     """Density of Normal(0, sigma) at ``t`` (what the official code gets from
     ``Normal(0, sigma).log_prob(t).exp()``)."""
@@ -66,8 +81,8 @@ def axis_distances(query_index: Tensor, h: int, w: int, normalized: bool,
     d_row = (rows[None, :] - query_row[:, None]).abs().to(dtype)  # [n, h]
     d_col = (cols[None, :] - query_col[:, None]).abs().to(dtype)  # [n, w]
     if normalized:
-        d_row = d_row / max(h - 1, 1)
-        d_col = d_col / max(w - 1, 1)
+        d_row = d_row / at_least_one(h - 1)
+        d_col = d_col / at_least_one(w - 1)
     return d_row, d_col
 
 
@@ -100,7 +115,8 @@ def _normalize(s: Tensor, eps: float) -> Tensor:
     """(s - mean) / (std + eps) over the last dim, std unbiased; 0 when P=1."""
     num_positions = s.shape[-1]
     centered = s - s.mean(-1, keepdim=True)
-    var = centered.pow(2).sum(-1, keepdim=True) / max(num_positions - 1, 1)
+    var = (centered.pow(2).sum(-1, keepdim=True) /
+           at_least_one(num_positions - 1))
     std = var.clamp_min(_TINY_VAR).sqrt()
     return centered / (std + eps)
 
@@ -127,9 +143,11 @@ def prm_reference(x: Tensor,
     b, c, h, w = x.shape
     n, cg, num_positions = b * groups, c // groups, h * w
     xg = x.reshape(n, cg, num_positions)  # [n, cg, P]
-    with torch.no_grad():
-        query_index = xg.sum(1).argmax(1)  # [n], first maximum
-    query = xg[torch.arange(n, device=x.device), :, query_index]  # [n, cg]
+    # standard ops only (argmax, gather), no host sync: this is the route
+    # taken while exporting
+    query_index = xg.detach().sum(1).argmax(1)  # [n], first maximum
+    query = xg.gather(2, query_index.view(-1, 1, 1).expand(-1, cg, 1))
+    query = query.squeeze(2)  # [n, cg]
     context = xg.mean(2)  # [n, cg]
     sim_query = _similarity(xg, query, mode)  # [n, P]
     sim_context = _similarity(xg, context, mode)  # [n, P]

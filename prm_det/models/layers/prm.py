@@ -111,6 +111,8 @@ class PRM(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))  # sigma
 
     def _check_input(self, x: Tensor) -> None:
+        if torch.jit.is_tracing():  # sizes are tensors there (see the op)
+            return
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f'PRM expects [b, {self.in_channels}, h, w] inputs, got '
