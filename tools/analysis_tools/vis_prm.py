@@ -37,7 +37,8 @@ import prm_det  # noqa: E402,F401  (registers the backbones)
 from prm_det.ops.reference import (COSINE_EPS, NORM_EPS,  # noqa: E402
                                    position_weight)
 
-QUERY_COLOR = (255, 0, 0)  # RGB
+QUERY_COLOR = (255, 0, 0)  # RGB, with a white ring: visible on red too
+RING_COLOR = (255, 255, 255)
 
 
 def prm_maps(x: Tensor, prm: nn.Module) -> Dict[str, Tensor]:
@@ -149,15 +150,19 @@ def query_points_xy(query_rc: np.ndarray, feature_hw: Sequence[int],
 
 
 def draw_queries(image_rgb: np.ndarray, points_xy: np.ndarray) -> np.ndarray:
-    """The image with a filled dot at each query point (inside the image)."""
+    """The image with a ringed dot at each query point (clipped to the
+    image: a query may sit in the padding)."""
     import cv2
     canvas = np.ascontiguousarray(image_rgb.copy())
     height, width = canvas.shape[:2]
     radius = max(2, round(min(height, width) / 80))
-    for x, y in points_xy:
-        col = min(max(int(x), 0), width - 1)
-        row = min(max(int(y), 0), height - 1)
-        cv2.circle(canvas, (col, row), radius, QUERY_COLOR, -1)
+    centers = [(min(max(int(x), 0), width - 1), min(max(int(y), 0),
+                                                   height - 1))
+               for x, y in points_xy]
+    for center in centers:  # rings first: a dot is never painted over
+        cv2.circle(canvas, center, radius + 1, RING_COLOR, -1)
+    for center in centers:
+        cv2.circle(canvas, center, radius, QUERY_COLOR, -1)
     return canvas
 
 
@@ -231,7 +236,7 @@ def write_grid(rows: List[dict], image_rgb: np.ndarray, meta: dict,
     for ax_row, row in zip(axes, rows):
         ax_row[0].imshow(image_rgb)
         ax_row[0].scatter(row['query_xy'][:, 0], row['query_xy'][:, 1],
-                          s=12, c='red')
+                          s=14, c='red', edgecolors='white', linewidths=0.8)
         ax_row[0].set_title(f'{row["block"]}: {len(row["query_xy"])} '
                             f'queries', fontsize=8)
         for ax, key, title in ((ax_row[1], 'position_weight', 'D'),
