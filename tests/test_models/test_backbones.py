@@ -1,6 +1,7 @@
 """PRMResNet, SEResNet, GCResNet: mmdet's ResNet with attention."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -295,21 +296,21 @@ def test_channels_last_backbone_matches_contiguous(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+class Recorder(TorchDispatchMode):
+    """The ops that run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
 def test_prm_blocks_run_the_fused_batchnorm_kernel_on_cpu():
     """On CPU each PRM block's tail (BatchNorm, PRM, add, ReLU) is one
     kernel op each way, in training and in inference."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     model = small('PRMResNet', 50, norm_eval=False)
     num_blocks = sum(len(getattr(model, name)) for name in model.res_layers)
     x = torch.randn(2, 3, 64, 64)
@@ -402,18 +403,6 @@ def test_inference_tail_equals_norm_prm_add_relu_and_writes_over_c_where_it_can(
     kernel's forward op otherwise. Always relu(prm(norm(c)) + id), and the
     norm's running statistics move exactly as norm(c) moves them."""
     import copy
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
 
     prm, norm, c, identity = _eval_tail_case(case)
     plain_norm = copy.deepcopy(norm)

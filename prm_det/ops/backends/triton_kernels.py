@@ -87,24 +87,20 @@ def _scores(x, q, z, offs, qi, W, alpha, beta, theta_row, theta_col, sigma,
 
 
 @triton.jit
-def prm_forward_kernel(
-        x_ptr, id_ptr, y_ptr, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
-        alpha_ptr, theta_ptr, sigma_ptr, qi_ptr, q_ptr, z_ptr, stats_ptr,
-        n, groups, cg, P, W, inv_p, inv_pm1, inv_hm1, inv_wm1, eps,
-        sx_b, sx_c, sx_p, si_b, si_c, si_p, sy_b, sy_c, sy_p,
-        HAS_NORM: tl.constexpr, HAS_ID: tl.constexpr, RELU: tl.constexpr,
-        USE_POS: tl.constexpr, USE_NORM: tl.constexpr,
-        NORMALIZED: tl.constexpr, KEEP_STATE: tl.constexpr,
-        G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ACC: tl.constexpr):
-    rows = tl.program_id(0) * G_BLOCK + tl.arange(0, G_BLOCK)  # (b, g) pairs
+def _program_groups(n, groups, cg, a_ptr, shift_ptr, lam_ptr, xi_ptr,
+                    beta_ptr, alpha_ptr, theta_ptr, sigma_ptr,
+                    HAS_NORM: tl.constexpr, G_BLOCK: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """This program's (sample, group) pairs ([G]: row, mask, sample,
+    group), their channels ([G, C]: lanes, mask, index), BatchNorm's affine
+    on them and PRM's parameters (per pair, and theta and sigma)."""
+    rows = tl.program_id(0) * G_BLOCK + tl.arange(0, G_BLOCK)
     rmask = rows < n
     sample = rows // groups
     group = rows - sample * groups
     lanes = tl.arange(0, BLOCK_C)
-    gcmask = rmask[:, None] & (lanes < cg)[None, :]  # [G, C]
+    gcmask = rmask[:, None] & (lanes < cg)[None, :]
     chans = group[:, None] * cg + lanes[None, :]
-    x_base = sample.to(tl.int64) * sx_b  # [G]
     a = tl.zeros([G_BLOCK, BLOCK_C], ACC)
     shift = tl.zeros([G_BLOCK, BLOCK_C], ACC)
     if HAS_NORM:
@@ -117,6 +113,26 @@ def prm_forward_kernel(
     theta_row = tl.load(theta_ptr).to(ACC)
     theta_col = tl.load(theta_ptr + 1).to(ACC)
     sigma = tl.load(sigma_ptr).to(ACC)
+    return (rows, rmask, sample, group, lanes, gcmask, chans, a, shift, lam,
+            xi, beta, alpha, theta_row, theta_col, sigma)
+
+
+@triton.jit
+def prm_forward_kernel(
+        x_ptr, id_ptr, y_ptr, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
+        alpha_ptr, theta_ptr, sigma_ptr, qi_ptr, q_ptr, z_ptr, stats_ptr,
+        n, groups, cg, P, W, inv_p, inv_pm1, inv_hm1, inv_wm1, eps,
+        sx_b, sx_c, sx_p, si_b, si_c, si_p, sy_b, sy_c, sy_p,
+        HAS_NORM: tl.constexpr, HAS_ID: tl.constexpr, RELU: tl.constexpr,
+        USE_POS: tl.constexpr, USE_NORM: tl.constexpr,
+        NORMALIZED: tl.constexpr, KEEP_STATE: tl.constexpr,
+        G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        ACC: tl.constexpr):
+    (rows, rmask, sample, group, lanes, gcmask, chans, a, shift, lam, xi,
+     beta, alpha, theta_row, theta_col, sigma) = _program_groups(
+         n, groups, cg, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
+         alpha_ptr, theta_ptr, sigma_ptr, HAS_NORM, G_BLOCK, BLOCK_C, ACC)
+    x_base = sample.to(tl.int64) * sx_b  # [G]
 
     # pass 1: channel sums -> first argmax; channel means
     best = tl.full([G_BLOCK], _NEG_INF, ACC)
@@ -238,29 +254,14 @@ def prm_backward_kernel(
     gradients of each (sample, group) into ``pgrad`` [n, 7] and, with
     BatchNorm, the per-(sample, channel) sums of dL/dx and dL/dx * xhat
     into ``bn_sums`` [b, 2, C]."""
-    rows = tl.program_id(0) * G_BLOCK + tl.arange(0, G_BLOCK)
-    rmask = rows < n
-    sample = rows // groups
-    group = rows - sample * groups
-    lanes = tl.arange(0, BLOCK_C)
-    gcmask = rmask[:, None] & (lanes < cg)[None, :]  # [G, C]
-    chans = group[:, None] * cg + lanes[None, :]
+    (rows, rmask, sample, group, lanes, gcmask, chans, a, shift, lam, xi,
+     beta, alpha, theta_row, theta_col, sigma) = _program_groups(
+         n, groups, cg, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
+         alpha_ptr, theta_ptr, sigma_ptr, HAS_NORM, G_BLOCK, BLOCK_C, ACC)
     s64 = sample.to(tl.int64)
     x_base = s64 * sx_b
     gy_base = s64 * sg_b
     y_base = s64 * sy_b
-    a = tl.zeros([G_BLOCK, BLOCK_C], ACC)
-    shift = tl.zeros([G_BLOCK, BLOCK_C], ACC)
-    if HAS_NORM:
-        a = tl.load(a_ptr + chans, mask=gcmask, other=0.0).to(ACC)
-        shift = tl.load(shift_ptr + chans, mask=gcmask, other=0.0).to(ACC)
-    lam = tl.load(lam_ptr + group, mask=rmask, other=0.0).to(ACC)
-    xi = tl.load(xi_ptr + group, mask=rmask, other=0.0).to(ACC)
-    beta = tl.load(beta_ptr + group, mask=rmask, other=0.0).to(ACC)
-    alpha = tl.load(alpha_ptr + group, mask=rmask, other=0.0).to(ACC)
-    theta_row = tl.load(theta_ptr).to(ACC)
-    theta_col = tl.load(theta_ptr + 1).to(ACC)
-    sigma = tl.load(sigma_ptr).to(ACC)
     qi = tl.load(qi_ptr + rows, mask=rmask, other=0).to(tl.int32)
     state = rows[:, None] * cg + lanes[None, :]
     q = tl.load(q_ptr + state, mask=gcmask, other=0.0).to(ACC)
