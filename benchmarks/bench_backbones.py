@@ -331,6 +331,16 @@ def machine(device) -> str:
             f'({os.cpu_count()} CPUs visible); {versions}')
 
 
+def load_average() -> str:
+    """The 1-minute load average and the CPUs, for the report: on a shared
+    CPU machine the other processes' load says how far the absolute times
+    are from an idle machine's (the interleaved ratios cancel most of it)."""
+    try:
+        return f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs'
+    except (AttributeError, OSError):
+        return 'unknown'
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--reps', type=int, default=7)
@@ -370,6 +380,7 @@ def main(argv=None):
     backbones = {k: v for k, v in BACKBONES.items()
                  if not args.only or k in args.only or k == 'ResNet-50'}
     models = {k: build_backbone(v, device) for k, v in backbones.items()}
+    load_before = load_average()
     rows = {}
     for size in sizes:
         b, h, w = (int(v) for v in size.split('x'))
@@ -403,7 +414,9 @@ def main(argv=None):
     mem_note = ('peak allocated during the step, above what was allocated '
                 'before it (CUDA)' if device == 'cuda' else
                 'tensors saved for backward (CPU)')
-    report = (f'Machine: {machine(device)}; {allocator}; '
+    load = ('' if device == 'cuda' else f'load average {load_before} at '
+            f'the start, {load_average()} at the end; ')
+    report = (f'Machine: {machine(device)}; {load}{allocator}; '
               f'medians of {args.reps} interleaved runs, '
               f'{reps["inference"]} for inference (ratios: median of '
               f'the per-run ratios); memory: {mem_note}; bf16/fp16: autocast '

@@ -55,8 +55,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_backbones import (PRECISIONS, add_malloc_argument,  # noqa: E402
-                             interleaved_medians, machine, steady_malloc,
-                             sync)
+                             interleaved_medians, load_average, machine,
+                             steady_malloc, sync)
 from prm_det.models.layers.prm import batch_norm_of  # noqa: E402
 from prm_det.ops import (PRMOptions, PRMParams, prm_block_tail,  # noqa: E402
                          use_backend)
@@ -223,9 +223,10 @@ def main(argv=None):
         header += [f'PRM, {name}', 'added']
     header += ['copy', 'copy GB/s', 'PRM limit', 'passes',
                f'PRM, {shown[0]} / limit' if shown else 'PRM / limit']
+    load = '' if device == 'cuda' else f'load average {load_average()}; '
     lines = [f'Block tails of ResNet-50 at {b}x3x{h}x{w}; {machine(device)}; '
-             f'{allocator}; medians of {args.reps} interleaved runs; ms per '
-             f'block ("whole backbone": summed over its 16 blocks). '
+             f'{load}{allocator}; medians of {args.reps} interleaved runs; '
+             f'ms per block ("whole backbone": summed over its 16 blocks). '
              f'"added": PRM tail - plain tail. "PRM limit": the passes over '
              f'the map the PRM kernels make (forward: c 3x, +1 for BN batch '
              f'statistics when BN trains, identity, y; backward: grad_y, y '
