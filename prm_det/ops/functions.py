@@ -3,89 +3,25 @@ each optional, on whichever backend :func:`~prm_det.ops.backends.select`
 picks.
 
 :func:`prm` is plain PRM (``x * gate(x)``), :func:`prm_block_tail` a
-residual block's tail from its last convolution's output. Both go through
-one autograd Function, :class:`PRMFunction`, whose forward and backward call
-the backend once each and save the same state for every backend
-(:class:`~prm_det.ops.contract.PRMState`) through ``save_for_backward``.
-Without a gradient to take, the backend's forward runs alone (no autograd
-bookkeeping; in inference the result may go over ``c``). Modes other than
-'dotproduct', and exporting, take the readable reference.
+residual block's tail from its last convolution's output. Both call one
+custom op, ``torch.ops.prm_det.block_tail`` (:mod:`.library`), whose
+registered autograd calls ``block_tail_backward``: the backend runs once
+each way and the same state is saved for every backend
+(:class:`~prm_det.ops.contract.PRMState`), and ``torch.compile`` sees one op.
+In inference the result may go over ``c`` (``block_tail_inplace``). Modes
+other than 'dotproduct', and exporting, take the readable reference.
 """
 import contextlib
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .contract import (BatchNorm, Needs, PRMOptions, PRMParams, PRMState,
-                       Saved)
+from .contract import BatchNorm, PRMOptions, PRMParams
+from .library import forward_kwargs
 from .reference import prm_reference
-
-
-class _Call(NamedTuple):
-    """The op's non-tensor arguments."""
-    backend: object
-    options: PRMOptions
-    norm: Optional[BatchNorm]
-    relu: bool
-
-
-class PRMFunction(torch.autograd.Function):
-    """``relu(prm(bn(c)) + identity)`` with a hand-written backward.
-
-    Saves ``c``, the output when the ReLU is fused (its mask), BatchNorm's
-    tensors and batch statistics, PRM's parameters and its small state:
-    nothing else of the map's size, so a PRM block keeps for backward what
-    a plain block keeps.
-    """
-
-    @staticmethod
-    def forward(ctx, call: _Call, c: Tensor, identity: Optional[Tensor],
-                bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                *params: Tensor) -> Tensor:
-        params = PRMParams(*params)
-        norm = call.norm
-        if norm is not None:
-            norm = norm._replace(weight=bn_weight, bias=bn_bias)
-        out = call.backend.forward(c, norm, identity, call.relu, params,
-                                   call.options)
-        ctx.call = call
-        ctx.has_identity = identity is not None
-        # in training the running statistics may change before backward
-        # (another forward), which uses the batch statistics only
-        keep_running = norm is not None and not norm.training
-        ctx.save_for_backward(
-            c, out.y if call.relu else None, bn_weight, bn_bias,
-            norm.running_mean if keep_running else None,
-            norm.running_var if keep_running else None, out.save_mean,
-            out.save_invstd, *params, *out.state)
-        return out.y
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        (c, y, bn_weight, bn_bias, running_mean, running_var, save_mean,
-         save_invstd, *rest) = ctx.saved_tensors
-        call = ctx.call
-        norm = call.norm
-        if norm is not None:
-            norm = norm._replace(weight=bn_weight, bias=bn_bias,
-                                 running_mean=running_mean,
-                                 running_var=running_var)
-        saved = Saved(c, y, norm, save_mean, save_invstd,
-                      PRMParams(*rest[:6]), PRMState(*rest[6:]),
-                      call.options, ctx.has_identity)
-        needs = ctx.needs_input_grad
-        grads = call.backend.backward(
-            grad_y, saved,
-            Needs(needs[1], bn_weight is not None and needs[3],
-                  bn_bias is not None and needs[4]))
-        param_grads = list(grads.params)
-        if not call.options.use_position:  # theta and sigma take no part
-            param_grads[4] = param_grads[5] = None
-        return (None, grads.c, grads.identity, grads.bn_weight,
-                grads.bn_bias, *param_grads)
 
 
 def check_batch_statistics(c: Tensor, training: bool) -> None:
@@ -170,14 +106,21 @@ def prm_block_tail(c: Tensor,
         return _reference(c, norm, identity, relu, params, options)
     if identity is not None and identity.dtype != c.dtype:
         identity = identity.to(c.dtype)  # autocast: the map's dtype wins
-    bn_weight = bn_bias = None
-    if norm is not None:
-        bn_weight, bn_bias = norm.weight, norm.bias
-    if not _needs_grad(c, identity, bn_weight, bn_bias, *params):
-        return backend.forward(c, norm, identity, relu, params, options,
-                               inplace).y
-    return PRMFunction.apply(_Call(backend, options, norm, relu), c,
-                             identity, bn_weight, bn_bias, *params)
+    bn = (None, ) * 4 if norm is None else (
+        norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    settings = forward_kwargs(norm, relu, options, backends.name_of(backend))
+    if inplace and not _needs_grad(c, identity, *bn[:2], *params):
+        torch.ops.prm_det.block_tail_inplace(c, identity, *bn, *params,
+                                             **settings)
+        return c
+    y, _, _, running_mean, running_var, *_ = torch.ops.prm_det.block_tail(
+        c, identity, *bn, *params, **settings)
+    if norm is not None and norm.training:  # as native_batch_norm would
+        for buffer, updated in ((norm.running_mean, running_mean),
+                                (norm.running_var, running_var)):
+            if buffer is not None:
+                buffer.copy_(updated.detach())
+    return y
 
 
 def prm(x: Tensor, params: PRMParams, options: PRMOptions) -> Tensor:

@@ -29,6 +29,7 @@ from . import cpu, torch_ops, triton_backend
 ENV_VAR = 'PRM_DET_BACKEND'
 BACKENDS = {'cpu': cpu, 'triton': triton_backend, 'torch': torch_ops}
 NAMES = tuple(BACKENDS) + ('reference',)
+_NAME_OF = {module: name for name, module in BACKENDS.items()}
 
 _forced = []  # use_backend's stack, innermost last
 _from_env = []  # PRM_DET_BACKEND, read once: [name or None]
@@ -57,6 +58,7 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
+@torch.compiler.assume_constant_result  # read once per process
 def _env_choice() -> Optional[str]:
     if not _from_env:
         value = os.environ.get(ENV_VAR, '').strip().lower() or None
@@ -64,16 +66,29 @@ def _env_choice() -> Optional[str]:
     return _from_env[0]
 
 
+def name_of(backend) -> str:
+    """A backend module's name (what the custom ops take)."""
+    return _NAME_OF[backend]
+
+
 def _exporting() -> bool:
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or torch.compiler.is_exporting())
 
 
+@torch.compiler.assume_constant_result
+def _available(name: str) -> bool:
+    """Whether backend ``name`` runs here (the CPU kernel is built on the
+    first call). torch.compile runs this once, while it traces, and keeps
+    the answer: it holds for the process."""
+    return BACKENDS[name].available()
+
+
 def _default(c: Tensor):
     """The fastest backend that takes ``c``, by device and availability."""
-    if c.is_cuda and triton_backend.available():
+    if c.is_cuda and _available('triton'):
         return triton_backend
-    if cpu.check(c) is None and cpu.available():
+    if cpu.check(c) is None and _available('cpu'):
         return cpu
     return torch_ops
 
@@ -98,7 +113,7 @@ def select(c: Tensor, options: PRMOptions):
             f'PRM backend {name!r} (forced by PRMOptions.backend, use_backend'
             f' or {ENV_VAR}) cannot run a {c.device.type} {c.dtype} map: '
             f'{reason}. Force another backend ({", ".join(NAMES)}) or none.')
-    if not backend.available():
+    if not _available(name):
         raise RuntimeError(
             f'PRM backend {name!r} is not available here: '
             f'{backend.unavailable_reason()}')

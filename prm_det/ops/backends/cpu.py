@@ -175,15 +175,16 @@ def forward(c: Tensor, norm: Optional[BatchNorm], identity: Optional[Tensor],
 def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
     c, norm = saved.c.contiguous(), saved.norm
     grad_y = grad_y.contiguous()
+    y = None if saved.y is None else saved.y.contiguous()
     opts = _opts(saved.options)
     if norm is None:
         grad_c, masked, *grads = _ops().prm_backward(
-            grad_y, saved.y, c, *saved.state, *saved.params, *opts)
+            grad_y, y, c, *saved.state, *saved.params, *opts)
         grad_bn_weight = grad_bn_bias = None
     else:
         (grad_c, grad_bn_weight, grad_bn_bias, masked,
          *grads) = _ops().bn_prm_backward(
-             grad_y, saved.y, c, norm.weight, norm.bias, norm.running_mean,
+             grad_y, y, c, norm.weight, norm.bias, norm.running_mean,
              norm.running_var, _empty(c, saved.save_mean),
              _empty(c, saved.save_invstd), norm.training, norm.eps,
              *saved.state, *saved.params, *opts, *needs)
@@ -191,6 +192,6 @@ def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
         grad_bn_bias = grad_bn_bias if needs.bn_bias else None
     grad_identity = None
     if saved.has_identity:  # the block output's gradient, ReLU-masked
-        grad_identity = masked if saved.y is not None else grad_y
+        grad_identity = masked if y is not None else grad_y
     return Gradients(grad_c if needs.c else None, grad_identity,
                      grad_bn_weight, grad_bn_bias, tuple(grads))

@@ -1,0 +1,140 @@
+"""PRM as custom ops (torch.library): the schema, the fake (meta)
+implementations, the registered autograd and AOT dispatch, checked by
+``torch.library.opcheck`` on every backend, and the op being what runs."""
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+
+from prm_det.ops import BatchNorm, PRMOptions, PRMParams, prm_block_tail
+from prm_det.ops.library import forward_kwargs
+
+
+def params_for(groups, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return PRMParams(
+        torch.randn(1, groups, 1, 1, generator=g, dtype=dtype),
+        torch.randn(1, groups, 1, 1, generator=g, dtype=dtype),
+        torch.randn(1, groups, 1, generator=g, dtype=dtype),
+        torch.randn(1, groups, 1, generator=g, dtype=dtype),
+        torch.rand(1, 2, 1, 1, generator=g, dtype=dtype) + 0.1,
+        torch.rand(1, generator=g, dtype=dtype) + 0.5)
+
+
+class Case(NamedTuple):
+    """One input of the matrix."""
+    norm: Optional[str]  # None, 'train' or 'eval'
+    identity: bool
+    relu: bool
+    size: tuple = (2, 12, 5, 3)
+    channels_last: bool = False
+    dtype: torch.dtype = torch.float64
+    use_position: bool = True
+
+
+# every BatchNorm mode with and without the shortcut and ReLU; the layouts,
+# dtypes, odd sizes and the position-free ablation on some of them
+CASES = [
+    *(Case(norm, identity, relu) for norm in (None, 'train', 'eval')
+      for identity, relu in ((False, False), (True, True))),
+    Case('train', True, False), Case(None, False, True),
+    Case('train', True, True, channels_last=True),
+    Case('eval', False, True, channels_last=True, dtype=torch.float32),
+    Case('train', True, True, dtype=torch.float32),
+    Case('train', True, True, size=(1, 6, 1, 7)),
+    Case('eval', True, True, size=(3, 4, 7, 1), dtype=torch.float32),
+    Case(None, True, True, size=(2, 6, 3, 4), use_position=False),
+]
+
+
+def op_inputs(case: Case, backend: str):
+    """block_tail's arguments for ``case``: tensors that take gradients,
+    settings by name."""
+    b, ch, h, w = case.size
+    groups = ch // 2 if ch % 2 == 0 else ch
+    dtype = case.dtype
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(case.size, generator=g, dtype=dtype)
+    if case.channels_last:
+        c = c.to(memory_format=torch.channels_last)
+    identity = torch.randn(case.size, generator=g, dtype=dtype) \
+        if case.identity else None
+    norm = None
+    if case.norm is not None:
+        norm = BatchNorm(
+            torch.rand(ch, generator=g, dtype=dtype) + 0.5,
+            torch.randn(ch, generator=g, dtype=dtype),
+            torch.randn(ch, generator=g, dtype=dtype),
+            torch.rand(ch, generator=g, dtype=dtype) + 0.5,
+            case.norm == 'train', 0.1, 1e-5)
+    params = params_for(groups, dtype)
+    for t in (c, identity, *params) + ((norm.weight, norm.bias)
+                                       if norm else ()):
+        if t is not None:
+            t.requires_grad_()
+    bn = (None, ) * 4 if norm is None else (
+        norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    options = PRMOptions(groups=groups, use_position=case.use_position)
+    args = (c, identity, *bn, *params)
+    return args, forward_kwargs(norm, case.relu, options, backend)
+
+
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_opcheck_passes_on_every_backend(backend, case):
+    """Schema, fake tensors (shapes, dtypes, strides of every output),
+    registered autograd and AOT dispatch with dynamic shapes."""
+    args, kwargs = op_inputs(case, backend)
+    result = torch.library.opcheck(torch.ops.prm_det.block_tail.default,
+                                   args, kwargs)
+    assert set(result.values()) == {'SUCCESS'}, result
+
+
+def test_opcheck_passes_for_the_inference_op_that_writes_over_c(backend):
+    args, kwargs = op_inputs(Case('eval', True, True), backend)
+    args = tuple(t.detach() if t is not None else None for t in args)
+    result = torch.library.opcheck(
+        torch.ops.prm_det.block_tail_inplace.default, args, kwargs)
+    assert set(result.values()) == {'SUCCESS'}, result
+
+
+def test_the_op_is_what_runs_and_its_backward_is_the_registered_one(
+        backend):
+    x = torch.randn(2, 16, 5, 4, requires_grad=True)
+    y = prm_block_tail(x, params_for(4, torch.float32), PRMOptions(groups=4))
+    assert 'prm_det_block_tail' in y.grad_fn.name()
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_training_updates_the_running_statistics_as_batch_norm(backend):
+    """The functional op returns the running statistics; the caller copies
+    them into the module's buffers, as nn.BatchNorm2d updates its own."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(12).double().train()
+    c = torch.randn(2, 12, 5, 3, dtype=torch.float64)
+    norm = BatchNorm(bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                     True, 0.1, bn.eps)
+    expected = torch.nn.BatchNorm2d(12).double().train()
+    expected.load_state_dict(bn.state_dict())
+    prm_block_tail(c, params_for(6, torch.float64), PRMOptions(groups=6),
+                   norm=norm)
+    expected(c)
+    torch.testing.assert_close(bn.running_mean, expected.running_mean)
+    torch.testing.assert_close(bn.running_var, expected.running_var)
+    assert not bn.running_mean.requires_grad
+
+
+def test_inference_over_c_writes_the_result_into_c(backend):
+    torch.manual_seed(0)
+    c = torch.randn(2, 12, 5, 3)
+    identity = torch.randn_like(c)
+    norm = BatchNorm(torch.rand(12) + 0.5, torch.randn(12), torch.randn(12),
+                     torch.rand(12) + 0.5, False, 0.1, 1e-5)
+    params, options = params_for(6, torch.float32), PRMOptions(groups=6)
+    expected = prm_block_tail(c.clone(), params, options, identity=identity,
+                              norm=norm, relu=True)
+    with torch.no_grad():
+        out = prm_block_tail(c, params, options, identity=identity,
+                             norm=norm, relu=True, inplace=True)
+    assert out is c
+    torch.testing.assert_close(c, expected)
