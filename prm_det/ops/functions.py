@@ -3,13 +3,14 @@ each optional, on whichever backend :func:`~prm_det.ops.backends.select`
 picks.
 
 :func:`prm` is plain PRM (``x * gate(x)``), :func:`prm_block_tail` a
-residual block's tail from its last convolution's output. Both call one
-custom op, ``torch.ops.prm_det.block_tail`` (:mod:`.library`), whose
-registered autograd calls ``block_tail_backward``: the backend runs once
-each way and the same state is saved for every backend
-(:class:`~prm_det.ops.contract.PRMState`), and ``torch.compile`` sees one op.
-In inference the result may go over ``c`` (``block_tail_inplace``). Modes
-other than 'dotproduct', and exporting, take the readable reference.
+residual block's tail from its last convolution's output. Both run one
+custom op, ``prm_det::block_tail`` (:mod:`.library`), whose autograd calls
+``block_tail_backward``: the backend runs once each way and the same state
+is saved for every backend (:class:`~prm_det.ops.contract.PRMState`).
+``torch.compile`` traces the op; eager mode runs its implementation and
+autograd through :class:`PRMFunction`. In inference the result may go over
+``c`` (``block_tail_inplace``). Modes other than 'dotproduct', and
+exporting, take the readable reference.
 """
 import contextlib
 from typing import Optional
@@ -18,10 +19,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
+from . import backends, library
 from .contract import BatchNorm, PRMOptions, PRMParams
-from .library import forward_kwargs
 from .reference import prm_reference
+
+
+class PRMFunction(torch.autograd.Function):
+    """Eager mode's route through the custom op ``prm_det::block_tail``:
+    its implementation and its registered autograd (the same
+    :func:`~prm_det.ops.library.setup_context` and
+    :func:`~prm_det.ops.library.input_gradients`), called without the
+    dispatcher (see :mod:`.library` for the measured reason). Returns the
+    op's outputs."""
+
+    @staticmethod
+    def forward(ctx, settings: dict, *inputs: Optional[Tensor]):
+        output = library.block_tail_impl(*inputs, **settings)
+        library.setup_context(ctx, inputs, settings, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, *unused_grads):
+        return (None, *library.input_gradients(
+            ctx, ctx.needs_input_grad[1:], grad_y,
+            library.block_tail_backward_impl))
+
+
+def _run_block_tail(inputs: tuple, settings: dict) -> tuple:
+    """The op's outputs: traced as the custom op by torch.compile, run
+    through :class:`PRMFunction` in eager mode (its forward alone when no
+    gradient is needed)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.prm_det.block_tail(*inputs, **settings)
+    if _needs_grad(*inputs):
+        return PRMFunction.apply(settings, *inputs)
+    return library.block_tail_impl(*inputs, **settings)
 
 
 def check_batch_statistics(c: Tensor, training: bool) -> None:
@@ -108,13 +141,16 @@ def prm_block_tail(c: Tensor,
         identity = identity.to(c.dtype)  # autocast: the map's dtype wins
     bn = (None, ) * 4 if norm is None else (
         norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    settings = forward_kwargs(norm, relu, options, backends.name_of(backend))
-    if inplace and not _needs_grad(c, identity, *bn[:2], *params):
-        torch.ops.prm_det.block_tail_inplace(c, identity, *bn, *params,
-                                             **settings)
+    inputs = (c, identity, *bn, *params)
+    settings = library.forward_kwargs(norm, relu, options,
+                                      backends.name_of(backend))
+    if inplace and not _needs_grad(*inputs):
+        (torch.ops.prm_det.block_tail_inplace
+         if torch.compiler.is_compiling() else
+         library.block_tail_inplace_impl)(*inputs, **settings)
         return c
-    y, _, _, running_mean, running_var, *_ = torch.ops.prm_det.block_tail(
-        c, identity, *bn, *params, **settings)
+    y, _, _, running_mean, running_var, *_ = _run_block_tail(inputs,
+                                                             settings)
     if norm is not None and norm.training:  # as native_batch_norm would
         for buffer, updated in ((norm.running_mean, running_mean),
                                 (norm.running_var, running_var)):
