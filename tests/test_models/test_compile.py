@@ -5,25 +5,45 @@ custom op inside the graph, on each backend.
 
 The matrix compiles with ``aot_eager``: Dynamo and AOT autograd with fake
 tensors, which is what checks the op's registration (fake implementations,
-autograd, mutation of the running statistics). One test compiles a small
-net with Inductor in float64 against eager to 1e-9.
+autograd, the running statistics' update). One test compiles a small net
+with Inductor in float64 against eager to 1e-9.
 """
 import copy
 
 import pytest
 import torch
 from mmdet.registry import MODELS
-from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.backends.debugging import aot_eager
+
+from prm_det.ops import use_backend
 
 # (b, 3, h, w), no two equal sizes (Dynamo would otherwise specialize
 # the first square input's h == w)
 SIZES = [(2, 3, 64, 96), (2, 3, 96, 48), (2, 3, 80, 112)]
 
 
-def narrow(type_, depth=18, **kw):
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch (mmdet's ResNet.forward is one code
+    object for all models: compiled frames would pile up across tests)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def narrow(type_, stages=4, **kw):
+    """A narrow ResNet-18 (base_channels=16); ``stages=2`` keeps its first
+    two stages (four blocks), for the matrices that only vary the backend
+    or the attention."""
     attention = dict(groups=4) if type_ == 'PRMResNet' else None
-    return MODELS.build(dict(type=type_, depth=depth, base_channels=16,
-                             attention=attention, init_cfg=None, **kw))
+    stage_args = {} if stages == 4 else dict(
+        num_stages=stages, strides=(1, 2, 2, 2)[:stages],
+        dilations=(1, ) * stages, out_indices=tuple(range(stages)),
+        stage_with_dcn=(False, ) * stages,
+        attention_stages=(type_ != 'GCResNet', ) + (True, ) * (stages - 1))
+    return MODELS.build(dict(type=type_, depth=18, base_channels=16,
+                             attention=attention, init_cfg=None,
+                             **stage_args, **kw))
 
 
 def train_step(model, x):
@@ -44,19 +64,34 @@ def assert_same_state(compiled_model, eager_model, rtol, atol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
 
 
-def compile_counted(model, backend='aot_eager'):
-    counter = CompileCounterWithBackend(backend)
-    return torch.compile(model, fullgraph=True, dynamic=True,
-                         backend=counter), counter
+class Recorder:
+    """A torch.compile backend: AOT autograd with fake tensors (what checks
+    the op's fake implementations and autograd) running the traced graphs
+    eagerly; keeps every graph Dynamo hands it, one per compiled frame."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    def compiles_after(self, first_size_graphs: int) -> None:
+        """Asserts nothing was compiled since the first size's graphs."""
+        assert len(self.graphs) == first_size_graphs, (
+            'recompiled for a new size')
 
 
-def check_train_steps(type_, rtol=1e-4, atol=1e-5):
-    torch.manual_seed(0)
-    eager = narrow(type_)
-    eager.train()
-    model = copy.deepcopy(eager)
-    compiled, counter = compile_counted(model)
-    for i, size in enumerate(SIZES):
+def check_train_steps(model, sizes, rtol=1e-4, atol=1e-5):
+    """Compiled train steps at each size against eager's, from one compile;
+    returns the graphs."""
+    model.train()
+    eager = copy.deepcopy(model)
+    recorder = Recorder()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True,
+                             backend=recorder)
+    first = None  # graphs after the first size
+    for i, size in enumerate(sizes):
         x = torch.randn(size)
         outs = train_step(compiled, x)
         expected = train_step(eager, x)
@@ -65,70 +100,72 @@ def check_train_steps(type_, rtol=1e-4, atol=1e-5):
         assert_same_state(model, eager, rtol, atol)
         model.zero_grad()
         eager.zero_grad()
-        if i == 0:
-            frames = counter.frame_count
-    assert counter.frame_count == frames, 'recompiled for a new size'
+        first = len(recorder.graphs) if i == 0 else first
+    recorder.compiles_after(first)
+    return recorder.graphs
 
 
-def check_inference(type_, rtol=1e-4, atol=1e-5):
-    torch.manual_seed(0)
-    eager = narrow(type_)
-    eager.eval()
-    compiled, counter = compile_counted(copy.deepcopy(eager))
+def check_inference(model, sizes, rtol=1e-4, atol=1e-5):
+    model.eval()
+    eager = copy.deepcopy(model)
+    recorder = Recorder()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True,
+                             backend=recorder)
+    first = None
     with torch.no_grad():
-        for i, size in enumerate(SIZES):
+        for i, size in enumerate(sizes):
             x = torch.randn(size)
             for got, want in zip(compiled(x), eager(x)):
                 torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
-            if i == 0:
-                frames = counter.frame_count
-    assert counter.frame_count == frames, 'recompiled for a new size'
+            first = len(recorder.graphs) if i == 0 else first
+    recorder.compiles_after(first)
+    return recorder.graphs
 
 
-def test_prm_resnet_train_step_compiles_whole_on_every_backend(backend):
-    check_train_steps('PRMResNet')
+def prm_calls(graphs, op='block_tail'):
+    """How many calls of the custom op ``op`` the graphs hold."""
+    return sum(gm.code.count(f'torch.ops.prm_det.{op}(') for gm in graphs)
 
 
-def test_prm_resnet_inference_compiles_whole_on_every_backend(backend):
-    check_inference('PRMResNet')
+def test_prm_resnet_compiles_whole_with_dynamic_sizes():
+    """On the default backend (the CPU kernel): a train step and inference,
+    each one graph for three sizes, every block's PRM one node of it,
+    eager's results."""
+    torch.manual_seed(0)
+    model = narrow('PRMResNet')
+    blocks = sum(len(getattr(model, f'layer{i}')) for i in range(1, 5))
+    assert prm_calls(check_train_steps(model, SIZES)) == blocks
+    # inference writes over the conv's output: the in-place op
+    assert prm_calls(check_inference(model, SIZES),
+                     'block_tail_inplace') == blocks
+
+
+@pytest.mark.parametrize('name', ['torch', 'triton'])
+def test_prm_compiles_whole_on_the_other_backends(name):
+    torch.manual_seed(0)
+    sizes = [(2, 3, 24, 40), (2, 3, 40, 16)]
+    with use_backend(name):
+        check_train_steps(narrow('PRMResNet', stages=2), sizes)
+        check_inference(narrow('PRMResNet', stages=2), sizes)
 
 
 @pytest.mark.parametrize('type_', ['SEResNet', 'GCResNet'])
 def test_se_and_gc_resnet_compile_whole(type_):
-    check_train_steps(type_)
-    check_inference(type_)
-
-
-def test_the_compiled_graph_holds_the_prm_op():
-    """PRM is one node of the graph (not inlined torch ops, not a break)."""
     torch.manual_seed(0)
-    model = narrow('PRMResNet')
-    model.train()
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    compiled = torch.compile(model, fullgraph=True, dynamic=True,
-                             backend=keep)
-    train_step(compiled, torch.randn(SIZES[0]))
-    code = '\n'.join(gm.code for gm in graphs)
-    blocks = sum(len(getattr(model, f'layer{i}')) for i in range(1, 5))
-    assert code.count('torch.ops.prm_det.block_tail') == blocks
+    sizes = [(2, 3, 24, 40), (2, 3, 40, 16)]
+    check_train_steps(narrow(type_, stages=2), sizes)
+    check_inference(narrow(type_, stages=2), sizes)
 
 
-@pytest.mark.slow
 def test_inductor_matches_eager_in_float64():
-    """Inductor's generated code around the op, float64, to 1e-9: outputs,
-    every gradient, the running statistics."""
+    """Inductor's generated code around the op, float64, to 1e-9 on a small
+    net (one stage): outputs, every gradient, the running statistics."""
     torch.manual_seed(0)
-    eager = MODELS.build(dict(type='PRMResNet', depth=18, base_channels=8,
-                              attention=dict(groups=2), init_cfg=None))
-    eager.double().train()
-    model = copy.deepcopy(eager)
+    model = narrow('PRMResNet', stages=1).double()
+    model.train()  # mmdet's ResNet.train() returns nothing to chain
+    eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    for size in SIZES[:2]:
+    for size in [(2, 3, 24, 40), (2, 3, 40, 16)]:
         x = torch.randn(size, dtype=torch.float64)
         outs = train_step(compiled, x)
         expected = train_step(eager, x)
