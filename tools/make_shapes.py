@@ -7,7 +7,11 @@ import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if osp.isdir(osp.join(_ROOT, 'prm_det')):
+    sys.path.insert(0, _ROOT)
 
 from prm_det.datasets.synthetic_shapes import generate  # noqa: E402
 

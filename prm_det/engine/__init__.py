@@ -2,13 +2,18 @@ from .checkpoint import (CheckpointMismatch, IncompleteCheckpoint,
                          PretrainedWeightsUnavailable, UntrustedCheckpoint,
                          load_checkpoint_file, load_from_local_file,
                          load_from_torchvision_urls)
+from .configs import (ConfigLoaderUnavailable, load_config_file,
+                      register_config_scope)
 from .hooks import AtomicCheckpointHook, latest_complete_checkpoint
 from .wrappers import DeviceAwareDDP
 
 __all__ = [
-    'AtomicCheckpointHook', 'CheckpointMismatch', 'DeviceAwareDDP',
+    'AtomicCheckpointHook', 'CheckpointMismatch', 'ConfigLoaderUnavailable',
+    'DeviceAwareDDP',
     'IncompleteCheckpoint', 'PretrainedWeightsUnavailable',
     'UntrustedCheckpoint', 'latest_complete_checkpoint',
     'load_checkpoint_file', 'load_from_local_file',
-    'load_from_torchvision_urls'
+    'load_from_torchvision_urls', 'load_config_file'
 ]
+
+register_config_scope()
