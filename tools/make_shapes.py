@@ -25,9 +25,12 @@ def main(argv=None):
     parser.add_argument('--max-objects', type=int, default=3)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    paths = generate(args.out, num_train=args.train, num_val=args.val,
-                     image_size=args.size, max_objects=args.max_objects,
-                     seed=args.seed)
+    try:
+        paths = generate(args.out, num_train=args.train, num_val=args.val,
+                         image_size=args.size, max_objects=args.max_objects,
+                         seed=args.seed)
+    except ValueError as error:  # sizes that do not fit
+        parser.error(str(error))
     for split, path in paths.items():
         print(f'{split}: {path}')
 

@@ -30,10 +30,12 @@ for name, cls in sorted(ours.items()):
     else:
         configs.append((name, dict(type=name, in_channels=64)))
         configs.append((f'ResNet + {name} plugin', dict(
-            type='ResNet', depth=50,
+            type='mmdet.ResNet', depth=50,
             plugins=[dict(cfg=dict(type=name), position='after_conv3')])))
+# mmdet's ResNet by its scoped name: under mmengine's scope it is not found
+# otherwise (it is mmdet's, not ours)
 configs.append(('ResNet + ContextBlock plugin', dict(
-    type='ResNet', depth=50, plugins=[dict(
+    type='mmdet.ResNet', depth=50, plugins=[dict(
         cfg=dict(type='ContextBlock', ratio=1. / 16),
         position='after_conv3')])))
 

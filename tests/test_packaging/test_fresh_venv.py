@@ -142,6 +142,8 @@ def test_mim_train_and_test_run_a_user_config_that_inherits_ours(fresh):
                     'train.py')
     assert installed in out  # mim ran the wheel's tools/train.py
     assert 'Epoch(train)' in out
+    # every part of the inherited config built in its own registry
+    assert 'Failed to search registry' not in out, out
     # the config inherited ours, with the user's change
     dumped = (work / 'my_shapes.py').read_text()
     assert 'PRMResNet' in dumped and 'stacked_convs=2' in dumped

@@ -28,7 +28,7 @@ def tool(*parts):
 def test_make_shapes_writes_the_dataset_where_it_is_told(tmp_path):
     out = ok(run_tool([sys.executable, tool('make_shapes.py'), '--out',
                        'data/shapes', '--train', '3', '--val', '2', '--size',
-                       '64'], cwd=str(tmp_path), env=outside_env()))
+                       '96'], cwd=str(tmp_path), env=outside_env()))
     ann = tmp_path / 'data' / 'shapes' / 'annotations'
     assert str(osp.join('data', 'shapes', 'annotations')) in out
     for split, count in (('train', 3), ('val', 2)):
