@@ -9,11 +9,10 @@ from .wrappers import DeviceAwareDDP
 
 __all__ = [
     'AtomicCheckpointHook', 'CheckpointMismatch', 'ConfigLoaderUnavailable',
-    'DeviceAwareDDP',
-    'IncompleteCheckpoint', 'PretrainedWeightsUnavailable',
+    'DeviceAwareDDP', 'IncompleteCheckpoint', 'PretrainedWeightsUnavailable',
     'UntrustedCheckpoint', 'latest_complete_checkpoint',
-    'load_checkpoint_file', 'load_from_local_file',
-    'load_from_torchvision_urls', 'load_config_file'
+    'load_checkpoint_file', 'load_config_file', 'load_from_local_file',
+    'load_from_torchvision_urls'
 ]
 
-register_config_scope()
+register_config_scope()  # `_base_ = 'prm_det::configs/...'` (configs.py)

@@ -4,8 +4,9 @@
   package: ``_base_ = 'prm_det::configs/retinanet_prm_r50.py'``. mmengine
   resolves ``PKG::PATH`` to ``PKG/.mim/configs/PATH`` (where the wheel puts
   this repository's ``configs/`` under ``configs/``, see setup.py) only for
-  the packages named in its ``MODULE2PACKAGE`` table, which lists
-  OpenMMLab's own; prm_det adds itself there, the table's intended use.
+  the packages named in its ``MODULE2PACKAGE`` table (module name to pip
+  name), which lists OpenMMLab's own: prm_det adds itself there (and
+  :mod:`prm_det.registry` gives the ``prm_det`` scope such bases get).
   mmengine reads ``_base_`` before ``custom_imports``, so prm_det must be
   imported first: our tools, ``mim train prm_det`` and ``mim test prm_det``
   do that.

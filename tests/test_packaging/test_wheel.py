@@ -183,5 +183,11 @@ def test_readme_install_section_names_what_a_user_needs():
                            'environment', 1)[1].split('\n## ', 1)[0]
     for needed in ('pip install -e .', 'pip install .', 'mim install -e .',
                    "custom_imports = dict(imports=['prm_det']",
-                   "type='PRMResNet'", 'plugins=', 'configs/'):
+                   "type='PRMResNet'", 'plugins=', 'configs/',
+                   # every requirement of the own-environment path
+                   'setuptools<81', 'C++ compiler', "'.[onnx]'",
+                   # the configs from an install, mmdet's tools on them
+                   'mim train prm_det', 'mim test prm_det',
+                   "_base_ = 'prm_det::configs/", 'mim run mmdet',
+                   'docs/install.md'):
         assert needed in section, needed
