@@ -41,7 +41,8 @@ def outside_env(**extra):
     """A user's environment: no PYTHONPATH (the tools put their checkout's
     prm_det first themselves)."""
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env.update(OMP_NUM_THREADS='2', **extra)
+    env['OMP_NUM_THREADS'] = '2'
+    env.update(extra)
     return env
 
 
