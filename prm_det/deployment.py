@@ -11,12 +11,19 @@ width dynamic: sizes the trace sees stay functions of the input's size.
 - TorchScript-based exporter (``dynamo=False``): opset 17 by default.
 - dynamo-based exporter (``dynamo=True``, needs ``onnxscript``): opset 18 by
   default, the lowest that torch 2.13's implementation of it writes (asked
-  for 17 it writes 18 anyway, after a failed down-conversion).
+  for 17 it writes 18 anyway, after a failed down-conversion). Its weights
+  go into the ``.onnx`` file too (torch's default for it is a separate
+  ``.onnx.data`` file, which a copy of the ``.onnx`` alone would lose).
+
+Both need ``onnx`` and the check ``onnxruntime`` (``pip install
+'prm_det[onnx]'`` installs the three): :func:`missing_export_modules` names
+the ones missing before any tracing.
 
 Heads are not exported here: their post-processing (anchors, NMS, RoIAlign)
 runs on mmcv's ops; MMDeploy exports whole detectors with its own ONNX
 Runtime / TensorRT ops for them. Used by ``tools/deployment/export_onnx.py``.
 """
+import importlib.util
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -26,6 +33,13 @@ from torch import Tensor, nn
 INPUT_NAME = 'image'
 TORCHSCRIPT_OPSET = 17
 DYNAMO_OPSET = 18
+
+
+def missing_export_modules(dynamo: bool = False) -> List[str]:
+    """The modules an export and its check need that are not installed:
+    onnx, onnxruntime, and onnxscript for the dynamo-based exporter."""
+    needed = ['onnx', 'onnxruntime'] + (['onnxscript'] if dynamo else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
 class BackboneNeck(nn.Module):
@@ -89,9 +103,12 @@ def export_onnx(model: nn.Module, image: Tensor, path: str,
         # dynamic_shapes is the recommended argument
         warnings.filterwarnings('ignore', message=".*'dynamic_axes' is not "
                                 'recommended when dynamo=True')
+        # dynamo: the weights inside the .onnx (a backbone + neck is far
+        # under ONNX's 2 GB limit), not in a .onnx.data file beside it
+        extra = dict(external_data=False) if dynamo else {}
         torch.onnx.export(model, (image, ), path, dynamo=dynamo,
                           opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=names, dynamic_axes=axes)
+                          output_names=names, dynamic_axes=axes, **extra)
     return written_opset(path)
 
 

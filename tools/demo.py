@@ -7,6 +7,8 @@
    (mmdet's CocoMetric / pycocotools) and prints the AP table.
 
 Extra arguments go to tools/train.py, e.g. --cfg-options train_cfg.max_epochs=2
+(--cfg-options also to tools/test.py). Data and work dir are under the
+working directory, where the demo config's data_root points.
 """
 import importlib.util
 import os.path as osp
@@ -14,7 +16,11 @@ import sys
 import time
 
 here = osp.dirname(osp.abspath(__file__))
-sys.path.insert(0, osp.dirname(here))
+ROOT = osp.dirname(here)
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+if osp.isdir(osp.join(ROOT, 'prm_det')):
+    sys.path.insert(0, ROOT)
 
 
 def _load_tool(name):
@@ -31,9 +37,34 @@ test_tool = _load_tool('test')
 from prm_det.datasets.synthetic_shapes import (generate,  # noqa: E402
                                                is_generated)
 
-CONFIG = 'configs/demo/retinanet_prm_r18_shapes.py'
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it is under it."""
+    relative = osp.relpath(path)
+    return path if relative.startswith('..') else relative
+
+
+# the checkout's configs/ (installed: prm_det/.mim/configs/configs/, setup.py)
+CONFIGS = next(p for p in (osp.join(ROOT, 'configs', 'configs'),
+                           osp.join(ROOT, 'configs')) if osp.isdir(p))
+CONFIG = _shown(osp.join(CONFIGS, 'demo', 'retinanet_prm_r18_shapes.py'))
+VIS_PRM = _shown(osp.join(here, 'analysis_tools', 'vis_prm.py'))
+# in the working directory, where the config's data_root points
 DATA_ROOT = 'data/prm_demo'
 WORK_DIR = 'work_dirs/demo'
+
+
+def _cfg_options(argv):
+    """``--cfg-options k=v ...`` of ``argv`` (they apply to the test too)."""
+    if '--cfg-options' not in argv:
+        return []
+    start = argv.index('--cfg-options')
+    options = []
+    for arg in argv[start + 1:]:
+        if arg.startswith('--'):
+            break
+        options.append(arg)
+    return ['--cfg-options'] + options
 
 
 def main(argv=None):
@@ -48,7 +79,10 @@ def main(argv=None):
         checkpoint = f.read().strip()
     train_time = time.time() - start
     print(f'[demo] evaluating {checkpoint} on the val split', flush=True)
-    metrics = test_tool.main([CONFIG, checkpoint, '--work-dir', WORK_DIR])
+    metrics = test_tool.main([CONFIG, checkpoint, '--work-dir', WORK_DIR] +
+                             _cfg_options(argv))
+    if not metrics:
+        return
     print(f'\n[demo] PRM-RetinaNet (ResNet-18 PRM, from scratch) on generated '
           f'shapes: box AP {100 * metrics["coco/bbox_mAP"]:.1f}, '
           f'train {train_time / 60:.1f} min, total '
@@ -56,7 +90,7 @@ def main(argv=None):
     python = osp.relpath(sys.executable) if osp.abspath(
         sys.executable).startswith(osp.abspath('.') + osp.sep) else 'python'
     print(f'[demo] to draw what PRM attends to (query points, position '
-          f'weights, gates): {python} tools/analysis_tools/vis_prm.py '
+          f'weights, gates): {python} {VIS_PRM} '
           f'{CONFIG} {checkpoint} {DATA_ROOT}/val/000000.png --out-dir '
           f'{WORK_DIR}/vis_prm', flush=True)
 

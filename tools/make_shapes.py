@@ -7,7 +7,11 @@ import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if osp.isdir(osp.join(_ROOT, 'prm_det')):
+    sys.path.insert(0, _ROOT)
 
 from prm_det.datasets.synthetic_shapes import generate  # noqa: E402
 
@@ -21,9 +25,12 @@ def main(argv=None):
     parser.add_argument('--max-objects', type=int, default=3)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    paths = generate(args.out, num_train=args.train, num_val=args.val,
-                     image_size=args.size, max_objects=args.max_objects,
-                     seed=args.seed)
+    try:
+        paths = generate(args.out, num_train=args.train, num_val=args.val,
+                         image_size=args.size, max_objects=args.max_objects,
+                         seed=args.seed)
+    except ValueError as error:  # sizes that do not fit
+        parser.error(str(error))
     for split, path in paths.items():
         print(f'{split}: {path}')
 

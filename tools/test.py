@@ -20,7 +20,11 @@ import sys
 import warnings
 from copy import deepcopy
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if osp.isdir(osp.join(_ROOT, 'prm_det')):
+    sys.path.insert(0, _ROOT)
 
 from mmengine import ConfigDict  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
@@ -28,6 +32,7 @@ from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
+from prm_det.engine import ConfigLoaderUnavailable  # noqa: E402
 from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        CheckpointMismatch,
                                        IncompleteCheckpoint,
@@ -178,7 +183,7 @@ def main(argv=None):
         try:
             return run(args)
         except (DatasetNotFound, DatasetInvalid, FileNotFoundError,
-                UntrustedCheckpoint, IncompleteCheckpoint,
+                ConfigLoaderUnavailable, UntrustedCheckpoint, IncompleteCheckpoint,
                 CheckpointMismatch) as error:
             raise SystemExit(f'error: {error}')
 

@@ -15,7 +15,11 @@ import os
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if osp.isdir(osp.join(_ROOT, 'prm_det')):
+    sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
@@ -23,7 +27,8 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
-from prm_det.engine import PretrainedWeightsUnavailable  # noqa: E402
+from prm_det.engine import (ConfigLoaderUnavailable,  # noqa: E402
+                            PretrainedWeightsUnavailable)
 from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        IncompleteCheckpoint,
                                        UntrustedCheckpoint)
@@ -127,7 +132,8 @@ def main(argv=None):
     with distributed_teardown():
         try:
             cfg = build_cfg(args)
-        except (DatasetNotFound, DatasetInvalid, FileNotFoundError) as error:
+        except (DatasetNotFound, DatasetInvalid, FileNotFoundError,
+                ConfigLoaderUnavailable) as error:
             raise SystemExit(f'error: {error}')
         try:
             train(cfg)

@@ -1,7 +1,7 @@
 # The `make demo` job: configs/retinanet_prm_r50.py shrunk for a 2-core CPU
-# (PRM-ResNet-18 from scratch, 128-wide FPN and head, 128 px images,
-# 12 short epochs, batch 8, AdamW) on the
-# generated shapes dataset.
+# on the generated shapes dataset: a half-width PRM-ResNet-18 from scratch,
+# a narrower FPN and head, small images and a short AdamW schedule (the
+# numbers are in ./_shapes_data.py, under `shapes`).
 _base_ = ['../retinanet_prm_r50.py', './_shapes_data.py']
 data_root = 'data/prm_demo/'  # what --cfg-options data_root=... moves
 model = dict(

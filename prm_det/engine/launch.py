@@ -16,6 +16,8 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
+from .configs import load_config_file, shipped_tool
+
 _URI = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')  # s3://, http://, ...
 
 
@@ -263,15 +265,30 @@ def check_dataset_files(cfg: Config, loaders: Iterable[str]) -> None:
             raise DatasetInvalid('The dataset cannot be used:\n  ' +
                                  '\n  '.join(problems))
         return
-    root = cfg.get('data_root', 'data/coco/')
+    if _reads_generated_shapes(cfg, loaders):
+        root = cfg.get('data_root', 'data/prm_demo/')
+        ways = (f'  * write the generated shapes dataset there: python '
+                f'{shipped_tool("make_shapes.py")} --out {root}, or\n'
+                '  * point at a copy: --cfg-options data_root=/path/to/it/')
+    else:
+        root = cfg.get('data_root', 'data/coco/')
+        ways = (f'  * download COCO 2017 to {root} (annotations/, train2017/, '
+                'val2017/ from cocodataset.org), or\n'
+                '  * point at your copy: --cfg-options data_root=/path/to/coco/'
+                ', or\n'
+                '  * try the embedded demo on generated data: make demo')
     raise DatasetNotFound(
         'The dataset is not where the config says:\n  ' +
-        '\n  '.join(missing) + '\n'
-        'Ways out:\n'
-        f'  * download COCO 2017 to {root} (annotations/, train2017/, '
-        'val2017/ from cocodataset.org), or\n'
-        '  * point at your copy: --cfg-options data_root=/path/to/coco/, or\n'
-        '  * try the embedded demo on generated data: make demo')
+        '\n  '.join(missing) + '\nWays out:\n' + ways)
+
+
+def _reads_generated_shapes(cfg: Config, loaders: Iterable[str]) -> bool:
+    """Whether a dataset of these loaders is prm_det's generated shapes
+    (the demo configs: its classes)."""
+    from prm_det.datasets.synthetic_shapes import metainfo
+    classes = tuple(metainfo()['classes'])
+    return any(tuple((ds.get('metainfo') or {}).get('classes') or ()) ==
+               classes for _, ds, _, _ in _dataset_paths(cfg, loaders))
 
 
 def configure_launcher(cfg: Config, launcher: str) -> None:
@@ -315,7 +332,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     dataset) + the launcher settings."""
     if not osp.isfile(path):
         raise FileNotFoundError(f'config file not found: {path}')
-    cfg = Config.fromfile(path)
+    cfg = load_config_file(path)
     cfg_options = dict(cfg_options or {})
     new_root = cfg_options.pop('data_root', None)
     if new_root is not None:

@@ -12,8 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging_helpers import REPO, pip, repository_files
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 # Where the wheel is installed, outside the repository, always the same
 # place: the kernel compiles at first use with its absolute source path in
 # the build command, so a fixed place with its own torch extension cache
@@ -68,23 +68,6 @@ print('prm_det ran from', prm_det.__file__, shapes)
 """
 
 
-def repository_files():
-    """The working tree as git sees it (tracked and new, not ignored)."""
-    out = subprocess.run(
-        ['git', 'ls-files', '--cached', '--others', '--exclude-standard',
-         '-z'], cwd=REPO, check=True, capture_output=True).stdout
-    return [p for p in out.decode().split('\0')
-            if p and osp.isfile(osp.join(REPO, p))]
-
-
-def pip(*args, cwd=None):
-    result = subprocess.run([sys.executable, '-m', 'pip', *args,
-                             '--disable-pip-version-check', '-q'],
-                            cwd=cwd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
 def install_keeping_unchanged_files(wheel, target):
     """``pip install --target`` into a fresh folder, then into ``target``
     only the files that differ: unchanged kernel sources keep their times,
@@ -106,21 +89,6 @@ def install_keeping_unchanged_files(wheel, target):
     shutil.rmtree(fresh)
 
 
-@pytest.fixture(scope='module')
-def wheel(tmp_path_factory):
-    """A wheel built from a copy of the repository (building in place would
-    leave build/ and *.egg-info there)."""
-    tmp = tmp_path_factory.mktemp('wheel')
-    source = tmp / 'source'
-    for path in repository_files():
-        os.makedirs(osp.dirname(source / path), exist_ok=True)
-        shutil.copy2(osp.join(REPO, path), source / path)
-    pip('wheel', str(source), '--no-deps', '--no-build-isolation', '-w',
-        str(tmp / 'dist'))
-    (built, ) = (tmp / 'dist').glob('prm_det-*.whl')
-    return built
-
-
 @pytest.mark.slow
 def test_wheel_holds_every_source_file_of_the_package(wheel):
     expected = {p for p in repository_files()
@@ -129,6 +97,46 @@ def test_wheel_holds_every_source_file_of_the_package(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert expected - names == set()
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_configs_tools_and_model_index_where_mim_looks(
+        wheel):
+    """As OpenMMLab wheels: prm_det/.mim/ holds tools/ (mim train/test run
+    them), the configs under configs/ (``prm_det::configs/...``) and the
+    model index (``mim list``)."""
+    expected = {'prm_det/.mim/model-index.yml'}
+    for path in repository_files():
+        if path.startswith('tools/'):
+            expected.add('prm_det/.mim/' + path)
+        elif path.startswith('configs/'):
+            expected.add('prm_det/.mim/configs/' + path)
+    assert 'prm_det/.mim/tools/train.py' in expected
+    assert 'prm_det/.mim/configs/configs/retinanet_prm_r50.py' in expected
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert expected - names == set()
+    assert not [n for n in names if '__pycache__' in n]
+
+
+def wheel_requirements(wheel):
+    """Requires-Dist lines of the wheel's METADATA."""
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata, ) = [n for n in archive.namelist()
+                        if n.endswith('.dist-info/METADATA')]
+        lines = archive.read(metadata).decode().splitlines()
+    return [line.split(':', 1)[1].strip() for line in lines
+            if line.startswith('Requires-Dist:')]
+
+
+@pytest.mark.slow
+def test_wheel_declares_setuptools_with_pkg_resources_and_an_onnx_extra(
+        wheel):
+    requirements = [r.replace(' ', '') for r in wheel_requirements(wheel)]
+    assert 'setuptools<81' in requirements
+    onnx_extra = {r.split(';')[0].split('>')[0] for r in requirements
+                  if 'extra=="onnx"' in r}
+    assert onnx_extra == {'onnx', 'onnxruntime', 'onnxscript'}
 
 
 @pytest.mark.slow
@@ -175,5 +183,11 @@ def test_readme_install_section_names_what_a_user_needs():
                            'environment', 1)[1].split('\n## ', 1)[0]
     for needed in ('pip install -e .', 'pip install .', 'mim install -e .',
                    "custom_imports = dict(imports=['prm_det']",
-                   "type='PRMResNet'", 'plugins=', 'configs/'):
+                   "type='PRMResNet'", 'plugins=', 'configs/',
+                   # every requirement of the own-environment path
+                   'setuptools<81', 'C++ compiler', "'.[onnx]'",
+                   # the configs from an install, mmdet's tools on them
+                   'mim train prm_det', 'mim test prm_det',
+                   "_base_ = 'prm_det::configs/", 'mim run mmdet',
+                   'docs/install.md'):
         assert needed in section, needed

@@ -19,7 +19,7 @@ import onnx  # installed by make setup with onnxruntime and onnxscript
 import pytest
 import torch
 from mmdet.registry import MODELS
-from tool_runs import REPO, RETINA, ok, run_tool, tool_env
+from tool_runs import REPO, RETINA, ok, outside_env, run_tool
 
 from prm_det import ops
 from prm_det.deployment import (BackboneNeck, check_onnx, export_onnx,
@@ -216,12 +216,14 @@ def test_the_tool_exports_a_config_with_its_checkpoint(tmp_path, repo):
     checkpoint = str(tmp_path / 'demo.pth')
     torch.save({'meta': {}, 'state_dict': detector.state_dict()}, checkpoint)
     out = str(tmp_path / 'onnx' / 'demo.onnx')
+    # as a user runs it: from their own folder, the tool and config by path
     output = ok(run_tool(
-        [sys.executable, 'tools/deployment/export_onnx.py', RETINA, checkpoint,
-         '--shape', '96', '128', '--out', out, '--check-shape', '64', '80',
-         '--cfg-options', 'model.neck.num_outs=4'],
-        env=tool_env()))
+        [sys.executable, osp.join(REPO, 'tools/deployment/export_onnx.py'),
+         osp.join(REPO, RETINA), checkpoint, '--shape', '96', '128', '--out',
+         out, '--check-shape', '64', '80', '--cfg-options',
+         'model.neck.num_outs=4'], cwd=str(tmp_path), env=outside_env()))
     assert 'opset 17' in output and 'height and width dynamic' in output
+    assert 'weights inside the file' in output
     assert output.count('(ok, tolerance 0.0001)') == 2, output
     assert 'not exported: bbox_head (RetinaHead)' in output
     assert 'MMDeploy' in output
@@ -235,6 +237,45 @@ def test_the_tool_exports_a_config_with_its_checkpoint(tmp_path, repo):
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-4,
                                    atol=1e-4 * want.abs().max().item())
+
+
+def test_dynamo_export_is_one_file_that_runs_without_the_folder(tmp_path):
+    """The dynamo-based exporter's weights go into the .onnx (torch's
+    default for it is a .onnx.data file beside it): the .onnx copied alone
+    elsewhere still gives PyTorch's outputs."""
+    import shutil
+    model = randomize(attention_resnet('PRM', 18, 1))
+    path = tmp_path / 'export' / 'prm.onnx'
+    path.parent.mkdir()
+    export_onnx(model, image(*EXPORT_SIZE), str(path), dynamo=True)
+    assert os.listdir(path.parent) == ['prm.onnx']
+    copy = tmp_path / 'deployed' / 'prm.onnx'
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    (error, ) = check_onnx(model, str(copy), [image(*EXPORT_SIZE)])
+    assert max(error) < TOLERANCE
+
+
+def test_without_onnx_the_tool_stops_before_tracing_naming_the_install(
+        tmp_path):
+    """onnx missing (here: hidden from the tool's process): it says what
+    to install before it loads a config or traces a model (the config
+    given does not exist, and that is not what it reports)."""
+    script = ('import runpy, sys; sys.modules["onnx"] = None; '
+              'sys.argv = sys.argv[1:]; '
+              'runpy.run_path(sys.argv[0], run_name="__main__")')
+    tool = osp.join(REPO, 'tools', 'deployment', 'export_onnx.py')
+    out = tmp_path / 'x.onnx'
+    proc = run_tool([sys.executable, '-c', script, tool,
+                     str(tmp_path / 'no_such_config.py'), '--shape', '64',
+                     '64', '--out', str(out)], cwd=str(tmp_path),
+                    env=outside_env())
+    assert proc.returncode != 0
+    assert 'error: the export needs onnx, not installed here' in proc.stderr
+    assert 'pip install "prm_det[onnx]"' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert 'not found' not in proc.stderr
+    assert not out.exists()
 
 
 def test_the_tool_says_when_the_checkpoint_is_missing(tmp_path, repo):

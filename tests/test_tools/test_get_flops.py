@@ -175,3 +175,15 @@ def test_dataset_images_count_as_a_random_image_of_their_size(tiny_data,
     assert images['pad_shape'] == (128, 128)
     assert images['flops'] == shape['flops']
     assert images['attention_flops'] == shape['attention_flops']
+
+
+def test_a_small_models_attention_share_is_given_in_its_own_unit():
+    """Not '0.001 GFLOPs': the exact count, the largest unit it reaches
+    with 4 digits, and the share of the model."""
+    tool = load_tool()
+    text = tool.report(dict(
+        pad_shape=(128, 128), ori_shape=(128, 128), compute_type='direct',
+        flops=2_000_000_000, params=dict(total=10, trainable=10, PRM=2072),
+        attention_modules={'PRM': 8}, attention_flops={'PRM': 1_234_567}))
+    assert ('PRM (8 modules, every op counted): 1,234,567 FLOPs (1.235 '
+            'MFLOPs, 0.06% of the model), params 2,072') in text

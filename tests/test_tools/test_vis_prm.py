@@ -79,9 +79,10 @@ def test_drawn_query_points_are_the_argmax_of_each_groups_channel_sum(drawn):
 
 def test_the_queries_png_has_a_dot_at_every_query_point(drawn):
     import matplotlib.image
-    _, rows, _ = drawn
+    tool, rows, _ = drawn
     for row in rows:
         picture = matplotlib.image.imread(row['files']['queries'])
+        picture = picture[tool.TITLE_PX:]  # under the title
         red = (picture[..., 0] > 0.99) & (picture[..., 1] < 0.01) & \
             (picture[..., 2] < 0.01)
         for x, y in row['query_xy']:
@@ -113,15 +114,55 @@ def test_gate_times_features_is_prms_output(drawn):
         assert float(gate.std()) > 0  # random PRM parameters: not constant
 
 
-def test_pictures_are_written_at_the_images_size(drawn):
+def test_pictures_hold_the_image_pixel_for_pixel_under_a_title(drawn):
+    """Each per-block PNG: a title band, then the picture at the image's
+    size (the map's colours exactly, for D and the gate), and a colour bar
+    to the right of a map."""
     import matplotlib.image
+    from matplotlib import cm, colors
     tool, rows, out = drawn
+    height, width = IMAGE_HW
+    top = tool.TITLE_PX
     for row in rows:
-        for path in row['files'].values():
-            assert matplotlib.image.imread(path).shape[:2] == IMAGE_HW
+        queries = matplotlib.image.imread(row['files']['queries'])
+        assert queries.shape[:2] == (top + height, width)
+        for key in ('position_weight', 'gate'):
+            picture = matplotlib.image.imread(row['files'][key])[..., :3]
+            assert picture.shape[:2] == (top + height, width + tool.BAR_PX)
+            values = tool.to_image(row[key], row_meta(drawn), IMAGE_HW)
+            expected = cm.ScalarMappable(norm=colors.Normalize(
+                values.min(), values.max()), cmap='viridis').to_rgba(
+                    values)[..., :3]
+            np.testing.assert_allclose(picture[top:, :width], expected,
+                                       atol=1.5 / 255)
+            title, bar = picture[:top], picture[top:, width:]
+            assert (title < 0.5).any()  # the title's text
+            assert bar.std() > 0.05  # the colour bar and its labels
     grid = matplotlib.image.imread(str(out / 'grid.png'))
     cell = tool.GRID_CELL_INCHES * tool.GRID_DPI
     assert grid.shape[:2] == (len(rows) * cell, 3 * cell)
+
+
+def row_meta(drawn):
+    """The demo pipeline's resize of IMAGE_HW (what vis_prm maps back)."""
+    return dict(img_shape=(88, 128), batch_input_shape=(96, 128),
+                pad_shape=(96, 128), ori_shape=IMAGE_HW)
+
+
+def test_coinciding_query_points_are_counted_and_marked(drawn):
+    tool, _, _ = drawn
+    points = np.array([[10.2, 20.7], [10.9, 20.1], [50.0, 60.0]])
+    assert tool.describe_queries(points, IMAGE_HW) == \
+        '3 queries at 2 positions (xN: N groups share one)'
+    assert tool.describe_queries(points[1:], IMAGE_HW) == \
+        '2 queries each at its own position'
+    image = np.full(IMAGE_HW + (3, ), 90, np.uint8)
+    marked = tool.draw_queries(image, points)
+    single = tool.draw_queries(image, points[[0, 2]])
+    # 'x2' is written beside the shared dot only
+    differs = np.argwhere((marked != single).any(-1))
+    assert len(differs) > 0
+    assert differs[:, 1].min() > 10 and differs[:, 0].max() < 30
 
 
 def test_a_block_without_prm_is_refused_naming_the_ones_with_it(drawn):

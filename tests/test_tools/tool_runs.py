@@ -37,6 +37,15 @@ def tool_env(**extra):
     return env
 
 
+def outside_env(**extra):
+    """A user's environment: no PYTHONPATH (the tools put their checkout's
+    prm_det first themselves)."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['OMP_NUM_THREADS'] = '2'
+    env.update(extra)
+    return env
+
+
 def run_tool(args, cwd=REPO, timeout=300, env=None):
     return subprocess.run(args, cwd=cwd, env=env or tool_env(),
                           capture_output=True, text=True, timeout=timeout)

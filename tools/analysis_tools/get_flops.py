@@ -37,8 +37,11 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
-    __file__)))))
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if osp.isdir(osp.join(_ROOT, 'prm_det')):
+    sys.path.insert(0, _ROOT)
 
 from mmengine.analysis import FlopAnalyzer  # noqa: E402
 from mmengine.analysis.jit_handles import get_shape  # noqa: E402
@@ -273,6 +276,15 @@ def inference(args) -> dict:
     return result
 
 
+def _scaled(flops: int) -> str:
+    """A count in the largest unit it reaches, 4 significant digits or
+    more (a small model's attention is MFLOPs, not 0.001 GFLOPs)."""
+    for unit, scale in (('GFLOPs', 1e9), ('MFLOPs', 1e6), ('KFLOPs', 1e3)):
+        if flops >= scale:
+            return f'{flops / scale:.3f} {unit}'
+    return f'{flops} FLOPs'
+
+
 def report(result: dict) -> str:
     """mmdet's get_flops output, plus trainable parameters and the
     attention modules' share."""
@@ -290,10 +302,12 @@ def report(result: dict) -> str:
               f'Exact: {result["flops"] / 1e9:.2f} GFLOPs, params '
               f'{params["total"]:,} ({params["trainable"]:,} trainable)']
     for kind, count in sorted(result['attention_modules'].items()):
+        flops = result['attention_flops'].get(kind, 0)
+        share = 100 * flops / result['flops'] if result['flops'] else 0
         lines.append(
-            f'{kind} ({count} modules, every op counted): '
-            f'{result["attention_flops"].get(kind, 0) / 1e9:.3f} GFLOPs, '
-            f'params {params[kind]:,}')
+            f'{kind} ({count} modules, every op counted): {flops:,} FLOPs '
+            f'({_scaled(flops)}, {share:.2f}% of the model), params '
+            f'{params[kind]:,}')
     if 'proposals' in result:
         lines.append(f'RPN proposals: {result["proposals"]} (NMS off)')
     lines += [line, '!!!Please be cautious if you use the results in papers. '
@@ -323,9 +337,12 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
+    from prm_det.engine import ConfigLoaderUnavailable
     from prm_det.engine.launch import DatasetNotFound
     try:
         result = inference(parse_args(argv))
+    except ConfigLoaderUnavailable as error:
+        raise SystemExit(f'error: {error}')
     except (DatasetNotFound, FileNotFoundError) as error:
         raise SystemExit(f'error: {error}\n(or count on a random image of a '
                          f'given size: --shape H W)')

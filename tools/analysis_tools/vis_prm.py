@@ -6,10 +6,12 @@ points, positional masks and attention, for a trained detector.
         [--cfg-options k=v ...]
 
 For each chosen block (default: the last block of every stage that has a
-PRM) it writes, at the image's size:
+PRM) it writes, each the image's size pixel for pixel under a title (and
+a colour bar for the maps):
 
 * ``<block>_queries.png``: the query point each group picked (the argmax of
-  the group's channel sum), drawn on the image;
+  the group's channel sum), drawn on the image ('xN' where N groups picked
+  the same position; the title counts queries and positions);
 * ``<block>_position_weight.png``: D, the Gaussian of the distance to the
   group's query point, averaged over the groups;
 * ``<block>_gate.png``: the gate sigmoid(lambda * N(S) + xi), averaged over
@@ -30,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
-    __file__)))))
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if osp.isdir(osp.join(_ROOT, 'prm_det')):
+    sys.path.insert(0, _ROOT)
 
 import prm_det  # noqa: E402,F401  (registers the backbones)
 from prm_det.ops.reference import (COSINE_EPS, NORM_EPS,  # noqa: E402
@@ -149,21 +154,88 @@ def query_points_xy(query_rc: np.ndarray, feature_hw: Sequence[int],
     return np.stack([x, y], 1)
 
 
+def query_pixels(points_xy: np.ndarray, image_hw: Sequence[int]
+                 ) -> Dict[tuple, int]:
+    """Each pixel a query point is drawn at (clipped to the image: a query
+    may sit in the padding), with the number of groups whose query is
+    there: groups often pick the same position."""
+    height, width = image_hw[:2]
+    counts: Dict[tuple, int] = {}
+    for x, y in points_xy:
+        center = (min(max(int(x), 0), width - 1),
+                  min(max(int(y), 0), height - 1))
+        counts[center] = counts.get(center, 0) + 1
+    return counts
+
+
+def describe_queries(points_xy: np.ndarray, image_hw: Sequence[int]) -> str:
+    """'16 queries at 9 positions' (or 'at their own positions')."""
+    positions = len(query_pixels(points_xy, image_hw))
+    where = ('each at its own position' if positions == len(points_xy) else
+             f'at {positions} positions (xN: N groups share one)')
+    return f'{len(points_xy)} queries {where}'
+
+
 def draw_queries(image_rgb: np.ndarray, points_xy: np.ndarray) -> np.ndarray:
-    """The image with a ringed dot at each query point (clipped to the
-    image: a query may sit in the padding)."""
+    """The image with a ringed dot at each query point and, where N groups
+    picked the same position, 'xN' beside its dot."""
     import cv2
     canvas = np.ascontiguousarray(image_rgb.copy())
     height, width = canvas.shape[:2]
     radius = max(2, round(min(height, width) / 80))
-    centers = [(min(max(int(x), 0), width - 1), min(max(int(y), 0),
-                                                   height - 1))
-               for x, y in points_xy]
-    for center in centers:  # rings first: a dot is never painted over
+    counts = query_pixels(points_xy, canvas.shape)
+    for center in counts:  # rings first: a dot is never painted over
         cv2.circle(canvas, center, radius + 1, RING_COLOR, -1)
-    for center in centers:
+    for center in counts:
         cv2.circle(canvas, center, radius, QUERY_COLOR, -1)
+    scale = max(0.3, min(height, width) / 400)
+    for (x, y), count in counts.items():
+        if count > 1:
+            origin = (min(x + radius + 2, width - 1), max(y - radius, 8))
+            for color, thickness in ((RING_COLOR, 3), (QUERY_COLOR, 1)):
+                cv2.putText(canvas, f'x{count}', origin,
+                            cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness,
+                            cv2.LINE_AA)
     return canvas
+
+
+# A per-block PNG: a title band of TITLE_PX rows, then the picture pixel for
+# pixel (rows TITLE_PX.., columns 0..width-1) and, for a map, its colour bar
+# in BAR_PX more columns on the right.
+TITLE_PX, BAR_PX, PANEL_DPI = 24, 64, 100
+
+
+def save_panel(path: str, picture: np.ndarray, title: str,
+               cmap: str = 'viridis') -> None:
+    """Write ``picture`` (an RGB image, or a [h, w] map drawn with ``cmap``
+    and a colour bar of its values) under ``title``."""
+    import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
+    height, width = picture.shape[:2]
+    is_map = picture.ndim == 2
+    bar = BAR_PX if is_map else 0
+    fig = plt.figure(figsize=((width + bar) / PANEL_DPI,
+                              (height + TITLE_PX) / PANEL_DPI),
+                     dpi=PANEL_DPI, facecolor='white')
+    if is_map:
+        low, high = float(picture.min()), float(picture.max())
+        mappable = cm.ScalarMappable(
+            norm=colors.Normalize(low, high if high > low else low + 1e-6),
+            cmap=cmap)
+        fig.figimage(mappable.to_rgba(picture, bytes=True), xo=0, yo=0,
+                     origin='upper')
+        total_w, total_h = width + bar, height + TITLE_PX
+        bar_axes = fig.add_axes([(width + 4) / total_w, 4 / total_h,
+                                 10 / total_w, (height - 8) / total_h])
+        fig.colorbar(mappable, cax=bar_axes)
+        bar_axes.tick_params(labelsize=6)
+    else:
+        fig.figimage(picture, xo=0, yo=0, origin='upper')
+    # one line in the band (cut at the right edge on a narrow image)
+    fig.text(2 / (width + bar), 1 - 4 / (height + TITLE_PX), title,
+             va='top', ha='left', fontsize=6)
+    fig.savefig(path, dpi=PANEL_DPI, facecolor='white')
+    plt.close(fig)
 
 
 def visualize(model: nn.Module, image_path: str, out_dir: str,
@@ -172,7 +244,6 @@ def visualize(model: nn.Module, image_path: str, out_dir: str,
     block, the arrays drawn (``features`` is the PRM input)."""
     import matplotlib
     matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     import mmcv
     from mmdet.apis import inference_detector
 
@@ -213,11 +284,14 @@ def visualize(model: nn.Module, image_path: str, out_dir: str,
             queries=osp.join(out_dir, f'{name}_queries.png'),
             position_weight=osp.join(out_dir, f'{name}_position_weight.png'),
             gate=osp.join(out_dir, f'{name}_gate.png'))
-        plt.imsave(row['files']['queries'], draw_queries(image_rgb, points))
-        for key in ('position_weight', 'gate'):
-            plt.imsave(row['files'][key],
+        save_panel(row['files']['queries'], draw_queries(image_rgb, points),
+                   f'{block}: {describe_queries(points, image_rgb.shape)}')
+        groups = len(row['gate_groups'])
+        for key, title in (('position_weight', 'position weight D'),
+                           ('gate', 'gate')):
+            save_panel(row['files'][key],
                        to_image(row[key], meta, image_rgb.shape[:2]),
-                       cmap='viridis')
+                       f'{block}: {title}, mean of {groups} groups')
         rows.append(row)
     write_grid(rows, image_rgb, meta, osp.join(out_dir, 'grid.png'))
     return rows
@@ -234,11 +308,9 @@ def write_grid(rows: List[dict], image_rgb: np.ndarray, meta: dict,
         len(rows), 3, squeeze=False,
         figsize=(3 * GRID_CELL_INCHES, len(rows) * GRID_CELL_INCHES))
     for ax_row, row in zip(axes, rows):
-        ax_row[0].imshow(image_rgb)
-        ax_row[0].scatter(row['query_xy'][:, 0], row['query_xy'][:, 1],
-                          s=14, c='red', edgecolors='white', linewidths=0.8)
-        ax_row[0].set_title(f'{row["block"]}: {len(row["query_xy"])} '
-                            f'queries', fontsize=8)
+        ax_row[0].imshow(draw_queries(image_rgb, row['query_xy']))
+        ax_row[0].set_title(f'{row["block"]}: ' + describe_queries(
+            row['query_xy'], image_rgb.shape), fontsize=7, wrap=True)
         for ax, key, title in ((ax_row[1], 'position_weight', 'D'),
                                (ax_row[2], 'gate', 'gate')):
             shown = ax.imshow(to_image(row[key], meta, image_rgb.shape[:2]),
@@ -276,7 +348,12 @@ def main(argv=None) -> List[dict]:
     for path in (args.config, args.checkpoint, args.image):
         if not osp.isfile(path):
             sys.exit(f'[vis_prm] file not found: {path}')
-    model = init_detector(args.config, args.checkpoint, device=args.device,
+    from prm_det.engine import ConfigLoaderUnavailable, load_config_file
+    try:
+        cfg = load_config_file(args.config)
+    except ConfigLoaderUnavailable as error:
+        sys.exit(f'[vis_prm] error: {error}')
+    model = init_detector(cfg, args.checkpoint, device=args.device,
                           cfg_options=args.cfg_options)
     rows = visualize(model, args.image, args.out_dir, args.blocks)
     for row in rows:

@@ -39,14 +39,18 @@ from typing import List, Optional
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
-    __file__)))))
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if osp.isdir(osp.join(_ROOT, 'prm_det')):
+    sys.path.insert(0, _ROOT)
 
 from mmengine.config import DictAction  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers the backbones)
+from prm_det.engine import ConfigLoaderUnavailable  # noqa: E402
 from prm_det.deployment import (BackboneNeck, check_onnx,  # noqa: E402
-                                export_onnx)
+                                export_onnx, missing_export_modules)
 
 EXPORTED = ('backbone', 'neck')
 NOT_PART_OF_THE_NETWORK = ('data_preprocessor', )
@@ -111,12 +115,27 @@ def not_exported(model) -> List[str]:
             if name not in EXPORTED + NOT_PART_OF_THE_NETWORK]
 
 
+def _weights_where(out: str) -> str:
+    data = out + '.data'
+    if osp.isfile(data) and osp.getmtime(data) >= osp.getmtime(out) - 60:
+        return (f'weights in {data}: keep it beside {osp.basename(out)} '
+                f'(the .onnx alone has no weights)')
+    return 'weights inside the file (one file to deploy)'
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
+    missing = missing_export_modules(args.dynamo)
+    if missing:
+        raise SystemExit(
+            f'error: the export needs {", ".join(missing)}, not installed '
+            f'here: pip install {" ".join(missing)} (or prm_det\'s extra: '
+            f'pip install "prm_det[onnx]", from a checkout pip install '
+            f'".[onnx]")')
     try:
         cfg, detector = build_detector(args.config, args.checkpoint,
                                        args.cfg_options)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ConfigLoaderUnavailable) as error:
         raise SystemExit(f'error: {error}')
     model = BackboneNeck(detector.backbone, getattr(detector, 'neck', None))
     model.eval()
@@ -135,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print(f'exported {parts} of {args.config} ({weights}) to {args.out}: '
           f'{exporter} exporter, opset {opset}, input image [1, 3, height, '
           f'width] (preprocessed as the config\'s data_preprocessor does), '
-          f'height and width dynamic')
+          f'height and width dynamic; {_weights_where(args.out)}')
 
     result = dict(out=args.out, opset=opset, errors={})
     sizes = [tuple(args.shape)] + [tuple(s) for s in args.check_shape]

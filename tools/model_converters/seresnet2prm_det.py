@@ -35,8 +35,11 @@ from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
-    __file__)))))
+# run from a checkout: its prm_det first (installed, the tools sit in
+# prm_det/.mim/tools/ and import the installed package)
+_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if osp.isdir(osp.join(_ROOT, 'prm_det')):
+    sys.path.insert(0, _ROOT)
 
 SOURCES = ('timm', 'mmpretrain')
 # The ResNet part, named alike in torchvision, timm, MMPretrain and mmdet.

@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
-from mmdet.registry import MODELS
 
 from ..layers.factory import AttentionSpec, attention_cfg
+from ..registry import register_model
 
 
 class PluginBasicBlock(BasicBlock):
@@ -134,7 +134,7 @@ class AttentionBottleneck(Bottleneck):
         return _inner_forward(x)
 
 
-@MODELS.register_module()
+@register_model
 class AttentionResNet(ResNet):
     """ResNet with an attention module in the residual blocks of some stages.
 
@@ -217,19 +217,19 @@ class AttentionResNet(ResNet):
                         type='Constant', val=0, override=dict(name=last_norm))
 
 
-@MODELS.register_module()
+@register_model
 class PRMResNet(AttentionResNet):
     """ResNet with PRM after the last norm of every block, all stages."""
     default_attention = 'prm'
 
 
-@MODELS.register_module()
+@register_model
 class SEResNet(AttentionResNet):
     """ResNet with squeeze-excitation (r=16) in every block, all stages."""
     default_attention = 'se'
 
 
-@MODELS.register_module()
+@register_model
 class GCResNet(AttentionResNet):
     """ResNet with GCNet's global context block (r=16) in stages c3-c5."""
     default_attention = 'gc'

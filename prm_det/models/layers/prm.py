@@ -7,12 +7,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from mmdet.registry import MODELS
 from torch import Tensor
 
 from prm_det.ops import (MODES, NORM_EPS, BatchNorm, PRMOptions, PRMParams,
                          prm, prm_block_tail)
 from prm_det.ops.functions import check_batch_statistics
+
+from ..registry import register_model
 
 
 def batch_norm_of(norm: nn.Module, c: Tensor) -> Optional[BatchNorm]:
@@ -41,7 +42,7 @@ def batch_norm_of(norm: nn.Module, c: Tensor) -> Optional[BatchNorm]:
                      factor, norm.eps)
 
 
-@MODELS.register_module()
+@register_model
 class PRM(nn.Module):
     """Position-aware Recalibration Module.
 

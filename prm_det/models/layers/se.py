@@ -9,10 +9,11 @@ sigmoid, channel-wise scale). It is wrapped here only to give it the plugin
 contract: ``in_channels`` first, a ratio in the timm sense, ``_abbr_ = 'se'``.
 """
 from mmdet.models.layers import SELayer
-from mmdet.registry import MODELS
+
+from ..registry import register_model
 
 
-@MODELS.register_module()
+@register_model
 class SE(SELayer):
     """Squeeze-and-excitation with ``in_channels`` first.
 
