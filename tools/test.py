@@ -28,9 +28,10 @@ from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
+from prm_det.engine import ChecksumMismatch  # noqa: E402
 from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        CheckpointMismatch,
-                                       IncompleteCheckpoint,
+                                       UnusableCheckpoint,
                                        UntrustedCheckpoint,
                                        check_checkpoint_fits)
 from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
@@ -178,7 +179,7 @@ def main(argv=None):
         try:
             return run(args)
         except (DatasetNotFound, DatasetInvalid, FileNotFoundError,
-                UntrustedCheckpoint, IncompleteCheckpoint,
+                UntrustedCheckpoint, UnusableCheckpoint, ChecksumMismatch,
                 CheckpointMismatch) as error:
             raise SystemExit(f'error: {error}')
 

@@ -1,14 +1,18 @@
 from .checkpoint import (CheckpointMismatch, IncompleteCheckpoint,
-                         PretrainedWeightsUnavailable, UntrustedCheckpoint,
-                         load_checkpoint_file, load_from_local_file,
-                         load_from_torchvision_urls)
+                         NotACheckpoint, UnusableCheckpoint,
+                         UntrustedCheckpoint, load_checkpoint_file,
+                         load_from_local_file)
 from .hooks import AtomicCheckpointHook, latest_complete_checkpoint
+from .remote_checkpoints import (ChecksumMismatch,
+                                 PretrainedWeightsUnavailable,
+                                 load_from_http, load_from_torchvision_urls)
 from .wrappers import DeviceAwareDDP
 
 __all__ = [
-    'AtomicCheckpointHook', 'CheckpointMismatch', 'DeviceAwareDDP',
-    'IncompleteCheckpoint', 'PretrainedWeightsUnavailable',
+    'AtomicCheckpointHook', 'CheckpointMismatch', 'ChecksumMismatch',
+    'DeviceAwareDDP', 'IncompleteCheckpoint', 'NotACheckpoint',
+    'PretrainedWeightsUnavailable', 'UnusableCheckpoint',
     'UntrustedCheckpoint', 'latest_complete_checkpoint',
-    'load_checkpoint_file', 'load_from_local_file',
+    'load_checkpoint_file', 'load_from_http', 'load_from_local_file',
     'load_from_torchvision_urls'
 ]
