@@ -499,7 +499,7 @@ BACKWARD_HOOKS = {
 @pytest.mark.parametrize('kind', sorted(BACKWARD_HOOKS))
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 def test_backward_hooks_on_the_last_norm_and_on_prm_fire(
-        depth, where, kind, mode, backend):
+        depth, where, kind, mode):
     """Gradient inspection hooks a block's last norm or its attention: the
     hook fires once per backward and sees the gradient of the module's
     output, as in a block that calls every module; the block's output and
@@ -541,11 +541,13 @@ def test_backward_hooks_on_the_last_norm_and_on_prm_fire(
 
 @pytest.mark.parametrize('type_', ['ResNet'] + BACKBONES)
 @pytest.mark.parametrize('depth', [18, 50])
-def test_an_empty_batch_trains_as_in_resnet(type_, depth, backend):
+def test_an_empty_batch_trains_as_in_resnet(type_, depth):
     """A batch of 0 images (a sampler's last, empty, batch): empty outputs
-    and gradients, as mmdet's ResNet, in training mode."""
-    model = (MODELS.build(dict(type='ResNet', depth=depth, base_channels=16))
-             if type_ == 'ResNet' else small(type_, depth))
+    and gradients, as mmdet's ResNet, in training mode with the norms
+    training too."""
+    model = (MODELS.build(dict(type='ResNet', depth=depth, base_channels=16,
+                               norm_eval=False))
+             if type_ == 'ResNet' else small(type_, depth, norm_eval=False))
     model.train()
     x = torch.randn(0, 3, 64, 32, requires_grad=True)
     outs = model(x)

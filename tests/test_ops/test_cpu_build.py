@@ -101,7 +101,7 @@ def test_a_build_killed_while_compiling_blocks_nothing(tmp_path, signum):
                             capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (f'prm_det: compiling the PRM CPU kernel for this machine, once '
-            f'(about 20 s; cached in {directory})') in second.stderr
+            f'(20-60 s; cached in {directory})') in second.stderr
     assert 'prm_det: PRM CPU kernel compiled in ' in second.stderr
     assert not osp.exists(osp.join(directory, 'lock'))
 

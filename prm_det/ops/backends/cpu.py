@@ -53,7 +53,7 @@ _ISA_FLAGS = {
     'AVX2': ['-mavx2', '-mfma'],
 }
 DTYPES = (torch.float32, torch.float64)  # what the kernel computes in
-BUILD_SECONDS = 20  # a first build on 2 cores, as the message says
+BUILD_TIME = '20-60 s'  # a first build on 2 cores, idle to busy
 
 _lock = threading.Lock()
 _state = {'loaded': None, 'error': None, 'warned': False}
@@ -97,12 +97,14 @@ def compiler_identity() -> str:
 
 def build_key(csrc: str = _CSRC) -> str:
     """A digest of what the built library depends on: where its sources
-    are and what they say, the compiler, flags, torch and Python."""
+    are and what they say, the compiler, flags, and the torch and Python it
+    is built against (version and location: each environment its own)."""
     digest = hashlib.sha256()
     for part in (os.path.realpath(csrc), compiler_identity(),
                  ' '.join(_cflags()), torch.__version__,
                  str(getattr(torch.version, 'git_version', '')),
-                 sys.version):
+                 os.path.realpath(os.path.dirname(torch.__file__)),
+                 sys.version, os.path.realpath(sys.prefix)):
         digest.update(part.encode() + b'\0')
     for path in sorted(glob.glob(os.path.join(csrc, '*'))):
         digest.update(os.path.basename(path).encode() + b'\0')
@@ -206,7 +208,7 @@ def build(verbose: bool = False) -> None:
         fresh = not os.path.exists(_library(directory, name))
         if fresh:
             _say(f'compiling the PRM CPU kernel for this machine, once '
-                 f'(about {BUILD_SECONDS} s; cached in {directory})')
+                 f'({BUILD_TIME}; cached in {directory})')
         start = time.monotonic()
         cpp_extension.load(
             name=name,
