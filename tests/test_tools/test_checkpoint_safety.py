@@ -305,13 +305,14 @@ def test_unreadable_files_get_their_own_clear_errors(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_test_py_names_a_file_that_is_not_a_checkpoint(tmp_path):
+def test_test_py_names_a_file_that_is_not_a_checkpoint(tiny_data, tmp_path):
     random_file = str(tmp_path / 'random.pth')
     with open(random_file, 'wb') as f:
         f.write(np.random.default_rng(0).bytes(4096))
     proc = subprocess.run(
         [sys.executable, osp.join(REPO, 'tools', 'test.py'),
-         osp.join(REPO, RETINA), random_file],
+         osp.join(REPO, RETINA), random_file, '--work-dir',
+         str(tmp_path / 'work')] + tiny_options(tiny_data),
         cwd=str(tmp_path), env=tool_env(), capture_output=True, text=True,
         timeout=300)
     assert proc.returncode != 0
