@@ -28,6 +28,7 @@ import shutil
 import zipfile
 from typing import List, Optional
 
+import torch
 from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
@@ -57,6 +58,26 @@ class CheckpointDiskFull(OSError):
 
 def _megabytes(size: float) -> str:
     return f'{size / 2**20:.0f} MB'
+
+
+def _state_bytes(runner) -> int:
+    """What a checkpoint of ``runner`` holds, in bytes: its model's and
+    optimizer's tensors (what a first checkpoint's size is made of)."""
+    states = [runner.model.state_dict()]
+    optim_wrapper = getattr(runner, 'optim_wrapper', None)
+    if optim_wrapper is not None:
+        states.append(optim_wrapper.state_dict())
+
+    def count(node) -> int:
+        if isinstance(node, torch.Tensor):
+            return node.numel() * node.element_size()
+        if isinstance(node, dict):
+            return sum(count(v) for v in node.values())
+        if isinstance(node, (list, tuple)):
+            return sum(count(v) for v in node)
+        return 0
+
+    return count(states)
 
 
 def remove_partials(*folders: str) -> List[str]:
@@ -147,7 +168,7 @@ class AtomicCheckpointHook(CheckpointHook):
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise self._disk_full(self.last_ckpt + PARTIAL, error,
+            raise self._disk_full(runner, self.last_ckpt + PARTIAL, error,
                                   expired) from None
         if not is_main_process():  # the Runner saves on the main process
             return
@@ -164,7 +185,7 @@ class AtomicCheckpointHook(CheckpointHook):
         elif osp.isfile(old):
             os.remove(old)
 
-    def _disk_full(self, partial: str, error: OSError,
+    def _disk_full(self, runner, partial: str, error: OSError,
                    expired: Optional[int]) -> CheckpointDiskFull:
         """Remove the part written; say where, and the room needed."""
         if osp.isfile(partial):
@@ -172,9 +193,9 @@ class AtomicCheckpointHook(CheckpointHook):
         kept = [osp.join(self.out_dir, self.filename_tmpl.format(s))
                 for s in [*self.keep_ckpt_ids, expired] if s is not None]
         sizes = [osp.getsize(p) for p in kept if osp.isfile(p)]
-        each = (f'about {_megabytes(max(sizes))} each, so about '
-                f'{_megabytes(2 * max(sizes))}' if sizes else
-                'twice the size of one')
+        size = max(sizes) if sizes else _state_bytes(runner)
+        each = (f'about {_megabytes(size)} each, so about '
+                f'{_megabytes(2 * size)}')
         free = shutil.disk_usage(self.out_dir).free
         full = CheckpointDiskFull(
             f'No space left on the device to write the checkpoint {partial} '
