@@ -95,8 +95,19 @@ def download(url: str, model_dir: Optional[str] = None,
         print_log(f'Downloading {url} to {cached}', logger='current')
         # torch writes to a temporary file, checks the hash prefix and
         # renames: an interrupted download leaves no file under the name
-        torch.hub.download_url_to_file(
-            url, cached, hash_prefix=expected_hash(cached), progress=progress)
+        try:
+            torch.hub.download_url_to_file(
+                url, cached, hash_prefix=expected_hash(cached),
+                progress=progress)
+        except RuntimeError as error:
+            if 'invalid hash value' not in str(error):
+                raise
+            raise ChecksumMismatch(
+                f'The file downloaded from {url} is not the checkpoint its '
+                f'name says ({error}); it was not kept. Try again later, or '
+                f'name a local file in the config: --cfg-options '
+                f'model.backbone.init_cfg.checkpoint=/path/to/weights.pth'
+            ) from None
     check_hash(cached, url)
     return cached
 

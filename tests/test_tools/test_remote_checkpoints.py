@@ -112,6 +112,10 @@ def test_http_checkpoints_load_as_data_with_the_same_opt_in(
     monkeypatch.setattr(remote, 'get_external_models', lambda: {'x': url})
     with pytest.raises(UntrustedCheckpoint):
         CheckpointLoader.load_checkpoint('open-mmlab://x')
+    # and mmcls://
+    monkeypatch.setattr(remote, 'get_mmcls_models', lambda: {'x': url})
+    with pytest.raises(UntrustedCheckpoint):
+        CheckpointLoader.load_checkpoint('mmcls://x')
     assert not osp.exists(marker)
     # the opt-in is the same as for local files
     monkeypatch.setenv(TRUST_ENV, '1')
@@ -138,7 +142,9 @@ def test_a_published_checkpoint_is_downloaded_hash_checked_and_loaded(
     # a bad download (the server sends another file) is not kept
     torch.save(OrderedDict(w=torch.zeros(1)), folder / name)
     os.remove(hub / name)
-    with pytest.raises(RuntimeError, match='invalid hash value'):
+    with pytest.raises(ChecksumMismatch, match=(
+            f'The file downloaded from {base}/{name} is not the checkpoint '
+            f'its name says .*invalid hash value.*; it was not kept')):
         CheckpointLoader.load_checkpoint('torchvision://resnet18')
     assert not (hub / name).exists()
     # the cache is checked on every load
