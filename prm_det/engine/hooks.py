@@ -207,21 +207,14 @@ class AtomicCheckpointHook(CheckpointHook):
         full.errno = error.errno
         return full
 
-    def before_run(self, runner) -> None:
-        """Hold the work_dir (one training at a time; tools/train.py takes
-        it before the Runner already)."""
-        super().before_run(runner)
-        self._locked = is_main_process() and lock_work_dir(runner.work_dir)
-
-    def after_run(self, runner) -> None:
-        super().after_run(runner)
-        if getattr(self, '_locked', False):
-            unlock_work_dir(runner.work_dir)
-
     def before_train(self, runner) -> None:
-        """mmengine's, then, on a resumed training, the deletion the killed
-        one did not get to, and the parts killed writes left."""
+        """mmengine's; then the work_dir is held (one training at a time;
+        tools/train.py takes it before the Runner already; evaluations do
+        not take it) and, on a resumed training, the deletion the killed
+        one did not get to is done, and the parts killed writes left are
+        removed."""
         super().before_train(runner)
+        self._locked = is_main_process() and lock_work_dir(runner.work_dir)
         if not (self._local() and is_main_process()):
             return
         expired = runner.message_hub.get_info(_EXPIRED)
@@ -229,6 +222,11 @@ class AtomicCheckpointHook(CheckpointHook):
                 and expired not in self.keep_ckpt_ids):
             self._delete_step(expired)
         remove_partials(self.out_dir, runner.work_dir)
+
+    def after_train(self, runner) -> None:
+        super().after_train(runner)
+        if getattr(self, '_locked', False):
+            unlock_work_dir(runner.work_dir)
 
 
 def checkpoint_problem(path: str) -> Optional[str]:

@@ -12,9 +12,13 @@ import textwrap
 import time
 
 import pytest
+import torch
+from mmdet.registry import MODELS
 from test_kills import short_epochs
-from tool_runs import REPO, RETINA, checkpoint_meta, ok, tool_env
+from tool_runs import (REPO, RETINA, checkpoint_meta, ok, parse_ap_table,
+                       tiny_options, tool_env)
 
+from prm_det.engine.launch import load_config
 from prm_det.engine.work_dir_lock import (WorkDirBusy, lock_work_dir,
                                           unlock_work_dir)
 
@@ -135,7 +139,8 @@ def test_kill_between_the_rename_and_last_checkpoint(tiny_data, tmp_path):
 def test_a_second_training_in_the_same_work_dir_is_refused(tiny_data,
                                                            tmp_path):
     """The second stops at once, naming the first, and writes nothing there
-    (no log folder); the first trains on."""
+    (no log folder); the first trains on. An evaluation (tools/test.py) in
+    that work_dir is not a training: it runs."""
     work = str(tmp_path / 'work')
     log = tmp_path / 'first.log'
     with open(log, 'w') as out:
@@ -163,6 +168,17 @@ def test_a_second_training_in_the_same_work_dir_is_refused(tiny_data,
             osp.join(work, n))) == sorted(n for n in before if osp.isdir(
                 osp.join(work, n)))
         assert first.poll() is None  # still training
+        # evaluating in that work_dir meanwhile is fine
+        weights = str(tmp_path / 'weights.pth')
+        torch.save({'meta': {}, 'state_dict': MODELS.build(load_config(
+            osp.join(REPO, RETINA)).model).state_dict()}, weights)
+        evaluation = subprocess.run(
+            [sys.executable, osp.join(REPO, 'tools', 'test.py'),
+             osp.join(REPO, RETINA), weights, '--work-dir', work] +
+            tiny_options(tiny_data), cwd=str(tmp_path), env=tool_env(),
+            capture_output=True, text=True, timeout=300)
+        assert len(parse_ap_table(ok(evaluation))) == 6
+        assert first.poll() is None
     finally:
         first.kill()
         first.wait()
