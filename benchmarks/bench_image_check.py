@@ -64,7 +64,8 @@ def main():
         f'Machine: {platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} CPUs; {args.images} JPEGs of 640x480 '
         f'({size // 1024} KB each, a 64 KB APP1 segment), page cache warm, '
-        f'{args.threads} threads.', '',
+        f'{args.threads} threads; load average '
+        f'{os.getloadavg()[0]:.1f} at the end.', '',
         '| images | time (best of 2) | per image | COCO train 2017 '
         f'({COCO_TRAIN:,} images) at that rate |',
         '|---|---|---|---|',
