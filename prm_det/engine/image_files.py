@@ -13,8 +13,8 @@ and reported if that fails too. Formats without a header reader here
 (TIFF, WebP, ...) are decoded in full.
 
 Cost: an open, a stat and two or three short reads per PNG or JPEG, no
-decode; 75-90 us an image on a busy 2-core machine with the files in the
-page cache, 9-10 s for COCO train 2017's 118k images
+decode; 75-100 us an image on a 2-core machine under load 3-7 with the
+files in the page cache, 9-12 s for COCO train 2017's 118k images
 (``benchmarks/bench_image_check.py``). Files are read by a few threads at
 once: on a cold or network disk most of the time is waiting.
 """
