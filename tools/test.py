@@ -32,10 +32,11 @@ from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
-from prm_det.engine import ConfigLoaderUnavailable  # noqa: E402
+from prm_det.engine import (ChecksumMismatch,  # noqa: E402
+                            ConfigLoaderUnavailable)
 from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        CheckpointMismatch,
-                                       IncompleteCheckpoint,
+                                       UnusableCheckpoint,
                                        UntrustedCheckpoint,
                                        check_checkpoint_fits)
 from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
@@ -183,7 +184,8 @@ def main(argv=None):
         try:
             return run(args)
         except (DatasetNotFound, DatasetInvalid, FileNotFoundError,
-                ConfigLoaderUnavailable, UntrustedCheckpoint, IncompleteCheckpoint,
+                ConfigLoaderUnavailable, UntrustedCheckpoint,
+                UnusableCheckpoint, ChecksumMismatch,
                 CheckpointMismatch) as error:
             raise SystemExit(f'error: {error}')
 

@@ -27,16 +27,20 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
-from prm_det.engine import (ConfigLoaderUnavailable,  # noqa: E402
+from prm_det.engine import (ChecksumMismatch,  # noqa: E402
+                            ConfigLoaderUnavailable,
                             PretrainedWeightsUnavailable)
 from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
-                                       IncompleteCheckpoint,
+                                       UnusableCheckpoint,
                                        UntrustedCheckpoint)
-from prm_det.engine.hooks import latest_complete_checkpoint  # noqa: E402
+from prm_det.engine.hooks import (CheckpointDiskFull,  # noqa: E402
+                                  latest_complete_checkpoint,
+                                  remove_partials)
 from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
                                    DatasetNotFound, check_dataset_files,
                                    collective_timeout, distributed_teardown,
                                    load_config)
+from prm_det.engine.work_dir_lock import WorkDirBusy, lock_work_dir  # noqa
 
 
 def parse_args(argv=None):
@@ -120,6 +124,14 @@ def build_cfg(args):
     return cfg
 
 
+def hold_work_dir(cfg):
+    """One training per work_dir (rank 0 holds it); parts of checkpoints a
+    killed training left are removed first, freeing their space."""
+    if int(os.environ.get('RANK', '0')) == 0:
+        lock_work_dir(cfg.work_dir)
+        remove_partials(cfg.work_dir)
+
+
 def train(cfg):
     runner = (Runner.from_cfg(cfg)
               if 'runner_type' not in cfg else RUNNERS.build(cfg))
@@ -132,13 +144,15 @@ def main(argv=None):
     with distributed_teardown():
         try:
             cfg = build_cfg(args)
+            hold_work_dir(cfg)
         except (DatasetNotFound, DatasetInvalid, FileNotFoundError,
-                ConfigLoaderUnavailable) as error:
+                ConfigLoaderUnavailable, WorkDirBusy) as error:
             raise SystemExit(f'error: {error}')
         try:
             train(cfg)
         except (PretrainedWeightsUnavailable, UntrustedCheckpoint,
-                IncompleteCheckpoint) as error:
+                UnusableCheckpoint, ChecksumMismatch,
+                CheckpointDiskFull) as error:
             raise SystemExit(f'error: {error}')
         except RuntimeError as error:
             stalled = collective_timeout(error, cfg)

@@ -1,25 +1,34 @@
-"""Checkpoint loading: ``torchvision://`` without torchvision, and local
-files that load as data, never as code.
+"""Checkpoint loading: every checkpoint prm_det or its configs load, local
+or remote, loads as data, never as code.
 
-**Local files.** mmengine reads a checkpoint with ``torch.load``, i.e. with
-pickle, which can run any code a file carries. Here every local checkpoint
-loads with ``weights_only=True``: tensors, plain containers and numbers, plus
-exactly the types mmengine's Runner writes (:func:`runner_checkpoint_globals`:
-the message hub's ``HistoryBuffer`` of numpy arrays and scalars). Anything
-else is refused with :class:`UntrustedCheckpoint`, which names the file, what
-it holds that is not allowed, and the opt-in for files the user trusts:
-``--trust-checkpoint`` on ``tools/train.py`` and ``tools/test.py``, or
-``PRM_DET_TRUST_CHECKPOINTS=1`` in the environment. Importing prm_det never
-trusts anything by itself.
+**Data only.** mmengine reads a checkpoint with ``torch.load``, i.e. with
+pickle, which can run any code a file carries. Here every checkpoint loads
+with ``weights_only=True``: tensors, plain containers and numbers, numpy's
+scalars, dtypes and arrays of them (:func:`numpy_data_globals`), plus exactly
+the types mmengine's Runner writes (:func:`runner_checkpoint_globals`: the
+message hub's ``HistoryBuffer``). Anything else is refused with
+:class:`UntrustedCheckpoint`, which names the file, what it holds that is
+not allowed, and the opt-in for files the user trusts: ``--trust-checkpoint``
+on ``tools/train.py`` and ``tools/test.py``, or ``PRM_DET_TRUST_CHECKPOINTS=1``
+in the environment. Importing prm_det never trusts anything by itself. A
+file that is not a checkpoint at all, or is damaged, is named and said to
+be so (:class:`NotACheckpoint`, :class:`IncompleteCheckpoint`).
+
+**Remote files.** mmengine's ``http(s)://``, ``torchvision://``,
+``open-mmlab://`` and ``mmcls://`` schemes download into torch's hub cache
+and unpickle the file with ``weights_only=False`` (torch.hub's default),
+whatever it holds. Here they are taken over: the file is downloaded into the
+same cache (``~/.cache/torch/hub/checkpoints/``), its SHA-256 checked
+against the prefix in its name where it has one (``resnet50-0676ba61.pth``:
+torch's and OpenMMLab's published checkpoints), also when it is already in
+the cache, and it is loaded as data like a local file.
 
 **torchvision://**. mmdet's configs start ResNet backbones from
 ``torchvision://resnet50``, which mmengine resolves by importing torchvision
 to look up the URL. torchvision has no CPU build here and a detector does not
 need it: the URLs are the ones mmengine ships in
-``mmengine/hub/torchvision_0.12.json``. This scheme takes over
-``torchvision://`` (and the old ``modelzoo://``): it reads that table,
-downloads with mmengine's ``load_from_http`` into torch's hub cache, and when
-the download fails says how to use a local file instead.
+``mmengine/hub/torchvision_0.12.json``; when the download fails, the error
+says how to use a local file instead.
 """
 import os
 import os.path as osp
@@ -28,49 +37,14 @@ import re
 import zipfile
 from typing import List, Optional
 
-import mmengine
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
-from mmengine.runner.checkpoint import CheckpointLoader, load_from_http
+from mmengine.runner.checkpoint import CheckpointLoader
 
 TRUST_ENV = 'PRM_DET_TRUST_CHECKPOINTS'
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """The ImageNet weights a config starts from could not be loaded."""
-
-
-def torchvision_urls() -> dict:
-    return mmengine.load(
-        osp.join(mmengine.__path__[0], 'hub', 'torchvision_0.12.json'))
-
-
-@CheckpointLoader.register_scheme(
-    prefixes=('torchvision://', 'modelzoo://'), force=True)
-def load_from_torchvision_urls(filename: str, map_location=None):
-    name = filename.split('://', 1)[1]
-    urls = torchvision_urls()
-    if name not in urls:
-        raise PretrainedWeightsUnavailable(
-            f'{filename!r}: no such torchvision model; known names: '
-            f'{", ".join(sorted(urls))}')
-    url = urls[name]
-    try:
-        return load_from_http(url, map_location=map_location)
-    except Exception as error:  # offline, proxy, truncated file, ...
-        raise PretrainedWeightsUnavailable(
-            f'Could not load the ImageNet weights {filename} from {url} '
-            f'({type(error).__name__}: {error}).\n'
-            f'The backbone starts from them, as in mmdet. Ways out:\n'
-            f'  * put the file {url.rsplit("/", 1)[1]} in torch\'s hub cache '
-            f'(~/.cache/torch/hub/checkpoints/), or\n'
-            f'  * point the config at a local checkpoint: --cfg-options '
-            f'model.backbone.init_cfg.checkpoint=/path/to/weights.pth '
-            f'(an ImageNet checkpoint of the official PRM code, e.g. '
-            f'prm_resnet50.pth.tar, loads as is), or\n'
-            f'  * train from scratch: --cfg-options '
-            f'model.backbone.init_cfg=None') from error
+TRUST_HINT = (f'--trust-checkpoint (tools/train.py, tools/test.py) or '
+              f'{TRUST_ENV}=1 in the environment')
 
 
 class UntrustedCheckpoint(pickle.UnpicklingError):
@@ -78,8 +52,17 @@ class UntrustedCheckpoint(pickle.UnpicklingError):
     could run code."""
 
 
-class IncompleteCheckpoint(RuntimeError):
+class UnusableCheckpoint(RuntimeError):
+    """A checkpoint file cannot be read: cut short, damaged, or not a
+    checkpoint at all."""
+
+
+class IncompleteCheckpoint(UnusableCheckpoint):
     """A checkpoint file is truncated or otherwise not a whole archive."""
+
+
+class NotACheckpoint(UnusableCheckpoint):
+    """A file is neither of the formats ``torch.save`` writes."""
 
 
 def checkpoints_trusted() -> bool:
@@ -101,12 +84,23 @@ def _history_buffer_statistic(owner, name: str):
     return getattr(owner, name)
 
 
+def _multiarray():
+    """numpy's multiarray module, and the name numpy of the other major
+    version writes for it (numpy 1.x ``numpy.core.multiarray``, numpy 2
+    ``numpy._core.multiarray``)."""
+    multiarray = np._core.multiarray if hasattr(np, '_core') \
+        else np.core.multiarray
+    other = ('numpy.core.multiarray' if multiarray.__name__ ==
+             'numpy._core.multiarray' else 'numpy._core.multiarray')
+    return multiarray, other
+
+
 def runner_checkpoint_globals() -> list:
-    """The allow-list: what mmengine's Runner writes into a checkpoint
-    besides tensors, plain containers and numbers (found by saving one from a
-    real training and loading it with ``weights_only=True``; each entry is
-    needed, see ``tests/test_tools/test_checkpoint_safety.py``). All of it
-    is the message hub's ``HistoryBuffer`` objects:
+    """What mmengine's Runner writes into a checkpoint besides tensors,
+    plain containers and numbers (found by saving one from a real training
+    and loading it with ``weights_only=True``; each entry is needed, see
+    ``tests/test_tools/test_checkpoint_safety.py``). All of it is the message
+    hub's ``HistoryBuffer`` objects:
 
     * their histories are numpy arrays (``_reconstruct``, ``ndarray``,
       ``dtype`` and its float64 and int64 classes: values and counts);
@@ -120,10 +114,7 @@ def runner_checkpoint_globals() -> list:
     ``numpy._core.multiarray.*``: the other spelling is allowed too, for the
     same functions, so that checkpoints written under either load.
     """
-    multiarray = np._core.multiarray if hasattr(np, '_core') \
-        else np.core.multiarray
-    other = ('numpy.core.multiarray' if multiarray.__name__ ==
-             'numpy._core.multiarray' else 'numpy._core.multiarray')
+    multiarray, other = _multiarray()
     return [
         HistoryBuffer, np.ndarray, np.dtype, type(np.dtype(np.float64)),
         type(np.dtype(np.int64)), multiarray._reconstruct, multiarray.scalar,
@@ -133,12 +124,38 @@ def runner_checkpoint_globals() -> list:
     ]
 
 
+# numpy's data types: numbers, booleans, strings, bytes, dates and time
+# spans (not ``object``, whose arrays hold arbitrary Python objects)
+NUMPY_DATA_TYPES = (
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+    np.uint32, np.uint64, np.float16, np.float32, np.float64, np.longdouble,
+    np.complex64, np.complex128, np.clongdouble, np.str_, np.bytes_,
+    np.datetime64, np.timedelta64)
+
+
+def numpy_data_globals() -> list:
+    """numpy scalars and arrays of :data:`NUMPY_DATA_TYPES` (a user's hook
+    writing ``np.float32(0.5)`` into ``meta``): numpy 2 pickles each dtype by
+    its class (``numpy.dtypes.Float32DType``), numpy 1.x as ``numpy.dtype``.
+    These rebuild values from bytes and run no code."""
+    multiarray, _ = _multiarray()
+    dtype_classes = {type(np.dtype(t)) for t in NUMPY_DATA_TYPES}
+    return [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar
+            ] + sorted(dtype_classes, key=lambda c: c.__name__)
+
+
+def allowed_globals() -> list:
+    """Everything a checkpoint may hold besides tensors, plain containers
+    and numbers."""
+    return runner_checkpoint_globals() + numpy_data_globals()
+
+
 def _disallowed_globals(filename: str, error: Exception) -> List[str]:
     """The globals in ``filename`` that the allow-list refuses, read without
     running the pickle (torch disassembles it); for the old non-zip format,
     the one torch's error names."""
     try:
-        with torch.serialization.safe_globals(runner_checkpoint_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             found = torch.serialization.get_unsafe_globals_in_checkpoint(
                 filename)
     except Exception:  # not a zip checkpoint: take torch's message
@@ -159,28 +176,80 @@ def _is_truncated(error: Exception) -> bool:
         'failed finding central directory' in str(error)
 
 
+# torch.save's legacy (pre-1.6) format starts with this number, pickled
+_LEGACY_MAGIC = (0x1950a86a20f9469cfc6c).to_bytes(10, 'little')
+
+
+def file_format(filename: str) -> str:
+    """What ``filename`` is, from its first bytes: ``'zip'`` (torch.save
+    since 1.6), ``'legacy'`` (torch.save before it), ``'empty'``,
+    ``'pickle'`` (pickle.dump, not torch.save) or ``'other'``."""
+    with open(filename, 'rb') as f:
+        head = f.read(512)
+    if not head:
+        return 'empty'
+    if head.startswith(b'PK\x03\x04'):
+        return 'zip'
+    if head[:1] == b'\x80' and _LEGACY_MAGIC in head[:32]:
+        return 'legacy'
+    if head[257:262] == b'ustar':  # torch's oldest (tar) format
+        return 'legacy'
+    if head[:1] == b'\x80':
+        return 'pickle'
+    return 'other'
+
+
+def _not_a_checkpoint(filename: str, kind: str) -> NotACheckpoint:
+    if kind == 'pickle':
+        what = ('a plain pickle (written by pickle.dump, not torch.save); '
+                'if you trust it, load it with pickle and save it again '
+                'with torch.save')
+    else:
+        with open(filename, 'rb') as f:
+            head = f.read(8)
+        what = (f'its first bytes are {head!r}; a torch.save checkpoint '
+                f'starts with b\'PK\\x03\\x04\' (a zip archive) or, from '
+                f'torch before 1.6, a pickled magic number. The wrong file?')
+    return NotACheckpoint(
+        f'{filename} is not a PyTorch checkpoint: {what}')
+
+
 def load_checkpoint_file(filename: str,
                          map_location=None,
-                         trust: Optional[bool] = None):
+                         trust: Optional[bool] = None,
+                         source: Optional[str] = None):
     """``torch.load`` of a local checkpoint as data: ``weights_only=True``
-    with :func:`runner_checkpoint_globals` allowed, unless ``trust`` (by
-    default: :func:`checkpoints_trusted`).
+    with :func:`allowed_globals` allowed, unless ``trust`` (by default:
+    :func:`checkpoints_trusted`). ``source``: where the file came from (a
+    URL), for the messages.
 
     Raises:
         FileNotFoundError: no such file.
         UntrustedCheckpoint: the file holds objects outside the allow-list.
-        IncompleteCheckpoint: the file is cut short (a kill while writing).
+        IncompleteCheckpoint: the file is cut short (a kill while writing)
+            or damaged.
+        NotACheckpoint: the file is not in a format torch.save writes.
     """
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
     if trust is None:
         trust = checkpoints_trusted()
+    named = filename if source is None else f'{filename} (from {source})'
+    kind = file_format(filename)
+    if kind == 'empty':
+        raise IncompleteCheckpoint(
+            f'The checkpoint {named} is empty (0 bytes): a training killed '
+            f'while writing it, or a download that failed, leaves such a '
+            f'file. Use an earlier checkpoint, or --resume without a file '
+            f'to take the newest complete one.')
+    if kind in ('pickle', 'other'):
+        raise _not_a_checkpoint(named, kind)
     try:
         if trust:
             return torch.load(filename, map_location=map_location,
                               weights_only=False)
-        with torch.serialization.safe_globals(runner_checkpoint_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(filename, map_location=map_location,
                               weights_only=True)
     except pickle.UnpicklingError as error:
@@ -188,20 +257,24 @@ def load_checkpoint_file(filename: str,
             raise
         found = ', '.join(_disallowed_globals(filename, error))
         raise UntrustedCheckpoint(
-            f'Refusing to load the checkpoint {filename}: it contains '
-            f'{found}, which is not a tensor, a plain container or one of '
-            f'the types mmengine\'s Runner writes, and unpickling it could '
-            f'run code. If you trust this file, allow it with '
-            f'--trust-checkpoint (tools/train.py, tools/test.py) or '
-            f'{TRUST_ENV}=1 in the environment.') from None
+            f'Refusing to load the checkpoint {named}: it contains '
+            f'{found}, which is not a tensor, a plain container, a numpy '
+            f'value or one of the types mmengine\'s Runner writes, and '
+            f'unpickling it could run code. If you trust this file, allow '
+            f'it with {TRUST_HINT}.') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
-        if not _is_truncated(error):
-            raise
-        raise IncompleteCheckpoint(
-            f'The checkpoint {filename} is incomplete ({error}); a training '
-            f'killed while writing it leaves such a file. Use an earlier '
-            f'checkpoint, or --resume without a file to take the newest '
-            f'complete one.') from error
+        if _is_truncated(error):
+            raise IncompleteCheckpoint(
+                f'The checkpoint {named} is incomplete ({error}); a '
+                f'training killed while writing it leaves such a file. Use '
+                f'an earlier checkpoint, or --resume without a file to take '
+                f'the newest complete one.') from error
+        if kind == 'zip' and 'record size' in str(error):
+            raise IncompleteCheckpoint(
+                f'The checkpoint {named} is damaged: a tensor it declares '
+                f'does not match the data stored for it ({error}). Use '
+                f'another copy or an earlier checkpoint.') from None
+        raise
 
 
 @CheckpointLoader.register_scheme(prefixes='', force=True)

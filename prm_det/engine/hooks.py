@@ -11,7 +11,15 @@ all) and writes ``last_checkpoint`` in place (a kill leaves it empty).
 ``default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))``, and
 any config can. :func:`latest_complete_checkpoint` is what
 ``tools/train.py --resume`` (without a file) resumes from.
+
+Writing the new checkpoint before deleting the old one needs room for two
+checkpoints; when the disk fills up, :class:`CheckpointDiskFull` names the
+file and the room needed, and the part written is removed. Parts left by a
+process killed while writing are removed when the next training in that
+work_dir starts (:func:`remove_partials`), under the work_dir lock
+(:mod:`.work_dir_lock`), so never from under a running training.
 """
+import errno
 import logging
 import os
 import os.path as osp
@@ -20,13 +28,17 @@ import shutil
 import zipfile
 from typing import List, Optional
 
+import torch
 from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
+from .work_dir_lock import lock_work_dir, unlock_work_dir
+
 PARTIAL = '.partial'  # suffix of a checkpoint being written
+_EXPIRED = 'atomic_ckpt_expired'  # message hub: the step to delete after
 _STEP_CHECKPOINT = re.compile(r'^(?:epoch|iter)_(\d+)\.pth$')
 
 
@@ -38,6 +50,54 @@ def replace_atomically(src: str, dst: str) -> None:
         with open(src, 'rb') as f:
             os.fsync(f.fileno())
     os.replace(src, dst)
+
+
+class CheckpointDiskFull(OSError):
+    """No space left for a checkpoint (the part written is removed)."""
+
+
+def _megabytes(size: float) -> str:
+    return f'{size / 2**20:.0f} MB'
+
+
+def _state_bytes(runner) -> int:
+    """What a checkpoint of ``runner`` holds, in bytes: its model's and
+    optimizer's tensors (what a first checkpoint's size is made of)."""
+    states = [runner.model.state_dict()]
+    optim_wrapper = getattr(runner, 'optim_wrapper', None)
+    if optim_wrapper is not None:
+        states.append(optim_wrapper.state_dict())
+
+    def count(node) -> int:
+        if isinstance(node, torch.Tensor):
+            return node.numel() * node.element_size()
+        if isinstance(node, dict):
+            return sum(count(v) for v in node.values())
+        if isinstance(node, (list, tuple)):
+            return sum(count(v) for v in node)
+        return 0
+
+    return count(states)
+
+
+def remove_partials(*folders: str) -> List[str]:
+    """Delete the ``*.partial`` files in ``folders``: parts of checkpoints
+    (and of ``last_checkpoint``) a training was killed, or ran out of
+    space, while writing. Only call with the work_dir lock held. Returns
+    their paths."""
+    removed = []
+    for folder in dict.fromkeys(folders):
+        if not osp.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = osp.join(folder, name)
+            if name.endswith(PARTIAL) and osp.isfile(path):
+                os.remove(path)
+                removed.append(path)
+    if removed:
+        _say(f'removed {len(removed)} part(s) of files a killed or failed '
+             f'training was writing: {", ".join(removed)}')
+    return removed
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -90,27 +150,83 @@ class AtomicCheckpointHook(CheckpointHook):
         self.last_ckpt = self.file_backend.join_path(self.out_dir,
                                                      ckpt_filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
-        runner.save_checkpoint(
-            self.out_dir,
-            ckpt_filename + PARTIAL,
-            self.file_client_args,
-            save_optimizer=self.save_optimizer,
-            save_param_scheduler=self.save_param_scheduler,
-            meta=meta,
-            by_epoch=self.by_epoch,
-            backend_args=self.backend_args,
-            **self.args)
+        # a kill after the rename, before the deletion: the resumed run
+        # deletes it (before_train)
+        runner.message_hub.update_info(
+            _EXPIRED, None if expired == step else expired)
+        try:
+            runner.save_checkpoint(
+                self.out_dir,
+                ckpt_filename + PARTIAL,
+                self.file_client_args,
+                save_optimizer=self.save_optimizer,
+                save_param_scheduler=self.save_param_scheduler,
+                meta=meta,
+                by_epoch=self.by_epoch,
+                backend_args=self.backend_args,
+                **self.args)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise self._disk_full(runner, self.last_ckpt + PARTIAL, error,
+                                  expired) from None
         if not is_main_process():  # the Runner saves on the main process
             return
         replace_atomically(self.last_ckpt + PARTIAL, self.last_ckpt)
         write_text_atomically(
             osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt)
         if expired is not None and expired != step:
-            old = osp.join(self.out_dir, self.filename_tmpl.format(expired))
-            if osp.isdir(old):  # deepspeed saves directories
-                shutil.rmtree(old)
-            elif osp.isfile(old):
-                os.remove(old)
+            self._delete_step(expired)
+
+    def _delete_step(self, step: int) -> None:
+        old = osp.join(self.out_dir, self.filename_tmpl.format(step))
+        if osp.isdir(old):  # deepspeed saves directories
+            shutil.rmtree(old)
+        elif osp.isfile(old):
+            os.remove(old)
+
+    def _disk_full(self, runner, partial: str, error: OSError,
+                   expired: Optional[int]) -> CheckpointDiskFull:
+        """Remove the part written; say where, and the room needed."""
+        if osp.isfile(partial):
+            os.remove(partial)
+        kept = [osp.join(self.out_dir, self.filename_tmpl.format(s))
+                for s in [*self.keep_ckpt_ids, expired] if s is not None]
+        sizes = [osp.getsize(p) for p in kept if osp.isfile(p)]
+        size = max(sizes) if sizes else _state_bytes(runner)
+        each = (f'about {_megabytes(size)} each, so about '
+                f'{_megabytes(2 * size)}')
+        free = shutil.disk_usage(self.out_dir).free
+        full = CheckpointDiskFull(
+            f'No space left on the device to write the checkpoint {partial} '
+            f'({_megabytes(free)} free in {self.out_dir}; the part written '
+            f'is removed). A checkpoint is written whole before the one it '
+            f'replaces is deleted, so the disk needs room for two '
+            f'checkpoints: {each}. Free some space, then go on with '
+            f'--resume.')
+        full.errno = error.errno
+        return full
+
+    def before_train(self, runner) -> None:
+        """mmengine's; then the work_dir is held (one training at a time;
+        tools/train.py takes it before the Runner already; evaluations do
+        not take it) and, on a resumed training, the deletion the killed
+        one did not get to is done, and the parts killed writes left are
+        removed."""
+        super().before_train(runner)
+        self._locked = is_main_process() and lock_work_dir(runner.work_dir)
+        if not (self._local() and is_main_process()):
+            return
+        expired = runner.message_hub.get_info(_EXPIRED)
+        if (self.max_keep_ckpts > 0 and expired is not None
+                and expired not in self.keep_ckpt_ids):
+            self._delete_step(expired)
+        remove_partials(self.out_dir, runner.work_dir)
+
+    def after_train(self, runner) -> None:
+        super().after_train(runner)
+        if getattr(self, '_locked', False):
+            unlock_work_dir(runner.work_dir)
 
 
 def checkpoint_problem(path: str) -> Optional[str]:
@@ -134,14 +250,37 @@ def checkpoint_problem(path: str) -> Optional[str]:
     return None
 
 
+def _step(path: str) -> Optional[int]:
+    match = _STEP_CHECKPOINT.match(osp.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def _newer_than(named: str, steps: List[str]) -> Optional[str]:
+    """A whole checkpoint of ``steps`` written after ``named`` and of a
+    later step: a training killed after renaming it into place, before
+    updating ``last_checkpoint``. (An older leftover of a later step, from
+    a training started over, is not newer.)"""
+    named_step = _step(named)
+    if named_step is None:
+        return None
+    for path in steps:
+        step = _step(path)
+        if (step > named_step and osp.getmtime(path) > osp.getmtime(named)
+                and checkpoint_problem(path) is None):
+            return path
+    return None
+
+
 def latest_complete_checkpoint(work_dir: str) -> Optional[str]:
     """The newest whole checkpoint in ``work_dir``, saying which ones were
     skipped and why; None when there is none.
 
-    Candidates, in order: the file ``last_checkpoint`` names, then the
+    Candidates, in order: the file ``last_checkpoint`` names (unless a
+    whole checkpoint of a later step was written after it), then the
     ``epoch_N.pth`` / ``iter_N.pth`` files of ``work_dir``, newest first.
     """
     candidates: List[str] = []
+    named = None
     pointer = osp.join(work_dir, 'last_checkpoint')
     if osp.isfile(pointer):
         with open(pointer) as f:
@@ -152,13 +291,12 @@ def latest_complete_checkpoint(work_dir: str) -> Optional[str]:
             _say(f'--resume: {pointer} is empty (written when the training '
                  f'was killed?); looking for the newest complete checkpoint '
                  f'in {work_dir}')
+    steps: List[str] = []
     if osp.isdir(work_dir):
         steps = [osp.join(work_dir, name) for name in os.listdir(work_dir)
                  if _STEP_CHECKPOINT.match(name)]
-        candidates += sorted(
-            steps, reverse=True,
-            key=lambda p: (osp.getmtime(p), int(
-                _STEP_CHECKPOINT.match(osp.basename(p)).group(1))))
+        steps.sort(reverse=True, key=lambda p: (osp.getmtime(p), _step(p)))
+        candidates += steps
     seen = set()
     for path in candidates:
         if osp.abspath(path) in seen:
@@ -166,6 +304,13 @@ def latest_complete_checkpoint(work_dir: str) -> Optional[str]:
         seen.add(osp.abspath(path))
         problem = checkpoint_problem(path)
         if problem is None:
+            newer = _newer_than(path, steps) if path == named else None
+            if newer is not None:
+                _say(f'--resume: {newer} is whole and newer than {path}, '
+                     f'which {pointer} names (a training killed between '
+                     f'writing the one and updating the other): resuming '
+                     f'from {newer}')
+                return newer
             return path
         _say(f'--resume: skipped {path}: {problem}')
     return None

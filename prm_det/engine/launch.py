@@ -17,6 +17,7 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 
 from .configs import load_config_file, shipped_tool
+from .image_files import bad_images
 
 _URI = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')  # s3://, http://, ...
 
@@ -183,7 +184,7 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
             problems.append(f'{ann_path} lists no {key} {where}')
     if problems:
         return problems
-    classes = ((ds.get('metainfo') or {}).get('classes'))
+    classes = _classes(ds)
     if classes:
         names = {c.get('name') for c in coco['categories']
                  if isinstance(c, dict)}
@@ -192,8 +193,12 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
                 f'{ann_path}: none of the config\'s classes '
                 f'({_first(list(classes))}) is among its categories '
                 f'({_first(sorted(map(str, names)))}) {where}')
+        else:
+            _warn_dropped_categories(coco, classes, ann_path, loader)
     if img_path:
-        problems += _missing_images(coco, ann_path, img_path, loader)
+        missing = _missing_images(coco, ann_path, img_path, loader)
+        problems += missing or _unreadable_images(coco, ann_path, img_path,
+                                                  loader)
     annotations = coco.get('annotations') or []
     malformed = [a.get('id') if isinstance(a, dict) else a
                  for a in annotations
@@ -212,6 +217,79 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
                 f'ids: {_first(dropped)}',
                 logger='current', level=logging.WARNING)
     return problems
+
+
+def _classes(ds: dict) -> Optional[tuple]:
+    """The class names the dataset keeps: the config's
+    ``metainfo.classes``, else its dataset class's (CocoDataset: COCO's
+    80)."""
+    classes = (ds.get('metainfo') or {}).get('classes')
+    if classes:
+        return tuple(classes)
+    try:
+        from mmdet.registry import DATASETS
+        return tuple(DATASETS.get(ds.get('type', '')).METAINFO['classes'])
+    except (ImportError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def _warn_dropped_categories(coco: dict, classes: tuple, ann_path: str,
+                             loader: str) -> None:
+    """Warn about the boxes mmdet's ``CocoDataset`` drops for their
+    category: one whose name is not among the config's classes (it keeps
+    only the categories named there, by exact name), or a ``category_id``
+    no category defines; and about classes no category is named after."""
+    categories = {c.get('id'): c.get('name') for c in coco['categories']
+                  if isinstance(c, dict)}
+    names = set(categories.values())
+    kept = {cid for cid, name in categories.items() if name in classes}
+    counts: dict = {}
+    undefined: List = []
+    for ann in coco['annotations']:
+        cid = ann.get('category_id') if isinstance(ann, dict) else None
+        if cid not in categories:
+            undefined.append(ann.get('id') if isinstance(ann, dict) else ann)
+        elif cid not in kept:
+            counts[cid] = counts.get(cid, 0) + 1
+    total = len(coco['annotations'])
+    lines = []
+    if counts:
+        other = [f'{categories[cid]!r} (id {cid}, {n} boxes)'
+                 for cid, n in sorted(counts.items())]
+        lines.append(
+            f'{sum(counts.values())} of {total} boxes are of categories that '
+            f'are not among the config\'s classes, by exact name: '
+            f'{_first(other, 10)}; mmdet drops them from {loader}. Rename '
+            f'the category or list it in metainfo.classes.')
+    if undefined:
+        lines.append(
+            f'{len(undefined)} of {total} boxes have a category_id that no '
+            f'category defines; mmdet drops them from {loader}. Annotation '
+            f'ids: {_first(undefined)}')
+    absent = [c for c in classes if c not in names]
+    if absent:
+        lines.append(
+            f'the config\'s classes {_first([repr(c) for c in absent], 10)} '
+            f'are not among its categories '
+            f'({_first(sorted(map(repr, names)), 10)}): {loader} has no '
+            f'boxes of them.')
+    for line in lines:
+        print_log(f'{ann_path}: {line}', logger='current',
+                  level=logging.WARNING)
+
+
+def _unreadable_images(coco: dict, ann_path: str, img_path: str,
+                       loader: str) -> List[str]:
+    """Every image the annotation file lists that training could not read
+    (:func:`~prm_det.engine.image_files.image_problem`), one line each."""
+    files = [im.get('file_name', '') for im in coco['images']
+             if isinstance(im, dict)]
+    bad = bad_images(osp.join(img_path, name) for name in files)
+    if not bad:
+        return []
+    return [f'{ann_path} lists {len(files)} images; {len(bad)} of them '
+            f'cannot be read ({loader}.dataset.data_prefix); replace or '
+            f'remove them:'] + [f'  {path}: {why}' for path, why in bad]
 
 
 def _first(items: list, count: int = 5) -> str:
@@ -241,11 +319,13 @@ def invalid_dataset_files(cfg: Config, loaders: Iterable[str]) -> List[str]:
     the given dataloaders, which are all on disk: a file that is not JSON
     or not COCO, no images, no annotations (unless the evaluator only
     formats results), no category the config names, images that are not in
-    the folder. Boxes mmdet would drop are warned about.
+    the folder or that training could not read (each named). Boxes mmdet
+    would drop (degenerate, or of a category the config's classes do not
+    name) are warned about.
 
-    This reads each annotation file once more than mmdet will (COCO train
-    2017: some seconds), so that a bad file stops the tools before any
-    training, not inside a dataloader worker.
+    This reads each annotation file once more than mmdet will, and each
+    image's header (COCO train 2017: some seconds each), so that a bad file
+    stops the tools before any training, not inside a dataloader worker.
     """
     problems = []
     for loader, ds, ann_path, img_path in _dataset_paths(cfg, loaders):

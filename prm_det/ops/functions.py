@@ -59,8 +59,8 @@ def _run_block_tail(inputs: tuple, settings: dict) -> tuple:
 
 def check_batch_statistics(c: Tensor, training: bool) -> None:
     """As nn.BatchNorm2d (F.batch_norm): batch statistics of one value per
-    channel are refused."""
-    if training and c.numel() <= c.shape[1]:
+    channel are refused (an empty batch is not: it normalizes nothing)."""
+    if training and c.numel() == c.shape[1] > 0:
         raise ValueError(
             f'Expected more than 1 value per channel when training, got '
             f'input size {tuple(c.shape)}: use a batch of more than one '
@@ -135,7 +135,7 @@ def prm_block_tail(c: Tensor,
     if norm is not None:
         check_batch_statistics(c, norm.training)
     backend = backends.select(c, options)
-    if backend is None:
+    if backend is None or c.numel() == 0:  # an empty batch: nothing to fuse
         return _reference(c, norm, identity, relu, params, options)
     if identity is not None and identity.dtype != c.dtype:
         identity = identity.to(c.dtype)  # autocast: the map's dtype wins

@@ -89,3 +89,17 @@ def test_gpu_script_is_valid_bash():
                               capture_output=True, text=True, check=False)
         assert proc.returncode == 0, (script, proc.stderr)
         assert os.access(osp.join(REPO, script), os.X_OK), script
+
+
+def test_image_check_benchmark_reports_its_rate(tmp_path):
+    out = tmp_path / 'images.md'
+    proc = subprocess.run(
+        [sys.executable, 'benchmarks/bench_image_check.py', '--images', '20',
+         '--out', str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    assert '20 JPEGs of 640x480' in table
+    assert '| images | time (best of 2) | per image | COCO train 2017 ' \
+        '(118,287 images) at that rate |' in table
+    assert '| 20 | ' in table

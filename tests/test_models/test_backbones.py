@@ -484,3 +484,76 @@ def test_inference_leaves_a_hooked_conv_output_alone():
     (output, copy_at_hook), = kept
     assert torch.equal(output, copy_at_hook)
     torch.testing.assert_close(y_hooked, y, rtol=0, atol=0)
+
+
+BACKWARD_HOOKS = {
+    'full backward hook': lambda m, seen: m.register_full_backward_hook(
+        lambda mod, grad_in, grad_out: seen.append(grad_out[0].clone())),
+    'backward pre-hook': lambda m, seen: m.register_full_backward_pre_hook(
+        lambda mod, grad_out: seen.append(grad_out[0].clone())),
+}
+
+
+@pytest.mark.parametrize('depth, where', [(50, 'norm3'), (50, 'prm'),
+                                          (18, 'norm2'), (18, 'prm')])
+@pytest.mark.parametrize('kind', sorted(BACKWARD_HOOKS))
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_backward_hooks_on_the_last_norm_and_on_prm_fire(
+        depth, where, kind, mode):
+    """Gradient inspection hooks a block's last norm or its attention: the
+    hook fires once per backward and sees the gradient of the module's
+    output, as in a block that calls every module; the block's output and
+    its input's gradient are those of the unhooked block."""
+    torch.manual_seed(0)
+    model = small('PRMResNet', depth)
+    model.train(mode == 'train')
+    block = model.layer1[0]
+    module = getattr(block, where)
+    x = torch.randn(2, block.conv1.in_channels, 9, 11)
+
+    def run():
+        inp = x.clone().requires_grad_()
+        y = block(inp)
+        y.backward(torch.ones_like(y))
+        return y.detach(), inp.grad
+
+    y, grad = run()
+    seen = []
+    handle = BACKWARD_HOOKS[kind](module, seen)
+    y_hooked, grad_hooked = run()
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(y_hooked, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_hooked, grad, rtol=1e-4, atol=1e-5)
+    # the gradient of the module's output, kept by a forward hook (which
+    # the block honours already: it calls every module then)
+    kept = []
+
+    def keep(mod, args, out):
+        out.retain_grad()
+        kept.append(out)
+
+    handle = module.register_forward_hook(keep)
+    run()
+    handle.remove()
+    torch.testing.assert_close(seen[0], kept[0].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('type_', ['ResNet'] + BACKBONES)
+@pytest.mark.parametrize('depth', [18, 50])
+def test_an_empty_batch_trains_as_in_resnet(type_, depth):
+    """A batch of 0 images (a sampler's last, empty, batch): empty outputs
+    and gradients, as mmdet's ResNet, in training mode with the norms
+    training too."""
+    model = (MODELS.build(dict(type='ResNet', depth=depth, base_channels=16,
+                               norm_eval=False))
+             if type_ == 'ResNet' else small(type_, depth, norm_eval=False))
+    model.train()
+    x = torch.randn(0, 3, 64, 32, requires_grad=True)
+    outs = model(x)
+    expansion = 1 if depth < 50 else 4
+    assert [tuple(o.shape) for o in outs] == [
+        (0, 16 * expansion * 2**i, 64 // 2**(i + 2), 32 // 2**(i + 2))
+        for i in range(4)]
+    sum(o.sum() for o in outs).backward()
+    assert x.grad.shape == x.shape

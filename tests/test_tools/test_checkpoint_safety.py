@@ -10,15 +10,18 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import zipfile
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from mmdet.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from tool_runs import REPO, RETINA, tiny_options, tool_env
 
-from prm_det.engine.checkpoint import (TRUST_ENV, UntrustedCheckpoint,
+from prm_det.engine.checkpoint import (TRUST_ENV, IncompleteCheckpoint,
+                                       NotACheckpoint, UntrustedCheckpoint,
                                        load_checkpoint_file,
                                        runner_checkpoint_globals)
 
@@ -216,3 +219,104 @@ def test_official_prm_and_torchvision_formats_load(tmp_path):
     assert loaded['state_dict'].keys() == state.keys()
     assert CheckpointLoader.load_checkpoint(torchvision).keys() == \
         model.state_dict().keys()
+
+
+NUMPY_VALUES = {
+    'float32': np.float32(0.5), 'float16': np.float16(1.5),
+    'float64': np.float64(2.5), 'int8': np.int8(-3), 'int16': np.int16(-4),
+    'int32': np.int32(5), 'int64': np.int64(6), 'uint8': np.uint8(7),
+    'uint16': np.uint16(8), 'uint32': np.uint32(9), 'uint64': np.uint64(10),
+    'bool_': np.bool_(True), 'complex64': np.complex64(1 + 2j),
+    'complex128': np.complex128(3 - 4j), 'str_': np.str_('epoch'),
+    'bytes_': np.bytes_(b'raw'), 'datetime64': np.datetime64('2026-11-29'),
+    'timedelta64': np.timedelta64(3, 'h'),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(NUMPY_VALUES))
+def test_numpy_values_in_meta_load_as_data(kind, tmp_path, monkeypatch):
+    """A user's hook writes numpy scalars and arrays into the checkpoint's
+    meta: they load without the opt-in, equal to what was saved."""
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    value = NUMPY_VALUES[kind]
+    array = np.array([value, value])
+    path = str(tmp_path / f'{kind}.pth')
+    torch.save({'meta': {'scalar': value, 'array': array,
+                         'grid': np.stack([array, array])},
+                'state_dict': OrderedDict(w=torch.zeros(1))}, path)
+    meta = CheckpointLoader.load_checkpoint(path)['meta']
+    assert type(meta['scalar']) is type(value) and meta['scalar'] == value
+    assert meta['array'].dtype == array.dtype
+    np.testing.assert_array_equal(meta['array'], array)
+    assert meta['grid'].shape == (2, 2)
+
+
+def test_numpy_arrays_of_python_objects_are_refused(tmp_path, monkeypatch):
+    """An object array holds pickled objects of any kind: not data."""
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    path = str(tmp_path / 'objects.pth')
+    torch.save({'meta': {'a': np.array([{'k': 1}, None], dtype=object)}},
+               path)
+    with pytest.raises(UntrustedCheckpoint, match='ObjectDType'):
+        CheckpointLoader.load_checkpoint(path)
+
+
+def rewrite_zip(src, dst, edit):
+    """Copy the zip archive src to dst with edit(name, data) -> data."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, 'w') as zout:
+        for name in zin.namelist():
+            zout.writestr(name, edit(name, zin.read(name)))
+
+
+def test_unreadable_files_get_their_own_clear_errors(tmp_path, monkeypatch):
+    """A damaged archive (a tensor declared larger than its data), random
+    bytes and a plain pickle: each named and said for what it is, none
+    taken for an attack; the opt-in does not change that."""
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    good = str(tmp_path / 'good.pth')
+    torch.save({'state_dict': OrderedDict(w=torch.zeros(1000))}, good)
+    damaged = str(tmp_path / 'damaged.pth')
+    rewrite_zip(good, damaged, lambda name, data: data[:8]
+                if name.endswith('/data/0') else data)
+    random_file = str(tmp_path / 'random.pth')
+    with open(random_file, 'wb') as f:
+        f.write(np.random.default_rng(0).bytes(4096))
+    raw_pickle = str(tmp_path / 'raw.pkl')
+    with open(raw_pickle, 'wb') as f:
+        pickle.dump({'state_dict': {'w': [0.0] * 8}}, f)
+    for trust in ('0', '1'):
+        monkeypatch.setenv(TRUST_ENV, trust)
+        with pytest.raises(IncompleteCheckpoint) as info:
+            CheckpointLoader.load_checkpoint(damaged)
+        assert str(info.value).startswith(
+            f'The checkpoint {damaged} is damaged: a tensor it declares does '
+            f'not match the data stored for it (record size (8 bytes) does '
+            f'not match expected size (4000 bytes')
+        with pytest.raises(NotACheckpoint) as info:
+            CheckpointLoader.load_checkpoint(random_file)
+        assert str(info.value).startswith(
+            f'{random_file} is not a PyTorch checkpoint: its first bytes '
+            f'are ')
+        with pytest.raises(NotACheckpoint) as info:
+            CheckpointLoader.load_checkpoint(raw_pickle)
+        assert str(info.value).startswith(
+            f'{raw_pickle} is not a PyTorch checkpoint: a plain pickle '
+            f'(written by pickle.dump, not torch.save)')
+
+
+@pytest.mark.slow
+def test_test_py_names_a_file_that_is_not_a_checkpoint(tiny_data, tmp_path):
+    random_file = str(tmp_path / 'random.pth')
+    with open(random_file, 'wb') as f:
+        f.write(np.random.default_rng(0).bytes(4096))
+    proc = subprocess.run(
+        [sys.executable, osp.join(REPO, 'tools', 'test.py'),
+         osp.join(REPO, RETINA), random_file, '--work-dir',
+         str(tmp_path / 'work')] + tiny_options(tiny_data),
+        cwd=str(tmp_path), env=tool_env(), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode != 0
+    assert f'error: {random_file} is not a PyTorch checkpoint' in \
+        proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert 'could run code' not in proc.stderr

@@ -192,3 +192,97 @@ def test_test_py_refuses_another_models_checkpoint_unless_told(
     out, err = allowed.communicate(timeout=300)
     proc = subprocess.CompletedProcess([], allowed.returncode, out, err)
     assert len(parse_ap_table(ok(proc))) == 6
+
+
+def image(root, index):
+    return osp.join(root, 'train', f'{index:06d}.png')
+
+
+def damage_images(root):
+    """Four kinds of unreadable image, the ways they reach datasets; returns
+    {path: what the check must say}."""
+    import cv2
+    with open(image(root, 0), 'w') as f:
+        f.write('<html>404 Not Found</html>')
+    png = image(root, 1)
+    with open(png, 'rb') as f:
+        data = f.read()
+    with open(png, 'wb') as f:
+        f.write(data[:len(data) // 2])
+    # a JPEG (under a .png name: cv2 reads by content) cut inside its header
+    ok_, jpeg = cv2.imencode('.jpg', cv2.imread(image(root, 2)))
+    with open(image(root, 2), 'wb') as f:
+        f.write(jpeg.tobytes()[:100])
+    open(image(root, 3), 'w').close()
+    return {
+        image(root, 0): 'not an image: no image format starts with '
+                        "b'<html>40'",
+        png: 'a PNG file cut short or damaged (it cannot be decoded)',
+        image(root, 2): 'a JPEG file whose header is cut short or damaged',
+        image(root, 3): 'empty file (0 bytes)',
+    }
+
+
+def test_unreadable_images_stop_before_training_each_named(data):
+    bad = damage_images(data)
+    with pytest.raises(DatasetInvalid) as info:
+        check(data)
+    message = str(info.value)
+    assert (f'{train_json(data)} lists 8 images; 4 of them cannot be read '
+            f'(train_dataloader.dataset.data_prefix)') in message
+    for path, why in bad.items():
+        assert f'  {path}: {why}\n' in message + '\n', message
+
+
+@pytest.mark.slow
+def test_train_py_names_every_unreadable_image_before_training(data):
+    bad = damage_images(data)
+    proc = subprocess.run(
+        [sys.executable, osp.join(REPO, 'tools', 'train.py'),
+         osp.join(REPO, RETINA), '--work-dir', osp.join(data, 'work')] +
+        tiny_options(data),
+        cwd=data, env=tool_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr
+    assert 'Epoch(train)' not in proc.stdout
+    for path, why in bad.items():
+        assert f'{path}: {why}' in proc.stderr, proc.stderr[-3000:]
+
+
+def test_boxes_of_categories_the_config_does_not_name_are_counted(
+        data, monkeypatch):
+    """mmdet keeps the categories named in metainfo.classes, by exact name,
+    and drops the other boxes without a word: a renamed category and a
+    category_id no category defines are warned about, with counts."""
+    said = []
+    monkeypatch.setattr(launch, 'print_log',
+                        lambda msg, **kw: said.append(msg))
+    with open(train_json(data)) as f:
+        coco = json.load(f)
+    cross = next(c for c in coco['categories'] if c['name'] == 'cross')
+    crosses = sum(a['category_id'] == cross['id']
+                  for a in coco['annotations'])
+    assert crosses > 0
+
+    def edit(coco):
+        next(c for c in coco['categories']
+             if c['name'] == 'cross')['name'] = 'Cross'
+        coco['annotations'][0]['category_id'] = 99
+    edit_train_json(data, edit)
+    orphan = coco['annotations'][0]
+    crosses -= orphan['category_id'] == cross['id']
+    check(data)  # warnings, not errors
+    total = len(coco['annotations'])
+    assert said == [
+        f'{train_json(data)}: {crosses} of {total} boxes are of categories '
+        f'that are not among the config\'s classes, by exact name: '
+        f'\'Cross\' (id {cross["id"]}, {crosses} boxes); mmdet drops them '
+        f'from train_dataloader. Rename the category or list it in '
+        f'metainfo.classes.',
+        f'{train_json(data)}: 1 of {total} boxes have a category_id that no '
+        f'category defines; mmdet drops them from train_dataloader. '
+        f'Annotation ids: {orphan["id"]}',
+        f'{train_json(data)}: the config\'s classes \'cross\' are not among '
+        f'its categories (\'Cross\', \'ellipse\', \'rectangle\', '
+        f'\'triangle\'): train_dataloader has no boxes of them.',
+    ]

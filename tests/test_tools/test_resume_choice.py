@@ -42,15 +42,36 @@ def test_truncated_newest_and_empty_pointer_are_skipped(tmp_path, said):
 
 def test_the_pointer_comes_first_and_a_missing_target_is_skipped(tmp_path,
                                                                  said):
-    older = save(tmp_path / 'epoch_1.pth', 1, 1000)
-    save(tmp_path / 'epoch_2.pth', 2, 2000)
-    (tmp_path / 'last_checkpoint').write_text(older)
-    assert latest_complete_checkpoint(str(tmp_path)) == older
+    """last_checkpoint names epoch_1 of a training started over; epoch_2 of
+    the earlier one, written before it, is not taken."""
+    save(tmp_path / 'epoch_2.pth', 2, 1000)
+    newer = save(tmp_path / 'epoch_1.pth', 1, 2000)
+    (tmp_path / 'last_checkpoint').write_text(newer)
+    assert latest_complete_checkpoint(str(tmp_path)) == newer
     assert said == []
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'gone.pth'))
-    assert latest_complete_checkpoint(str(tmp_path)) == str(
-        tmp_path / 'epoch_2.pth')
+    assert latest_complete_checkpoint(str(tmp_path)) == newer
     assert said == [f'--resume: skipped {tmp_path}/gone.pth: no such file']
+
+
+def test_a_newer_whole_checkpoint_than_the_pointer_is_taken(tmp_path, said):
+    """A kill after epoch_2.pth was renamed into place, before
+    last_checkpoint was updated: the pointer names epoch_1, epoch_2 is whole
+    and newer. (A truncated newer one is not taken.)"""
+    older = save(tmp_path / 'epoch_1.pth', 1, 1000)
+    newer = save(tmp_path / 'epoch_2.pth', 2, 2000)
+    (tmp_path / 'last_checkpoint').write_text(older)
+    assert latest_complete_checkpoint(str(tmp_path)) == newer
+    assert said == [f'--resume: {newer} is whole and newer than {older}, '
+                    f'which {tmp_path}/last_checkpoint names (a training '
+                    f'killed between writing the one and updating the '
+                    f'other): resuming from {newer}']
+    with open(newer, 'r+b') as f:
+        f.truncate(osp.getsize(newer) // 3)
+    os.utime(newer, (2000, 2000))
+    said.clear()
+    assert latest_complete_checkpoint(str(tmp_path)) == older
+    assert said == []
 
 
 def test_a_damaged_record_fails_its_crc(tmp_path):

@@ -63,17 +63,20 @@ def _is_scratch(conv) -> bool:
     return not (conv._forward_hooks or _global_hooks())
 
 
-def _global_hooks() -> bool:
+def _global_hooks(*kinds: str) -> bool:
     module = nn.modules.module
-    return bool(getattr(module, '_global_forward_hooks', None)
-                or getattr(module, '_global_forward_pre_hooks', None))
+    return any(getattr(module, f'_global_{kind}_hooks', None)
+               for kind in kinds or ('forward', 'forward_pre'))
 
 
 def _hooked(module) -> bool:
-    """Whether a forward hook or pre-hook (the module's or a global one)
-    expects ``module`` to be called."""
+    """Whether a hook (the module's or a global one) expects ``module`` to
+    be called: forward hooks and pre-hooks, and backward hooks and
+    pre-hooks, which torch attaches to the tensors of a module's call."""
     return bool(module._forward_hooks or module._forward_pre_hooks
-                or _global_hooks())
+                or module._backward_hooks or module._backward_pre_hooks
+                or _global_hooks('forward', 'forward_pre', 'backward',
+                                 'backward_pre'))
 
 
 def _block_tail(block, plugin_names, out, norm, identity, relu,
@@ -85,8 +88,9 @@ def _block_tail(block, plugin_names, out, norm, identity, relu,
     the conv's output when it is scratch) or ``forward_residual`` (PRM: the
     add and the ReLU in its gating pass, two passes over the map fewer than
     mmdet's ``out += identity; relu(out)``). Where a hook sits on the norm
-    or the attention (feature capture, visualization), every module is
-    called as in a plain block, so the hooks fire."""
+    or the attention (feature capture, visualization, gradient
+    inspection: forward or backward hooks), every module is called as in a
+    plain block, so the hooks fire."""
     last = getattr(block, plugin_names[-1]) if plugin_names else None
     fuse = last is not None and not _hooked(last)
     if (fuse and len(plugin_names) == 1 and not _hooked(norm)
@@ -100,7 +104,12 @@ def _block_tail(block, plugin_names, out, norm, identity, relu,
         return last.forward_residual(out, identity)
     if last is not None:
         out = last(out)
-    out += identity
+    if _hooked(last if last is not None else norm):
+        # a hook may hold this output (a full backward hook wraps it, and
+        # torch refuses writes over it): add out of place
+        out = out + identity
+    else:
+        out += identity
     return relu(out)
 
 

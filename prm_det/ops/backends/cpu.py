@@ -6,18 +6,30 @@ one for BatchNorm's batch statistics in training) and three in backward,
 mostly from cache, against the dozens of eager passes torch ops need.
 BatchNorm is applied as the passes read the convolution's output, so its
 normalized map is never written, and its backward is fused in. It is built
-at first use (``make setup`` builds it once) with torch's C++ extension
-builder for the instruction set this CPU runs, so one cache may serve
-machines of different kinds. Where it cannot be built, :func:`available`
-is False (with a one-time warning naming the reason) and PRM runs on the
-``torch`` backend.
+at first use (``make setup`` builds it once, saying so) with torch's C++
+extension builder for the instruction set this CPU runs, so one cache may
+serve machines of different kinds. Where it cannot be built,
+:func:`available` is False (with a one-time warning naming the reason) and
+PRM runs on the ``torch`` backend.
+
+The build directory is one per source and toolchain (:func:`build_directory`:
+the sources' location and contents, the compiler, flags, torch and Python),
+so two checkouts or environments on one machine never rebuild each other's
+kernel. Builders of one directory take turns on an OS file lock, which the
+OS releases when its holder dies: a build killed half way leaves nothing
+that blocks the next one (torch's own ``lock`` file, which a kill leaves
+behind and every later build would wait on forever, is removed under it).
 """
 import contextlib
 import glob
+import hashlib
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
+import time
 import warnings
 from typing import Optional
 
@@ -26,6 +38,11 @@ from torch import Tensor
 
 from ..contract import (BatchNorm, Forward, Gradients, Needs, PRMOptions,
                         PRMParams, PRMState, Saved)
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: torch's lock file alone
+    fcntl = None
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), 'csrc')
@@ -36,14 +53,15 @@ _ISA_FLAGS = {
     'AVX2': ['-mavx2', '-mfma'],
 }
 DTYPES = (torch.float32, torch.float64)  # what the kernel computes in
+BUILD_TIME = '20-60 s'  # a first build on 2 cores, idle to busy
 
 _lock = threading.Lock()
 _state = {'loaded': None, 'error': None, 'warned': False}
 
 
-def sources() -> list:
+def sources(csrc: str = _CSRC) -> list:
     """The kernel's C++ sources (headers are found next to them)."""
-    return sorted(glob.glob(os.path.join(_CSRC, '*.cpp')))
+    return sorted(glob.glob(os.path.join(csrc, '*.cpp')))
 
 
 def _capability() -> str:
@@ -54,11 +72,73 @@ def _capability() -> str:
     return cap if cap in _ISA_FLAGS else 'DEFAULT'
 
 
-def extension_name() -> str:
+def _cflags() -> list:
+    # -fno-math-errno: lets loops with a square root vectorize (errno is
+    # never read here)
+    return ['-O3', '-fopenmp', '-fno-math-errno',
+            *_ISA_FLAGS.get(_capability(), [])]
+
+
+def compiler_identity() -> str:
+    """The C++ compiler torch's builder will call (``$CXX`` or ``c++``):
+    its resolved path and first line of ``--version``."""
+    cxx = os.environ.get('CXX', 'c++')
+    path = shutil.which(cxx)
+    if path is None:
+        return f'{cxx} (not found)'
+    try:
+        version = subprocess.run(
+            [path, '--version'], capture_output=True, text=True,
+            timeout=30).stdout.splitlines()[:1]
+    except (OSError, subprocess.SubprocessError):
+        version = []
+    return f'{os.path.realpath(path)} {" ".join(version)}'
+
+
+def build_key(csrc: str = _CSRC) -> str:
+    """A digest of what the built library depends on: where its sources
+    are and what they say, the compiler, flags, and the torch and Python it
+    is built against (version and location: each environment its own)."""
+    digest = hashlib.sha256()
+    for part in (os.path.realpath(csrc), compiler_identity(),
+                 ' '.join(_cflags()), torch.__version__,
+                 str(getattr(torch.version, 'git_version', '')),
+                 os.path.realpath(os.path.dirname(torch.__file__)),
+                 sys.version, os.path.realpath(sys.prefix)):
+        digest.update(part.encode() + b'\0')
+    for path in sorted(glob.glob(os.path.join(csrc, '*'))):
+        digest.update(os.path.basename(path).encode() + b'\0')
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def extension_name(csrc: str = _CSRC) -> str:
     """Name of the built library: instruction set and torch version in it,
-    so a shared cache never hands a machine code it cannot run."""
+    so a shared cache never hands a machine code it cannot run, and
+    :func:`build_key`, so each source and toolchain has its own."""
     version = re.sub(r'[^0-9a-zA-Z]+', '_', torch.__version__)
-    return f'prm_det_cpu_{_capability().lower()}_torch{version}'
+    return (f'prm_det_cpu_{_capability().lower()}_torch{version}_'
+            f'{build_key(csrc)}')
+
+
+def extensions_root() -> str:
+    """torch's extension cache: ``$TORCH_EXTENSIONS_DIR``, or
+    ``~/.cache/torch_extensions/py3X_<accelerator>``."""
+    from torch.utils import cpp_extension
+    root = os.environ.get('TORCH_EXTENSIONS_DIR')
+    if root is None:
+        accelerator = ('cu' + torch.version.cuda.replace('.', '')
+                       if torch.version.cuda else 'cpu')
+        root = os.path.join(
+            cpp_extension.get_default_build_root(),
+            f'py{sys.version_info.major}{sys.version_info.minor}'
+            f'{getattr(sys, "abiflags", "")}_{accelerator}')
+    return root
+
+
+def build_directory(csrc: str = _CSRC) -> str:
+    return os.path.join(extensions_root(), extension_name(csrc))
 
 
 @contextlib.contextmanager
@@ -75,22 +155,73 @@ def _venv_bin_on_path():
         os.environ['PATH'] = old
 
 
+def _say(message: str) -> None:
+    print(f'prm_det: {message}', file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def build_lock(directory: str):
+    """Hold ``directory``'s build lock: an OS file lock (``flock``) that the
+    OS releases when the holder exits or is killed. While it is held, a
+    ``lock`` file torch's builder left (a build killed before it could
+    remove it) is stale and removed: torch would wait on it forever."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, 'prm_det_build.lock')
+    with open(path, 'a+') as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or 'another process'
+                _say(f'waiting for {holder}, which is building the PRM CPU '
+                     f'kernel in {directory}')
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f'process {os.getpid()}')
+            handle.flush()
+        stale = os.path.join(directory, 'lock')
+        if fcntl is not None and os.path.exists(stale):
+            os.remove(stale)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                handle.seek(0)
+                handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _library(directory: str, name: str) -> str:
+    return os.path.join(directory, f'{name}.so')
+
+
 def build(verbose: bool = False) -> None:
     """Compile (or load from torch's extension cache) the kernel; raises on
-    failure. ``make setup`` calls this so the first training does not."""
+    failure. ``make setup`` calls this so the first training does not. A
+    first build says so before it starts and when it is done."""
     from torch.utils import cpp_extension
-    with _venv_bin_on_path():
+    name = extension_name()
+    directory = build_directory()
+    with build_lock(directory), _venv_bin_on_path():
+        fresh = not os.path.exists(_library(directory, name))
+        if fresh:
+            _say(f'compiling the PRM CPU kernel for this machine, once '
+                 f'({BUILD_TIME}; cached in {directory})')
+        start = time.monotonic()
         cpp_extension.load(
-            name=extension_name(),
+            name=name,
             sources=sources(),
             extra_include_paths=[_CSRC],
-            # -fno-math-errno: lets loops with a square root vectorize
-            # (errno is never read here)
-            extra_cflags=['-O3', '-fopenmp', '-fno-math-errno',
-                          *_ISA_FLAGS.get(_capability(), [])],
+            extra_cflags=_cflags(),
             extra_ldflags=['-fopenmp'],
+            build_directory=directory,
             is_python_module=False,
             verbose=verbose)
+        if fresh:
+            _say(f'PRM CPU kernel compiled in {time.monotonic() - start:.0f}'
+                 f' s')
 
 
 def available() -> bool:

@@ -1,0 +1,196 @@
+"""Remote checkpoints run no code either: torchvision://, http(s)://,
+open-mmlab:// and the hub cache go through the same data-only loading and
+opt-in as local files, and a published checkpoint's hash is checked, also
+in the cache (served from a local HTTP server: no network)."""
+import functools
+import hashlib
+import http.server
+import os
+import os.path as osp
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+
+import pytest
+import torch
+from mmdet.registry import MODELS
+from mmengine.runner.checkpoint import CheckpointLoader
+from tool_runs import REPO, RETINA, tiny_options, tool_env
+
+import prm_det.engine.remote_checkpoints as remote
+from prm_det.engine.checkpoint import TRUST_ENV, UntrustedCheckpoint
+from prm_det.engine.remote_checkpoints import ChecksumMismatch
+
+TORCHVISION_RESNET18 = 'resnet18-f37072fd.pth'
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {shlex.quote(self.marker)}', )
+
+
+def save_evil(path, marker):
+    torch.save({'state_dict': OrderedDict(w=torch.zeros(1)),
+                'meta': {'note': RunsCode(marker)}}, path)
+
+
+def hashed_name(path, stem):
+    """The file's published name: stem-<first 8 hex of its SHA-256>.pth."""
+    with open(path, 'rb') as f:
+        return f'{stem}-{hashlib.sha256(f.read()).hexdigest()[:8]}.pth'
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A folder served over HTTP on 127.0.0.1; returns (folder, base URL)."""
+    folder = tmp_path / 'served'
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """torch's hub cache in tmp_path (TORCH_HOME), no opt-in."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    cache.mkdir(parents=True)
+    return cache
+
+
+def test_a_payload_in_the_hub_cache_is_refused(hub, tmp_path):
+    """The README's offline advice puts a file in the hub cache: one that is
+    not the published file fails the hash check, through CheckpointLoader
+    and through a backbone's init_cfg, and runs nothing."""
+    marker = str(tmp_path / 'PWNED')
+    save_evil(str(hub / TORCHVISION_RESNET18), marker)
+    with pytest.raises(ChecksumMismatch) as info:
+        CheckpointLoader.load_checkpoint('torchvision://resnet18')
+    message = str(info.value)
+    assert f'{hub / TORCHVISION_RESNET18} is not the checkpoint published' \
+        in message
+    assert 'says its SHA-256 starts with f37072fd' in message
+    assert 'Delete it to download it again' in message
+    backbone = MODELS.build(dict(
+        type='PRMResNet', depth=18,
+        init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet18')))
+    with pytest.raises(ChecksumMismatch):
+        backbone.init_weights()
+    assert not osp.exists(marker)
+
+
+def test_http_checkpoints_load_as_data_with_the_same_opt_in(
+        hub, served, tmp_path, monkeypatch):
+    folder, base = served
+    marker = str(tmp_path / 'PWNED')
+    save_evil(str(folder / 'evil.pth'), marker)
+    url = f'{base}/evil.pth'
+    with pytest.raises(UntrustedCheckpoint) as info:
+        CheckpointLoader.load_checkpoint(url)
+    message = str(info.value)
+    assert (f'Refusing to load the checkpoint {hub / "evil.pth"} (from '
+            f'{url})') in message
+    assert 'posix.system' in message and '--trust-checkpoint' in message
+    assert not osp.exists(marker)
+    # the same file through open-mmlab:// (its table maps names to URLs)
+    monkeypatch.setattr(remote, 'get_external_models', lambda: {'x': url})
+    with pytest.raises(UntrustedCheckpoint):
+        CheckpointLoader.load_checkpoint('open-mmlab://x')
+    # and mmcls://
+    monkeypatch.setattr(remote, 'get_mmcls_models', lambda: {'x': url})
+    with pytest.raises(UntrustedCheckpoint):
+        CheckpointLoader.load_checkpoint('mmcls://x')
+    assert not osp.exists(marker)
+    # the opt-in is the same as for local files
+    monkeypatch.setenv(TRUST_ENV, '1')
+    CheckpointLoader.load_checkpoint(url)
+    assert osp.exists(marker)
+
+
+def test_a_published_checkpoint_is_downloaded_hash_checked_and_loaded(
+        hub, served, monkeypatch):
+    """A torchvision-style checkpoint whose name carries its hash: it
+    downloads into the hub cache and loads through torchvision://; swapped
+    for another file in the cache, it is refused."""
+    folder, base = served
+    weights = OrderedDict(w=torch.arange(6.).reshape(2, 3))
+    plain = folder / 'plain.pth'
+    torch.save(weights, plain)
+    name = hashed_name(plain, 'resnet18')
+    shutil.move(plain, folder / name)
+    monkeypatch.setattr(remote, 'torchvision_urls',
+                        lambda: {'resnet18': f'{base}/{name}'})
+    loaded = CheckpointLoader.load_checkpoint('torchvision://resnet18')
+    assert torch.equal(loaded['w'], weights['w'])
+    assert (hub / name).is_file()
+    # a bad download (the server sends another file) is not kept
+    torch.save(OrderedDict(w=torch.zeros(1)), folder / name)
+    os.remove(hub / name)
+    with pytest.raises(ChecksumMismatch, match=(
+            f'The file downloaded from {base}/{name} is not the checkpoint '
+            f'its name says .*invalid hash value.*; it was not kept')):
+        CheckpointLoader.load_checkpoint('torchvision://resnet18')
+    assert not (hub / name).exists()
+    # the cache is checked on every load
+    shutil.copy(folder / name, hub / name)
+    with pytest.raises(ChecksumMismatch):
+        CheckpointLoader.load_checkpoint('torchvision://resnet18')
+
+
+@pytest.mark.slow
+def test_train_py_refuses_remote_payloads(tiny_data, served, tmp_path):
+    """tools/train.py as users run it, the config's backbone starting from
+    torchvision://resnet18 with a payload in the hub cache, and from an
+    http:// URL serving one (the two side by side): both stop with the
+    reason and run nothing."""
+    folder, base = served
+    marker = str(tmp_path / 'PWNED')
+    hub = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    hub.mkdir(parents=True)
+    save_evil(str(hub / TORCHVISION_RESNET18), marker)
+    save_evil(str(folder / 'evil.pth'), marker)
+    env = tool_env(OMP_NUM_THREADS='1', TORCH_HOME=str(tmp_path /
+                                                       'torch_home'))
+    env.pop(TRUST_ENV, None)
+    procs = {}
+    for source in ('torchvision://resnet18', f'{base}/evil.pth'):
+        config = tmp_path / f'pretrained{len(procs)}.py'
+        config.write_text(
+            f'_base_ = {osp.join(REPO, RETINA)!r}\n'
+            f'model = dict(backbone=dict(init_cfg=dict(\n'
+            f'    _delete_=True, type=\'Pretrained\', checkpoint={source!r})))'
+            f'\n')
+        procs[source] = subprocess.Popen(
+            [sys.executable, osp.join(REPO, 'tools', 'train.py'),
+             str(config), '--work-dir', str(tmp_path / str(len(procs)))] +
+            tiny_options(tiny_data),
+            cwd=str(tmp_path), env=env, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+    for source, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0, (source, out[-2000:])
+        assert 'Traceback' not in err, err[-3000:]
+        assert 'Epoch(train)' not in out
+        if source.startswith('torchvision'):
+            assert f'{hub / TORCHVISION_RESNET18} is not the checkpoint ' \
+                'published' in err, err[-2000:]
+        else:
+            assert f'(from {source}): it contains posix.system' in err, \
+                err[-2000:]
+    assert not osp.exists(marker)
