@@ -174,3 +174,23 @@ def test_inductor_matches_eager_in_float64():
         assert_same_state(model, eager, 1e-9, 1e-9)
         model.zero_grad()
         eager.zero_grad()
+
+
+def test_torch_export_of_the_backbone_follows_the_input_size():
+    """torch.export takes the readable reference (standard ATen ops only,
+    the graph ONNX and other runtimes read) with dynamic height and width,
+    and the exported program computes what the eager backbone does."""
+    torch.manual_seed(0)
+    model = narrow('PRMResNet', stages=2)
+    model.eval()
+    program = torch.export.export(
+        model, (torch.randn(1, 3, 32, 48), ),
+        dynamic_shapes=({2: torch.export.Dim.DYNAMIC,
+                         3: torch.export.Dim.DYNAMIC}, ))
+    assert 'prm_det' not in str(program.graph)
+    exported = program.module()
+    with torch.no_grad():
+        for size in [(1, 3, 40, 24), (1, 3, 56, 72)]:
+            x = torch.randn(size)
+            for got, want in zip(exported(x), model(x)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
