@@ -92,7 +92,8 @@ def main(argv=None):
 
     steps, compile_s = {}, {}
     for name, cfg in MODELS_TO_TIME.items():
-        model = build_backbone(cfg, device).train()
+        model = build_backbone(cfg, device)
+        model.train()  # mmdet's ResNet.train() returns nothing to chain
         for mode in modes:
             step_model = copy.deepcopy(model)
             fn = compiled(step_model, mode)
@@ -116,7 +117,7 @@ def main(argv=None):
 
     base = statistics.median(times['ResNet-50', 'eager'])
     lines = [f'# torch.compile, training step at {b}x3x{h}x{w}',
-             '', f'Machine: {machine(device)}; torch {torch.__version__}; '
+             '', f'Machine: {machine(device)}; '
              f'{args.reps} interleaved repetitions, medians.', '',
              '| model | mode | step (ms) | vs eager ResNet-50 | '
              'vs its own eager | first steps incl. compile (s) |',

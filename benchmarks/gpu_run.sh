@@ -19,7 +19,10 @@
 #      bandwidth and the PRM tail's bandwidth limit; fp32, bf16, fp16.
 #   3. bench_backbones.py --device cuda --no-detector, fp32 / bf16 / fp16
 #      autocast, at 2x800x1216 and 32x224x224.
-#   4. tests/test_ops with TRITON_INTERPRET=1 (the CPU-tensor suite, as CI
+#   4. bench_compile.py: PRM-ResNet-50 and ResNet-50 training steps in
+#      eager mode and captured in CUDA graphs (torch.compile's
+#      reduce-overhead), the replay checked against eager first.
+#   5. tests/test_ops with TRITON_INTERPRET=1 (the CPU-tensor suite, as CI
 #      runs it: without it the suite's Triton cases refuse CPU tensors on a
 #      machine with CUDA), with what time is left.
 # Outputs: $OUT/summary.md (every table, in order), one .md and one .log per
@@ -49,6 +52,7 @@ if [ "$SMOKE" = 1 ]; then
     CUDA_TESTS_ENV=(PRM_DET_CUDA_TESTS_ON_CPU=1)
     CUDA_TESTS_ARGS=(-k 'golden or no_host or inference_written')
     TEST_OPS_ARGS=(-k 'golden_vectors_match_official')
+    COMPILE_ARGS=(--size 2x64x64 --reps 1 --modes eager default)
     CAPS=(300 300 300 300)
 else
     DEVICE=cuda
@@ -58,6 +62,8 @@ else
     CUDA_TESTS_ENV=()
     CUDA_TESTS_ARGS=()
     TEST_OPS_ARGS=()
+    # eager against CUDA graphs (compile's reduce-overhead), checked first
+    COMPILE_ARGS=(--size 2x800x1216 --reps 11 --modes eager reduce-overhead)
     CAPS=(150 120 270 120)  # seconds: tests, tail, backbones, test_ops
 fi
 
@@ -142,6 +148,9 @@ run_step backbones "${CAPS[2]}" "$PYTHON" benchmarks/bench_backbones.py \
     --device "$DEVICE" --no-detector "${BACKBONE_ARGS[@]}" \
     --out "$OUT/backbones.md"
 
+run_step compile 180 "$PYTHON" benchmarks/bench_compile.py \
+    --device "$DEVICE" "${COMPILE_ARGS[@]}" --out "$OUT/compile.md"
+
 if "$PYTHON" -c 'import pytest' 2>/dev/null; then
     run_step test_ops_interpreted "${CAPS[3]}" env TRITON_INTERPRET=1 \
         "$PYTHON" -m pytest tests/test_ops -q -x -p no:cacheprovider \
@@ -170,7 +179,7 @@ fi
             echo '```'
         fi
     done
-    for name in block_tail backbones; do
+    for name in block_tail backbones compile; do
         echo
         echo "## $name"
         echo
