@@ -9,17 +9,7 @@ import torch
 from prm_det.ops import BatchNorm, PRMOptions, PRMParams, prm_block_tail
 from prm_det.ops.functions import PRMFunction
 from prm_det.ops.library import forward_kwargs
-
-
-def params_for(groups, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return PRMParams(
-        torch.randn(1, groups, 1, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, generator=g, dtype=dtype),
-        torch.rand(1, 2, 1, 1, generator=g, dtype=dtype) + 0.1,
-        torch.rand(1, generator=g, dtype=dtype) + 0.5)
+from test_backends import params_for
 
 
 class Case(NamedTuple):
