@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 
-from prm_det.ops import BatchNorm, PRMOptions, PRMParams, prm_block_tail
+from prm_det.ops import BatchNorm, PRMOptions, prm_block_tail
 from prm_det.ops.functions import PRMFunction
 from prm_det.ops.library import forward_kwargs
 from test_backends import params_for
