@@ -8,9 +8,9 @@ custom op, ``prm_det::block_tail`` (:mod:`.library`), whose autograd calls
 ``block_tail_backward``: the backend runs once each way and the same state
 is saved for every backend (:class:`~prm_det.ops.contract.PRMState`).
 ``torch.compile`` traces the op; eager mode runs its implementation and
-autograd through :class:`PRMFunction`. In inference the result may go over
-``c`` (``block_tail_inplace``). Modes other than 'dotproduct', and
-exporting, take the readable reference.
+autograd through :class:`PRMFunction`; eager inference may write the
+result over ``c``. Modes other than 'dotproduct', and exporting, take the
+readable reference.
 """
 import contextlib
 from typing import Optional
@@ -144,11 +144,9 @@ def prm_block_tail(c: Tensor,
     inputs = (c, identity, *bn, *params)
     settings = library.forward_kwargs(norm, relu, options,
                                       backends.name_of(backend))
-    if inplace and not _needs_grad(*inputs):
-        (torch.ops.prm_det.block_tail_inplace
-         if torch.compiler.is_compiling() else
-         library.block_tail_inplace_impl)(*inputs, **settings)
-        return c
+    if (inplace and not torch.compiler.is_compiling()
+            and not _needs_grad(*inputs)):
+        return library.block_tail_over_c(*inputs, **settings)
     y, _, _, running_mean, running_var, *_ = _run_block_tail(inputs,
                                                              settings)
     if norm is not None and norm.training:  # as native_batch_norm would

@@ -1,9 +1,10 @@
 """PRM's block tail as PyTorch custom ops (``torch.library``), so that
-``torch.compile`` (``fullgraph=True``, dynamic sizes), CUDA graphs and
-``torch.export`` see one op with known outputs instead of Python they cannot
-follow.
+``torch.compile`` (``fullgraph=True``, dynamic sizes) and CUDA graphs see
+one op with known outputs instead of Python they cannot follow (exporting,
+``torch.export`` included, takes the readable reference composition: the
+standard ops other runtimes read).
 
-Three ops in the ``prm_det`` namespace (beside the CPU kernel's own):
+Two ops in the ``prm_det`` namespace (beside the CPU kernel's own):
 
 - ``prm_det::block_tail``: ``relu(prm(bn(c)) + identity)`` and the state
   backward needs. It is functional (torch.library registers autograd only
@@ -11,10 +12,7 @@ Three ops in the ``prm_det`` namespace (beside the CPU kernel's own):
   statistics, which :func:`prm_det.ops.prm_block_tail` copies into the
   module's buffers, a mutation the compiler sees. Its autograd is
   registered here and calls
-- ``prm_det::block_tail_backward``: every input gradient in one call;
-- ``prm_det::block_tail_inplace``: inference with the result written over
-  ``c`` (a convolution's fresh output that nothing else holds); ``c`` and
-  the running statistics are declared mutated.
+- ``prm_det::block_tail_backward``: every input gradient in one call.
 
 Each takes the backend by name (``cpu``, ``triton``, ``torch``), chosen
 before the call by :func:`prm_det.ops.backends.select`, so the op runs what
@@ -106,8 +104,8 @@ def _norm(has_norm: bool, weight, bias, running_mean, running_var,
 
 def forward_kwargs(norm: Optional[BatchNorm], relu: bool,
                    options: PRMOptions, backend: str) -> dict:
-    """The keyword-only settings of ``block_tail`` and
-    ``block_tail_inplace``."""
+    """The keyword-only settings of ``block_tail`` (and of
+    :func:`block_tail_over_c`)."""
     return dict(
         has_norm=norm is not None,
         bn_training=norm is not None and norm.training,
@@ -196,36 +194,27 @@ def _(c, identity, bn_weight, bn_bias, running_mean, running_var, weight,
     return _forward_outputs(c, norm, groups, backend)
 
 
-def block_tail_inplace_impl(c: Tensor, identity: Optional[Tensor],
-                       bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                       running_mean: Optional[Tensor],
-                       running_var: Optional[Tensor], weight: Tensor,
-                       bias: Tensor, one: Tensor, zero: Tensor, theta: Tensor,
-                       scale: Tensor, *, has_norm: bool, bn_training: bool,
-                       bn_momentum: float, bn_eps: float, relu: bool,
-                       groups: int, use_position: bool, use_norm: bool,
-                       normalized_positions: bool, eps: float,
-                       backend: str) -> None:
-    """``block_tail``'s output written over ``c`` (inference: no state)."""
+def block_tail_over_c(c: Tensor, identity: Optional[Tensor],
+                      bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      running_mean: Optional[Tensor],
+                      running_var: Optional[Tensor], weight: Tensor,
+                      bias: Tensor, one: Tensor, zero: Tensor, theta: Tensor,
+                      scale: Tensor, *, has_norm: bool, bn_training: bool,
+                      bn_momentum: float, bn_eps: float, relu: bool,
+                      groups: int, use_position: bool, use_norm: bool,
+                      normalized_positions: bool, eps: float,
+                      backend: str) -> Tensor:
+    """Eager inference's ``y``, written over ``c`` where the backend can
+    (a contiguous ``c`` that the identity does not share); no state. Not a
+    custom op: under torch.compile the compiler manages memory, and
+    ``block_tail`` runs."""
     norm = _norm(has_norm, bn_weight, bn_bias, running_mean, running_var,
                  bn_training, bn_momentum, bn_eps)
-    out = BACKENDS[backend].forward(
+    return BACKENDS[backend].forward(
         c, norm, identity, relu,
         PRMParams(weight, bias, one, zero, theta, scale),
         _options(groups, use_position, use_norm, normalized_positions, eps),
-        inplace=True)
-    if out.y.data_ptr() != c.data_ptr():  # the backend could not (layout)
-        c.copy_(out.y)
-
-
-block_tail_inplace = torch.library.custom_op(
-    'prm_det::block_tail_inplace',
-    mutates_args=('c', ) + _RUNNING)(block_tail_inplace_impl)
-
-
-@block_tail_inplace.register_fake
-def _(c, *args, **kwargs):
-    return None
+        inplace=True).y
 
 
 def _param_grad_defined(index: int, use_position: bool) -> bool:
