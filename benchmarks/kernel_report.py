@@ -85,6 +85,7 @@ COMBINED = {  # partials every program of a pair reads: scratch argument
     'fwd_out_kernel': ('sum_ptr', 'best_ptr', 'idx_ptr', 's_ptr'),
     'bwd_out_kernel': ('pair_ptr', 'chan_ptr'),
 }
+USED = {'pair_ptr': 17 / 32}  # of a scratch row, the part read
 # BatchNorm's partials, read by every program of every pair of a channel
 BN_PARTIALS = ('fwd_sums_kernel', 'fwd_stats_kernel', 'fwd_out_kernel')
 
@@ -165,7 +166,7 @@ def _bytes(launch):
     read = total(reads)
     splits = args.get('splits', 1)
     for name in COMBINED.get(launch.name, ()):
-        read += args[name].nbytes * splits
+        read += int(args[name].nbytes * USED.get(name, 1)) * splits
     if launch.name in BN_PARTIALS and args['BN_TRAIN']:
         read += args['bn_part_ptr'].nbytes * splits * args['B']
     return read, total(writes)

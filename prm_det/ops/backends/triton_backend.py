@@ -38,6 +38,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _state = {'kernels': None, 'error': None, 'broken': None}
 _recorders: List[Callable] = []  # record_launches' stack, innermost last
 _sm_counts = {}
+_arg_names = {}  # kernel -> its parameters' names
 
 
 def _kernels():
@@ -104,7 +105,10 @@ def record_launches() -> Iterator[List[Launch]]:
 def _launch(kernel, grid: Tuple[int, ...], num_warps: int, **args) -> None:
     """``kernel[grid](...)`` with the arguments the kernel takes out of
     ``args`` (the launchers pass one set of size arguments to all)."""
-    names = inspect.signature(kernel.fn).parameters
+    names = _arg_names.get(kernel)
+    if names is None:
+        names = _arg_names[kernel] = tuple(
+            inspect.signature(kernel.fn).parameters)
     args = {name: args[name] for name in names}
     if _recorders:
         _recorders[-1](Launch(kernel, kernel.fn.__name__, tuple(grid),
