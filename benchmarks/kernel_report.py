@@ -192,7 +192,8 @@ def _compile_key(launch, target):
                                             backend)
     bound, specialization, options = binder(**launch.args,
                                             num_warps=launch.num_warps)
-    key = repr((launch.name, capability, launch.num_warps,
+    key = repr((_triton_version(), launch.name, capability,
+                launch.num_warps,
                 [(s[0], s[1]) if s[0] != 'constexpr' else
                  ('constexpr', str(s[1])) for s in specialization]))
     return key, (backend, bound, specialization, options)

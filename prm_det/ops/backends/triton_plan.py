@@ -72,13 +72,17 @@ def prm_launch(shape: Tuple[int, int, int, int], groups: int, kind: str,
     block_p = max(16, min(next_power_of_2(positions),
                           max(1, tile // block_c)))
     g_block = max(1, tile // (block_c * block_p))
-    target = _target_programs(sms, warps)
+    tiles = cdiv(positions, block_p)
+    # as many programs as the GPU wants, but none with less than a tile's
+    # work: a small map is done in a few programs either way (and Triton's
+    # interpreter, which runs programs one by one, takes it the faster)
+    target = min(_target_programs(sms, warps),
+                 max(1, n * tiles // max(1, g_block)))
     # several pairs a program only while that leaves enough programs
     while g_block > 1 and cdiv(n, g_block) < target:
         g_block //= 2
     g_block = min(g_block, next_power_of_2(max(n, 1)))
     pair_blocks = cdiv(n, g_block)
-    tiles = cdiv(positions, block_p)
     wanted = max(1, min(tiles, cdiv(target, max(pair_blocks, 1))))
     chunk = cdiv(tiles, wanted) * block_p
     splits = max(1, cdiv(positions, chunk))
@@ -108,8 +112,10 @@ def channel_launch(shape: Tuple[int, int, int, int], acc_itemsize: int,
     block_p = max(16, min(next_power_of_2(positions), tile))
     block_ch = max(1, tile // block_p)
     channel_blocks = cdiv(ch, block_ch)
-    wanted = max(1, cdiv(_target_programs(sms, warps), channel_blocks))
     tiles = cdiv(positions, block_p)
+    # splits per channel block: enough programs, none under a tile's work
+    target = min(_target_programs(sms, warps), channel_blocks * tiles * b)
+    wanted = max(1, cdiv(target, channel_blocks))
     chunk = cdiv(tiles, max(1, min(tiles, wanted))) * block_p
     psplits = max(1, cdiv(positions, chunk))
     sample_splits = max(1, min(b, cdiv(wanted, psplits)))
