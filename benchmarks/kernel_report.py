@@ -356,7 +356,10 @@ def main(argv=None):
                     everything.append(r)
                     if r['spills'] or r['resident'] < args.min_warps:
                         failures.append(r)
+    command = ' '.join(['python benchmarks/kernel_report.py'] +
+                       (sys.argv[1:] if argv is None else list(argv)))
     header = ('# PRM Triton kernels compiled offline (kernel_report.py)\n\n'
+              f'`{command}`\n\n'
               f'triton {_triton_version()}, torch {torch.__version__}; '
               f'{len(memo)} distinct kernels compiled. Grids as the backend '
               'plans them for the target\'s SMs (sm_90a: an H100/H200\'s '
