@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU session for issue 13: PRM's Triton kernels checked and timed
-# on a lent H100/H200, in about 8 minutes, tables written under $OUT.
+# One-shot GPU session: PRM's Triton kernels checked and timed on a lent
+# H100/H200, in about 8 minutes, tables written under $OUT.
 #
 # Before (on the CPU machine, once per session): bash benchmarks/gpu_pack.sh
 #   (the GPU kit, the golden vectors and pytest's wheels into .gpu-kit/,
@@ -13,7 +13,11 @@
 #   1. tests/test_cuda: the Triton kernels compiled on the GPU against the
 #      reference (golden vectors, odd and detection-sized maps, fp64 / fp32 /
 #      bf16 / fp16, BatchNorm train and eval, channels_last, NaN, no host
-#      sync, a PRM-ResNet-50 in fp32 and bf16 autocast).
+#      sync, a PRM-ResNet-50 in fp32 and bf16 autocast) and deterministic
+#      (forward + backward twice at a detection stage map: the same bits).
+#   1b. kernel_bandwidth.py at 2x800x1216, fp32 and bf16: every kernel of a
+#      block tail timed alone, its achieved bandwidth against the bytes
+#      kernel_report.py counts and against the measured copy bandwidth.
 #   2. bench_block_tail.py --device cuda at 2x800x1216 (stage-1 map
 #      2x256x200x304): plain tail, PRM on triton and torch, the copy
 #      bandwidth and the PRM tail's bandwidth limit; fp32, bf16, fp16.
@@ -50,10 +54,10 @@ if [ "$SMOKE" = 1 ]; then
     BACKBONE_ARGS=(--sizes 2x64x64 --reps 1 --inference-reps 1
                    --precisions fp32 --only 'PRM-ResNet-50')
     CUDA_TESTS_ENV=(PRM_DET_CUDA_TESTS_ON_CPU=1)
-    CUDA_TESTS_ARGS=(-k 'golden or no_host or inference_written')
+    CUDA_TESTS_ARGS=(-k 'golden or no_host or inference_written or identical_bits')
     TEST_OPS_ARGS=(-k 'golden_vectors_match_official')
     COMPILE_ARGS=(--size 2x64x64 --reps 1 --modes eager default)
-    CAPS=(300 300 300 300)
+    CAPS=(300 300 300 300 0 300)
 else
     DEVICE=cuda
     TAIL_ARGS=(--size 2x800x1216 --reps 15 --precisions fp32 bf16 fp16)
@@ -62,9 +66,11 @@ else
     CUDA_TESTS_ENV=()
     CUDA_TESTS_ARGS=()
     TEST_OPS_ARGS=()
+    BANDWIDTH_ARGS=(--size 2x3x800x1216 --dtypes fp32 bf16 --reps 10)
     # eager against CUDA graphs (compile's reduce-overhead), checked first
     COMPILE_ARGS=(--size 2x800x1216 --reps 11 --modes eager reduce-overhead)
-    CAPS=(150 120 270 120)  # seconds: tests, tail, backbones, test_ops
+    # seconds: tests, tail, backbones, test_ops, kernel bandwidth, compile
+    CAPS=(150 100 240 120 90 150)
 fi
 
 left() { echo $((BUDGET - (SECONDS - START))); }
@@ -141,6 +147,14 @@ if "$PYTHON" -c 'import pytest' 2>/dev/null; then
         --durations=5 "${CUDA_TESTS_ARGS[@]}"
 fi
 
+if [ "$DEVICE" = cuda ]; then
+    run_step kernel_bandwidth "${CAPS[4]}" "$PYTHON" \
+        benchmarks/kernel_bandwidth.py "${BANDWIDTH_ARGS[@]}" \
+        --out "$OUT/kernel_bandwidth.md"
+else
+    echo "- kernel_bandwidth: skipped (CUDA only)" >> "$OUT/status.txt"
+fi
+
 run_step block_tail "${CAPS[1]}" "$PYTHON" benchmarks/bench_block_tail.py \
     --device "$DEVICE" "${TAIL_ARGS[@]}" --out "$OUT/block_tail.md"
 
@@ -148,7 +162,7 @@ run_step backbones "${CAPS[2]}" "$PYTHON" benchmarks/bench_backbones.py \
     --device "$DEVICE" --no-detector "${BACKBONE_ARGS[@]}" \
     --out "$OUT/backbones.md"
 
-run_step compile 180 "$PYTHON" benchmarks/bench_compile.py \
+run_step compile "${CAPS[5]}" "$PYTHON" benchmarks/bench_compile.py \
     --device "$DEVICE" "${COMPILE_ARGS[@]}" --out "$OUT/compile.md"
 
 if "$PYTHON" -c 'import pytest' 2>/dev/null; then
@@ -179,7 +193,7 @@ fi
             echo '```'
         fi
     done
-    for name in block_tail backbones compile; do
+    for name in kernel_bandwidth block_tail backbones compile; do
         echo
         echo "## $name"
         echo

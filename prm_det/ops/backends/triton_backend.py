@@ -4,24 +4,41 @@ The default on CUDA. It reads float16, bfloat16, float32 and float64 maps
 as they are (float32 accumulation, float64 for float64 maps), contiguous or
 channels_last, and keeps nothing but :class:`PRMState` between forward and
 backward. Besides the outputs, a call allocates only per-(sample, group)
-and per-channel values. Triton is imported at the first call, so
-``import prm_det`` does not need it; on a CPU tensor the kernels run through
-Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was
-imported (the tests do this).
+and per-channel values (each split's partial sums: see
+:mod:`.triton_plan`). Every reduction is two-level in a fixed order, so a
+call is deterministic: the same input gives the same bits.
+
+Triton is imported at the first call, so ``import prm_det`` does not need
+it; on a CPU tensor the kernels run through Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before triton was imported (the tests do
+this).
+
+Where Triton cannot compile or launch a kernel on the user's GPU (an
+architecture it does not support, no ptxas, out of resources), the backend
+warns once, naming the error, the GPU and ``PRM_DET_BACKEND=torch``, and
+runs every later call on the ``torch`` backend, which keeps the same state
+(a backward whose forward ran here included).
 """
+import contextlib
+import inspect
 import os
-from typing import Optional, Tuple
+import warnings
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..contract import (BatchNorm, Forward, Gradients, Needs, PRMOptions,
                         PRMParams, PRMState, Saved)
+from . import torch_ops, triton_plan
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# elements of one [channels, positions] tile: forward, backward
-_TILE = {'forward': 4096, 'backward': 2048}
-_state = {'kernels': None, 'error': None}
+# kernels: the module once imported (False: failed); error: why not;
+# broken: why the kernels failed on this machine (then torch ops run)
+_state = {'kernels': None, 'error': None, 'broken': None}
+_recorders: List[Callable] = []  # record_launches' stack, innermost last
+_sm_counts = {}
+_arg_names = {}  # kernel -> its parameters' names
 
 
 def _kernels():
@@ -54,6 +71,122 @@ def check(c: Tensor) -> Optional[str]:
             'interpreter (TRITON_INTERPRET=1, set before triton is imported)')
 
 
+# -- launching ---------------------------------------------------------------
+
+class Launch(NamedTuple):
+    """One kernel launch as the backend makes it: the kernel's name, its
+    grid and warps, and its arguments by name (tensors, ints, floats and
+    the constexprs)."""
+    kernel: object
+    name: str
+    grid: Tuple[int, ...]
+    num_warps: int
+    args: dict
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[List[Launch]]:
+    """Inside the block the backend records its launches instead of running
+    them (outputs and state are left unwritten): what
+    ``benchmarks/kernel_report.py`` compiles for a GPU target.
+
+    Example:
+        >>> with record_launches() as launches:  # doctest: +SKIP
+        ...     triton_backend.forward(c, None, None, False, params, options)
+    """
+    launches: List[Launch] = []
+    _recorders.append(launches.append)
+    try:
+        yield launches
+    finally:
+        _recorders.pop()
+
+
+def _launch(kernel, grid: Tuple[int, ...], num_warps: int, **args) -> None:
+    """``kernel[grid](...)`` with the arguments the kernel takes out of
+    ``args`` (the launchers pass one set of size arguments to all)."""
+    names = _arg_names.get(kernel)
+    if names is None:
+        names = _arg_names[kernel] = tuple(
+            inspect.signature(kernel.fn).parameters)
+    args = {name: args[name] for name in names}
+    if _recorders:
+        _recorders[-1](Launch(kernel, kernel.fn.__name__, tuple(grid),
+                              num_warps, args))
+        return
+    kernel[tuple(grid)](**args, num_warps=num_warps)
+
+
+def sm_count(device: torch.device) -> int:
+    """The GPU's SM count; :data:`triton_plan.SMS_ON_CPU` for CPU tensors."""
+    if device.type != 'cuda':
+        return triton_plan.SMS_ON_CPU
+    index = device.index if device.index is not None else \
+        torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(
+            index).multi_processor_count
+    return _sm_counts[index]
+
+
+# -- the safe fallback -------------------------------------------------------
+
+def _launch_errors() -> tuple:
+    """Triton's own errors of compiling and launching a kernel."""
+    errors = []
+    for module, name in (('triton.compiler.errors', 'CompilationError'),
+                         ('triton.runtime.errors', 'OutOfResources'),
+                         ('triton.runtime.errors', 'PTXASError'),
+                         ('triton.runtime.errors', 'TritonError'),
+                         ('triton.compiler.errors', 'TritonError')):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def _is_launch_failure(exc: Exception, c: Tensor) -> bool:
+    """A compile or launch failure the torch backend can stand in for:
+    Triton's errors, and on a GPU any error but running out of memory (a
+    driver's or ptxas' RuntimeError, a missing ptxas' OSError, an
+    unsupported architecture's). On CPU tensors the interpreter runs the
+    kernels as Python, where anything else is a bug to see."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if c.is_cuda:
+        return True
+    interpreted = type(exc).__name__ == 'InterpreterError'
+    return not interpreted and isinstance(exc, _launch_errors())
+
+
+def _device_name(c: Tensor) -> str:
+    if c.is_cuda:
+        major, minor = torch.cuda.get_device_capability(c.device)
+        return (f'{torch.cuda.get_device_name(c.device)} '
+                f'(sm_{major}{minor})')
+    return f'{c.device.type} (Triton interpreter)'
+
+
+def _give_up(exc: Exception, c: Tensor) -> None:
+    """Mark the kernels broken here and warn, once."""
+    if _state['broken'] is not None:
+        return
+    _state['broken'] = f'{type(exc).__name__}: {exc}'
+    warnings.warn(
+        f'PRM: the Triton kernels cannot run on {_device_name(c)}: '
+        f'{_state["broken"]}. PRM runs on the torch backend from now on '
+        f'(same results, slower). To choose it from the start and silence '
+        f'this: PRM_DET_BACKEND=torch.', RuntimeWarning, stacklevel=3)
+
+
+def broken_reason() -> Optional[str]:
+    """Why the kernels failed on this machine (None while they run)."""
+    return _state['broken']
+
+
+# -- the op -------------------------------------------------------------------
+
 def _acc(c: Tensor) -> torch.dtype:
     return torch.float64 if c.dtype == torch.float64 else torch.float32
 
@@ -76,38 +209,8 @@ def _flat(t: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), t.stride(3))
 
 
-def _blocks(cg: int, num_positions: int, tile: int) -> Tuple[int, int]:
-    import triton
-    block_c = triton.next_power_of_2(cg)
-    block_p = max(16, min(triton.next_power_of_2(num_positions),
-                          tile // block_c))
-    return block_c, block_p
-
-
-def _channel_tile(num_positions: int, tile: int = 1024) -> Tuple[int, int]:
-    """[channels, positions] tile of the per-channel BatchNorm kernels: one
-    channel per program on large maps, several on small ones."""
-    _, block_p = _blocks(1, num_positions, tile)
-    return max(1, tile // block_p), block_p
-
-
-def _prm_grid(c: Tensor, n: int, cg: int, num_positions: int,
-              tile: int) -> dict:
-    """Tile sizes and grid of the PRM kernels: a program takes as many
-    (sample, group) pairs as fill a tile when the maps are small, but on a
-    GPU no fewer programs than ~4 per SM remain (an SM runs several)."""
-    import triton
-    block_c, block_p = _blocks(cg, num_positions, tile)
-    g_block = max(1, tile // (block_c * block_p))
-    if c.is_cuda:
-        sms = torch.cuda.get_device_properties(c.device).multi_processor_count
-        g_block = min(g_block, max(1, n // (4 * sms)))
-    g_block = min(triton.next_power_of_2(g_block),
-                  triton.next_power_of_2(n))
-    g_block = 1 << (g_block.bit_length() - 1)  # a power of two, <= the cap
-    return dict(grid=(triton.cdiv(n, g_block), ),
-                meta=dict(n=n, G_BLOCK=g_block, BLOCK_C=block_c,
-                          BLOCK_P=block_p))
+def _strides(prefix: str, strides: Tuple[int, int, int]) -> dict:
+    return dict(zip((prefix + '_b', prefix + '_c', prefix + '_p'), strides))
 
 
 def _geometry(c: Tensor, options: PRMOptions) -> dict:
@@ -115,16 +218,24 @@ def _geometry(c: Tensor, options: PRMOptions) -> dict:
     _, ch, h, w = c.shape
     num_positions = h * w
     return dict(
-        groups=options.groups, cg=ch // options.groups, P=num_positions,
-        W=w, inv_p=1.0 / num_positions,
+        groups=options.groups, cg=ch // options.groups, C=ch,
+        P=num_positions, W=w, inv_p=1.0 / num_positions,
         inv_pm1=1.0 / max(num_positions - 1, 1),
         inv_hm1=1.0 / max(h - 1, 1), inv_wm1=1.0 / max(w - 1, 1),
-        eps=options.eps)
+        eps=options.eps, USE_POS=options.use_position,
+        USE_NORM=options.use_norm,
+        NORMALIZED=options.normalized_positions)
 
 
-def _flags(options: PRMOptions) -> dict:
-    return dict(USE_POS=options.use_position, USE_NORM=options.use_norm,
-                NORMALIZED=options.normalized_positions)
+def _prm_launch(c: Tensor, options: PRMOptions, kind: str):
+    launch = triton_plan.prm_launch(tuple(c.shape), options.groups, kind,
+                                    _acc(c).itemsize, sm_count(c.device))
+    meta = dict(chunk=launch.chunk, splits=launch.splits,
+                G_BLOCK=launch.g_block, BLOCK_C=launch.block_c,
+                BLOCK_P=launch.block_p,
+                SPLIT_BLOCK=triton_plan.next_power_of_2(launch.splits),
+                ACC=_tl_acc(c))
+    return launch, meta
 
 
 def _affine(norm: BatchNorm, mean: Tensor,
@@ -137,19 +248,31 @@ def _affine(norm: BatchNorm, mean: Tensor,
     return a, shift
 
 
-def _batch_statistics(c: Tensor, strides, norm: BatchNorm,
-                      acc: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Mean and 1/std over the batch and positions per channel; updates
-    the running statistics as ``native_batch_norm`` does."""
+def _batch_statistics_partials(c: Tensor, strides) -> dict:
+    """BatchNorm's batch statistics, first level: each split's mean and M2
+    per channel. The forward kernels merge them (second level) for their
+    own channels; these are the arguments that tell them how."""
     k = _kernels()
     b, ch, h, w = c.shape
-    count = b * h * w
-    mean = torch.empty(ch, dtype=acc, device=c.device)
-    var = torch.empty(ch, dtype=acc, device=c.device)
-    block_ch, block_p = _channel_tile(h * w)
-    k.channel_stats_kernel[(-(-ch // block_ch), )](
-        c, mean, var, ch, b, h * w, 1.0 / count, *strides,
-        BLOCK_CH=block_ch, BLOCK_P=block_p, ACC=_tl_acc(c))
+    acc = _acc(c)
+    plan = triton_plan.channel_launch(tuple(c.shape), acc.itemsize,
+                                      sm_count(c.device))
+    partial = torch.empty(plan.splits, 2, ch, dtype=acc, device=c.device)
+    sizes = dict(C=ch, B=b, P=h * w, psplits=plan.psplits,
+                 samples=plan.samples)
+    _launch(k.channel_partial_kernel, plan.grid, plan.num_warps, c_ptr=c,
+            part_ptr=partial, chunk=plan.chunk, **_strides('s', strides),
+            BLOCK_CH=plan.block_ch, BLOCK_P=plan.block_p, ACC=_tl_acc(c),
+            **sizes)
+    return dict(bn_part_ptr=partial, bn_chunk=plan.chunk,
+                bn_splits=plan.splits, B=b, psplits=plan.psplits,
+                samples=plan.samples,
+                BN_SPLIT_BLOCK=triton_plan.next_power_of_2(plan.splits))
+
+
+def _update_running(norm: BatchNorm, mean: Tensor, var: Tensor,
+                    count: int) -> None:
+    """The running statistics, as ``native_batch_norm`` updates them."""
     with torch.no_grad():
         momentum = norm.momentum
         if norm.running_mean is not None:
@@ -159,7 +282,6 @@ def _batch_statistics(c: Tensor, strides, norm: BatchNorm,
             unbiased = var * (count / max(count - 1, 1))
             norm.running_var.mul_(1 - momentum).add_(
                 unbiased.to(norm.running_var.dtype), alpha=momentum)
-    return mean, torch.rsqrt(var + norm.eps)
 
 
 def _norm_statistics(norm: BatchNorm, acc: torch.dtype, save_mean,
@@ -173,17 +295,53 @@ def _norm_statistics(norm: BatchNorm, acc: torch.dtype, save_mean,
 def forward(c: Tensor, norm: Optional[BatchNorm], identity: Optional[Tensor],
             relu: bool, params: PRMParams, options: PRMOptions,
             inplace: bool = False) -> Forward:
+    if _state['broken'] is None:
+        try:
+            return _forward(c, norm, identity, relu, params, options,
+                            inplace)
+        except Exception as exc:
+            if not _is_launch_failure(exc, c):
+                raise
+            _give_up(exc, c)
+    return torch_ops.forward(c, norm, identity, relu, params, options,
+                             inplace)
+
+
+def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
+    if _state['broken'] is None:
+        try:
+            return _backward(grad_y, saved, needs)
+        except Exception as exc:
+            if not _is_launch_failure(exc, saved.c):
+                raise
+            _give_up(exc, saved.c)
+    return torch_ops.backward(grad_y, saved, needs)
+
+
+def _forward(c: Tensor, norm: Optional[BatchNorm],
+             identity: Optional[Tensor], relu: bool, params: PRMParams,
+             options: PRMOptions, inplace: bool) -> Forward:
     k = _kernels()
     b, ch, h, w = c.shape
     n, cg = b * options.groups, ch // options.groups
     acc = _acc(c)
     c, strides = _flat(c)
-    save_mean = save_invstd = a = shift = None
-    if norm is not None:
-        if norm.training:
-            save_mean, save_invstd = _batch_statistics(c, strides, norm, acc)
-        a, shift = _affine(norm, *_norm_statistics(norm, acc, save_mean,
-                                                   save_invstd))
+    save_mean = save_invstd = a = shift = batch_var = None
+    bn_args = dict(bn_part_ptr=c, B=b, bn_chunk=1, psplits=1, samples=1,
+                   bn_splits=0, BN_SPLIT_BLOCK=1)  # unused without BN_TRAIN
+    bn_train = norm is not None and norm.training
+    if bn_train:
+        bn_args = _batch_statistics_partials(c, strides)
+        save_mean, batch_var, save_invstd = (
+            torch.empty(ch, dtype=acc, device=c.device) for _ in range(3))
+    elif norm is not None:
+        a, shift = _affine(norm, *_norm_statistics(norm, acc, None, None))
+    weight = bias = c  # unused without BN_TRAIN
+    if bn_train:
+        weight = norm.weight if norm.weight is not None else torch.ones(
+            ch, dtype=acc, device=c.device)
+        bias = norm.bias if norm.bias is not None else torch.zeros(
+            ch, dtype=acc, device=c.device)
     if identity is not None:
         identity, id_strides = _flat(identity)
     # inference may write over c: each value is read before it is written
@@ -199,31 +357,54 @@ def forward(c: Tensor, norm: Optional[BatchNorm], identity: Optional[Tensor],
             torch.empty(n, cg, dtype=acc, device=c.device),
             torch.empty(n, cg, dtype=acc, device=c.device),
             torch.empty(n, 2, dtype=acc, device=c.device))
-    if n == 0:
-        return Forward(y, save_mean, save_invstd, state)
-    launch = _prm_grid(c, n, cg, h * w, _TILE['forward'])
-    state_args = state if state is not None else (y, ) * 4  # unused
-    k.prm_forward_kernel[launch['grid']](
-        c, c if identity is None else identity, y,
-        c if a is None else a, c if shift is None else shift, *params,
-        *state_args, **_geometry(c, options), **dict(zip(
-            ('sx_b', 'sx_c', 'sx_p'), strides)),
-        **dict(zip(('si_b', 'si_c', 'si_p'),
-                   strides if identity is None else id_strides)),
-        **dict(zip(('sy_b', 'sy_c', 'sy_p'), y_strides)),
-        HAS_NORM=norm is not None, HAS_ID=identity is not None, RELU=relu,
-        KEEP_STATE=state is not None, ACC=_tl_acc(c), **launch['meta'],
-        **_flags(options))
+    if n > 0:
+        launch, meta = _prm_launch(c, options, 'forward')
+        splits = launch.splits
+        scratch = dict(
+            sum_ptr=torch.empty(n, splits, cg, dtype=acc, device=c.device),
+            best_ptr=torch.empty(n, splits, dtype=acc, device=c.device),
+            idx_ptr=torch.empty(n, splits, dtype=torch.int32,
+                                device=c.device),
+            s_ptr=torch.empty(n, splits, 2, dtype=acc, device=c.device))
+        state_args = state if state is not None else (y, ) * 4  # unused
+        args = dict(
+            x_ptr=c, id_ptr=c if identity is None else identity, y_ptr=y,
+            a_ptr=c if a is None else a,
+            shift_ptr=c if shift is None else shift,
+            lam_ptr=params.weight, xi_ptr=params.bias, beta_ptr=params.one,
+            alpha_ptr=params.zero, theta_ptr=params.theta,
+            sigma_ptr=params.scale,
+            **dict(zip(('qi_ptr', 'q_ptr', 'z_ptr', 'stats_ptr'),
+                       state_args)),
+            **bn_args, bn_weight_ptr=weight, bn_bias_ptr=bias,
+            bn_eps=norm.eps if norm is not None else 0.0,
+            save_mean_ptr=save_mean if bn_train else c,
+            save_var_ptr=batch_var if bn_train else c,
+            save_invstd_ptr=save_invstd if bn_train else c,
+            n=n, **scratch, **_geometry(c, options), **meta,
+            **_strides('sx', strides),
+            **_strides('si', strides if identity is None else id_strides),
+            **_strides('sy', y_strides),
+            HAS_NORM=norm is not None, BN_TRAIN=bn_train,
+            HAS_ID=identity is not None, RELU=relu,
+            KEEP_STATE=state is not None)
+        _launch(k.fwd_sums_kernel, launch.grid, launch.num_warps, **args)
+        if options.use_norm:
+            _launch(k.fwd_stats_kernel, launch.grid, launch.num_warps,
+                    **args)
+        _launch(k.fwd_out_kernel, launch.grid, launch.num_warps, **args)
+    if batch_var is not None:  # once every kernel is launched
+        _update_running(norm, save_mean, batch_var, b * h * w)
     return Forward(y, save_mean, save_invstd, state)
 
 
-def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
+def _backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
     k = _kernels()
     options, norm, params = saved.options, saved.norm, saved.params
     c, strides = _flat(saved.c)
     b, ch, h, w = c.shape
     groups = options.groups
-    n = b * groups
+    n, cg = b * groups, ch // groups
     acc = _acc(c)
     grad_y, g_strides = _flat(grad_y)
     y, y_strides = _flat(saved.y if saved.y is not None else grad_y)
@@ -241,29 +422,40 @@ def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
         grad_identity, d_strides = _flat(grad_identity)
     else:
         d_strides = o_strides
+    launch, meta = _prm_launch(c, options, 'backward')
+    splits = launch.splits
     partial = torch.zeros(n, 7, dtype=acc, device=c.device)
-    bn_sums = torch.zeros(b, 2, ch, dtype=acc, device=c.device) \
+    bn_sums = torch.zeros(b, splits, 2, ch, dtype=acc, device=c.device) \
         if norm is not None else partial
     if n > 0:
-        launch = _prm_grid(c, n, ch // groups, h * w, _TILE['backward'])
-        k.prm_backward_kernel[launch['grid']](
-            grad_y, y, c, *(c if t is None else t
-                            for t in (a, shift, mean, invstd)),
-            *params, *saved.state, grad_c,
-            grad_identity if write_identity else grad_c, partial, bn_sums,
-            C=ch, **_geometry(c, options),
-            **dict(zip(('sg_b', 'sg_c', 'sg_p'), g_strides)),
-            **dict(zip(('sy_b', 'sy_c', 'sy_p'), y_strides)),
-            **dict(zip(('sx_b', 'sx_c', 'sx_p'), strides)),
-            **dict(zip(('so_b', 'so_c', 'so_p'), o_strides)),
-            **dict(zip(('sd_b', 'sd_c', 'sd_p'), d_strides)),
+        args = dict(
+            gy_ptr=grad_y, y_ptr=y, x_ptr=c,
+            **{name: c if t is None else t for name, t in (
+                ('a_ptr', a), ('shift_ptr', shift), ('mean_ptr', mean),
+                ('invstd_ptr', invstd))},
+            lam_ptr=params.weight, xi_ptr=params.bias, beta_ptr=params.one,
+            alpha_ptr=params.zero, theta_ptr=params.theta,
+            sigma_ptr=params.scale,
+            **dict(zip(('qi_ptr', 'q_ptr', 'z_ptr', 'stats_ptr'),
+                       saved.state)),
+            pair_ptr=torch.empty(n, splits, 32, dtype=acc, device=c.device),
+            chan_ptr=torch.empty(n, splits, 6, cg, dtype=acc,
+                                 device=c.device),
+            gx_ptr=grad_c,
+            gid_ptr=grad_identity if write_identity else grad_c,
+            pgrad_ptr=partial, bn_sums_ptr=bn_sums, n=n,
+            **_geometry(c, options), **meta,
+            **_strides('sg', g_strides), **_strides('sy', y_strides),
+            **_strides('sx', strides), **_strides('so', o_strides),
+            **_strides('sd', d_strides),
             HAS_NORM=norm is not None,
             NORM_EVAL=norm is not None and not norm.training,
-            WRITE_ID=write_identity, RELU=saved.y is not None,
-            ACC=_tl_acc(c), **launch['meta'], **_flags(options))
+            WRITE_ID=write_identity, RELU=saved.y is not None)
+        _launch(k.bwd_sums_kernel, launch.grid, launch.num_warps, **args)
+        _launch(k.bwd_out_kernel, launch.grid, launch.num_warps, **args)
     grad_bn_weight = grad_bn_bias = None
     if norm is not None:
-        sum_gx, sum_gx_xhat = bn_sums.sum(0)  # [C] each
+        sum_gx, sum_gx_xhat = bn_sums.sum((0, 1))  # [C] each
         if norm.training and n > 0:
             # dL/dc = a (gx - mean(gx) - xhat mean(gx xhat)), xhat = (c -
             # mean) invstd: A gx + B c + K per channel
@@ -271,11 +463,13 @@ def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
             mg, mgx = sum_gx / count, sum_gx_xhat / count
             coef = torch.stack([a, -a * invstd * mgx,
                                 a * (mean * invstd * mgx - mg)])
-            block_ch, block_p = _channel_tile(h * w)
-            k.bn_backward_kernel[(b * -(-ch // block_ch),
-                                  -(-h * w // block_p))](
-                grad_c, c, coef, ch, h * w, *o_strides, *strides,
-                BLOCK_CH=block_ch, BLOCK_P=block_p, ACC=_tl_acc(c))
+            tiles = triton_plan.bn_backward_launch(tuple(c.shape),
+                                                   acc.itemsize)
+            _launch(k.bn_backward_kernel, tiles.grid, tiles.num_warps,
+                    gx_ptr=grad_c, c_ptr=c, coef_ptr=coef, C=ch, P=h * w,
+                    **_strides('s', o_strides), **_strides('sc', strides),
+                    BLOCK_CH=tiles.block_ch, BLOCK_P=tiles.block_p,
+                    ACC=_tl_acc(c))
         if needs.bn_weight:
             grad_bn_weight = sum_gx_xhat.to(norm.weight.dtype)
         if needs.bn_bias:

@@ -1,25 +1,35 @@
 """PRM's Triton kernels (dot-product mode), launched by :mod:`.triton_backend`.
 
-A program takes ``G_BLOCK`` (sample, group) pairs (one where the maps are
-large; several for small maps, so that a program has a tile's worth of
-work) and sweeps their [cg, P] blocks in chunks of positions, every channel
-of a position in one [G_BLOCK, BLOCK_C, BLOCK_P] tile, so S, the gate and
-every per-position gradient are made in registers and never stored:
+Every kernel runs on a 2-D grid: axis 0 takes ``G_BLOCK`` (sample, group)
+pairs (one where the maps are large; several for small maps, so that a
+program has a tile's worth of work), axis 1 a split of their positions, a
+contiguous chunk of ``chunk`` positions (a multiple of ``BLOCK_P``), so a
+detection batch's 2 x 64 pairs still give every SM several programs. A
+program sweeps its chunk in [G_BLOCK, BLOCK_C, BLOCK_P] tiles (every
+channel of a position in one tile), so S, the gate and every per-position
+gradient are made in registers and never stored:
 
-    forward    pass 1  channel sums -> query position (first argmax), means
-               pass 2  S for every position -> its mean and std (Chan)
-               pass 3  y = x * gate (+ identity, ReLU), written
-    backward   pass 1  dL/dgate, dL/dS's pieces: every sum backward needs,
-                       split by linearity so one sweep gives them all
-               pass 2  dL/dx (or BatchNorm's dL/dc) written
+    forward   fwd_sums    channel sums, first argmax of the channel sum
+              fwd_stats   S over the chunk -> its mean and M2 (Chan)
+              fwd_out     y = x * gate (+ identity, ReLU), written
+    backward  bwd_sums    dL/dgate, dL/dS's pieces: every sum backward needs,
+                          split by linearity so one sweep gives them all
+              bwd_out     dL/dx (or BatchNorm's dL/dc) written
+
+Every per-(sample, group) reduction is exact and two-level: a program writes
+its chunk's partial result into a small scratch ([pairs, splits, ...]) and
+the next kernel's programs each combine the partials of their pairs in
+split order (the same loop in every program, so every program gets the same
+bits): no atomics, the same input gives the same outputs run after run.
 
 With BatchNorm folded in, the passes read the convolution's output and
 apply the per-channel affine as they load (the normalized map is never
-written); its batch statistics come from :func:`channel_stats`. Maps are
-read in their own dtype (float16, bfloat16, float32, float64) and
-accumulated in ``ACC`` (float32, or float64 for float64 maps). Positions are
-addressed as ``p * stride_p``, which holds for contiguous and channels_last
-maps alike.
+written); its batch statistics are two-level in the same way: partials
+from :func:`channel_partial_kernel`, merged by every forward program for
+its own channels (no launch of a few programs for C values). Maps are read in
+their own dtype (float16, bfloat16, float32, float64) and accumulated in
+``ACC`` (float32, or float64 for float64 maps). Positions are addressed as
+``p * stride_p``, which holds for contiguous and channels_last maps alike.
 """
 import triton
 import triton.language as tl
@@ -28,6 +38,13 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _TINY_VAR = tl.constexpr(1e-30)  # as prm_det.ops.reference._TINY_VAR
 _TINY_STD = tl.constexpr(1e-15)
 _NEG_INF = tl.constexpr(float('-inf'))
+# backward's per-(sample, group) sums: (r, r * centred), then (r f, f,
+# centred f) for f in alpha, beta, theta_row, theta_col, sigma
+_PAIR_SUMS = tl.constexpr(17)
+_PAIR_STRIDE = tl.constexpr(32)  # their row in the scratch, padded
+# backward's per-channel sums: (r f, f, centred f) for f = D x (query) and
+# f = x (context)
+_CHANNEL_SUMS = tl.constexpr(6)
 
 
 @triton.jit
@@ -74,7 +91,7 @@ def _position(offs, qi, W, theta_row, theta_col, sigma, inv_hm1, inv_wm1,
 def _scores(x, q, z, offs, qi, W, alpha, beta, theta_row, theta_col, sigma,
             inv_hm1, inv_wm1, USE_POS: tl.constexpr,
             NORMALIZED: tl.constexpr, ACC: tl.constexpr):
-    """q . x_p, z . x_p, D_p and S_p, [G, P], for a chunk of positions."""
+    """q . x_p, z . x_p, D_p and S_p, [G, P], for a tile of positions."""
     sq = tl.sum(x * q[:, :, None], 1)
     sz = tl.sum(x * z[:, :, None], 1)
     if USE_POS:
@@ -87,13 +104,10 @@ def _scores(x, q, z, offs, qi, W, alpha, beta, theta_row, theta_col, sigma,
 
 
 @triton.jit
-def _program_groups(n, groups, cg, a_ptr, shift_ptr, lam_ptr, xi_ptr,
-                    beta_ptr, alpha_ptr, theta_ptr, sigma_ptr,
-                    HAS_NORM: tl.constexpr, G_BLOCK: tl.constexpr,
-                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """This program's (sample, group) pairs ([G]: row, mask, sample,
-    group), their channels ([G, C]: lanes, mask, index), BatchNorm's affine
-    on them and PRM's parameters (per pair, and theta and sigma)."""
+def _program_pairs(n, groups, cg, G_BLOCK: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """This program's (sample, group) pairs ([G]: row, mask, sample, group)
+    and their channels ([G, C]: lanes, mask, index)."""
     rows = tl.program_id(0) * G_BLOCK + tl.arange(0, G_BLOCK)
     rmask = rows < n
     sample = rows // groups
@@ -101,11 +115,98 @@ def _program_groups(n, groups, cg, a_ptr, shift_ptr, lam_ptr, xi_ptr,
     lanes = tl.arange(0, BLOCK_C)
     gcmask = rmask[:, None] & (lanes < cg)[None, :]
     chans = group[:, None] * cg + lanes[None, :]
+    return rows, rmask, sample, group, lanes, gcmask, chans
+
+
+@triton.jit
+def _chunk(P, chunk):
+    """The positions [lo, hi) of this program's split."""
+    lo = tl.program_id(1) * chunk
+    return lo, tl.minimum(lo + chunk, P)
+
+
+@triton.jit
+def _first_split(mask):
+    """``mask`` [G] where this program takes its pairs' first split.
+    (Broadcast by hand: Triton's interpreter makes a mask of another
+    dtype from ``mask & (tl.program_id(1) == 0)``.)"""
+    return mask & ((mask.to(tl.int32) * 0 + tl.program_id(1)) == 0)
+
+
+@triton.jit
+def _norm_affine(a_ptr, shift_ptr, chans, gcmask, G_BLOCK: tl.constexpr,
+                 BLOCK_C: tl.constexpr, HAS_NORM: tl.constexpr,
+                 ACC: tl.constexpr):
+    """BatchNorm as x = c * a + shift on the pairs' channels, [G, C]."""
     a = tl.zeros([G_BLOCK, BLOCK_C], ACC)
     shift = tl.zeros([G_BLOCK, BLOCK_C], ACC)
     if HAS_NORM:
         a = tl.load(a_ptr + chans, mask=gcmask, other=0.0).to(ACC)
         shift = tl.load(shift_ptr + chans, mask=gcmask, other=0.0).to(ACC)
+    return a, shift
+
+
+@triton.jit
+def _batch_statistics(part_ptr, chans, gcmask, C, B, P, chunk, psplits,
+                      samples, bn_splits, G_BLOCK: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BN_SPLIT_BLOCK: tl.constexpr,
+                      ACC: tl.constexpr):
+    """BatchNorm's batch statistics, second level: the partials of
+    :func:`channel_partial_kernel` ([bn_splits, 2, C]: mean and M2 of each
+    split) merged into each channel's mean and biased variance, [G, C]
+    (count-weighted mean; M2 = sum of M2 + sum of count * (mean_s -
+    mean)^2). The same reduction in every program merging a channel: the
+    same bits."""
+    split = tl.arange(0, BN_SPLIT_BLOCK)
+    smask = split < bn_splits
+    b0 = (split // psplits) * samples
+    lo = (split % psplits) * chunk
+    count = tl.where(smask, (tl.minimum(b0 + samples, B) - b0) *
+                     (tl.minimum(lo + chunk, P) - lo), 0).to(ACC)  # [S]
+    mask = smask[None, :, None] & gcmask[:, None, :]  # [G, S, C]
+    part = part_ptr + split[None, :, None] * 2 * C + chans[:, None, :]
+    split_mean = tl.load(part, mask=mask, other=0.0)
+    split_m2 = tl.load(part + C, mask=mask, other=0.0)
+    total = tl.sum(count, 0)
+    mean = tl.sum(split_mean * count[None, :, None], 1) / total
+    d = split_mean - mean[:, None, :]
+    m2 = tl.sum(split_m2 + d * d * count[None, :, None], 1)
+    return mean, m2 / total
+
+
+@triton.jit
+def _folded_norm(a_ptr, shift_ptr, part_ptr, weight_ptr, bias_ptr, chans,
+                 gcmask, C, B, P, bn_chunk, psplits, samples, bn_splits,
+                 bn_eps, G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                 HAS_NORM: tl.constexpr, BN_TRAIN: tl.constexpr,
+                 BN_SPLIT_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """BatchNorm as x = c * a + shift on the pairs' channels, [G, C], with
+    the batch mean and 1/std: from the batch statistics' partials when
+    BatchNorm trains (a = invstd * weight, shift = bias - mean * a), else
+    the a and shift given."""
+    if BN_TRAIN:
+        mean, var = _batch_statistics(part_ptr, chans, gcmask, C, B, P,
+                                      bn_chunk, psplits, samples, bn_splits,
+                                      G_BLOCK, BLOCK_C, BN_SPLIT_BLOCK, ACC)
+        invstd = 1.0 / tl.sqrt(var + bn_eps)
+        weight = tl.load(weight_ptr + chans, mask=gcmask, other=1.0).to(ACC)
+        bias = tl.load(bias_ptr + chans, mask=gcmask, other=0.0).to(ACC)
+        a = invstd * weight
+        shift = bias - mean * a
+    else:
+        a, shift = _norm_affine(a_ptr, shift_ptr, chans, gcmask, G_BLOCK,
+                                BLOCK_C, HAS_NORM, ACC)
+        mean = tl.zeros([G_BLOCK, BLOCK_C], ACC)
+        var = tl.zeros([G_BLOCK, BLOCK_C], ACC)
+        invstd = tl.zeros([G_BLOCK, BLOCK_C], ACC)
+    return a, shift, mean, var, invstd
+
+
+@triton.jit
+def _pair_params(group, rmask, lam_ptr, xi_ptr, beta_ptr, alpha_ptr,
+                 theta_ptr, sigma_ptr, ACC: tl.constexpr):
+    """PRM's parameters: per pair [G] (lambda, xi, beta, alpha), and theta
+    and sigma."""
     lam = tl.load(lam_ptr + group, mask=rmask, other=0.0).to(ACC)
     xi = tl.load(xi_ptr + group, mask=rmask, other=0.0).to(ACC)
     beta = tl.load(beta_ptr + group, mask=rmask, other=0.0).to(ACC)
@@ -113,93 +214,232 @@ def _program_groups(n, groups, cg, a_ptr, shift_ptr, lam_ptr, xi_ptr,
     theta_row = tl.load(theta_ptr).to(ACC)
     theta_col = tl.load(theta_ptr + 1).to(ACC)
     sigma = tl.load(sigma_ptr).to(ACC)
-    return (rows, rmask, sample, group, lanes, gcmask, chans, a, shift, lam,
-            xi, beta, alpha, theta_row, theta_col, sigma)
+    return lam, xi, beta, alpha, theta_row, theta_col, sigma
 
 
 @triton.jit
-def prm_forward_kernel(
-        x_ptr, id_ptr, y_ptr, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
-        alpha_ptr, theta_ptr, sigma_ptr, qi_ptr, q_ptr, z_ptr, stats_ptr,
-        n, groups, cg, P, W, inv_p, inv_pm1, inv_hm1, inv_wm1, eps,
-        sx_b, sx_c, sx_p, si_b, si_c, si_p, sy_b, sy_c, sy_p,
-        HAS_NORM: tl.constexpr, HAS_ID: tl.constexpr, RELU: tl.constexpr,
-        USE_POS: tl.constexpr, USE_NORM: tl.constexpr,
-        NORMALIZED: tl.constexpr, KEEP_STATE: tl.constexpr,
-        G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ACC: tl.constexpr):
-    (rows, rmask, sample, group, lanes, gcmask, chans, a, shift, lam, xi,
-     beta, alpha, theta_row, theta_col, sigma) = _program_groups(
-         n, groups, cg, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
-         alpha_ptr, theta_ptr, sigma_ptr, HAS_NORM, G_BLOCK, BLOCK_C, ACC)
-    x_base = sample.to(tl.int64) * sx_b  # [G]
+def _split_parts(rows, rmask, splits, SPLIT_BLOCK: tl.constexpr):
+    """Where the pairs' partials are: [G, S] indices into a [n, splits,
+    ...] scratch, and their mask."""
+    split = tl.arange(0, SPLIT_BLOCK)
+    part = rows[:, None] * splits + split[None, :]
+    return part, rmask[:, None] & (split < splits)[None, :]
 
-    # pass 1: channel sums -> first argmax; channel means
-    best = tl.full([G_BLOCK], _NEG_INF, ACC)
-    qi = tl.zeros([G_BLOCK], tl.int32)
-    total = tl.zeros([G_BLOCK, BLOCK_C], ACC)
-    for p0 in range(0, P, BLOCK_P):
-        offs = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs < P
-        mask = gcmask[:, :, None] & pmask[None, None, :]
-        x = _load_tile(x_ptr, x_base, chans, sx_c, offs, sx_p, mask, a,
-                       shift, HAS_NORM, ACC)
-        total += tl.sum(x, 2)
-        colsum = tl.where(pmask[None, :], tl.sum(x, 1), _NEG_INF)  # [G, P]
-        chunk_best = tl.max(colsum, 1)
-        chunk_qi = tl.argmax(colsum, 1).to(tl.int32) + p0
-        better = chunk_best > best  # strict: the first maximum wins
-        qi = tl.where(better, chunk_qi, qi)
-        best = tl.where(better, chunk_best, best)
+
+@triton.jit
+def _query_and_context(x_ptr, x_base, chans, sx_c, sx_p, a, shift, rows,
+                       rmask, lanes, gcmask, cg, inv_p, splits, sum_ptr,
+                       best_ptr, idx_ptr, G_BLOCK: tl.constexpr,
+                       BLOCK_C: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+                       HAS_NORM: tl.constexpr, ACC: tl.constexpr):
+    """fwd_sums' partials combined: the query position (the first maximum
+    of the channel sum: the lowest position among the splits' maxima that
+    equal the largest; a NaN split never wins, as in a sweep), the query
+    vector q and the channel means z."""
+    part, smask = _split_parts(rows, rmask, splits, SPLIT_BLOCK)  # [G, S]
+    total = tl.sum(tl.load(sum_ptr + part[:, :, None] * cg +
+                           lanes[None, None, :],
+                           mask=smask[:, :, None] & gcmask[:, None, :],
+                           other=0.0), 1)  # [G, C]
+    split_best = tl.load(best_ptr + part, mask=smask, other=_NEG_INF)
+    split_best = tl.where(split_best == split_best, split_best, _NEG_INF)
+    split_qi = tl.load(idx_ptr + part, mask=smask, other=0)
+    best = tl.max(split_best, 1)
+    qi = tl.min(tl.where(split_best == best[:, None], split_qi, 2147483647),
+                1)
     z = total * inv_p  # [G, C]
     q = tl.load(x_ptr + x_base[:, None] + chans * sx_c + qi[:, None] * sx_p,
                 mask=gcmask, other=0.0).to(ACC)
     if HAS_NORM:
         q = tl.where(gcmask, q * a + shift, 0.0)
+    return qi, q, z
 
-    # pass 2: S's mean and unbiased std (chunks merged as Chan et al.)
+
+@triton.jit
+def fwd_sums_kernel(
+        x_ptr, a_ptr, shift_ptr, sum_ptr, best_ptr, idx_ptr,
+        bn_part_ptr, bn_weight_ptr, bn_bias_ptr, C, B, bn_chunk, psplits,
+        samples, bn_splits, bn_eps,
+        save_mean_ptr, save_var_ptr, save_invstd_ptr,
+        n, groups, cg, P, chunk, splits, sx_b, sx_c, sx_p,
+        HAS_NORM: tl.constexpr, BN_TRAIN: tl.constexpr,
+        G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        SPLIT_BLOCK: tl.constexpr, BN_SPLIT_BLOCK: tl.constexpr,
+        ACC: tl.constexpr):
+    """Per (pair, split): the chunk's channel sums [cg] and the first
+    maximum of its channel sum over positions and where it is. When
+    BatchNorm trains, the programs of sample 0's split 0 write its batch
+    mean, variance and 1/std."""
+    rows, rmask, sample, group, lanes, gcmask, chans = _program_pairs(
+        n, groups, cg, G_BLOCK, BLOCK_C)
+    a, shift, bn_mean, bn_var, bn_invstd = _folded_norm(
+        a_ptr, shift_ptr, bn_part_ptr, bn_weight_ptr, bn_bias_ptr, chans,
+        gcmask, C, B, P, bn_chunk, psplits, samples, bn_splits, bn_eps,
+        G_BLOCK, BLOCK_C, HAS_NORM, BN_TRAIN, BN_SPLIT_BLOCK, ACC)
+    if BN_TRAIN:
+        first = gcmask & _first_split(sample == 0)[:, None]
+        tl.store(save_mean_ptr + chans, bn_mean, mask=first)
+        tl.store(save_var_ptr + chans, bn_var, mask=first)
+        tl.store(save_invstd_ptr + chans, bn_invstd, mask=first)
+    x_base = sample.to(tl.int64) * sx_b  # [G]
+    lo, hi = _chunk(P, chunk)
+    best = tl.full([G_BLOCK], _NEG_INF, ACC)
+    qi = tl.zeros([G_BLOCK], tl.int32)
+    total = tl.zeros([G_BLOCK, BLOCK_C], ACC)
+    for p0 in range(lo, hi, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs < hi
+        mask = gcmask[:, :, None] & pmask[None, None, :]
+        x = _load_tile(x_ptr, x_base, chans, sx_c, offs, sx_p, mask, a,
+                       shift, HAS_NORM, ACC)
+        total += tl.sum(x, 2)
+        colsum = tl.where(pmask[None, :], tl.sum(x, 1), _NEG_INF)  # [G, P]
+        tile_best = tl.max(colsum, 1)
+        tile_qi = tl.argmax(colsum, 1).to(tl.int32) + p0
+        better = tile_best > best  # strict: the first maximum wins
+        qi = tl.where(better, tile_qi, qi)
+        best = tl.where(better, tile_best, best)
+    part = rows * splits + tl.program_id(1)
+    tl.store(sum_ptr + part[:, None] * cg + lanes[None, :], total,
+             mask=gcmask)
+    tl.store(best_ptr + part, best, mask=rmask)
+    tl.store(idx_ptr + part, qi, mask=rmask)
+
+
+@triton.jit
+def fwd_stats_kernel(
+        x_ptr, a_ptr, shift_ptr, alpha_ptr, beta_ptr, theta_ptr, sigma_ptr,
+        sum_ptr, best_ptr, idx_ptr, s_ptr,
+        bn_part_ptr, bn_weight_ptr, bn_bias_ptr, C, B, bn_chunk, psplits,
+        samples, bn_splits, bn_eps,
+        n, groups, cg, P, W, chunk, splits, inv_p, inv_hm1, inv_wm1,
+        sx_b, sx_c, sx_p,
+        HAS_NORM: tl.constexpr, BN_TRAIN: tl.constexpr, USE_POS: tl.constexpr,
+        NORMALIZED: tl.constexpr, G_BLOCK: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        SPLIT_BLOCK: tl.constexpr, BN_SPLIT_BLOCK: tl.constexpr,
+        ACC: tl.constexpr):
+    """Per (pair, split): the mean and M2 of S over the chunk (tiles merged
+    as Chan et al.) into ``s_ptr`` [n, splits, 2]."""
+    rows, rmask, sample, group, lanes, gcmask, chans = _program_pairs(
+        n, groups, cg, G_BLOCK, BLOCK_C)
+    a, shift, bn_mean, bn_var, bn_invstd = _folded_norm(
+        a_ptr, shift_ptr, bn_part_ptr, bn_weight_ptr, bn_bias_ptr, chans,
+        gcmask, C, B, P, bn_chunk, psplits, samples, bn_splits, bn_eps,
+        G_BLOCK, BLOCK_C, HAS_NORM, BN_TRAIN, BN_SPLIT_BLOCK, ACC)
+    alpha = tl.load(alpha_ptr + group, mask=rmask, other=0.0).to(ACC)
+    beta = tl.load(beta_ptr + group, mask=rmask, other=0.0).to(ACC)
+    theta_row = tl.load(theta_ptr).to(ACC)
+    theta_col = tl.load(theta_ptr + 1).to(ACC)
+    sigma = tl.load(sigma_ptr).to(ACC)
+    x_base = sample.to(tl.int64) * sx_b
+    qi, q, z = _query_and_context(x_ptr, x_base, chans, sx_c, sx_p, a,
+                                  shift, rows, rmask, lanes, gcmask, cg,
+                                  inv_p, splits, sum_ptr, best_ptr, idx_ptr,
+                                  G_BLOCK, BLOCK_C, SPLIT_BLOCK, HAS_NORM,
+                                  ACC)
+    lo, hi = _chunk(P, chunk)
     mean = tl.zeros([G_BLOCK], ACC)
     m2 = tl.zeros([G_BLOCK], ACC)
     seen = tl.zeros([], ACC)
-    std = tl.full([G_BLOCK], 1.0, ACC)
+    for p0 in range(lo, hi, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs < hi
+        mask = gcmask[:, :, None] & pmask[None, None, :]
+        x = _load_tile(x_ptr, x_base, chans, sx_c, offs, sx_p, mask, a,
+                       shift, HAS_NORM, ACC)
+        _, _, _, s = _scores(x, q, z, offs, qi, W, alpha, beta, theta_row,
+                             theta_col, sigma, inv_hm1, inv_wm1, USE_POS,
+                             NORMALIZED, ACC)
+        count = tl.sum(pmask.to(ACC), 0)
+        tile_mean = tl.sum(tl.where(pmask[None, :], s, 0.0), 1) / count
+        d = tl.where(pmask[None, :], s - tile_mean[:, None], 0.0)
+        delta = tile_mean - mean
+        mean += delta * count / (seen + count)
+        m2 += tl.sum(d * d, 1) + delta * delta * seen * count / (seen + count)
+        seen += count
+    part = rows * splits + tl.program_id(1)
+    tl.store(s_ptr + 2 * part, mean, mask=rmask)
+    tl.store(s_ptr + 2 * part + 1, m2, mask=rmask)
+
+
+@triton.jit
+def _s_statistics(s_ptr, rows, rmask, P, chunk, splits, inv_pm1,
+                  SPLIT_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """fwd_stats' partials merged: S's mean (count-weighted) and unbiased
+    std (M2 = sum of M2 + sum of count * (mean_s - mean)^2) over all
+    positions."""
+    part, smask = _split_parts(rows, rmask, splits, SPLIT_BLOCK)  # [G, S]
+    split = tl.arange(0, SPLIT_BLOCK)
+    count = tl.where(split < splits, tl.minimum(chunk, P - split * chunk),
+                     0).to(ACC)  # [S]
+    split_mean = tl.load(s_ptr + 2 * part, mask=smask, other=0.0)
+    split_m2 = tl.load(s_ptr + 2 * part + 1, mask=smask, other=0.0)
+    mean = tl.sum(split_mean * count[None, :], 1) / P
+    d = split_mean - mean[:, None]
+    m2 = tl.sum(split_m2 + d * d * count[None, :], 1)
+    std = tl.sqrt(tl.maximum(m2 * inv_pm1, _TINY_VAR))
+    return mean, std
+
+
+@triton.jit
+def fwd_out_kernel(
+        x_ptr, id_ptr, y_ptr, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
+        alpha_ptr, theta_ptr, sigma_ptr, sum_ptr, best_ptr, idx_ptr, s_ptr,
+        qi_ptr, q_ptr, z_ptr, stats_ptr,
+        bn_part_ptr, bn_weight_ptr, bn_bias_ptr, C, B, bn_chunk, psplits,
+        samples, bn_splits, bn_eps,
+        n, groups, cg, P, W, chunk, splits, inv_p, inv_pm1, inv_hm1,
+        inv_wm1, eps, sx_b, sx_c, sx_p, si_b, si_c, si_p, sy_b, sy_c, sy_p,
+        HAS_NORM: tl.constexpr, BN_TRAIN: tl.constexpr, HAS_ID: tl.constexpr,
+        RELU: tl.constexpr,
+        USE_POS: tl.constexpr, USE_NORM: tl.constexpr,
+        NORMALIZED: tl.constexpr, KEEP_STATE: tl.constexpr,
+        G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        SPLIT_BLOCK: tl.constexpr, BN_SPLIT_BLOCK: tl.constexpr,
+        ACC: tl.constexpr):
+    """y = x * gate (+ identity, ReLU) over the chunk; split 0 also writes
+    the state backward reads."""
+    rows, rmask, sample, group, lanes, gcmask, chans = _program_pairs(
+        n, groups, cg, G_BLOCK, BLOCK_C)
+    a, shift, bn_mean, bn_var, bn_invstd = _folded_norm(
+        a_ptr, shift_ptr, bn_part_ptr, bn_weight_ptr, bn_bias_ptr, chans,
+        gcmask, C, B, P, bn_chunk, psplits, samples, bn_splits, bn_eps,
+        G_BLOCK, BLOCK_C, HAS_NORM, BN_TRAIN, BN_SPLIT_BLOCK, ACC)
+    lam, xi, beta, alpha, theta_row, theta_col, sigma = _pair_params(
+        group, rmask, lam_ptr, xi_ptr, beta_ptr, alpha_ptr, theta_ptr,
+        sigma_ptr, ACC)
+    x_base = sample.to(tl.int64) * sx_b
+    qi, q, z = _query_and_context(x_ptr, x_base, chans, sx_c, sx_p, a,
+                                  shift, rows, rmask, lanes, gcmask, cg,
+                                  inv_p, splits, sum_ptr, best_ptr, idx_ptr,
+                                  G_BLOCK, BLOCK_C, SPLIT_BLOCK, HAS_NORM,
+                                  ACC)
     if USE_NORM:
-        for p0 in range(0, P, BLOCK_P):
-            offs = p0 + tl.arange(0, BLOCK_P)
-            pmask = offs < P
-            mask = gcmask[:, :, None] & pmask[None, None, :]
-            x = _load_tile(x_ptr, x_base, chans, sx_c, offs, sx_p, mask, a,
-                           shift, HAS_NORM, ACC)
-            _, _, _, s = _scores(x, q, z, offs, qi, W, alpha, beta,
-                                 theta_row, theta_col, sigma, inv_hm1,
-                                 inv_wm1, USE_POS, NORMALIZED, ACC)
-            count = tl.sum(pmask.to(ACC), 0)
-            chunk_mean = tl.sum(tl.where(pmask[None, :], s, 0.0), 1) / count
-            d = tl.where(pmask[None, :], s - chunk_mean[:, None], 0.0)
-            delta = chunk_mean - mean
-            mean += delta * count / (seen + count)
-            m2 += tl.sum(d * d, 1) + delta * delta * seen * count / (seen +
-                                                                    count)
-            seen += count
-        var = m2 * inv_pm1
-        std = tl.sqrt(tl.maximum(var, _TINY_VAR))
+        mean, std = _s_statistics(s_ptr, rows, rmask, P, chunk, splits,
+                                  inv_pm1, SPLIT_BLOCK, ACC)
         gain = lam / (std + eps)
     else:
+        mean = tl.zeros([G_BLOCK], ACC)
+        std = tl.full([G_BLOCK], 1.0, ACC)
         gain = lam
 
     if KEEP_STATE:
-        tl.store(qi_ptr + rows, qi.to(tl.int64), mask=rmask)
+        first = _first_split(rmask)
+        tl.store(qi_ptr + rows, qi.to(tl.int64), mask=first)
         state = rows[:, None] * cg + lanes[None, :]
-        tl.store(q_ptr + state, q, mask=gcmask)
-        tl.store(z_ptr + state, z, mask=gcmask)
-        tl.store(stats_ptr + 2 * rows, mean, mask=rmask)
-        tl.store(stats_ptr + 2 * rows + 1, std, mask=rmask)
+        tl.store(q_ptr + state, q, mask=gcmask & first[:, None])
+        tl.store(z_ptr + state, z, mask=gcmask & first[:, None])
+        tl.store(stats_ptr + 2 * rows, mean, mask=first)
+        tl.store(stats_ptr + 2 * rows + 1, std, mask=first)
 
-    # pass 3: y = x * gate (+ identity, ReLU)
-    y_base = sample.to(tl.int64) * sy_b
-    id_base = sample.to(tl.int64) * si_b
-    for p0 in range(0, P, BLOCK_P):
+    s64 = sample.to(tl.int64)
+    y_base = s64 * sy_b
+    id_base = s64 * si_b
+    lo, hi = _chunk(P, chunk)
+    for p0 in range(lo, hi, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs < P
+        pmask = offs < hi
         mask = gcmask[:, :, None] & pmask[None, None, :]
         x = _load_tile(x_ptr, x_base, chans, sx_c, offs, sx_p, mask, a,
                        shift, HAS_NORM, ACC)
@@ -235,33 +475,10 @@ def _upstream(gy_ptr, gy_base, y_ptr, y_base, chans, offs, sg_c, sg_p, sy_c,
 
 
 @triton.jit
-def prm_backward_kernel(
-        gy_ptr, y_ptr, x_ptr, a_ptr, shift_ptr, mean_ptr, invstd_ptr,
-        lam_ptr, xi_ptr, beta_ptr, alpha_ptr, theta_ptr, sigma_ptr, qi_ptr,
-        q_ptr, z_ptr, stats_ptr,
-        gx_ptr, gid_ptr, pgrad_ptr, bn_sums_ptr,
-        n, groups, cg, C, P, W, inv_p, inv_pm1, inv_hm1, inv_wm1, eps,
-        sg_b, sg_c, sg_p, sy_b, sy_c, sy_p, sx_b, sx_c, sx_p,
-        so_b, so_c, so_p, sd_b, sd_c, sd_p,
-        HAS_NORM: tl.constexpr, NORM_EVAL: tl.constexpr,
-        WRITE_ID: tl.constexpr, RELU: tl.constexpr, USE_POS: tl.constexpr,
-        USE_NORM: tl.constexpr, NORMALIZED: tl.constexpr,
-        G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ACC: tl.constexpr):
-    """Writes dL/dx (dL/dc with BatchNorm in eval; dL/dx for BatchNorm in
-    training, which ``bn_backward_kernel`` turns into dL/dc), the masked
-    upstream gradient (the shortcut's) when asked, PRM's parameter
-    gradients of each (sample, group) into ``pgrad`` [n, 7] and, with
-    BatchNorm, the per-(sample, channel) sums of dL/dx and dL/dx * xhat
-    into ``bn_sums`` [b, 2, C]."""
-    (rows, rmask, sample, group, lanes, gcmask, chans, a, shift, lam, xi,
-     beta, alpha, theta_row, theta_col, sigma) = _program_groups(
-         n, groups, cg, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
-         alpha_ptr, theta_ptr, sigma_ptr, HAS_NORM, G_BLOCK, BLOCK_C, ACC)
-    s64 = sample.to(tl.int64)
-    x_base = s64 * sx_b
-    gy_base = s64 * sg_b
-    y_base = s64 * sy_b
+def _saved_state(qi_ptr, q_ptr, z_ptr, stats_ptr, rows, rmask, lanes,
+                 gcmask, cg, lam, eps, G_BLOCK: tl.constexpr,
+                 USE_NORM: tl.constexpr, ACC: tl.constexpr):
+    """Forward's state: qi, q, z, S's mean, 1 / (std + eps) and the gain."""
     qi = tl.load(qi_ptr + rows, mask=rmask, other=0).to(tl.int32)
     state = rows[:, None] * cg + lanes[None, :]
     q = tl.load(q_ptr + state, mask=gcmask, other=0.0).to(ACC)
@@ -272,12 +489,41 @@ def prm_backward_kernel(
         inv = 1.0 / (std + eps)
     else:
         inv = tl.full([G_BLOCK], 1.0, ACC)
-    gain = lam * inv
+    return qi, q, z, mean, std, inv, lam * inv
 
-    # pass 1. dL/dS_p = gain * r_p + k1 + k2 * (S_p - mean), with r the
-    # pre-sigmoid gradient and k1, k2 known only at the end; every sum
-    # backward needs is sum_p dL/dS_p f_p for some f, so it is kept as
-    # three sums (of r f, f and (S - mean) f) and combined afterwards.
+
+@triton.jit
+def bwd_sums_kernel(
+        gy_ptr, y_ptr, x_ptr, a_ptr, shift_ptr, lam_ptr, xi_ptr, beta_ptr,
+        alpha_ptr, theta_ptr, sigma_ptr, qi_ptr, q_ptr, z_ptr, stats_ptr,
+        pair_ptr, chan_ptr,
+        n, groups, cg, P, W, chunk, splits, inv_hm1, inv_wm1, eps,
+        sg_b, sg_c, sg_p, sy_b, sy_c, sy_p, sx_b, sx_c, sx_p,
+        HAS_NORM: tl.constexpr, RELU: tl.constexpr, USE_POS: tl.constexpr,
+        USE_NORM: tl.constexpr, NORMALIZED: tl.constexpr,
+        G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        ACC: tl.constexpr):
+    """Backward's first sweep over the chunk. dL/dS_p = gain * r_p + k1 +
+    k2 * (S_p - mean), with r the pre-sigmoid gradient and k1, k2 known
+    only once every position is seen; every sum backward needs is sum_p
+    dL/dS_p f_p for some f, so it is kept as three sums (of r f, f and
+    (S - mean) f): per pair into ``pair_ptr`` [n, splits, 32], per channel
+    into ``chan_ptr`` [n, splits, 6, cg]."""
+    rows, rmask, sample, group, lanes, gcmask, chans = _program_pairs(
+        n, groups, cg, G_BLOCK, BLOCK_C)
+    a, shift = _norm_affine(a_ptr, shift_ptr, chans, gcmask, G_BLOCK,
+                            BLOCK_C, HAS_NORM, ACC)
+    lam, xi, beta, alpha, theta_row, theta_col, sigma = _pair_params(
+        group, rmask, lam_ptr, xi_ptr, beta_ptr, alpha_ptr, theta_ptr,
+        sigma_ptr, ACC)
+    qi, q, z, mean, std, inv, gain = _saved_state(
+        qi_ptr, q_ptr, z_ptr, stats_ptr, rows, rmask, lanes, gcmask, cg, lam,
+        eps, G_BLOCK, USE_NORM, ACC)
+    s64 = sample.to(tl.int64)
+    x_base = s64 * sx_b
+    gy_base = s64 * sg_b
+    y_base = s64 * sy_b
+
     sum_r = tl.zeros([G_BLOCK], ACC)
     sum_rc = tl.zeros([G_BLOCK], ACC)
     # per channel, f = D_p x_cp (query) and x_cp (context)
@@ -287,8 +533,8 @@ def prm_backward_kernel(
     kz_r = tl.zeros([G_BLOCK, BLOCK_C], ACC)
     kz_1 = tl.zeros([G_BLOCK, BLOCK_C], ACC)
     kz_c = tl.zeros([G_BLOCK, BLOCK_C], ACC)
-    # per (sample, group), f = D sq (alpha), sz (beta), dS/dtheta_row,
-    # dS/dtheta_col, dS/dsigma
+    # per pair, f = D sq (alpha), sz (beta), dS/dtheta_row, dS/dtheta_col,
+    # dS/dsigma
     al_r = tl.zeros([G_BLOCK], ACC)
     al_1 = tl.zeros([G_BLOCK], ACC)
     al_c = tl.zeros([G_BLOCK], ACC)
@@ -305,9 +551,10 @@ def prm_backward_kernel(
     sm_1 = tl.zeros([G_BLOCK], ACC)
     sm_c = tl.zeros([G_BLOCK], ACC)
     inv_var = 1.0 / (sigma * sigma)
-    for p0 in range(0, P, BLOCK_P):
+    lo, hi = _chunk(P, chunk)
+    for p0 in range(lo, hi, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs < P
+        pmask = offs < hi
         mask = gcmask[:, :, None] & pmask[None, None, :]
         x = _load_tile(x_ptr, x_base, chans, sx_c, offs, sx_p, mask, a,
                        shift, HAS_NORM, ACC)
@@ -361,6 +608,94 @@ def prm_backward_kernel(
             sm_1 += tl.sum(f, 1)
             sm_c += tl.sum(f * centered, 1)
 
+    part = rows * splits + tl.program_id(1)
+    pp = pair_ptr + part * _PAIR_STRIDE
+    tl.store(pp, sum_r, mask=rmask)
+    tl.store(pp + 1, sum_rc, mask=rmask)
+    tl.store(pp + 2, al_r, mask=rmask)
+    tl.store(pp + 3, al_1, mask=rmask)
+    tl.store(pp + 4, al_c, mask=rmask)
+    tl.store(pp + 5, be_r, mask=rmask)
+    tl.store(pp + 6, be_1, mask=rmask)
+    tl.store(pp + 7, be_c, mask=rmask)
+    tl.store(pp + 8, tr_r, mask=rmask)
+    tl.store(pp + 9, tr_1, mask=rmask)
+    tl.store(pp + 10, tr_c, mask=rmask)
+    tl.store(pp + 11, tc_r, mask=rmask)
+    tl.store(pp + 12, tc_1, mask=rmask)
+    tl.store(pp + 13, tc_c, mask=rmask)
+    tl.store(pp + 14, sm_r, mask=rmask)
+    tl.store(pp + 15, sm_1, mask=rmask)
+    tl.store(pp + 16, sm_c, mask=rmask)
+    cp = chan_ptr + (part[:, None] * _CHANNEL_SUMS) * cg + lanes[None, :]
+    tl.store(cp, kq_r, mask=gcmask)
+    tl.store(cp + cg, kq_1, mask=gcmask)
+    tl.store(cp + 2 * cg, kq_c, mask=gcmask)
+    tl.store(cp + 3 * cg, kz_r, mask=gcmask)
+    tl.store(cp + 4 * cg, kz_1, mask=gcmask)
+    tl.store(cp + 5 * cg, kz_c, mask=gcmask)
+
+
+@triton.jit
+def _pair_sum(pair_ptr, part, smask, k: tl.constexpr):
+    """Sum ``k`` of bwd_sums' per-pair partials over the splits, [G]."""
+    return tl.sum(tl.load(pair_ptr + part * _PAIR_STRIDE + k, mask=smask,
+                          other=0.0), 1)
+
+
+@triton.jit
+def _channel_sum(chan_ptr, part, smask, lanes, gcmask, cg, k: tl.constexpr):
+    """Sum ``k`` of bwd_sums' per-channel partials over the splits,
+    [G, C]."""
+    return tl.sum(tl.load(chan_ptr + (part[:, :, None] * _CHANNEL_SUMS + k) *
+                          cg + lanes[None, None, :],
+                          mask=smask[:, :, None] & gcmask[:, None, :],
+                          other=0.0), 1)
+
+
+@triton.jit
+def _combined(pair_ptr, part, smask, k: tl.constexpr, gain, k1, k2):
+    """sum_p dL/dS_p f_p from the three sums of f (at k, k + 1, k + 2)."""
+    return (gain * _pair_sum(pair_ptr, part, smask, k) +
+            k1 * _pair_sum(pair_ptr, part, smask, k + 1) +
+            k2 * _pair_sum(pair_ptr, part, smask, k + 2))
+
+
+@triton.jit
+def bwd_out_kernel(
+        gy_ptr, y_ptr, x_ptr, a_ptr, shift_ptr, mean_ptr, invstd_ptr,
+        lam_ptr, xi_ptr, beta_ptr, alpha_ptr, theta_ptr, sigma_ptr, qi_ptr,
+        q_ptr, z_ptr, stats_ptr, pair_ptr, chan_ptr,
+        gx_ptr, gid_ptr, pgrad_ptr, bn_sums_ptr,
+        n, groups, cg, C, P, W, chunk, splits, inv_p, inv_pm1, inv_hm1,
+        inv_wm1, eps,
+        sg_b, sg_c, sg_p, sy_b, sy_c, sy_p, sx_b, sx_c, sx_p,
+        so_b, so_c, so_p, sd_b, sd_c, sd_p,
+        HAS_NORM: tl.constexpr, NORM_EVAL: tl.constexpr,
+        WRITE_ID: tl.constexpr, RELU: tl.constexpr, USE_POS: tl.constexpr,
+        USE_NORM: tl.constexpr, NORMALIZED: tl.constexpr,
+        G_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        SPLIT_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Writes dL/dx over the chunk (dL/dc with BatchNorm in eval; dL/dx for
+    BatchNorm in training, which ``bn_backward_kernel`` turns into dL/dc),
+    the masked upstream gradient (the shortcut's) when asked; split 0
+    writes PRM's parameter gradients of each pair into ``pgrad`` [n, 7];
+    with BatchNorm, each split its per-(sample, channel) sums of dL/dx and
+    dL/dx * xhat into ``bn_sums`` [b, splits, 2, C]."""
+    rows, rmask, sample, group, lanes, gcmask, chans = _program_pairs(
+        n, groups, cg, G_BLOCK, BLOCK_C)
+    a, shift = _norm_affine(a_ptr, shift_ptr, chans, gcmask, G_BLOCK,
+                            BLOCK_C, HAS_NORM, ACC)
+    lam, xi, beta, alpha, theta_row, theta_col, sigma = _pair_params(
+        group, rmask, lam_ptr, xi_ptr, beta_ptr, alpha_ptr, theta_ptr,
+        sigma_ptr, ACC)
+    qi, q, z, mean, std, inv, gain = _saved_state(
+        qi_ptr, q_ptr, z_ptr, stats_ptr, rows, rmask, lanes, gcmask, cg, lam,
+        eps, G_BLOCK, USE_NORM, ACC)
+
+    part, smask = _split_parts(rows, rmask, splits, SPLIT_BLOCK)  # [G, S]
+    sum_r = _pair_sum(pair_ptr, part, smask, 0)
+    sum_rc = _pair_sum(pair_ptr, part, smask, 1)
     grad_lam = inv * sum_rc  # sum_p r_p (S_p - mean) / (std + eps)
     if USE_NORM:
         k1 = -gain * sum_r * inv_p
@@ -372,20 +707,36 @@ def prm_backward_kernel(
     else:
         k1 = tl.zeros([G_BLOCK], ACC)
         k2 = tl.zeros([G_BLOCK], ACC)
-    grad_query = alpha[:, None] * (gain[:, None] * kq_r + k1[:, None] * kq_1 +
-                                   k2[:, None] * kq_c)  # [G, C]
-    grad_context = beta[:, None] * (gain[:, None] * kz_r +
-                                    k1[:, None] * kz_1 + k2[:, None] * kz_c)
+    first = _first_split(rmask)
     pg = pgrad_ptr + rows * 7
-    tl.store(pg, grad_lam, mask=rmask)
-    tl.store(pg + 1, sum_r, mask=rmask)
-    tl.store(pg + 2, gain * be_r + k1 * be_1 + k2 * be_c, mask=rmask)
-    tl.store(pg + 3, gain * al_r + k1 * al_1 + k2 * al_c, mask=rmask)
-    tl.store(pg + 4, gain * tr_r + k1 * tr_1 + k2 * tr_c, mask=rmask)
-    tl.store(pg + 5, gain * tc_r + k1 * tc_1 + k2 * tc_c, mask=rmask)
-    tl.store(pg + 6, gain * sm_r + k1 * sm_1 + k2 * sm_c, mask=rmask)
+    tl.store(pg, grad_lam, mask=first)
+    tl.store(pg + 1, sum_r, mask=first)
+    tl.store(pg + 2, _combined(pair_ptr, part, smask, 5, gain, k1,
+                               k2), mask=first)
+    tl.store(pg + 3, _combined(pair_ptr, part, smask, 2, gain, k1,
+                               k2), mask=first)
+    tl.store(pg + 4, _combined(pair_ptr, part, smask, 8, gain, k1,
+                               k2), mask=first)
+    tl.store(pg + 5, _combined(pair_ptr, part, smask, 11, gain, k1,
+                               k2), mask=first)
+    tl.store(pg + 6, _combined(pair_ptr, part, smask, 14, gain, k1,
+                               k2), mask=first)
+    grad_query = alpha[:, None] * (
+        gain[:, None] * _channel_sum(chan_ptr, part, smask, lanes, gcmask,
+                                     cg, 0) +
+        k1[:, None] * _channel_sum(chan_ptr, part, smask, lanes, gcmask, cg,
+                                   1) +
+        k2[:, None] * _channel_sum(chan_ptr, part, smask, lanes, gcmask, cg,
+                                   2))  # [G, C]
+    grad_context = beta[:, None] * (
+        gain[:, None] * _channel_sum(chan_ptr, part, smask, lanes, gcmask,
+                                     cg, 3) +
+        k1[:, None] * _channel_sum(chan_ptr, part, smask, lanes, gcmask, cg,
+                                   4) +
+        k2[:, None] * _channel_sum(chan_ptr, part, smask, lanes, gcmask, cg,
+                                   5))
 
-    # pass 2: dL/dx = g gate + dL/dS (alpha D q + beta z) + dL/dz / P
+    # dL/dx = g gate + dL/dS (alpha D q + beta z) + dL/dz / P
     # (+ dL/dq at the query position)
     if HAS_NORM:
         bn_mean = tl.load(mean_ptr + chans, mask=gcmask, other=0.0).to(ACC)
@@ -393,13 +744,18 @@ def prm_backward_kernel(
                             other=0.0).to(ACC)
     sum_gx = tl.zeros([G_BLOCK, BLOCK_C], ACC)
     sum_gx_xhat = tl.zeros([G_BLOCK, BLOCK_C], ACC)
+    s64 = sample.to(tl.int64)
+    x_base = s64 * sx_b
+    gy_base = s64 * sg_b
+    y_base = s64 * sy_b
     out_base = s64 * so_b
     gid_base = s64 * sd_b
     key_q = alpha[:, None] * q  # [G, C]
     key_z = beta[:, None] * z
-    for p0 in range(0, P, BLOCK_P):
+    lo, hi = _chunk(P, chunk)
+    for p0 in range(lo, hi, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs < P
+        pmask = offs < hi
         mask = gcmask[:, :, None] & pmask[None, None, :]
         x = _load_tile(x_ptr, x_base, chans, sx_c, offs, sx_p, mask, a,
                        shift, HAS_NORM, ACC)
@@ -421,6 +777,8 @@ def prm_backward_kernel(
                        grad_query[:, :, None], 0.0)
         gx = tl.where(mask, gx, 0.0)
         if HAS_NORM:
+            # xhat from x = c a + shift: (x - bias) / weight would need
+            # weight != 0; c is re-read instead (it is in L2 or cache)
             c = tl.load(x_ptr + x_base[:, None, None] +
                         chans[:, :, None] * sx_c + offs[None, None, :] * sx_p,
                         mask=mask, other=0.0).to(ACC)
@@ -438,39 +796,47 @@ def prm_backward_kernel(
                      chans[:, :, None] * sd_c + offs[None, None, :] * sd_p,
                      g.to(gid_ptr.dtype.element_ty), mask=mask)
     if HAS_NORM:
-        sums = bn_sums_ptr + s64[:, None] * 2 * C + chans
+        sums = (bn_sums_ptr + (s64[:, None] * splits + tl.program_id(1)) * 2 *
+                C + chans)
         tl.store(sums, sum_gx, mask=gcmask)
         tl.store(sums + C, sum_gx_xhat, mask=gcmask)
 
 
 @triton.jit
-def channel_stats_kernel(c_ptr, mean_ptr, var_ptr, C, B, P, inv_count, s_b,
-                         s_c, s_p, BLOCK_CH: tl.constexpr,
-                         BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    """BatchNorm's batch statistics: the mean and the biased variance of
-    BLOCK_CH channels over the batch and the positions (Chan)."""
+def channel_partial_kernel(c_ptr, part_ptr, C, B, P, chunk, psplits,
+                           samples, s_b, s_c, s_p, BLOCK_CH: tl.constexpr,
+                           BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """BatchNorm's batch statistics, first level: program (i, j) takes
+    BLOCK_CH channels of split j = (samples block, positions chunk) and
+    writes their mean and M2 (Chan) into ``part_ptr`` [splits, 2, C]."""
     chans = tl.program_id(0) * BLOCK_CH + tl.arange(0, BLOCK_CH)
     cmask = chans < C
+    split = tl.program_id(1)
+    b0 = (split // psplits) * samples
+    lo = (split % psplits) * chunk
+    hi = tl.minimum(lo + chunk, P)
     mean = tl.zeros([BLOCK_CH], ACC)
     m2 = tl.zeros([BLOCK_CH], ACC)
     seen = tl.zeros([], ACC)
-    for i in range(0, B):
-        for p0 in range(0, P, BLOCK_P):
+    for k in range(0, tl.minimum(samples, B - b0)):
+        sample_base = (b0 + k).to(tl.int64) * s_b
+        for p0 in range(lo, hi, BLOCK_P):
             offs = p0 + tl.arange(0, BLOCK_P)
-            pmask = offs < P
+            pmask = offs < hi
             mask = cmask[:, None] & pmask[None, :]
-            v = tl.load(c_ptr + i * s_b + chans[:, None] * s_c +
+            v = tl.load(c_ptr + sample_base + chans[:, None] * s_c +
                         offs[None, :] * s_p, mask=mask, other=0.0).to(ACC)
             count = tl.sum(pmask.to(ACC), 0)
-            chunk_mean = tl.sum(v, 1) / count
-            d = tl.where(mask, v - chunk_mean[:, None], 0.0)
-            delta = chunk_mean - mean
+            tile_mean = tl.sum(v, 1) / count
+            d = tl.where(mask, v - tile_mean[:, None], 0.0)
+            delta = tile_mean - mean
             mean += delta * count / (seen + count)
             m2 += tl.sum(d * d, 1) + delta * delta * seen * count / (seen +
                                                                     count)
             seen += count
-    tl.store(mean_ptr + chans, mean, mask=cmask)
-    tl.store(var_ptr + chans, m2 * inv_count, mask=cmask)
+    out = part_ptr + split * 2 * C + chans
+    tl.store(out, mean, mask=cmask)
+    tl.store(out + C, m2, mask=cmask)
 
 
 @triton.jit
