@@ -12,6 +12,7 @@ from prm_det.ops import BatchNorm, PRMOptions, PRMParams, prm_block_tail
 from prm_det.ops import use_backend
 from prm_det.ops.backends import torch_ops, triton_backend, triton_plan
 from prm_det.ops.contract import Needs, Saved
+from test_backends import params_for
 
 # PRM-ResNet-50's block tails at 2x3x800x1216 (64 heads): the stage maps
 DETECTION_STAGES = [(2, 256, 200, 304), (2, 512, 100, 152),
@@ -19,17 +20,6 @@ DETECTION_STAGES = [(2, 256, 200, 304), (2, 512, 100, 152),
 # a map small enough for the interpreter that still splits its positions
 # (2 forward splits, 5 backward, 2 for BatchNorm's statistics)
 SPLIT_SHAPE, SPLIT_GROUPS = (2, 8, 24, 24), 2
-
-
-def make_params(groups, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return PRMParams(
-        torch.randn(1, groups, 1, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, generator=g, dtype=dtype),
-        torch.rand(1, 2, 1, 1, generator=g, dtype=dtype) + 0.1,
-        torch.rand(1, generator=g, dtype=dtype) + 0.5)
 
 
 def make_norm(channels, dtype, training=True):
@@ -105,7 +95,7 @@ def _tail_on(backend, dtype=torch.float64, norm_training=True,
     c.requires_grad_()
     identity = torch.randn(SPLIT_SHAPE, dtype=dtype, requires_grad=True)
     params = PRMParams(*(p.requires_grad_()
-                         for p in make_params(SPLIT_GROUPS, dtype)))
+                         for p in params_for(SPLIT_GROUPS, dtype)))
     norm = make_norm(SPLIT_SHAPE[1], dtype, norm_training)
     norm = norm._replace(weight=norm.weight.requires_grad_(),
                          bias=norm.bias.requires_grad_())
@@ -173,7 +163,7 @@ def _tail_inputs(dtype=torch.float32):
     torch.manual_seed(1)
     c = torch.randn(2, 8, 6, 5, dtype=dtype)
     identity = torch.randn_like(c)
-    return c, identity, make_params(2, dtype), make_norm(8, dtype)
+    return c, identity, params_for(2, dtype), make_norm(8, dtype)
 
 
 def test_triton_that_cannot_launch_warns_once_and_runs_on_torch(
