@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_report  # noqa: E402
 
 from prm_det.ops.backends import triton_backend  # noqa: E402
-from prm_det.ops.contract import Needs, PRMOptions, Saved  # noqa: E402
 
 
 def _time(fn, reps):
@@ -39,26 +38,6 @@ def _time(fn, reps):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps / 1e3  # seconds
-
-
-def _record(shape, dtype, task, device):
-    c = torch.randn(shape, dtype=dtype, device=device)
-    identity = torch.randn_like(c)
-    options = PRMOptions(groups=kernel_report.GROUPS)
-    params = kernel_report._params()
-    params = type(params)(*(p.to(device) for p in params))
-    norm = kernel_report._norm(shape[1], task == 'train')
-    norm = type(norm)(*(t.to(device) if torch.is_tensor(t) else t
-                        for t in norm))
-    with triton_backend.record_launches() as launches:
-        out = triton_backend.forward(c, norm, identity, True, params,
-                                     options, inplace=task == 'inference')
-        if task == 'train':
-            saved = Saved(c, out.y, norm, out.save_mean, out.save_invstd,
-                          params, out.state, options, True)
-            triton_backend.backward(torch.randn_like(c), saved,
-                                    Needs(True, True, True))
-    return launches
 
 
 def _run(launch):
@@ -91,7 +70,8 @@ def main(argv=None):
         dtype = kernel_report.DTYPES[name]
         for _, shape, _ in stages:
             for task in ('train', 'inference'):
-                launches = _record(shape, dtype, task, device)
+                launches = kernel_report.record_tail(shape, dtype, task,
+                                                     sms=None, device=device)
                 for launch in launches:  # in order: state and partials
                     _run(launch)
                 torch.cuda.synchronize()

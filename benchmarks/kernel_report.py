@@ -133,26 +133,29 @@ def planned_for(sms):
         triton_backend.sm_count = original
 
 
-def record_tail(shape, dtype, task, sms=triton_plan.SMS_ON_CPU):
-    """The launches of one block tail: task 'train' (forward + backward) or
-    'inference', planned for ``sms`` SMs. The maps are allocated, never
-    touched."""
-    c = torch.empty(shape, dtype=dtype)
-    identity = torch.empty(shape, dtype=dtype)
+def record_tail(shape, dtype, task, sms=triton_plan.SMS_ON_CPU,
+                device='cpu'):
+    """The launches of one block tail (recorded, not run): task 'train'
+    (forward + backward) or 'inference', planned for ``sms`` SMs (None: the
+    device's own). On CPU the maps are allocated, never touched; elsewhere
+    they hold random values, for the launches to be run and timed."""
+    make = torch.empty if device == 'cpu' else torch.randn
+    c = make(shape, dtype=dtype, device=device)
+    identity = make(shape, dtype=dtype, device=device)
     options = PRMOptions(groups=GROUPS)
-    params = _params()
-    with planned_for(sms), triton_backend.record_launches() as launches:
-        if task == 'inference':
-            triton_backend.forward(c, _norm(shape[1], False), identity, True,
-                                   params, options, inplace=True)
-        else:
-            norm = _norm(shape[1], True)
-            out = triton_backend.forward(c, norm, identity, True, params,
-                                         options)
+    params = PRMParams(*(p.to(device) for p in _params()))
+    norm = _norm(shape[1], task == 'train')
+    norm = norm._replace(**{k: getattr(norm, k).to(device) for k in (
+        'weight', 'bias', 'running_mean', 'running_var')})
+    plan = planned_for(sms) if sms else contextlib.nullcontext()
+    with plan, triton_backend.record_launches() as launches:
+        out = triton_backend.forward(c, norm, identity, True, params,
+                                     options, inplace=task == 'inference')
+        if task == 'train':
             saved = Saved(c, out.y, norm, out.save_mean, out.save_invstd,
                           params, out.state, options, True)
-            triton_backend.backward(torch.empty_like(c), saved,
-                                    Needs(True, True, True))
+            triton_backend.backward(make(shape, dtype=dtype, device=device),
+                                    saved, Needs(True, True, True))
     return launches
 
 
