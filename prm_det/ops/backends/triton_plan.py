@@ -104,13 +104,20 @@ class ChannelLaunch(NamedTuple):
     num_warps: int
 
 
+def _channel_tile(positions: int,
+                  acc_itemsize: int) -> Tuple[int, int, int]:
+    """The per-channel kernels' [block_ch, block_p] tile and warps: one
+    channel a program on large maps, several on small ones."""
+    tile, warps = _tile(CHANNEL_TILE, acc_itemsize)
+    block_p = max(16, min(next_power_of_2(positions), tile))
+    return max(1, tile // block_p), block_p, warps
+
+
 def channel_launch(shape: Tuple[int, int, int, int], acc_itemsize: int,
                    sms: int) -> ChannelLaunch:
     b, ch, h, w = shape
     positions = h * w
-    tile, warps = _tile(CHANNEL_TILE, acc_itemsize)
-    block_p = max(16, min(next_power_of_2(positions), tile))
-    block_ch = max(1, tile // block_p)
+    block_ch, block_p, warps = _channel_tile(positions, acc_itemsize)
     channel_blocks = cdiv(ch, block_ch)
     tiles = cdiv(positions, block_p)
     # splits per channel block: enough programs, none under a tile's work
@@ -137,8 +144,6 @@ def bn_backward_launch(shape: Tuple[int, int, int, int],
                        acc_itemsize: int) -> TileLaunch:
     b, ch, h, w = shape
     positions = h * w
-    tile, warps = _tile(CHANNEL_TILE, acc_itemsize)
-    block_p = max(16, min(next_power_of_2(positions), tile))
-    block_ch = max(1, tile // block_p)
+    block_ch, block_p, warps = _channel_tile(positions, acc_itemsize)
     return TileLaunch((b * cdiv(ch, block_ch), cdiv(positions, block_p)),
                       block_ch, block_p, warps)
