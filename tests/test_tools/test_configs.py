@@ -11,8 +11,9 @@ from prm_det.engine.launch import load_config
 
 CONFIG_DIR = osp.join(osp.dirname(osp.dirname(osp.dirname(
     osp.abspath(__file__)))), 'configs')
-CONFIGS = sorted(glob.glob(osp.join(CONFIG_DIR, '*.py')) +
-                 glob.glob(osp.join(CONFIG_DIR, 'demo', '[!_]*.py')))
+# configs/demo/ and its subfolders (two_stage/), less the shared parts (_*)
+CONFIGS = sorted(glob.glob(osp.join(CONFIG_DIR, '*.py')) + glob.glob(
+    osp.join(CONFIG_DIR, 'demo', '**', '[!_]*.py'), recursive=True))
 EXPECTED_BACKBONE = {'prm': 'PRMResNet', 'se': 'SEResNet', 'gc': 'GCResNet'}
 
 
@@ -52,6 +53,35 @@ def test_config_loads_builds_and_has_the_backbone_its_name_says(path):
         src = load_config(path).model.backbone.init_cfg
         assert src.type == 'Pretrained'
         assert src.checkpoint == f'torchvision://resnet{depth}'
+
+
+def test_demo_shapes_configs_differ_only_in_the_backbone():
+    """configs/demo/*_shapes.py is the backbone comparison of
+    tools/analysis_tools/compare_backbones.py: the PRM demo and the same
+    detector, recipe and schedule with mmdet's ResNet, SE and GC."""
+    paths = sorted(glob.glob(osp.join(CONFIG_DIR, 'demo', '*_shapes.py')))
+    assert [osp.basename(p) for p in paths] == [
+        'retinanet_gc_r18_shapes.py', 'retinanet_prm_r18_shapes.py',
+        'retinanet_r18_shapes.py', 'retinanet_se_r18_shapes.py']
+    prm = load_config(osp.join(CONFIG_DIR, 'demo',
+                               'retinanet_prm_r18_shapes.py'))
+    for path in paths:
+        _, model = build_detector(path)  # building changes its config
+        assert type(model.backbone).__name__ == expected_backbone(path)
+        cfg = load_config(path)
+        backbone = cfg.model.backbone
+        # everything but the type and the attention is the PRM demo's
+        for key, value in prm.model.backbone.items():
+            if key not in ('type', 'attention'):
+                assert backbone[key] == value, (path, key)
+        if backbone.type == 'ResNet':
+            assert 'attention' not in backbone
+        for key in ('neck', 'bbox_head', 'train_cfg', 'test_cfg'):
+            assert cfg.model[key] == prm.model[key], (path, key)
+        for key in ('train_dataloader', 'val_dataloader', 'test_dataloader',
+                    'train_cfg', 'param_scheduler', 'optim_wrapper',
+                    'default_hooks', 'randomness', 'auto_scale_lr'):
+            assert cfg[key] == prm[key], (path, key)
 
 
 def trainable(model):

@@ -9,7 +9,7 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 RETINA = 'configs/demo/retinanet_prm_r18_shapes.py'
-CASCADE = 'configs/demo/cascade_rcnn_prm_r18_shapes.py'
+CASCADE = 'configs/demo/two_stage/cascade_rcnn_prm_r18_shapes.py'
 
 
 def tiny_options(data_root, epochs=1, config=RETINA):

@@ -1,6 +1,6 @@
 # configs/cascade_rcnn_prm_r50.py shrunk for a 2-core CPU on the generated
 # shapes dataset (PRM-ResNet-18 from scratch, 128 px images).
-_base_ = ['../cascade_rcnn_prm_r50.py', './_shapes_data.py']
+_base_ = ['../../cascade_rcnn_prm_r50.py', '../_shapes_data.py']
 data_root = 'data/prm_demo/'  # what --cfg-options data_root=... moves
 num_classes = {{_base_.shapes.num_classes}}
 model = dict(
