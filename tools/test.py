@@ -2,11 +2,15 @@
 prm_det registered.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out R.pkl]
-        [--show] [--show-dir DIR] [--tta] [--cfg-options k=v ...]
-        [--launcher {none,pytorch,slurm,mpi}]
+        [--show] [--show-dir DIR] [--tta] [--metrics-out M.json]
+        [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
 
 Evaluation is mmdet's CocoMetric (pycocotools). At the end the six box AP
 numbers are printed as a table (in %, as in the paper's Table 4).
+``--metrics-out`` also writes the metrics, as the evaluator returns them
+(``coco/bbox_mAP``, ... in [0, 1]), to a JSON file for other programs
+(tools/analysis_tools/compare_backbones.py); mmengine's own copy sits in a
+folder named by the time under the work dir.
 
 The checkpoint loads as data (tensors and the types mmengine's Runner
 writes) unless ``--trust-checkpoint``; one whose weights do not fit the
@@ -14,11 +18,13 @@ config's model stops the test with a list of them unless
 ``--allow-key-mismatch``.
 """
 import argparse
+import json
 import os
 import os.path as osp
 import sys
 import warnings
 from copy import deepcopy
+from typing import Dict, Optional
 
 # run from a checkout: its prm_det first (installed, the tools sit in
 # prm_det/.mim/tools/ and import the installed package)
@@ -28,6 +34,7 @@ if osp.isdir(osp.join(_ROOT, 'prm_det')):
 
 from mmengine import ConfigDict  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
+from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -39,6 +46,7 @@ from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        UnusableCheckpoint,
                                        UntrustedCheckpoint,
                                        check_checkpoint_fits)
+from prm_det.engine.hooks import write_text_atomically  # noqa: E402
 from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
                                    DatasetNotFound, check_dataset_files,
                                    distributed_teardown, load_config)
@@ -77,6 +85,10 @@ def parse_args(argv=None):
         '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none', help='job launcher')
     parser.add_argument('--tta', action='store_true')
+    parser.add_argument(
+        '--metrics-out', metavar='FILE',
+        help='write the evaluation metrics (e.g. coco/bbox_mAP, in [0, 1]) to '
+        'this JSON file')
     parser.add_argument(
         '--trust-checkpoint', action='store_true',
         help='load the checkpoint with full pickle, which can run code: only '
@@ -140,15 +152,25 @@ def build_cfg(args):
     return cfg
 
 
-def format_ap_table(metrics: dict) -> str:
-    """The six COCO box AP numbers in %, one header row, one value row."""
+def box_ap(metrics: dict) -> Dict[str, Optional[float]]:
+    """The six COCO box AP numbers of the evaluator's ``metrics`` in %, by
+    name ('AP', 'AP50', ...); None where COCO reports -1 (the split has no
+    object of that size). Empty when the metrics have no box AP."""
+    if not any(k.endswith('bbox_mAP') for k in metrics):
+        return {}
     prefix = next((k.rsplit('/', 1)[0] + '/' for k in metrics
                    if k.endswith('bbox_mAP')), '')
-    heads = [name for name, _ in AP_KEYS]
-    # COCO reports -1 where the split has no object of that size
-    values = [f'{100 * metrics[prefix + key]:.1f}'
-              if metrics[prefix + key] >= 0 else 'n/a' for _, key in AP_KEYS]
-    return ('| ' + ' | '.join(heads) + ' |\n|' + '---|' * len(heads) +
+    # the evaluator's 3 decimals are 1 in %
+    return {name: round(100 * metrics[prefix + key], 1)
+            if metrics[prefix + key] >= 0 else None
+            for name, key in AP_KEYS}
+
+
+def format_ap_table(metrics: dict) -> str:
+    """The six COCO box AP numbers in %, one header row, one value row."""
+    ap = box_ap(metrics)
+    values = [f'{v:.1f}' if v is not None else 'n/a' for v in ap.values()]
+    return ('| ' + ' | '.join(ap) + ' |\n|' + '---|' * len(ap) +
             '\n| ' + ' | '.join(values) + ' |')
 
 
@@ -170,6 +192,10 @@ def run(args):
             model = model.module
         check_checkpoint_fits(model, checkpoint, args.checkpoint)
     metrics = runner.test()
+    if args.metrics_out is not None and is_main_process():
+        # whole or not at all: a program waiting for it reads no part
+        write_text_atomically(args.metrics_out,
+                              json.dumps(metrics, indent=2, default=float))
     if any(k.endswith('bbox_mAP') for k in metrics):
         print('\nCOCO box AP (%):\n' + format_ap_table(metrics), flush=True)
     elif not metrics:

@@ -222,22 +222,27 @@ def keep_all_proposals(cfg) -> bool:
     return True
 
 
-def inference(args) -> dict:
+def build_model(cfg) -> nn.Module:
+    """The detector of a loaded config, as built for counting: no
+    pretrained weights fetched, SyncBN as BN."""
     from mmdet.registry import MODELS
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import init_default_scope
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    cfg.model.setdefault('backbone', {})['init_cfg'] = None  # no download
+    return revert_sync_batchnorm(MODELS.build(cfg.model))
 
+
+def inference(args) -> dict:
     from prm_det.engine.launch import check_dataset_files, load_config
     cfg = load_config(args.config, args.cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
     result = {}
     if args.shape is not None:
         height, width = (args.shape * 2)[:2]
         if keep_all_proposals(cfg):
             result['proposals'] = cfg.model.test_cfg.rpn.get(
                 'max_per_img', 1000)
-    cfg.model.setdefault('backbone', {})['init_cfg'] = None  # no download
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    model = build_model(cfg)
     model.eval()
     _forward = model.forward
 
