@@ -426,15 +426,16 @@ def plot(rows: List[dict], path: str) -> None:
     markers = 'osD^vP*Xh<>'
     figure, axes = plt.subplots(figsize=(max(4., 1.6 * len(rows) + 1), 4))
     seeds = sorted({s for row in rows for s in row['seeds']})
+    step = min(.12, .6 / len(seeds))  # the seeds side by side, within +-.3
     for x, row in enumerate(rows):
         for seed, ap in row['ap_per_seed'].items():
             if ap is None:
                 continue
-            offset = 0.25 * (seeds.index(seed) / max(len(seeds) - 1, 1) - .5)
+            offset = step * (seeds.index(seed) - (len(seeds) - 1) / 2)
             axes.plot(x + offset, ap, markers[seed % len(markers)],
                       color=f'C{seed % 10}', label=f'seed {seed}')
         if row['ap_mean'] is not None:
-            axes.plot([x - .2, x + .2], [row['ap_mean']] * 2, 'k-', lw=1)
+            axes.plot([x - .35, x + .35], [row['ap_mean']] * 2, 'k-', lw=1)
     handles = dict(zip(*reversed(axes.get_legend_handles_labels())))
     if handles:
         axes.legend(handles.values(), handles.keys(), fontsize='small')
@@ -473,6 +474,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'\n[compare] stopped: the same command goes on from here '
               f'(finished runs are kept in {args.work_dir})', flush=True)
         return 130
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # only runs need stopping
 
     rows = [summarize(c, seeds, results[c],
                       count_parameters(c, args.cfg_options))
