@@ -210,6 +210,8 @@ def run_phase(run: Run, phase: str, command: List[str],
 
 
 def _end(proc: subprocess.Popen, grace: float) -> None:
+    """Wait ``grace`` seconds for ``proc`` to end, then terminate it, then
+    kill it."""
     for stop in (None, proc.terminate, proc.kill):
         if stop is not None:
             stop()
@@ -277,7 +279,7 @@ def do_run(run: Run, cfg_options: List[str]) -> dict:
                for a in attempts):
         resume_from = latest_complete_checkpoint(run.folder)
         print(f'[compare] {run}: training'
-              + (f', resumed from {resume_from}' if resume_from else '')
+              + (f', resuming from {resume_from}' if resume_from else '')
               + f' (log: {run.path("train.log")})', flush=True)
         returncode = run_phase(run, 'train', [
             sys.executable, osp.join(TOOLS, 'train.py'), run.config,
@@ -470,10 +472,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 run = Run(config, config_name(config), seed, osp.join(
                     args.work_dir, config_name(config), f'seed{seed}'))
                 results[config][seed] = do_run(run, args.cfg_options)
-    except (KeyboardInterrupt, Stopped):
+    except (KeyboardInterrupt, Stopped) as stop:
         print(f'\n[compare] stopped: the same command goes on from here '
               f'(finished runs are kept in {args.work_dir})', flush=True)
-        return 130
+        # the shell's status for a process ended by SIGINT or SIGTERM
+        return 128 + (signal.SIGINT if isinstance(stop, KeyboardInterrupt)
+                      else signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # only runs need stopping
 
     rows = [summarize(c, seeds, results[c],
