@@ -34,8 +34,8 @@ def _load_tool(name):
 train_tool = _load_tool('train')
 test_tool = _load_tool('test')
 
-from prm_det.datasets.synthetic_shapes import (generate,  # noqa: E402
-                                               is_generated)
+from prm_det.datasets.synthetic_shapes import (  # noqa: E402
+    DEMO_NUM_TRAIN, DEMO_NUM_VAL, generate, is_generated, split_sizes)
 
 
 def _shown(path: str) -> str:
@@ -73,6 +73,14 @@ def main(argv=None):
     if not is_generated(DATA_ROOT):
         print(f'[demo] writing the shapes dataset to {DATA_ROOT}/', flush=True)
         generate(DATA_ROOT)
+    sizes = split_sizes(DATA_ROOT)
+    print(f'[demo] data: {DATA_ROOT}/, {sizes["train"]} train and '
+          f'{sizes["val"]} val images', flush=True)
+    if (sizes['train'], sizes['val']) != (DEMO_NUM_TRAIN, DEMO_NUM_VAL):
+        print(f'[demo] warning: the demo\'s numbers are for {DEMO_NUM_TRAIN} '
+              f'train and {DEMO_NUM_VAL} val images; `make clean-demo` (or '
+              f'removing {DATA_ROOT}/) writes them on the next run',
+              flush=True)
     print(f'[demo] training {CONFIG} (work dir {WORK_DIR})', flush=True)
     train_tool.main([CONFIG, '--work-dir', WORK_DIR] + argv)
     with open(osp.join(WORK_DIR, 'last_checkpoint')) as f:

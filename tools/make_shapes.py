@@ -1,6 +1,6 @@
 """Write the generated shapes detection dataset (COCO format).
 
-    python tools/make_shapes.py [--out data/prm_demo] [--train 400] [--val 100]
+    python tools/make_shapes.py [--out data/prm_demo] [--train 2000] [--val 500]
         [--size 128] [--seed 0]
 """
 import argparse
@@ -13,14 +13,15 @@ _ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if osp.isdir(osp.join(_ROOT, 'prm_det')):
     sys.path.insert(0, _ROOT)
 
-from prm_det.datasets.synthetic_shapes import generate  # noqa: E402
+from prm_det.datasets.synthetic_shapes import (  # noqa: E402
+    DEMO_NUM_TRAIN, DEMO_NUM_VAL, generate)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='data/prm_demo')
-    parser.add_argument('--train', type=int, default=400)
-    parser.add_argument('--val', type=int, default=100)
+    parser.add_argument('--train', type=int, default=DEMO_NUM_TRAIN)
+    parser.add_argument('--val', type=int, default=DEMO_NUM_VAL)
     parser.add_argument('--size', type=int, default=128)
     parser.add_argument('--max-objects', type=int, default=3)
     parser.add_argument('--seed', type=int, default=0)

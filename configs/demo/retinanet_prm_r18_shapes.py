@@ -1,7 +1,7 @@
 # The `make demo` job: configs/retinanet_prm_r50.py shrunk for a 2-core CPU
 # on the generated shapes dataset: a half-width PRM-ResNet-18 from scratch,
-# a narrower FPN and head, small images and a short AdamW schedule (the
-# numbers are in ./_shapes_data.py, under `shapes`).
+# a narrower FPN and GroupNorm head, small images and a short AdamW
+# schedule (the numbers are in ./_shapes_data.py, under `shapes`).
 _base_ = ['../retinanet_prm_r50.py', './_shapes_data.py']
 data_root = 'data/prm_demo/'  # what --cfg-options data_root=... moves
 model = dict(
@@ -10,7 +10,8 @@ model = dict(
               out_channels={{_base_.shapes.width}}),
     bbox_head=dict(num_classes={{_base_.shapes.num_classes}},
                    in_channels={{_base_.shapes.width}},
-                   feat_channels={{_base_.shapes.width}}))
+                   feat_channels={{_base_.shapes.width}},
+                   norm_cfg={{_base_.shapes.head_norm_cfg}}))
 train_dataloader = {{_base_.shapes.train_dataloader}}
 val_dataloader = {{_base_.shapes.val_dataloader}}
 test_dataloader = val_dataloader

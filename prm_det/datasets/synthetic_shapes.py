@@ -97,9 +97,14 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int,
     return img, boxes
 
 
+# the demo's split sizes (`make demo`, tools/make_shapes.py's defaults)
+DEMO_NUM_TRAIN = 2000
+DEMO_NUM_VAL = 500
+
+
 def generate(root: str,
-             num_train: int = 400,
-             num_val: int = 100,
+             num_train: int = DEMO_NUM_TRAIN,
+             num_val: int = DEMO_NUM_VAL,
              image_size: int = 128,
              max_objects: int = 3,
              min_size: int = 24,
@@ -158,3 +163,12 @@ def is_generated(root: str, splits: Sequence[str] = ('train', 'val')) -> bool:
     return all(
         osp.isfile(osp.join(root, 'annotations', f'instances_{s}.json'))
         for s in splits)
+
+
+def split_sizes(root: str) -> Dict[str, int]:
+    """Images per split of the dataset written under ``root``."""
+    sizes = {}
+    for split in ('train', 'val'):
+        with open(osp.join(root, 'annotations', f'instances_{split}.json')) as f:
+            sizes[split] = len(json.load(f)['images'])
+    return sizes

@@ -107,6 +107,9 @@ def test_demo_trains_and_reports_box_ap_from_the_users_folder(tmp_path):
          'model.test_cfg.score_thr=0.0'],
         cwd=str(tmp_path), env=outside_env(), timeout=600))
     assert f'[demo] training {osp.join(REPO, RETINA)}' in out
+    # a set other than the demo's size is used, and the user is told
+    assert '[demo] data: data/prm_demo/, 4 train and 2 val images' in out
+    assert '`make clean-demo`' in out
     assert (tmp_path / 'work_dirs' / 'demo' / 'epoch_1.pth').is_file()
     assert len(parse_ap_table(out)) == 6
     assert '[demo] PRM-RetinaNet' in out and 'box AP' in out
