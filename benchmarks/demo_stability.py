@@ -12,6 +12,7 @@ run's train and test time. An interrupted sweep continues where it stopped
 
     python benchmarks/demo_stability.py [--threads 1 2] [--backends cpu torch]
         [--seeds 3] [--jobs 2] [--work-dir work_dirs/demo_stability]
+        [--cfg-options k=v ...]
 
 Run from the folder holding ``data/prm_demo`` (written here first if
 missing). ``--jobs 2`` runs the 1-thread sweeps side by side on a 2-core
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument('--jobs', type=int, default=1,
                         help='1-thread sweeps run this many at a time')
     parser.add_argument('--work-dir', default='work_dirs/demo_stability')
+    parser.add_argument('--cfg-options', nargs='+', default=[],
+                        help='passed on to every run (e.g. a shorter '
+                        'schedule for a smoke test)')
     return parser.parse_args(argv)
 
 
@@ -58,8 +62,10 @@ def start_sweep(args, backend, threads):
     folder = sweep_dir(args.work_dir, backend, threads)
     print(f'[stability] {backend} backend, {threads} thread(s): {folder}',
           flush=True)
+    options = ['--cfg-options'] + args.cfg_options if args.cfg_options else []
     return subprocess.Popen([sys.executable, HARNESS, CONFIG, '--seeds',
-                             str(args.seeds), '--work-dir', folder], env=env)
+                             str(args.seeds), '--work-dir', folder] + options,
+                            env=env)
 
 
 def phase_seconds(run_folder):

@@ -6,6 +6,8 @@ import platform
 import subprocess
 import sys
 
+import pytest
+
 from prm_det.ops.backends import cpu as cpu_backend
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -103,3 +105,37 @@ def test_image_check_benchmark_reports_its_rate(tmp_path):
     assert '| images | time (best of 2) | per image | COCO train 2017 ' \
         '(118,287 images) at that rate |' in table
     assert '| 20 | ' in table
+
+
+@pytest.mark.slow
+def test_demo_stability_sweeps_threads_and_backends_into_one_table(tmp_path):
+    """benchmarks/demo_stability.py on a tiny set: one run per (threads,
+    backend), 1-thread sweeps side by side, a row each and the spread."""
+    from prm_det.datasets.synthetic_shapes import generate
+    generate(str(tmp_path / 'data' / 'prm_demo'), num_train=4, num_val=2,
+             image_size=96, max_objects=2, min_size=16, max_size=48, seed=1)
+    proc = subprocess.run(
+        [sys.executable, osp.join(REPO, 'benchmarks', 'demo_stability.py'),
+         '--threads', '1', '--backends', 'cpu', 'torch', '--seeds', '1',
+         '--jobs', '2', '--work-dir', 'sweep', '--cfg-options',
+         'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+         'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
+         'train_dataloader.persistent_workers=False',
+         'val_dataloader.num_workers=0',
+         'val_dataloader.persistent_workers=False',
+         'model.test_cfg.score_thr=0.0'],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=900,
+        env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / 'sweep' / 'demo_stability.md').read_text()
+    rows = [line for line in table.splitlines() if line.startswith('| 1 |')]
+    assert [row.split(' | ')[1] for row in rows] == ['cpu', 'torch']
+    for row in rows:
+        ap = float(row.split(' | ')[3])
+        assert 0 <= ap <= 100 and row.endswith('| 2 sweeps at once |')
+    assert '2 runs: box AP mean' in table and 'spread' in table
+    for backend in ('cpu', 'torch'):  # each sweep ran under its backend
+        header = (tmp_path / 'sweep' / f'{backend}_1t' /
+                  'compare_backbones.md').read_text()
+        assert f'PRM_DET_BACKEND={backend}' in header
+        assert 'with 1 threads' in header
