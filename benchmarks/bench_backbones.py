@@ -99,12 +99,7 @@ def autocast(device: str, precision: str):
 def backend_name(module) -> str:
     """A backend module's name ('cpu', 'triton', 'torch'); None is the
     readable reference."""
-    if module is None:
-        return 'reference'
-    for name, backend in prm_backends.BACKENDS.items():
-        if backend is module:
-            return name
-    return module.__name__.rsplit('.', 1)[-1]
+    return 'reference' if module is None else prm_backends.name_of(module)
 
 
 @contextlib.contextmanager
