@@ -111,7 +111,8 @@ def test_the_table_has_a_row_per_config_with_ap_time_and_parameters(sweep):
         row = rows[name]
         assert row['backbone'] == backbone
         assert row['ok'] == [0] and row['failed'] == []
-        for key in ('ap_mean', 'ap50_mean', 'ap75_mean'):
+        for key in ('ap_mean', 'ap50_mean', 'ap75_mean', 'aps_mean',
+                    'apm_mean'):
             assert math.isfinite(row[key]) and 0 <= row[key] <= 100, row
         assert row['ap_std'] is None  # one seed: no spread
         assert row['train_minutes'] > 0

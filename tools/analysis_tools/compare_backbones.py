@@ -77,7 +77,8 @@ METRICS = 'metrics.json'  # tools/test.py --metrics-out
 FAILED_LOG = 'failed.log'
 TAIL_LINES = 40
 NOTE_EVERY = 5  # seconds between notes of a running phase's time
-AP_NAMES = ('AP', 'AP50', 'AP75')
+# COCO box AP, as the PRM paper's Table 4 lists it
+AP_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
 class Stopped(Exception):
@@ -361,7 +362,7 @@ def summarize(config: str, seeds: List[int], results: Dict[int, dict],
                              if r['box_ap']['AP'] is None),
         ap_mean=_mean(ap['AP']),
         ap_std=statistics.stdev(ap['AP']) if len(ap['AP']) > 1 else None,
-        ap50_mean=_mean(ap['AP50']), ap75_mean=_mean(ap['AP75']),
+        **{f'{name.lower()}_mean': _mean(ap[name]) for name in AP_NAMES[1:]},
         train_minutes=_mean([r['train_seconds'] / 60 for r in ok.values()]),
         ap_per_seed={seed: r['box_ap']['AP'] for seed, r in ok.items()},
         runs={seed: results[seed] for seed in sorted(results)})
@@ -400,8 +401,9 @@ def markdown(rows: List[dict], header: dict) -> str:
         f'- command: `{header["command"]}`',
         f'- seeds: {", ".join(map(str, header["seeds"]))} '
         f'(`randomness.seed`); work dir: `{header["work_dir"]}`', '',
-        '| config | backbone | box AP | AP50 | AP75 | train (min) | '
-        'params (M) | runs |', '|---|---|---|---|---|---|---|---|']
+        '| config | backbone | box AP | ' + ' | '.join(AP_NAMES[1:])
+        + ' | train (min) | params (M) | runs |',
+        '|---' * (len(AP_NAMES) + 5) + '|']
     for row in rows:
         ap = _number(row['ap_mean'])
         if row['ap_std'] is not None:
@@ -411,11 +413,13 @@ def markdown(rows: List[dict], header: dict) -> str:
                   if row['params'] is not None else 'n/a')
         lines.append(
             f'| `{row["config"]}` | {row["backbone"] or "n/a"} | {ap} | '
-            f'{_number(row["ap50_mean"])} | {_number(row["ap75_mean"])} | '
+            + ''.join(f'{_number(row[name.lower() + "_mean"])} | '
+                      for name in AP_NAMES[1:]) +
             f'{_number(row["train_minutes"])} | {params} | '
             f'{_runs_cell(row)} |')
     lines += ['', 'box AP: mean ± sample standard deviation over the seeds '
-              'that finished (COCO box AP, %); AP50, AP75, train: means. '
+              'that finished (COCO box AP, %); AP50 to APl, train: means '
+              '(APl n/a: no large objects). '
               'train: wall time of tools/train.py (start-up included; a '
               'resumed run: its attempts summed).']
     return '\n'.join(lines) + '\n'
