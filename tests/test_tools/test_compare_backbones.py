@@ -124,14 +124,21 @@ def test_the_table_has_a_row_per_config_with_ap_time_and_parameters(sweep):
     md = sweep.markdown
     assert 'PRM_DET_BACKEND=' in md and 'CPUs' in md and 'threads' in md
     assert 'compare_backbones.py' in md and '--seeds 1' in md
+    def cells(line):
+        return [c.strip() for c in line.strip('|').split('|')]
+
+    header = cells(next(line for line in md.splitlines()
+                        if line.startswith('| config |')))
+    assert header[2:9] == ['box AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
+                           'train (min)']
     table = [line for line in md.splitlines() if line.startswith('| `')]
     assert len(table) == 3
-    prm_row = next(line for line in table if 'retinanet_prm' in line)
-    cells = [c.strip() for c in prm_row.strip('|').split('|')]
-    assert cells[1] == 'PRMResNet'
-    assert float(cells[2]) == pytest.approx(
+    prm = dict(zip(header, cells(next(line for line in table
+                                      if 'retinanet_prm' in line))))
+    assert prm['backbone'] == 'PRMResNet'
+    assert float(prm['box AP']) == pytest.approx(
         rows['retinanet_prm_r18_shapes']['ap_mean'], abs=0.05)
-    assert float(cells[6]) == pytest.approx(
+    assert float(prm['params (M)']) == pytest.approx(
         model_parameters(PRM) / 1e6, abs=1e-4)
     assert md in sweep.out  # printed as well
 
