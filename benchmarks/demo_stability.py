@@ -97,7 +97,7 @@ def table(args, shared, command):
             aps.append(ap)
             seconds = phase_seconds(osp.join(folder, row['name'],
                                              f'seed{seed}'))
-            load = ('2 sweeps at once' if (threads, backend) in shared
+            load = ('2 sweeps at once' if (backend, threads) in shared
                     else 'alone')
             rows.append(
                 f'| {threads} | {backend} | {seed} | {ap:.1f} | '
@@ -129,15 +129,14 @@ def main(argv=None):
                         DATA_ROOT], check=True)
     start = time.time()
     sweeps = list(itertools.product(args.backends, args.threads))
-    shared = {(t, b) for b, t in sweeps if t == 1 and args.jobs > 1}
-    side_by_side = [s for s in sweeps if (s[1], s[0]) in shared]
-    for i in range(0, len(side_by_side), args.jobs):
-        for proc in [start_sweep(args, *s)
-                     for s in side_by_side[i:i + args.jobs]]:
+    # (backend, threads) of the sweeps that run side by side
+    shared = [s for s in sweeps if s[1] == 1 and args.jobs > 1]
+    for i in range(0, len(shared), args.jobs):
+        for proc in [start_sweep(args, *s) for s in shared[i:i + args.jobs]]:
             proc.wait()
-    for backend, threads in sweeps:
-        if (threads, backend) not in shared:
-            start_sweep(args, backend, threads).wait()
+    for sweep in sweeps:
+        if sweep not in shared:
+            start_sweep(args, *sweep).wait()
     text = table(args, shared, command)
     print(text + f'(sweep {(time.time() - start) / 60:.1f} min)')
     with open(osp.join(args.work_dir, 'demo_stability.md'), 'w') as f:
