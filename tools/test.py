@@ -45,7 +45,8 @@ from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        CheckpointMismatch,
                                        UnusableCheckpoint,
                                        UntrustedCheckpoint,
-                                       check_checkpoint_fits)
+                                       check_checkpoint_fits,
+                                       local_file_missing)
 from prm_det.engine.hooks import write_text_atomically  # noqa: E402
 from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
                                    DatasetNotFound, check_dataset_files,
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='MMDet test (and eval) a model')
     parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('checkpoint', help='checkpoint file or URL')
     parser.add_argument(
         '--work-dir',
         help='the directory to save the file containing evaluation metrics')
@@ -115,7 +116,7 @@ def build_cfg(args):
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
-    if not osp.isfile(args.checkpoint):
+    if local_file_missing(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     cfg.load_from = args.checkpoint
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):

@@ -32,7 +32,8 @@ from prm_det.engine import (ChecksumMismatch,  # noqa: E402
                             PretrainedWeightsUnavailable)
 from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        UnusableCheckpoint,
-                                       UntrustedCheckpoint)
+                                       UntrustedCheckpoint,
+                                       local_file_missing)
 from prm_det.engine.hooks import (CheckpointDiskFull,  # noqa: E402
                                   latest_complete_checkpoint,
                                   remove_partials)
@@ -113,7 +114,7 @@ def build_cfg(args):
             print(f'--resume: no complete checkpoint in {cfg.work_dir}; '
                   f'training from the start', flush=True)
     elif args.resume is not None:
-        if not osp.isfile(args.resume):
+        if local_file_missing(args.resume):
             raise SystemExit(f'--resume: checkpoint not found: {args.resume}')
         cfg.resume = True
         cfg.load_from = args.resume

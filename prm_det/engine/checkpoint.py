@@ -180,6 +180,13 @@ def _is_truncated(error: Exception) -> bool:
 _LEGACY_MAGIC = (0x1950a86a20f9469cfc6c).to_bytes(10, 'little')
 
 
+def local_file_missing(filename: str) -> bool:
+    """Whether ``filename`` names a file on this machine that is not there.
+    A URL (``http(s)://``, ``s3://``, ``torchvision://``, ...) is not
+    missing: its scheme's loader fetches it and says what went wrong."""
+    return '://' not in filename and not osp.isfile(osp.expanduser(filename))
+
+
 def file_format(filename: str) -> str:
     """What ``filename`` is, from its first bytes: ``'zip'`` (torch.save
     since 1.6), ``'legacy'`` (torch.save before it), ``'empty'``,
@@ -217,11 +224,11 @@ def _not_a_checkpoint(filename: str, kind: str) -> NotACheckpoint:
 def load_checkpoint_file(filename: str,
                          map_location=None,
                          trust: Optional[bool] = None,
-                         source: Optional[str] = None):
+                         name: Optional[str] = None):
     """``torch.load`` of a local checkpoint as data: ``weights_only=True``
     with :func:`allowed_globals` allowed, unless ``trust`` (by default:
-    :func:`checkpoints_trusted`). ``source``: where the file came from (a
-    URL), for the messages.
+    :func:`checkpoints_trusted`). ``name``: how the messages name the file
+    (default: its path), e.g. with the URL it was downloaded from.
 
     Raises:
         FileNotFoundError: no such file.
@@ -235,7 +242,7 @@ def load_checkpoint_file(filename: str,
         raise FileNotFoundError(f'{filename} can not be found.')
     if trust is None:
         trust = checkpoints_trusted()
-    named = filename if source is None else f'{filename} (from {source})'
+    named = filename if name is None else name
     kind = file_format(filename)
     if kind == 'empty':
         raise IncompleteCheckpoint(

@@ -1,5 +1,6 @@
 """Remote checkpoints (``http(s)://``, ``torchvision://``, ``open-mmlab://``,
-``mmcls://``) loaded as data, like local files.
+``mmcls://``, ``s3://``, ``petrel://``, ``pavi://``) loaded as data, like
+local files.
 
 mmengine resolves these schemes to a URL and calls torch.hub's
 ``load_state_dict_from_url``, which unpickles the cached file with
@@ -10,18 +11,23 @@ file is downloaded into the same cache, checked against the SHA-256 prefix
 in its name where it has one (torch's and OpenMMLab's published checkpoints
 are named so: ``resnet50-0676ba61.pth``), also when it was already there,
 and loaded by :func:`~prm_det.engine.checkpoint.load_checkpoint_file`: as
-data unless the user opted in (``--trust-checkpoint``).
+data unless the user opted in (``--trust-checkpoint``). Object stores
+(``s3://`` and ``petrel://`` through mmengine's Petrel backend, ``pavi://``
+through pavi's model cloud) are read into a temporary file that is loaded
+the same way and deleted.
 """
 import hashlib
 import logging
 import os
 import os.path as osp
-from typing import Optional
+import tempfile
+from typing import Callable, Optional
 from urllib.parse import urlparse
 
 import mmengine
 import torch
 from mmengine.dist import get_dist_info
+from mmengine.fileio import get_file_backend
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import (CheckpointLoader, _get_mmengine_home,
                                         _process_mmcls_checkpoint,
@@ -126,7 +132,8 @@ def load_from_http(filename: str, map_location=None,
         torch.distributed.barrier()
         if rank > 0:
             cached = download(filename, model_dir, progress)
-    return load_checkpoint_file(cached, map_location, source=filename)
+    return load_checkpoint_file(cached, map_location,
+                                name=f'{cached} (from {filename})')
 
 
 def torchvision_urls() -> dict:
@@ -178,9 +185,9 @@ def load_from_openmmlab(filename: str, map_location=None):
     model_url = get_external_models()[model_name]
     if model_url.startswith(('http://', 'https://')):
         return load_from_http(model_url, map_location=map_location)
-    return load_checkpoint_file(
-        osp.join(_get_mmengine_home(), model_url), map_location,
-        source=filename)
+    local = osp.join(_get_mmengine_home(), model_url)
+    return load_checkpoint_file(local, map_location,
+                                name=f'{local} (from {filename})')
 
 
 @CheckpointLoader.register_scheme(prefixes='mmcls://', force=True)
@@ -189,3 +196,45 @@ def load_from_mmcls(filename: str, map_location=None):
     model_url = get_mmcls_models()[filename[len('mmcls://'):]]
     return _process_mmcls_checkpoint(
         load_from_http(model_url, map_location=map_location))
+
+
+def load_temporary_copy(filename: str, write: Callable[[str], None],
+                        map_location=None):
+    """Load the remote checkpoint ``filename`` as data: ``write(path)``
+    puts its bytes in a local file, deleted after loading."""
+    with tempfile.TemporaryDirectory(prefix='prm_det_checkpoint_') as tmp:
+        local = osp.join(tmp, osp.basename(filename.rstrip('/')) or 'ckpt')
+        write(local)
+        return load_checkpoint_file(local, map_location, name=filename)
+
+
+@CheckpointLoader.register_scheme(
+    prefixes=(r'(\S+\:)?s3://', r'(\S+\:)?petrel://'), force=True)
+def load_from_ceph(filename: str, map_location=None, backend='petrel'):
+    """mmengine's ``s3://`` and ``petrel://`` (optionally ``cluster:s3://``)
+    through its Petrel file backend, loaded as data."""
+    store = get_file_backend(filename, backend_args={'backend': backend})
+
+    def write(local):
+        data = store.get(filename)
+        if data is None:  # petrel's client answers a missing key so
+            raise FileNotFoundError(f'{filename} can not be found.')
+        with open(local, 'wb') as f:
+            f.write(data)
+
+    return load_temporary_copy(filename, write, map_location)
+
+
+@CheckpointLoader.register_scheme(prefixes='pavi://', force=True)
+def load_from_pavi(filename: str, map_location=None):
+    """mmengine's ``pavi://MODEL_PATH`` from pavi's model cloud, loaded as
+    data."""
+    try:
+        from pavi import modelcloud
+    except ImportError:
+        raise ImportError(
+            f'{filename}: pavi:// checkpoints need the pavi package (the '
+            f'model cloud\'s client); or download the file and name its '
+            f'local path instead') from None
+    model = modelcloud.get(filename[len('pavi://'):])
+    return load_temporary_copy(filename, model.download, map_location)

@@ -1,7 +1,8 @@
 """Remote checkpoints run no code either: torchvision://, http(s)://,
-open-mmlab:// and the hub cache go through the same data-only loading and
-opt-in as local files, and a published checkpoint's hash is checked, also
-in the cache (served from a local HTTP server: no network)."""
+open-mmlab://, the hub cache, s3://, petrel:// and pavi:// go through the
+same data-only loading and opt-in as local files, and a published
+checkpoint's hash is checked, also in the cache (served from a local HTTP
+server, object stores by stand-in clients: no network)."""
 import functools
 import hashlib
 import http.server
@@ -11,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import OrderedDict
 
@@ -18,10 +20,12 @@ import pytest
 import torch
 from mmdet.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
-from tool_runs import REPO, RETINA, tiny_options, tool_env
+from tool_runs import (REPO, RETINA, ok, outside_env, parse_ap_table, run_tool,
+                       tiny_options, tool_env)
 
 import prm_det.engine.remote_checkpoints as remote
 from prm_det.engine.checkpoint import TRUST_ENV, UntrustedCheckpoint
+from prm_det.engine.launch import load_config
 from prm_det.engine.remote_checkpoints import ChecksumMismatch
 
 TORCHVISION_RESNET18 = 'resnet18-f37072fd.pth'
@@ -194,3 +198,122 @@ def test_train_py_refuses_remote_payloads(tiny_data, served, tmp_path):
             assert f'(from {source}): it contains posix.system' in err, \
                 err[-2000:]
     assert not osp.exists(marker)
+
+
+FAKE_CLIENTS = {
+    # mmengine's PetrelBackend: client.Client(...).Get('s3://bucket/key')
+    'petrel_client/__init__.py': '',
+    'petrel_client/client.py': '''
+import os
+
+
+class Client:
+    def __init__(self, conf_path=None, enable_mc=False):
+        self.root = os.environ['FAKE_STORE']
+
+    def Get(self, path):  # [cluster:]s3://bucket/key
+        cluster, key = path.split('s3://', 1)
+        assert cluster in ('', 'cluster1:'), path
+        path = os.path.join(self.root, key)
+        if not os.path.isfile(path):
+            return None
+        with open(path, 'rb') as f:
+            return f.read()
+''',
+    # pavi's model cloud: modelcloud.get(path).download(local_file)
+    'pavi/__init__.py': '',
+    'pavi/modelcloud.py': '''
+import os
+import shutil
+
+
+class Model:
+    def __init__(self, path):
+        self.path = path
+        self.name = os.path.basename(path)
+
+    def download(self, local_file):
+        shutil.copy(self.path, local_file)
+
+
+def get(model_path):
+    return Model(os.path.join(os.environ['FAKE_STORE'], model_path))
+''',
+}
+
+
+@pytest.fixture
+def object_store(tmp_path, monkeypatch):
+    """Stand-ins for the petrel and pavi clients (not on PyPI) serving the
+    folder ``store``; returns (store, folder holding the clients)."""
+    clients = tmp_path / 'clients'
+    for name, text in FAKE_CLIENTS.items():
+        (clients / name).parent.mkdir(parents=True, exist_ok=True)
+        (clients / name).write_text(text)
+    store = tmp_path / 'store'
+    (store / 'bucket').mkdir(parents=True)
+    monkeypatch.setenv('FAKE_STORE', str(store))
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(clients))
+    yield store, clients
+    for module in ('petrel_client', 'petrel_client.client', 'pavi',
+                   'pavi.modelcloud'):
+        sys.modules.pop(module, None)
+
+
+@pytest.mark.parametrize('url', ['s3://bucket/evil.pth',
+                                 'petrel://bucket/evil.pth',
+                                 'cluster1:s3://bucket/evil.pth',
+                                 'pavi://bucket/evil.pth'])
+def test_object_store_checkpoints_load_as_data_with_the_same_opt_in(
+        url, object_store, tmp_path, monkeypatch):
+    """s3://, petrel:// (with or without a cluster) and pavi:// go through
+    the data-only load: a payload is refused naming the URL, leaves no
+    temporary copy, and runs only with the opt-in; weights load."""
+    store, _ = object_store
+    marker = str(tmp_path / 'PWNED')
+    save_evil(str(store / 'bucket' / 'evil.pth'), marker)
+    weights = OrderedDict(w=torch.arange(6.).reshape(2, 3))
+    torch.save({'state_dict': weights}, store / 'bucket' / 'good.pth')
+    temp = tmp_path / 'temp'
+    temp.mkdir()
+    monkeypatch.setenv('TMPDIR', str(temp))
+    monkeypatch.setattr(tempfile, 'tempdir', None)  # re-read TMPDIR
+    with pytest.raises(UntrustedCheckpoint) as info:
+        CheckpointLoader.load_checkpoint(url)
+    assert str(info.value).startswith(
+        f'Refusing to load the checkpoint {url}: it contains posix.system')
+    assert not osp.exists(marker) and not list(temp.iterdir())
+    loaded = CheckpointLoader.load_checkpoint(url.replace('evil', 'good'))
+    assert torch.equal(loaded['state_dict']['w'], weights['w'])
+    monkeypatch.setenv(TRUST_ENV, '1')
+    CheckpointLoader.load_checkpoint(url)
+    assert osp.exists(marker) and not list(temp.iterdir())
+
+
+def test_a_missing_object_store_checkpoint_is_named(object_store):
+    with pytest.raises(FileNotFoundError,
+                       match='s3://bucket/none.pth can not be found'):
+        CheckpointLoader.load_checkpoint('s3://bucket/none.pth')
+
+
+@pytest.mark.slow
+def test_test_py_evaluates_a_checkpoint_given_by_url(
+        tiny_data, object_store, tmp_path):
+    """tools/test.py CONFIG s3://bucket/retina.pth, as users run it (from
+    outside the repository, the petrel client importable): the weights load
+    from the store and the AP table is printed."""
+    store, clients = object_store
+    cfg = load_config(osp.join(REPO, RETINA))
+    torch.save({'meta': {}, 'state_dict': MODELS.build(cfg.model).state_dict()},
+               store / 'bucket' / 'retina.pth')
+    url = 's3://bucket/retina.pth'
+    env = outside_env(PYTHONPATH=str(clients), FAKE_STORE=str(store))
+    env.pop(TRUST_ENV, None)
+    proc = run_tool(
+        [sys.executable, osp.join(REPO, 'tools', 'test.py'),
+         osp.join(REPO, RETINA), url, '--work-dir', str(tmp_path / 'work')] +
+        tiny_options(tiny_data), cwd=str(tmp_path), env=env)
+    output = ok(proc)
+    assert f'Load checkpoint from {url}' in output
+    assert len(parse_ap_table(output)) == 6

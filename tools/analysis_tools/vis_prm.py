@@ -329,7 +329,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Draw PRM query points, position weights and gates')
     parser.add_argument('config', help='config file')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('checkpoint', help='checkpoint file or URL')
     parser.add_argument('image', help='image file')
     parser.add_argument('--out-dir', required=True,
                         help='where the PNGs go')
@@ -345,10 +345,11 @@ def parse_args(argv=None):
 def main(argv=None) -> List[dict]:
     from mmdet.apis import init_detector
     args = parse_args(argv)
-    for path in (args.config, args.checkpoint, args.image):
-        if not osp.isfile(path):
-            sys.exit(f'[vis_prm] file not found: {path}')
     from prm_det.engine import ConfigLoaderUnavailable, load_config_file
+    from prm_det.engine.checkpoint import local_file_missing
+    for path in (args.config, args.checkpoint, args.image):
+        if local_file_missing(path):
+            sys.exit(f'[vis_prm] file not found: {path}')
     try:
         cfg = load_config_file(args.config)
     except ConfigLoaderUnavailable as error:

@@ -94,10 +94,11 @@ def build_detector(config: str, checkpoint: Optional[str],
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
+    from prm_det.engine.checkpoint import local_file_missing
     from prm_det.engine.launch import load_config
     cfg = load_config(config, cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
-    if checkpoint is not None and not osp.isfile(checkpoint):
+    if checkpoint is not None and local_file_missing(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
     # the checkpoint (or nothing) gives the weights: no pretrained download
     cfg.model.setdefault('backbone', {})['init_cfg'] = None
