@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 
@@ -114,3 +115,22 @@ def test_a_build_killed_while_compiling_blocks_nothing(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert third.returncode == 0, third.stderr[-3000:]
     assert 'prm_det:' not in third.stderr
+
+
+@pytest.mark.parametrize('isa', ['AVX512', 'DEFAULT'])
+def test_the_kernel_sources_compile_as_cxx17(isa):
+    """torch builds extensions as C++17 before 2.13 (as C++20 since: the
+    build the other tests use): a C++20-only std::bit_cast once broke the
+    build under torch 2.11. Checked on the widest and the plainest
+    instruction set."""
+    from torch.utils.cpp_extension import include_paths
+    includes = [f'-isystem{path}' for path in include_paths()] + [
+        f'-isystem{sysconfig.get_paths()["include"]}',
+        f'-I{osp.dirname(cpu.sources()[0])}']
+    proc = subprocess.run(
+        [os.environ.get('CXX', 'c++'), '-std=c++17', '-fsyntax-only',
+         '-DTORCH_EXTENSION_NAME=prm_det_cpu_check',
+         '-DTORCH_API_INCLUDE_EXTENSION_H', *cpu.compile_flags(isa),
+         *includes, *cpu.sources()],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -72,11 +72,17 @@ def _capability() -> str:
     return cap if cap in _ISA_FLAGS else 'DEFAULT'
 
 
-def _cflags() -> list:
+def compile_flags(isa: str) -> list:
+    """The kernel's compiler flags for an instruction set ('AVX512',
+    'AVX2' or 'DEFAULT'), besides the ``-std=`` torch's builder adds (C++17
+    before torch 2.13, C++20 since: the sources are both)."""
     # -fno-math-errno: lets loops with a square root vectorize (errno is
     # never read here)
-    return ['-O3', '-fopenmp', '-fno-math-errno',
-            *_ISA_FLAGS.get(_capability(), [])]
+    return ['-O3', '-fopenmp', '-fno-math-errno', *_ISA_FLAGS.get(isa, [])]
+
+
+def _cflags() -> list:
+    return compile_flags(_capability())
 
 
 def compiler_identity() -> str:

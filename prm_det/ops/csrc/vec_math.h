@@ -6,7 +6,6 @@
 #include <immintrin.h>
 #endif
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,9 +27,14 @@ typedef float vfloat __attribute__((vector_size(4 * kLanes)));
 typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
 #endif
 
-// 2^n for a float (or float lanes) n holding an integer in exp's range
+// 2^n for a float (or float lanes) n holding an integer in exp's range.
+// memcpy, not C++20's std::bit_cast: torch before 2.13 builds extensions
+// as C++17.
 inline float pow2i(float n) {
-  return std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
 }
 #if defined(__AVX512F__) || defined(__AVX2__)
 inline vfloat pow2i(vfloat n) {
