@@ -15,7 +15,7 @@ import torch
 from mmdet.registry import MODELS
 from torch._dynamo.backends.debugging import aot_eager
 
-from prm_det.ops import use_backend
+from prm_det.ops import backends, use_backend
 
 # (b, 3, h, w), no two equal sizes (Dynamo would otherwise specialize
 # the first square input's h == w)
@@ -136,6 +136,25 @@ def test_prm_resnet_compiles_whole_with_dynamic_sizes():
     blocks = sum(len(getattr(model, f'layer{i}')) for i in range(1, 5))
     assert prm_calls(check_train_steps(model, SIZES)) == blocks
     assert prm_calls(check_inference(model, SIZES)) == blocks
+
+
+def test_prm_sees_an_export_under_torch_export_only():
+    """The reference composition is for exporters; under torch.compile PRM
+    keeps its op. (torch.compile before torch 2.13 folds
+    torch.compiler.is_exporting() to True: asking it sent every compiled
+    PRM to the composition.)"""
+    def branch(x):
+        return x + 1 if backends._exporting() else x - 1
+
+    class Branch(torch.nn.Module):
+        def forward(self, x):
+            return branch(x)
+
+    x = torch.zeros(2)
+    compiled = torch.compile(branch, fullgraph=True, backend='eager')
+    assert torch.equal(compiled(x), x - 1)
+    exported = torch.export.export(Branch(), (x, ))
+    assert torch.equal(exported.module()(x), x + 1)
 
 
 @pytest.mark.parametrize('name', ['torch', 'triton'])

@@ -27,9 +27,8 @@ from ..contract import PRMOptions
 from . import cpu, torch_ops, triton_backend
 
 ENV_VAR = 'PRM_DET_BACKEND'
-BACKENDS = {'cpu': cpu, 'triton': triton_backend, 'torch': torch_ops}
+BACKENDS = {module.NAME: module for module in (cpu, triton_backend, torch_ops)}
 NAMES = tuple(BACKENDS) + ('reference',)
-_NAME_OF = {module: name for name, module in BACKENDS.items()}
 
 _forced = []  # use_backend's stack, innermost last
 _from_env = []  # PRM_DET_BACKEND, read once: [name or None]
@@ -67,13 +66,19 @@ def _env_choice() -> Optional[str]:
 
 
 def name_of(backend) -> str:
-    """A backend module's name (what the custom ops take)."""
-    return _NAME_OF[backend]
+    """A backend module's name (what the custom ops take). An attribute,
+    not a lookup keyed by the module: torch.compile before torch 2.13
+    cannot hash a module."""
+    return backend.NAME
 
 
 def _exporting() -> bool:
+    # torch.export sets torch.compiler._is_exporting_flag while it traces;
+    # the flag is read, not torch.compiler.is_exporting(): torch.compile
+    # before torch 2.13 folds that call to True, which sent every compiled
+    # PRM to the reference composition (torch 2.5 has neither)
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_exporting())
+            or getattr(torch.compiler, '_is_exporting_flag', False))
 
 
 @torch.compiler.assume_constant_result

@@ -52,6 +52,7 @@ _ISA_FLAGS = {
                '-mavx2', '-mfma'],
     'AVX2': ['-mavx2', '-mfma'],
 }
+NAME = 'cpu'  # what select and the custom ops call this backend
 DTYPES = (torch.float32, torch.float64)  # what the kernel computes in
 BUILD_TIME = '20-60 s'  # a first build on 2 cores, idle to busy
 

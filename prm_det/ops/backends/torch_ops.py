@@ -21,6 +21,7 @@ from ..contract import (BatchNorm, Forward, Gradients, Needs, PRMOptions,
                         PRMParams, PRMState, Saved)
 from ..reference import _TINY_VAR, axis_distances, gaussian
 
+NAME = 'torch'  # what select and the custom ops call this backend
 
 def check(c: Tensor) -> Optional[str]:
     return None  # any device, any floating dtype

@@ -32,6 +32,7 @@ from ..contract import (BatchNorm, Forward, Gradients, Needs, PRMOptions,
                         PRMParams, PRMState, Saved)
 from . import torch_ops, triton_plan
 
+NAME = 'triton'  # what select and the custom ops call this backend
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # kernels: the module once imported (False: failed); error: why not;
 # broken: why the kernels failed on this machine (then torch ops run)
