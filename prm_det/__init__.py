@@ -14,9 +14,12 @@ but broken raises as usual).
 """
 import importlib.util
 
+from .compat import MIN_TORCH, check_torch
 from .version import __version__
+
+check_torch()
 
 if importlib.util.find_spec('mmdet') is not None:
     from . import engine, models  # noqa: F401  (registration side effects)
 
-__all__ = ['__version__']
+__all__ = ['MIN_TORCH', '__version__', 'check_torch']

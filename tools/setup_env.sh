@@ -56,8 +56,8 @@ pin() {  # the pinned requirement line for a package, from requirements.txt
 }
 
 step "checking the Python interpreter ($python_bin)" \
-  "install Python 3.8-3.11 with venv support (Debian: apt-get install python3 python3-venv python3-dev) or point PYTHON at one"
-"$python_bin" -c 'import sys, venv; assert (3, 8) <= sys.version_info[:2] <= (3, 12), sys.version'
+  "install Python 3.10-3.12 with venv support (Debian: apt-get install python3 python3-venv python3-dev) or point PYTHON at one"
+"$python_bin" -c 'import sys, venv; assert (3, 10) <= sys.version_info[:2] <= (3, 12), sys.version'
 
 step "checking for a C++ compiler (${CXX:-c++}), needed to compile mmcv's ops" \
   "install one (Debian: apt-get install g++) or set CXX to a working compiler"
