@@ -23,6 +23,7 @@ from ..reference import _TINY_VAR, axis_distances, gaussian
 
 NAME = 'torch'  # what select and the custom ops call this backend
 
+
 def check(c: Tensor) -> Optional[str]:
     return None  # any device, any floating dtype
 
