@@ -8,7 +8,7 @@
 # Run (the device tool; carry [".gpu-kit"], timeout_s 600):
 #   . .gpu-kit/install.sh && bash benchmarks/gpu_run.sh
 #
-# Steps, in this order: 1, 4, 1b, 2, 3, 5 (each under its own time cap, all
+# Steps, in this order: 1, 4, 6, 1b, 2, 3, 5 (each under its own time cap, all
 # inside GPU_RUN_BUDGET_S seconds; a step that fails or runs out of time
 # does not stop the next):
 #   1. tests/test_cuda: the Triton kernels compiled on the GPU against the
@@ -27,6 +27,9 @@
 #   4. bench_compile.py: PRM-ResNet-50 and ResNet-50 training steps in
 #      eager mode and captured in CUDA graphs (torch.compile's
 #      reduce-overhead), the replay checked against eager first.
+#   6. check_syncbn.py: two processes (sharing the GPU through gloo on a
+#      one-GPU machine) train a SyncBN PRM-ResNet-50 step: PRM unfused, the
+#      statistics and gradients the whole batch's.
 #   5. tests/test_ops with TRITON_INTERPRET=1 (the CPU-tensor suite, as CI
 #      runs it: without it the suite's Triton cases refuse CPU tensors on a
 #      machine with CUDA), with what time is left.
@@ -152,6 +155,15 @@ fi
 run_step compile "${CAPS[5]}" "$PYTHON" benchmarks/bench_compile.py \
     --device "$DEVICE" "${COMPILE_ARGS[@]}" --out "$OUT/compile.md"
 
+# SyncBN with PRM across two processes (issue 28): unfused, synchronized
+if [ "$DEVICE" = cuda ]; then
+    run_step syncbn 90 "$PYTHON" -m torch.distributed.run \
+        --nproc_per_node 2 --master_port 29517 benchmarks/check_syncbn.py \
+        --out "$OUT/syncbn.md"
+else
+    echo "- syncbn: skipped (CUDA only)" >> "$OUT/status.txt"
+fi
+
 if [ "$DEVICE" = cuda ]; then
     run_step kernel_bandwidth "${CAPS[4]}" "$PYTHON" \
         benchmarks/kernel_bandwidth.py "${BANDWIDTH_ARGS[@]}" \
@@ -195,7 +207,7 @@ fi
             echo '```'
         fi
     done
-    for name in kernel_bandwidth block_tail backbones compile; do
+    for name in syncbn kernel_bandwidth block_tail backbones compile; do
         echo
         echo "## $name"
         echo

@@ -47,10 +47,13 @@ from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        UntrustedCheckpoint,
                                        check_checkpoint_fits,
                                        local_file_missing)
+from prm_det.engine.distributed import (  # noqa: E402
+    LauncherEnvironmentMissing, StoppedOnRank0, distributed_teardown,
+    init_distributed, on_rank_0)
 from prm_det.engine.hooks import write_text_atomically  # noqa: E402
 from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
                                    DatasetNotFound, check_dataset_files,
-                                   distributed_teardown, load_config)
+                                   load_config)
 
 AP_KEYS = (('AP', 'bbox_mAP'), ('AP50', 'bbox_mAP_50'),
            ('AP75', 'bbox_mAP_75'), ('APs', 'bbox_mAP_s'),
@@ -149,7 +152,6 @@ def build_cfg(args):
                 ]])
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
-    check_dataset_files(cfg, ['test_dataloader'])
     return cfg
 
 
@@ -179,6 +181,9 @@ def run(args):
     from mmdet.evaluation import DumpDetResults
     from mmdet.registry import RUNNERS
     cfg = build_cfg(args)
+    init_distributed(cfg)
+    # once for the job, before any rank builds a dataloader
+    on_rank_0(lambda: check_dataset_files(cfg, ['test_dataloader']))
     runner = (Runner.from_cfg(cfg)
               if 'runner_type' not in cfg else RUNNERS.build(cfg))
     if args.out is not None:
@@ -213,8 +218,10 @@ def main(argv=None):
         except (DatasetNotFound, DatasetInvalid, FileNotFoundError,
                 ConfigLoaderUnavailable, UntrustedCheckpoint,
                 UnusableCheckpoint, ChecksumMismatch,
-                CheckpointMismatch) as error:
+                CheckpointMismatch, LauncherEnvironmentMissing) as error:
             raise SystemExit(f'error: {error}')
+        except StoppedOnRank0 as error:
+            raise SystemExit(str(error))
 
 
 if __name__ == '__main__':

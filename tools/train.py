@@ -9,6 +9,10 @@ dataset stops at once with the ways out; ``--cfg-options data_root=...``
 moves the whole dataset; distributed runs without CUDA use gloo and a
 CPU-capable DDP wrapper; ``--resume`` without a file takes the newest
 complete checkpoint; checkpoints load as data unless ``--trust-checkpoint``.
+Under torchrun, srun (``--launcher slurm``, tools/slurm_train.sh) and mpirun
+alike, rank 0 alone holds the work_dir, removes partial checkpoints, picks
+the one to resume and checks the dataset, while the others wait; a job
+slurm requeues (preemption) resumes from the newest complete checkpoint.
 """
 import argparse
 import os
@@ -37,12 +41,14 @@ from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
 from prm_det.engine.hooks import (CheckpointDiskFull,  # noqa: E402
                                   latest_complete_checkpoint,
                                   remove_partials)
+from prm_det.engine.distributed import (  # noqa: E402
+    LauncherEnvironmentMissing, StoppedOnRank0, collective_timeout,
+    distributed_teardown, init_distributed, on_rank_0, world_size)
 from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
                                    DatasetNotFound, check_dataset_files,
-                                   collective_timeout, distributed_teardown,
                                    load_config)
-from prm_det.engine.work_dir_lock import WorkDirBusy, lock_work_dir  # noqa
-
+from prm_det.engine.work_dir_lock import (WorkDirBusy,  # noqa: E402
+                                          lock_work_dir, work_dir_holder)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a detector')
@@ -104,33 +110,54 @@ def build_cfg(args):
             raise SystemExit('--auto-scale-lr: the config has no '
                              'auto_scale_lr=dict(enable=..., '
                              'base_batch_size=...)')
-    # resume: an explicit checkpoint > the latest one in work_dir
-    if args.resume == 'auto':
-        # mmengine trusts `last_checkpoint`, which may name a file cut short
-        # by a kill, or be empty; take the newest whole checkpoint instead
-        cfg.load_from = latest_complete_checkpoint(cfg.work_dir)
-        cfg.resume = cfg.load_from is not None
-        if cfg.load_from is None:
-            print(f'--resume: no complete checkpoint in {cfg.work_dir}; '
-                  f'training from the start', flush=True)
-    elif args.resume is not None:
+    if args.resume is None and requeued_by_slurm(args.launcher):
+        args.resume = 'auto'
+    if args.resume not in (None, 'auto'):
         if local_file_missing(args.resume):
             raise SystemExit(f'--resume: checkpoint not found: {args.resume}')
         cfg.resume = True
         cfg.load_from = args.resume
+    return cfg
+
+
+def requeued_by_slurm(launcher):
+    """Whether slurm started this job again (``--requeue``, preemption):
+    it then resumes even without ``--resume``, as the first run would have
+    gone on."""
+    return launcher == 'slurm' and int(
+        os.environ.get('SLURM_RESTART_COUNT') or 0) > 0
+
+
+def prepare_work_dir(cfg, args):
+    """What one process does for the whole job, before any training (rank
+    0's, :func:`~prm_det.engine.distributed.on_rank_0`): hold the work_dir
+    (one training per work_dir), remove the parts of checkpoints a killed
+    training left (freeing their space), choose the checkpoint to resume
+    and check the dataset. Returns the checkpoint ``--resume`` without a
+    file resumes from (None: from the start, or not asked)."""
+    lock_work_dir(cfg.work_dir)
+    if cfg.launcher != 'none':
+        print(f'[prm_det] rank 0 of {world_size()} holds the work_dir '
+              f'{cfg.work_dir} for this {cfg.launcher} job: '
+              f'{work_dir_holder(cfg.work_dir)}', flush=True)
+    remove_partials(cfg.work_dir)
+    resume_from = None
+    if args.resume == 'auto':
+        if requeued_by_slurm(args.launcher):
+            print(f'slurm requeued this job (restart '
+                  f'{os.environ["SLURM_RESTART_COUNT"]}): resuming from the '
+                  f'newest complete checkpoint in {cfg.work_dir}', flush=True)
+        # mmengine trusts `last_checkpoint`, which may name a file cut short
+        # by a kill, or be empty; take the newest whole checkpoint instead
+        resume_from = latest_complete_checkpoint(cfg.work_dir)
+        if resume_from is None:
+            print(f'--resume: no complete checkpoint in {cfg.work_dir}; '
+                  f'training from the start', flush=True)
     loaders = ['train_dataloader']
     if cfg.get('val_cfg') is not None:
         loaders.append('val_dataloader')
     check_dataset_files(cfg, loaders)
-    return cfg
-
-
-def hold_work_dir(cfg):
-    """One training per work_dir (rank 0 holds it); parts of checkpoints a
-    killed training left are removed first, freeing their space."""
-    if int(os.environ.get('RANK', '0')) == 0:
-        lock_work_dir(cfg.work_dir)
-        remove_partials(cfg.work_dir)
+    return resume_from
 
 
 def train(cfg):
@@ -145,10 +172,17 @@ def main(argv=None):
     with distributed_teardown():
         try:
             cfg = build_cfg(args)
-            hold_work_dir(cfg)
+            init_distributed(cfg)
+            resume_from = on_rank_0(lambda: prepare_work_dir(cfg, args))
         except (DatasetNotFound, DatasetInvalid, FileNotFoundError,
-                ConfigLoaderUnavailable, WorkDirBusy) as error:
+                ConfigLoaderUnavailable, WorkDirBusy,
+                LauncherEnvironmentMissing) as error:
             raise SystemExit(f'error: {error}')
+        except StoppedOnRank0 as error:
+            raise SystemExit(str(error))
+        if args.resume == 'auto':
+            cfg.load_from = resume_from
+            cfg.resume = resume_from is not None
         try:
             train(cfg)
         except (PretrainedWeightsUnavailable, UntrustedCheckpoint,

@@ -2,9 +2,6 @@
 
 Kept out of the tools so that tests call the same code.
 """
-import contextlib
-import datetime
-import gc
 import json
 import logging
 import os
@@ -17,6 +14,7 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 
 from .configs import load_config_file, shipped_tool
+from .distributed import configure_launcher
 from .image_files import bad_images
 
 _URI = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')  # s3://, http://, ...
@@ -371,41 +369,6 @@ def _reads_generated_shapes(cfg: Config, loaders: Iterable[str]) -> bool:
                classes for _, ds, _, _ in _dataset_paths(cfg, loaders))
 
 
-def configure_launcher(cfg: Config, launcher: str) -> None:
-    """Set the launcher and, for distributed runs without CUDA, make them
-    work on CPU the mmengine way (configuration and a registered wrapper, no
-    patching):
-
-    * the gloo backend (``env_cfg.dist_cfg.backend``) instead of nccl;
-    * ``model_wrapper_cfg=dict(type='DeviceAwareDDP')``, a DDP wrapper that
-      drops the ``device_ids`` the Runner passes, which torch refuses for a
-      CPU module;
-    * with torchrun (``--launcher pytorch``) the process group is started
-      here with gloo: mmengine 0.10.7's ``init_dist`` calls
-      ``torch.cuda.set_device`` first, which a CPU build of torch lacks, and
-      the Runner skips ``init_dist`` when a group already exists.
-    """
-    cfg.launcher = launcher
-    if launcher == 'none' or torch.cuda.is_available():
-        return
-    env_cfg = cfg.setdefault('env_cfg', {})
-    dist_cfg = env_cfg.setdefault('dist_cfg', {})
-    if dist_cfg.get('backend', 'nccl') == 'nccl':
-        dist_cfg['backend'] = 'gloo'
-    if cfg.get('model_wrapper_cfg') is None:
-        cfg.model_wrapper_cfg = dict(
-            type='DeviceAwareDDP',
-            find_unused_parameters=cfg.get('find_unused_parameters', False))
-    if launcher == 'pytorch' and not torch.distributed.is_initialized():
-        options = {k: v for k, v in dist_cfg.items()
-                   if k not in ('backend', 'init_backend')}
-        if 'timeout' in options:
-            options['timeout'] = datetime.timedelta(
-                seconds=options['timeout'])
-        torch.distributed.init_process_group(backend=dist_cfg['backend'],
-                                             **options)
-
-
 def load_config(path: str, cfg_options: Optional[dict] = None,
                 launcher: str = 'none') -> Config:
     """Config.fromfile + --cfg-options (with ``data_root`` moving the whole
@@ -421,48 +384,3 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
         cfg.merge_from_dict(cfg_options)
     configure_launcher(cfg, launcher)
     return cfg
-
-
-def collective_timeout(error: BaseException, cfg: Config) -> Optional[str]:
-    """A message for a distributed run whose collective timed out, naming
-    the setting; None for any other error."""
-    text = str(error)
-    if not (torch.distributed.is_available()
-            and torch.distributed.is_initialized()) or not re.search(
-                r'timed? ?out', text, re.IGNORECASE):
-        return None
-    timeout = ((cfg.get('env_cfg') or {}).get('dist_cfg') or {}).get(
-        'timeout', 1800)
-    first = text.strip().splitlines()[0] if text.strip() else repr(error)
-    return (f'no answer from another rank within {timeout} s '
-            f'(env_cfg.dist_cfg.timeout): a rank stalled or died '
-            f'({first}). torchrun stops the other ranks; --resume continues '
-            f'from the last checkpoint. If one rank legitimately works that '
-            f'long alone (evaluating a large split), raise the timeout: '
-            f'--cfg-options env_cfg.dist_cfg.timeout=SECONDS')
-
-
-@contextlib.contextmanager
-def distributed_teardown() -> Iterator[None]:
-    """Run a tool's work, then :func:`finish_distributed` if it succeeded.
-
-    On an error nothing waits on the other ranks: a barrier there would
-    hang on a rank that died or stalled (until the collective timeout,
-    ``env_cfg.dist_cfg.timeout``). The process exits with the error and
-    torchrun stops the other ranks.
-    """
-    yield
-    finish_distributed()
-
-
-def finish_distributed() -> None:
-    """Tear the process group down before the interpreter exits, once every
-    rank is done and the objects using it (the Runner, its DDP wrapper) are
-    gone: a gloo group left to interpreter shutdown, or destroyed under a
-    live DDP reducer, can abort the process ("terminate called without an
-    active exception"), which torchrun reports as a failure."""
-    if torch.distributed.is_available() and \
-            torch.distributed.is_initialized():
-        gc.collect()
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -60,6 +60,16 @@ def lock_work_dir(work_dir: str) -> bool:
     return True
 
 
+def work_dir_holder(work_dir: str) -> str:
+    """Who holds ``work_dir``, as its lock file says ('' when no one
+    wrote it)."""
+    try:
+        with open(osp.join(work_dir, LOCK_NAME)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ''
+
+
 def unlock_work_dir(work_dir: str) -> None:
     handle = _held.pop(osp.realpath(work_dir), None)
     if handle is not None:

@@ -112,6 +112,7 @@ def test_wheel_holds_the_configs_tools_and_model_index_where_mim_looks(
         elif path.startswith('configs/'):
             expected.add('prm_det/.mim/configs/' + path)
     assert 'prm_det/.mim/tools/train.py' in expected
+    assert 'prm_det/.mim/tools/slurm_train.sh' in expected
     assert 'prm_det/.mim/configs/configs/retinanet_prm_r50.py' in expected
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())

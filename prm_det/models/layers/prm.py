@@ -16,13 +16,32 @@ from prm_det.ops.functions import check_batch_statistics
 from ..registry import register_model
 
 
+def _plain_batch_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` computes torch's BatchNorm on a 4-d map:
+    ``nn.BatchNorm2d``, or a subclass of torch's batch norm base that keeps
+    its forward and accepts any input rank (mmengine's SyncBN
+    replacement)."""
+    if isinstance(norm, nn.BatchNorm2d):
+        return type(norm).forward is nn.BatchNorm2d.forward
+    base = nn.modules.batchnorm._BatchNorm
+    return (isinstance(norm, base) and type(norm).forward is base.forward
+            and not isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm3d,
+                                      nn.SyncBatchNorm)))
+
+
 def batch_norm_of(norm: nn.Module, c: Tensor) -> Optional[BatchNorm]:
     """An ``nn.BatchNorm2d`` about to normalize ``c`` as the op's
     :class:`BatchNorm` (tensors and settings), with the bookkeeping of
     torch's ``_BatchNorm.forward`` (``num_batches_tracked``, the momentum
-    factor) once ``c`` is known to be acceptable; None for any other
-    norm."""
-    if type(norm) is not nn.BatchNorm2d:
+    factor) once ``c`` is known to be acceptable; None for any other norm,
+    which then runs as a module: SyncBN (its statistics come from every
+    rank) and any norm with a forward of its own.
+
+    The op takes ``nn.BatchNorm2d`` and the BatchNorm that mmengine puts in
+    place of SyncBN where it cannot run (a run that is not distributed, or a
+    distributed one on CPU: ``revert_sync_batchnorm``), whose forward is
+    BatchNorm2d's without the input-rank check."""
+    if not _plain_batch_norm(norm):
         return None
     buffers = norm._buffers
     check_batch_statistics(
