@@ -202,6 +202,8 @@ def run(args):
         # whole or not at all: a program waiting for it reads no part
         write_text_atomically(args.metrics_out,
                               json.dumps(metrics, indent=2, default=float))
+    if not is_main_process():  # every rank has the metrics: one table
+        return metrics
     if any(k.endswith('bbox_mAP') for k in metrics):
         print('\nCOCO box AP (%):\n' + format_ap_table(metrics), flush=True)
     elif not metrics:

@@ -9,7 +9,6 @@ import os.path as osp
 import re
 from typing import Iterable, Iterator, List, Optional, Tuple
 
-import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
