@@ -171,9 +171,10 @@ def test_mpirun_two_ranks_train_and_test(tiny_data, tmp_path):
     assert len(parse_ap_table(out)) == 6
 
 
-def test_torchrun_two_nodes_on_localhost(tiny_data, tmp_path):
+def test_torchrun_two_nodes_on_localhost_with_syncbn(tiny_data, tmp_path):
     """dist_train.sh as each of two nodes runs it (NNODES=2, NODE_RANK),
-    one process each."""
+    one process each, with a SyncBN backbone: on CPU it trains with plain
+    BatchNorm, saying so once."""
     work = str(tmp_path / 'work')
     port = str(free_port())
     nodes = []
@@ -182,11 +183,15 @@ def test_torchrun_two_nodes_on_localhost(tiny_data, tmp_path):
                           PYTHON=sys.executable, OMP_NUM_THREADS='1')
         nodes.append(subprocess.Popen(
             ['bash', tool('dist_train.sh'), CONFIG, '1', '--work-dir', work]
-            + tiny_options(tiny_data), cwd=str(tmp_path), env=env,
+            + tiny_options(tiny_data) + [
+                'model.backbone.norm_cfg.type=SyncBN',
+                'model.backbone.norm_eval=False'],
+            cwd=str(tmp_path), env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [proc.communicate(timeout=600)[0] for proc in nodes]
     for proc, out in zip(nodes, outs):
         assert proc.returncode == 0, out[-3000:]
-    assert "".join(outs).count('[prm_det] rank 0 of 2 holds the work_dir') \
-        == 1
+    out = ''.join(outs)
+    assert out.count('[prm_det] rank 0 of 2 holds the work_dir') == 1
+    assert out.count('SyncBN needs CUDA: on this CPU run its') == 1
     assert checkpoint_meta(osp.join(work, 'epoch_1.pth'))['iter'] == 2
