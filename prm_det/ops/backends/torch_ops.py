@@ -94,11 +94,23 @@ def _gain(params: PRMParams, stats: Tensor, options: PRMOptions,
     return lam * inv, inv
 
 
-def _gate(sc: _Scores, stats: Tensor, params: PRMParams,
+def _centered(s: Tensor, stats: Tensor, options: PRMOptions) -> Tensor:
+    """S less its mean over the positions (the mean is 0 without the
+    normalization). With the normalization and one position it is exactly
+    0, as forward computes it (s - s): backward recomputes S from the
+    normalized input, whose last bits can differ from forward's, and the
+    gain 1 / (std + eps) (1e5 there) would magnify them into the gate and
+    the gradients."""
+    if options.use_norm and s.shape[1] == 1:
+        return torch.zeros_like(s)
+    return s - stats[:, :1]
+
+
+def _gate(centered: Tensor, stats: Tensor, params: PRMParams,
           options: PRMOptions, batch: int) -> Tensor:
     gain, _ = _gain(params, stats, options, batch)
     xi = _per_instance(params.bias, batch, options.groups)
-    return torch.addcmul(xi, sc.s - stats[:, :1], gain).sigmoid_()  # [n, P]
+    return torch.addcmul(xi, centered, gain).sigmoid_()  # [n, P]
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -158,7 +170,8 @@ def forward(c: Tensor, norm: Optional[BatchNorm], identity: Optional[Tensor],
         else:
             stats = sc.s.new_zeros(n, 2)
             stats[:, 1] = 1.0
-        gate = _gate(sc, stats, params, options, b)
+        gate = _gate(_centered(sc.s, stats, options), stats, params, options,
+                     b)
         y = torch.empty(xg.shape, dtype=dtype, device=c.device)
         if identity is None:
             torch.mul(xg, gate[:, None, :], out=y)
@@ -223,9 +236,9 @@ def _gate_backward(x: Tensor, gy: Tensor, state: PRMState, params: PRMParams,
     stats = state.stats.to(x.dtype)
     sc = _scores(xg, h, w, state.query_index, query, context, params,
                  options)
-    gate = _gate(sc, stats, params, options, b)
+    centered = _centered(sc.s, stats, options)
+    gate = _gate(centered, stats, params, options, b)
     gain, inv = _gain(params, stats, options, b)
-    centered = sc.s - stats[:, :1]
     std = stats[:, 1:]
 
     # y = x * gate: the gate's gradient sums over the group's channels
