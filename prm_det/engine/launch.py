@@ -353,7 +353,9 @@ def check_dataset_files(cfg: Config, loaders: Iterable[str]) -> None:
                 'val2017/ from cocodataset.org), or\n'
                 '  * point at your copy: --cfg-options data_root=/path/to/coco/'
                 ', or\n'
-                '  * try the embedded demo on generated data: make demo')
+                '  * try the embedded demo on generated data (it writes '
+                'data/prm_demo/ and work_dirs/demo/ here): python '
+                f'{shipped_tool("demo.py")}')
     raise DatasetNotFound(
         'The dataset is not where the config says:\n  ' +
         '\n  '.join(missing) + '\nWays out:\n' + ways)
