@@ -2,7 +2,7 @@
 
 The kernel runs PRM's forward and backward one channel group at a time while
 the group's block sits in cache: three passes over the map in forward (after
-one for BatchNorm's batch statistics in training) and three in backward,
+one for BatchNorm's batch statistics in training) and two in backward,
 mostly from cache, against the dozens of eager passes torch ops need.
 BatchNorm is applied as the passes read the convolution's output, so its
 normalized map is never written, and its backward is fused in. It is built
