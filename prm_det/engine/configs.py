@@ -1,21 +1,29 @@
 """prm_det's configs as mmengine's config loader reads them.
 
-* ``import prm_det`` lets a user's config inherit ours from the installed
-  package: ``_base_ = 'prm_det::configs/retinanet_prm_r50.py'``. mmengine
-  resolves ``PKG::PATH`` to ``PKG/.mim/configs/PATH`` (where the wheel puts
-  this repository's ``configs/`` under ``configs/``, see setup.py) only for
-  the packages named in its ``MODULE2PACKAGE`` table (module name to pip
-  name), which lists OpenMMLab's own: prm_det adds itself there (and
-  :mod:`prm_det.registry` gives the ``prm_det`` scope such bases get).
-  mmengine reads ``_base_`` before ``custom_imports``, so prm_det must be
-  imported first: our tools, ``mim train prm_det`` and ``mim test prm_det``
-  do that.
+* ``import prm_det`` lets a user's config inherit ours:
+  ``_base_ = 'prm_det::configs/retinanet_prm_r50.py'``. mmengine accepts
+  ``PKG::PATH`` only for the packages named in its ``MODULE2PACKAGE`` table
+  (module name to pip name), which lists OpenMMLab's own: prm_det adds
+  itself there (and :mod:`prm_det.registry` gives the ``prm_det`` scope
+  such bases get). mmengine reads ``_base_`` before ``custom_imports``, so
+  prm_det must be imported first: our tools, ``mim train prm_det`` and
+  ``mim test prm_det`` do that.
+* mmengine resolves ``PKG::PATH`` to ``PKG/.mim/configs/PATH`` of the
+  distribution pip knows by that name: the wheel's copy of this
+  repository's ``configs/`` (setup.py). A checkout's package (its tools put
+  it first on ``sys.path``) and an editable install (``pip install -e .``,
+  where pip's record points at site-packages) have no ``.mim/``, and
+  mmengine stops at a missing ``.mim/model-index.yml``. So prm_det resolves
+  its own bases itself (:func:`resolve_base`), from the package that is
+  imported: the wheel's ``.mim/configs/PATH``, or the checkout's ``PATH``
+  beside the package; bases of other packages go to mmengine as before.
 * mmengine reads every ``PKG::`` base (``mmdet::`` in each of our configs)
   with ``pkg_resources``, which setuptools 81 removed.
   :func:`load_config_file` says so, with the one-line fix, instead of
   mmengine's traceback.
 """
 import os.path as osp
+from typing import Optional
 
 from mmengine.config import Config
 
@@ -27,11 +35,20 @@ class ConfigLoaderUnavailable(ImportError):
     """mmengine's config loader lacks ``pkg_resources``."""
 
 
+class ConfigBaseNotFound(FileNotFoundError):
+    """A ``prm_det::PATH`` base names no config of the prm_det imported."""
+
+
+def _package_dir() -> str:
+    """The folder of the prm_det package imported here."""
+    return osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
 def shipped_tool(name: str) -> str:
     """The path of ``tools/NAME``: the checkout's, or the installed
     package's (``prm_det/.mim/tools/``); shown relative to the working
     directory when it is under it."""
-    package = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    package = _package_dir()
     installed = osp.join(package, '.mim', 'tools', name)
     path = installed if osp.exists(installed) else osp.join(
         osp.dirname(package), 'tools', name)
@@ -39,10 +56,74 @@ def shipped_tool(name: str) -> str:
     return path if relative.startswith('..') else relative
 
 
+def _checkout_root() -> Optional[str]:
+    """The repository around the imported package when it is a checkout's
+    (run by the checkout's tools, or installed with ``pip install -e .``):
+    no wheel ``.mim/`` in the package, the repository's ``configs/`` and
+    ``model-index.yml`` beside it."""
+    package = _package_dir()
+    root = osp.dirname(package)
+    if (not osp.isdir(osp.join(package, '.mim'))
+            and osp.isdir(osp.join(root, 'configs'))
+            and osp.isfile(osp.join(root, 'model-index.yml'))):
+        return root
+    return None
+
+
+def resolve_base(path: str) -> str:
+    """The file of ``_base_ = 'prm_det::PATH'`` (PATH as in this repository,
+    ``configs/...``) for the prm_det imported here: the wheel's
+    ``prm_det/.mim/configs/PATH``, or the checkout's ``PATH``; else
+    :class:`ConfigBaseNotFound` naming the places looked at and the fix."""
+    path = path[len(PACKAGE) + 2:] if path.startswith(PACKAGE + '::') \
+        else path
+    package = _package_dir()
+    root = _checkout_root()
+    folder = root if root is not None else osp.join(package, '.mim',
+                                                    'configs')
+    candidate = osp.join(folder, path)
+    if osp.isfile(candidate):
+        return candidate
+    if osp.isdir(folder):
+        fix = ("name a file under prm_det's configs/ by its path in the "
+               "repository, e.g. _base_ = "
+               "'prm_det::configs/retinanet_prm_r50.py'")
+        if osp.isfile(osp.join(folder, 'configs', path)):
+            fix = f"_base_ = 'prm_det::configs/{path}'"
+        raise ConfigBaseNotFound(
+            f"_base_ = 'prm_det::{path}': no such config in prm_det "
+            f"({candidate} does not exist). Fix: {fix}")
+    raise ConfigBaseNotFound(
+        f"_base_ = 'prm_det::{path}': the prm_det imported ({package}) has "
+        f"neither the wheel's .mim/configs/ nor a checkout's configs/ beside "
+        f"it, so it has no configs to inherit. Fix: install prm_det from its "
+        f"wheel or checkout (pip install prm_det-*.whl, pip install "
+        f"/path/to/checkout, or pip install -e /path/to/checkout), run a "
+        f"checkout's tools/, or name the base by its file path "
+        f"(_base_ = '/path/to/checkout/{path}')")
+
+
 def register_config_scope() -> None:
-    """Make ``prm_det::PATH`` a base mmengine can load."""
+    """Make ``prm_det::PATH`` a base mmengine can load, from a wheel, an
+    editable install or a checkout alike (:func:`resolve_base`)."""
     from mmengine.config import utils
     utils.MODULE2PACKAGE.setdefault(PACKAGE, PACKAGE)
+    original = Config.__dict__.get('_get_cfg_path')
+    # mmengine 0.7 to 0.10: a staticmethod (cfg_path, filename) -> (path,
+    # scope) that _file2dict calls for each base; wrapped once
+    if not isinstance(original, staticmethod) or getattr(
+            original.__func__, 'resolves_prm_det', False):
+        return
+    mmengine_get_cfg_path = original.__func__
+
+    def _get_cfg_path(cfg_path: str, filename: str):
+        if cfg_path.startswith(PACKAGE + '::'):
+            return resolve_base(cfg_path), PACKAGE
+        return mmengine_get_cfg_path(cfg_path, filename)
+
+    _get_cfg_path.resolves_prm_det = True
+    _get_cfg_path.__doc__ = mmengine_get_cfg_path.__doc__
+    Config._get_cfg_path = staticmethod(_get_cfg_path)
 
 
 def load_config_file(path: str) -> Config:
