@@ -18,6 +18,7 @@ its published model definition:
 """
 import importlib.util
 import os.path as osp
+import sys
 
 import pytest
 import torch
@@ -172,3 +173,74 @@ def test_an_unknown_checkpoint_is_refused_with_the_reason():
     tool = load_tool()
     with pytest.raises(tool.ConversionError, match='not an SE-ResNet'):
         tool.convert({'conv1.weight': torch.zeros(1)})
+
+
+def without_num_batches_tracked(state_dict):
+    """As checkpoints saved before PyTorch 0.4.1 (and many published ones):
+    BatchNorms with no ``num_batches_tracked``."""
+    stripped = {k: v for k, v in state_dict.items()
+                if not k.endswith('.num_batches_tracked')}
+    assert len(stripped) < len(state_dict)
+    return stripped
+
+
+def loaded_by_torch(state_dict, depth):
+    """SEResNet after PyTorch's own ``load_state_dict`` of ``state_dict``
+    (prm_det's keys), which fills a missing ``num_batches_tracked``."""
+    model = MODELS.build(dict(type='SEResNet', depth=depth))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def test_a_state_dict_without_num_batches_tracked_converts_as_torch_loads_it():
+    tool = load_tool()
+    source = without_num_batches_tracked(timm_state_dict(50))
+    result = tool.convert(source)
+    assert result.unmapped == []
+    tool.check_against_seresnet(result.state_dict, 50)  # nothing missing
+    assert result.state_dict['layer2.0.downsample.1.num_batches_tracked'] \
+        .dtype == torch.long
+    converted = load_strictly(result.state_dict, 50).state_dict()
+    renamed = {k: v for k, v in result.state_dict.items()
+               if not k.endswith('.num_batches_tracked')}
+    expected = loaded_by_torch(renamed, 50).state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+    assert all(converted[k] == 0 for k in converted
+               if k.endswith('.num_batches_tracked'))
+
+
+def test_num_batches_tracked_of_the_source_is_kept():
+    tool = load_tool()
+    source = timm_state_dict(50)  # num_batches_tracked = 7 everywhere
+    result = tool.convert(source)
+    assert result.state_dict['bn1.num_batches_tracked'] == 7
+    assert result.state_dict['layer4.2.bn3.num_batches_tracked'] == 7
+
+
+@pytest.mark.slow
+def test_command_line_converts_a_file_without_num_batches_tracked_quietly(
+        tmp_path):
+    """The converter run as a user runs it, from their folder, on an
+    MMPretrain checkpoint whose BatchNorms have no num_batches_tracked: it
+    converts without a word about that buffer, and the file loads strictly
+    as PyTorch's load_state_dict loads the source."""
+    from mmengine.runner import load_checkpoint
+    from tool_runs import ok, outside_env, run_tool
+    source = without_num_batches_tracked(mmpretrain_state_dict(50))
+    src, dst = tmp_path / 'seresnet50_old.pth', tmp_path / 'se_r50.pth'
+    torch.save(dict(state_dict=source), src)
+    out = ok(run_tool([sys.executable, osp.join(
+        REPO, 'tools', 'model_converters', 'seresnet2prm_det.py'), src.name,
+        dst.name], cwd=str(tmp_path), env=outside_env()))
+    assert 'mmpretrain layout, SE-ResNet-50' in out
+    assert f'saved {dst.name}' in out
+    assert 'num_batches_tracked' not in out and 'not mapped' not in out
+    model = MODELS.build(dict(type='SEResNet', depth=50))
+    load_checkpoint(model, str(dst), strict=True)
+    renamed = {k[len('backbone.'):].replace('.se_layer.', '.se.'): v
+               for k, v in source.items() if k.startswith('backbone.')}
+    expected = loaded_by_torch(renamed, 50).state_dict()
+    converted = model.state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)

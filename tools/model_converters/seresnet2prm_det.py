@@ -24,7 +24,10 @@ Key layouts, as the sources' model definitions name them:
 
 Every converted key is checked against a freshly built ``SEResNet`` of the
 same depth (names and shapes); source keys that map to nothing are listed,
-and the classifier is dropped (a detector has none).
+and the classifier is dropped (a detector has none). A BatchNorm saved
+without ``num_batches_tracked`` (checkpoints from before PyTorch 0.4.1, and
+many published ones) gets it as PyTorch's own ``load_state_dict`` fills it:
+0, the buffer's default (used only when a BatchNorm has ``momentum=None``).
 """
 import argparse
 import os.path as osp
@@ -113,7 +116,24 @@ def convert(state_dict: Dict[str, torch.Tensor],
             converted[name] = value
         else:
             unmapped.append(key)
-    return Conversion(converted, source, dropped, unmapped)
+    return Conversion(with_num_batches_tracked(converted), source, dropped,
+                      unmapped)
+
+
+def with_num_batches_tracked(
+        state_dict: 'OrderedDict[str, torch.Tensor]'
+) -> 'OrderedDict[str, torch.Tensor]':
+    """``state_dict`` with ``num_batches_tracked`` after each BatchNorm's
+    ``running_var`` that has none: 0, as ``nn.BatchNorm2d`` loads a state
+    dict saved before the buffer existed."""
+    filled = OrderedDict()
+    for key, value in state_dict.items():
+        filled[key] = value
+        if key.endswith('.running_var'):
+            tracked = key[:-len('running_var')] + 'num_batches_tracked'
+            if tracked not in state_dict:
+                filled[tracked] = torch.tensor(0, dtype=torch.long)
+    return filled
 
 
 def infer_depth(state_dict: Dict[str, torch.Tensor]) -> int:
