@@ -1,4 +1,7 @@
-"""`make demo`: train PRM-RetinaNet on generated shapes, then report COCO AP.
+"""The demo: train PRM-RetinaNet on generated shapes, then report COCO AP.
+
+    python tools/demo.py [ARGS of tools/train.py]      # a checkout (make demo)
+    python .../site-packages/prm_det/.mim/tools/demo.py  # installed prm_det
 
 1. writes the shapes dataset to data/prm_demo/ (once; kept afterwards),
 2. trains configs/demo/retinanet_prm_r18_shapes.py with tools/train.py
@@ -77,10 +80,13 @@ def main(argv=None):
     print(f'[demo] data: {DATA_ROOT}/, {sizes["train"]} train and '
           f'{sizes["val"]} val images', flush=True)
     if (sizes['train'], sizes['val']) != (DEMO_NUM_TRAIN, DEMO_NUM_VAL):
+        # `make` only where the tool sits in a checkout (not prm_det/.mim/)
+        remove = (f'`make clean-demo` (or removing {DATA_ROOT}/)'
+                  if osp.isfile(osp.join(ROOT, 'Makefile')) else
+                  f'removing {DATA_ROOT}/')
         print(f'[demo] warning: the demo\'s numbers are for {DEMO_NUM_TRAIN} '
-              f'train and {DEMO_NUM_VAL} val images; `make clean-demo` (or '
-              f'removing {DATA_ROOT}/) writes them on the next run',
-              flush=True)
+              f'train and {DEMO_NUM_VAL} val images; {remove} writes them on '
+              f'the next run', flush=True)
     print(f'[demo] training {CONFIG} (work dir {WORK_DIR})', flush=True)
     train_tool.main([CONFIG, '--work-dir', WORK_DIR] + argv)
     with open(osp.join(WORK_DIR, 'last_checkpoint')) as f:

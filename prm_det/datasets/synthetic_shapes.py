@@ -20,7 +20,7 @@ Layout written under ``root``::
 import json
 import os
 import os.path as osp
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -100,6 +100,21 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int,
 # the demo's split sizes (`make demo`, tools/make_shapes.py's defaults)
 DEMO_NUM_TRAIN = 2000
 DEMO_NUM_VAL = 500
+# shape sides as fractions of the image side: 24 to 72 px in the demo's 128
+MIN_SIZE_FRACTION = 3 / 16
+MAX_SIZE_FRACTION = 9 / 16
+MIN_SHAPE_SIZE = 4  # px: the smallest shape side generate() takes
+
+
+def shape_sizes(image_size: int) -> Tuple[int, int]:
+    """``(min_size, max_size)`` of the shapes in images of ``image_size``
+    pixels: 3/16 and 9/16 of it (24 and 72 at 128), at least 4 pixels."""
+    if image_size < MIN_SHAPE_SIZE:
+        raise ValueError(f'image_size must be at least {MIN_SHAPE_SIZE} '
+                         f'pixels, got {image_size}')
+    min_size = max(MIN_SHAPE_SIZE, round(image_size * MIN_SIZE_FRACTION))
+    max_size = max(min_size, round(image_size * MAX_SIZE_FRACTION))
+    return min_size, max_size
 
 
 def generate(root: str,
@@ -107,8 +122,8 @@ def generate(root: str,
              num_val: int = DEMO_NUM_VAL,
              image_size: int = 128,
              max_objects: int = 3,
-             min_size: int = 24,
-             max_size: int = 72,
+             min_size: Optional[int] = None,
+             max_size: Optional[int] = None,
              seed: int = 0) -> Dict[str, str]:
     """Write the dataset under ``root``; returns the annotation file paths.
 
@@ -117,14 +132,24 @@ def generate(root: str,
         num_train, num_val (int): Images per split.
         image_size (int): Side of the square images, in pixels.
         max_objects (int): Up to this many shapes per image (at least one).
-        min_size, max_size (int): Range of shape widths and heights.
+        min_size, max_size (int, optional): Range of shape widths and
+            heights; by default from ``image_size`` (:func:`shape_sizes`:
+            24 to 72 at 128).
         seed (int): Everything is a function of it.
     """
     if num_train < 1 or num_val < 1:
         raise ValueError('num_train and num_val must be at least 1')
+    default_min, default_max = shape_sizes(image_size)
+    if min_size is None:
+        min_size = (default_min if max_size is None else
+                    min(default_min, max_size))
+    if max_size is None:
+        max_size = max(default_max, min_size)
     if not 4 <= min_size <= max_size <= image_size:
         raise ValueError(f'need 4 <= min_size <= max_size <= image_size, got '
-                         f'{min_size}, {max_size}, {image_size}')
+                         f'{min_size}, {max_size}, {image_size}: give shape '
+                         f'sizes that fit the image, or none for 3/16 to '
+                         f'9/16 of its side')
     categories = [dict(id=i + 1, name=name, supercategory='shape')
                   for i, name in enumerate(CLASSES)]
     paths = {}

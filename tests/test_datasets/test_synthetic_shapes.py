@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from prm_det.datasets.synthetic_shapes import CLASSES, generate
+from prm_det.datasets.synthetic_shapes import CLASSES, generate, shape_sizes
 
 
 def digest(root):
@@ -69,3 +69,52 @@ def test_same_seed_same_dataset_other_seed_other_dataset(tmp_path):
 def test_bad_sizes_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match='min_size'):
         generate(str(tmp_path), image_size=64, min_size=80, max_size=90)
+
+
+def test_shape_sizes_follow_the_image_size():
+    assert shape_sizes(128) == (24, 72)  # the demo's
+    assert shape_sizes(64) == (12, 36)
+    assert shape_sizes(256) == (48, 144)
+    assert shape_sizes(16) == (4, 9)  # never under 4 pixels
+    with pytest.raises(ValueError, match='image_size must be at least 4'):
+        shape_sizes(3)
+
+
+def test_a_small_image_gets_shapes_that_fit_it(tmp_path):
+    paths = generate(str(tmp_path), num_train=12, num_val=2, image_size=64,
+                     seed=5)
+    coco = json.load(open(paths['train']))
+    assert {(i['width'], i['height']) for i in coco['images']} == {(64, 64)}
+    sides = [s for a in coco['annotations'] for s in a['bbox'][2:]]
+    # 9/16 of 64; cv2 draws an ellipse of half-axis w // 2 around a center
+    # pixel, up to one pixel wider than w
+    assert sides and max(sides) <= 36 + 1
+    for a in coco['annotations']:
+        x, y, w, h = a['bbox']
+        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
+
+
+def test_the_demos_image_size_keeps_the_demos_shapes(tmp_path):
+    """Sizes from image_size leave the demo's dataset (128 px, shapes of
+    24 to 72) as it was."""
+    generate(str(tmp_path / 'a'), num_train=4, num_val=2, seed=7)
+    generate(str(tmp_path / 'b'), num_train=4, num_val=2, seed=7,
+             image_size=128, min_size=24, max_size=72)
+    assert digest(tmp_path / 'a') == digest(tmp_path / 'b')
+
+
+def test_one_size_given_the_other_follows_the_image_size(tmp_path):
+    # a min_size above the default max (36): max_size rises to it
+    generate(str(tmp_path / 'a'), num_train=6, num_val=1, image_size=64,
+             max_objects=1, min_size=40, seed=1)
+    sides = [s for a in json.load(open(
+        tmp_path / 'a' / 'annotations' / 'instances_train.json'))[
+            'annotations'] for s in a['bbox'][2:]]
+    assert len(sides) == 12 and min(sides) >= 40 - 1
+    # a max_size below the default min: min_size comes down to it
+    generate(str(tmp_path / 'b'), num_train=1, num_val=1, image_size=64,
+             max_size=8, seed=1)
+    sides = [s for a in json.load(open(
+        tmp_path / 'b' / 'annotations' / 'instances_train.json'))[
+            'annotations'] for s in a['bbox'][2:]]
+    assert max(sides) <= 8 + 1
