@@ -3,10 +3,14 @@
 ``import prm_det`` registers the attention modules (``PRM``, ``SE``; GC is
 mmcv's ``ContextBlock``) and the backbones (``PRMResNet``, ``SEResNet``,
 ``GCResNet``, ``AttentionResNet``) into mmdet's ``MODELS`` registry, a model
-wrapper for distributed CPU training, and a ``torchvision://`` checkpoint
-loader that needs no torchvision. Configs load it with::
+wrapper for distributed CPU training and the ``prm_det::`` config scope.
+It changes none of mmengine's checkpoint loaders: prm_det's, which load
+every checkpoint as data (and ``torchvision://`` without torchvision), are
+switched on by :func:`prm_det.engine.install_safe_loading`, which its tools
+call, or by importing :mod:`prm_det.safe_loading`. Configs load both with::
 
-    custom_imports = dict(imports=['prm_det'], allow_failed_imports=False)
+    custom_imports = dict(imports=['prm_det', 'prm_det.safe_loading'],
+                          allow_failed_imports=False)
 
 The PRM tensor math in :mod:`prm_det.ops` needs torch alone; registration is
 skipped only when mmdet is not installed at all (an mmdet that is installed

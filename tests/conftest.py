@@ -69,6 +69,19 @@ def _mmdet_scope():
     register_all_modules()
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _safe_checkpoint_loading():
+    """Checkpoints load as data in this process, as in prm_det's tools
+    (they call this) and under its configs (custom_imports): importing
+    prm_det alone changes no loader (test_checkpoint_safety, in a fresh
+    interpreter)."""
+    try:
+        from prm_det.engine import install_safe_loading
+    except ImportError:  # test_setup runs before the stack is installed
+        return
+    install_safe_loading()
+
+
 @pytest.fixture(scope='session')
 def repo():
     os.chdir(REPO)

@@ -38,9 +38,10 @@ from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
+import prm_det  # noqa: E402,F401  (registers modules and wrappers)
 from prm_det.engine import (ChecksumMismatch,  # noqa: E402
-                            ConfigLoaderUnavailable)
+                            ConfigLoaderUnavailable,
+                            install_safe_loading)
 from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        CheckpointMismatch,
                                        UnusableCheckpoint,
@@ -213,6 +214,7 @@ def run(args):
 
 
 def main(argv=None):
+    install_safe_loading()  # checkpoints load as data
     args = parse_args(argv)
     with distributed_teardown():
         try:

@@ -30,10 +30,11 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import prm_det  # noqa: E402,F401  (registers modules, loaders, wrappers)
+import prm_det  # noqa: E402,F401  (registers modules and wrappers)
 from prm_det.engine import (ChecksumMismatch,  # noqa: E402
                             ConfigLoaderUnavailable,
-                            PretrainedWeightsUnavailable)
+                            PretrainedWeightsUnavailable,
+                            install_safe_loading)
 from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
                                        UnusableCheckpoint,
                                        UntrustedCheckpoint,
@@ -168,6 +169,7 @@ def train(cfg):
 
 
 def main(argv=None):
+    install_safe_loading()  # checkpoints load as data
     args = parse_args(argv)
     with distributed_teardown():
         try:

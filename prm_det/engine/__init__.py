@@ -8,13 +8,15 @@ from .hooks import AtomicCheckpointHook, latest_complete_checkpoint
 from .remote_checkpoints import (ChecksumMismatch,
                                  PretrainedWeightsUnavailable,
                                  load_from_http, load_from_torchvision_urls)
+from .safe_loading import install_safe_loading
 from .wrappers import DeviceAwareDDP
 
 __all__ = [
     'AtomicCheckpointHook', 'CheckpointMismatch', 'ChecksumMismatch',
     'ConfigLoaderUnavailable', 'DeviceAwareDDP', 'IncompleteCheckpoint',
     'NotACheckpoint', 'PretrainedWeightsUnavailable', 'UnusableCheckpoint',
-    'UntrustedCheckpoint', 'latest_complete_checkpoint',
+    'UntrustedCheckpoint', 'install_safe_loading',
+    'latest_complete_checkpoint',
     'load_checkpoint_file', 'load_config_file', 'load_from_http',
     'load_from_local_file', 'load_from_torchvision_urls'
 ]

@@ -10,7 +10,7 @@ message hub's ``HistoryBuffer``). Anything else is refused with
 :class:`UntrustedCheckpoint`, which names the file, what it holds that is
 not allowed, and the opt-in for files the user trusts: ``--trust-checkpoint``
 on ``tools/train.py`` and ``tools/test.py``, or ``PRM_DET_TRUST_CHECKPOINTS=1``
-in the environment. Importing prm_det never trusts anything by itself. A
+in the environment. Nothing is trusted by default. A
 file that is not a checkpoint at all, or is damaged, is named and said to
 be so (:class:`NotACheckpoint`, :class:`IncompleteCheckpoint`).
 
@@ -22,6 +22,11 @@ same cache (``~/.cache/torch/hub/checkpoints/``), its SHA-256 checked
 against the prefix in its name where it has one (``resnet50-0676ba61.pth``:
 torch's and OpenMMLab's published checkpoints), also when it is already in
 the cache, and it is loaded as data like a local file.
+
+These loaders take over mmengine's schemes only when
+:func:`~prm_det.engine.safe_loading.install_safe_loading` is called (our
+tools do; a config does by naming ``prm_det.safe_loading`` in
+``custom_imports``); importing prm_det changes none of them.
 
 **torchvision://**. mmdet's configs start ResNet backbones from
 ``torchvision://resnet50``, which mmengine resolves by importing torchvision
@@ -40,7 +45,6 @@ from typing import List, Optional
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
-from mmengine.runner.checkpoint import CheckpointLoader
 
 TRUST_ENV = 'PRM_DET_TRUST_CHECKPOINTS'
 TRUST_HINT = (f'--trust-checkpoint (tools/train.py, tools/test.py) or '
@@ -284,7 +288,6 @@ def load_checkpoint_file(filename: str,
         raise
 
 
-@CheckpointLoader.register_scheme(prefixes='', force=True)
 def load_from_local_file(filename: str, map_location=None):
     """mmengine's local-file scheme (every path without a URL scheme: the
     Runner's ``load_from`` and ``resume``, ``init_cfg=dict(type='Pretrained',

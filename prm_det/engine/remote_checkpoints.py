@@ -6,7 +6,7 @@ mmengine resolves these schemes to a URL and calls torch.hub's
 ``load_state_dict_from_url``, which unpickles the cached file with
 ``weights_only=False`` and checks no hash: a file in the hub cache, or one
 served at the URL, runs whatever code it carries. The schemes are taken
-over here (registered with ``force=True`` when prm_det is imported): the
+over here (by :func:`~prm_det.engine.safe_loading.install_safe_loading`): the
 file is downloaded into the same cache, checked against the SHA-256 prefix
 in its name where it has one (torch's and OpenMMLab's published checkpoints
 are named so: ``resnet50-0676ba61.pth``), also when it was already there,
@@ -29,7 +29,7 @@ import torch
 from mmengine.dist import get_dist_info
 from mmengine.fileio import get_file_backend
 from mmengine.logging import print_log
-from mmengine.runner.checkpoint import (CheckpointLoader, _get_mmengine_home,
+from mmengine.runner.checkpoint import (_get_mmengine_home,
                                         _process_mmcls_checkpoint,
                                         get_deprecated_model_names,
                                         get_external_models, get_mmcls_models)
@@ -118,8 +118,6 @@ def download(url: str, model_dir: Optional[str] = None,
     return cached
 
 
-@CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
-                                  force=True)
 def load_from_http(filename: str, map_location=None,
                    model_dir: Optional[str] = None, progress: bool = False):
     """mmengine's ``http(s)://`` scheme: download into torch's hub cache
@@ -141,8 +139,6 @@ def torchvision_urls() -> dict:
         osp.join(mmengine.__path__[0], 'hub', 'torchvision_0.12.json'))
 
 
-@CheckpointLoader.register_scheme(
-    prefixes=('torchvision://', 'modelzoo://'), force=True)
 def load_from_torchvision_urls(filename: str, map_location=None):
     """``torchvision://NAME`` without torchvision: the URL from mmengine's
     table, then :func:`load_from_http`."""
@@ -170,8 +166,6 @@ def load_from_torchvision_urls(filename: str, map_location=None):
             f'model.backbone.init_cfg=None') from error
 
 
-@CheckpointLoader.register_scheme(prefixes=('open-mmlab://', 'openmmlab://'),
-                                  force=True)
 def load_from_openmmlab(filename: str, map_location=None):
     """mmengine's ``open-mmlab://NAME``: the URL (or file under mmengine's
     home) from its table, loaded as data."""
@@ -190,7 +184,6 @@ def load_from_openmmlab(filename: str, map_location=None):
                                 name=f'{local} (from {filename})')
 
 
-@CheckpointLoader.register_scheme(prefixes='mmcls://', force=True)
 def load_from_mmcls(filename: str, map_location=None):
     """mmengine's ``mmcls://NAME``, loaded as data."""
     model_url = get_mmcls_models()[filename[len('mmcls://'):]]
@@ -208,8 +201,6 @@ def load_temporary_copy(filename: str, write: Callable[[str], None],
         return load_checkpoint_file(local, map_location, name=filename)
 
 
-@CheckpointLoader.register_scheme(
-    prefixes=(r'(\S+\:)?s3://', r'(\S+\:)?petrel://'), force=True)
 def load_from_ceph(filename: str, map_location=None, backend='petrel'):
     """mmengine's ``s3://`` and ``petrel://`` (optionally ``cluster:s3://``)
     through its Petrel file backend, loaded as data."""
@@ -225,7 +216,6 @@ def load_from_ceph(filename: str, map_location=None, backend='petrel'):
     return load_temporary_copy(filename, write, map_location)
 
 
-@CheckpointLoader.register_scheme(prefixes='pavi://', force=True)
 def load_from_pavi(filename: str, map_location=None):
     """mmengine's ``pavi://MODEL_PATH`` from pavi's model cloud, loaded as
     data."""

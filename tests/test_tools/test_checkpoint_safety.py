@@ -81,13 +81,61 @@ def test_trust_checkpoint_is_the_tools_opt_in(tool, evil, monkeypatch):
     assert osp.exists(marker)
 
 
-def test_importing_prm_det_trusts_nothing(evil, monkeypatch):
-    """Route 1: mmengine's CheckpointLoader, with prm_det imported."""
+def test_safe_loading_trusts_nothing(evil, monkeypatch):
+    """Route 1: mmengine's CheckpointLoader, with prm_det's safe loading
+    installed (conftest does, as the tools and our configs do)."""
     path, marker = evil
     monkeypatch.delenv(TRUST_ENV, raising=False)
     with pytest.raises(UntrustedCheckpoint) as info:
         CheckpointLoader.load_checkpoint(path)
     assert_refused(str(info.value), path)
+    assert not osp.exists(marker)
+
+
+SCHEMES = (
+    'from mmengine.runner.checkpoint import CheckpointLoader as L; '
+    'schemes = lambda: {k: f"{v.__module__}.{v.__name__}" '
+    'for k, v in L._schemes.items()}; ')
+
+
+def run_python(code, tmp_path):
+    """``code`` in a fresh interpreter started in ``tmp_path``."""
+    env = {k: v for k, v in os.environ.items() if k != TRUST_ENV}
+    return subprocess.run([sys.executable, '-c', code], cwd=str(tmp_path),
+                          env=dict(env, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_importing_prm_det_changes_none_of_mmengines_loaders(tmp_path):
+    proc = run_python(
+        SCHEMES + 'before = schemes(); import prm_det, prm_det.engine, '
+        'prm_det.models, prm_det.ops; assert schemes() == before, '
+        '(before, schemes()); '
+        'from prm_det.engine import install_safe_loading; '
+        'install_safe_loading(); after = schemes(); '
+        'print(sorted(k for k in after if after[k] != before[k]))',
+        tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the call replaces every scheme mmengine loads a file or URL through
+    assert proc.stdout.split('\n')[-2] == str(sorted([
+        '', 'http://', 'https://', 'torchvision://', 'modelzoo://',
+        'open-mmlab://', 'openmmlab://', 'mmcls://', r'(\S+\:)?s3://',
+        r'(\S+\:)?petrel://', 'pavi://']))
+
+
+def test_our_configs_switch_safe_loading_on_for_any_tool(evil, tmp_path):
+    """mmdet's own tools read a config with ``Config.fromfile``, which
+    imports its ``custom_imports``: ours name prm_det.safe_loading, so the
+    payload is refused there too."""
+    path, marker = evil
+    proc = run_python(
+        'from mmengine.config import Config; '
+        'from mmengine.runner.checkpoint import CheckpointLoader; '
+        f'Config.fromfile({osp.join(REPO, RETINA)!r}); '
+        f'CheckpointLoader.load_checkpoint({path!r})', tmp_path)
+    assert proc.returncode != 0
+    assert 'UntrustedCheckpoint' in proc.stderr
+    assert_refused(proc.stderr, path)
     assert not osp.exists(marker)
 
 

@@ -42,7 +42,7 @@ def test_there_are_the_configs_the_issue_lists():
 def test_config_loads_builds_and_has_the_backbone_its_name_says(path):
     cfg, model = build_detector(path)
     name = osp.basename(path)
-    assert cfg.custom_imports.imports == ['prm_det']
+    assert cfg.custom_imports.imports == ['prm_det', 'prm_det.safe_loading']
     assert type(model.backbone).__name__ == expected_backbone(path)
     depth = 101 if 'r101' in name else 18 if 'r18' in name else 50
     assert model.backbone.depth == depth

@@ -344,8 +344,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> List[dict]:
     from mmdet.apis import init_detector
+
+    from prm_det.engine import (ConfigLoaderUnavailable, install_safe_loading,
+                                load_config_file)
+    install_safe_loading()  # the checkpoint loads as data
     args = parse_args(argv)
-    from prm_det.engine import ConfigLoaderUnavailable, load_config_file
     from prm_det.engine.checkpoint import local_file_missing
     for path in (args.config, args.checkpoint, args.image):
         if local_file_missing(path):

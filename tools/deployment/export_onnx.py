@@ -125,6 +125,8 @@ def _weights_where(out: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
+    from prm_det.engine import install_safe_loading
+    install_safe_loading()  # the checkpoint loads as data
     args = parse_args(argv)
     missing = missing_export_modules(args.dynamo)
     if missing:
