@@ -104,6 +104,15 @@ def _decodes_quietly(path: str) -> bool:
     return image is not None and image.size > 0
 
 
+def _decoder_pixel_limit() -> int:
+    """The most pixels OpenCV's decoders accept (``CV_IO_MAX_IMAGE_PIXELS``,
+    read when the decoder runs; 2^30 by default)."""
+    try:
+        return int(os.environ.get('CV_IO_MAX_IMAGE_PIXELS', 1 << 30))
+    except ValueError:
+        return 1 << 30
+
+
 def image_problem(path: str) -> Optional[str]:
     """Why training could not read the image ``path``, or None."""
     try:
@@ -129,6 +138,11 @@ def image_problem(path: str) -> Optional[str]:
                         f'{head[:8]!r}')
     except OSError as error:
         return f'cannot be read ({error.strerror or error})'
+    if dims is not None and dims[0] * dims[1] > _decoder_pixel_limit():
+        return (f'a {kind} file of {dims[0]}x{dims[1]} pixels, more than '
+                f'OpenCV decodes ({_decoder_pixel_limit()}, its '
+                f'CV_IO_MAX_IMAGE_PIXELS): downscale it, or raise that limit '
+                f'in the environment')
     if dims is not None and whole and min(dims) > 0:
         return None
     if _decodes(path):

@@ -4,6 +4,7 @@ Kept out of the tools so that tests call the same code.
 """
 import json
 import logging
+import math
 import os
 import os.path as osp
 import re
@@ -130,8 +131,21 @@ def _format_only(cfg: Config, loader: str) -> bool:
 
 
 def _is_box(bbox) -> bool:
+    """Four finite numbers: mmdet drops a box with a NaN coordinate without
+    a word and keeps one with an infinite one (its losses become NaN)."""
     return isinstance(bbox, list) and len(bbox) == 4 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+        isinstance(v, (int, float)) and not isinstance(v, bool)
+        and math.isfinite(v) for v in bbox)
+
+
+def _duplicate_image_ids(coco: dict) -> dict:
+    """Image id -> the file names of the images that share it (ids used
+    more than once)."""
+    files: dict = {}
+    for im in coco['images']:
+        if isinstance(im, dict):
+            files.setdefault(im.get('id'), []).append(im.get('file_name'))
+    return {k: v for k, v in files.items() if len(v) > 1}
 
 
 def _dropped_boxes(coco: dict) -> List[int]:
@@ -181,6 +195,15 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
             problems.append(f'{ann_path} lists no {key} {where}')
     if problems:
         return problems
+    shared = _duplicate_image_ids(coco)
+    if shared:
+        examples = [f'{k} ({", ".join(map(str, v[:3]))})'
+                    for k, v in list(shared.items())[:3]]
+        problems.append(
+            f'{ann_path}: {len(shared)} image ids belong to more than one '
+            f'image, e.g. {"; ".join(examples)}: pycocotools keeps one image '
+            f'per id and puts the boxes of all of them on it. Give each image '
+            f'its own id {where}')
     classes = _classes(ds)
     if classes:
         names = {c.get('name') for c in coco['categories']
@@ -203,7 +226,8 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
     if malformed:
         problems.append(
             f'{ann_path}: {len(malformed)} annotations have no "bbox" '
-            f'[x, y, width, height], e.g. {_first(malformed)} {where}')
+            f'[x, y, width, height], e.g. {_first(malformed)}: it needs four '
+            f'finite numbers (NaN and infinity are not) {where}')
     elif annotations:
         dropped = _dropped_boxes(coco)
         if dropped:

@@ -286,3 +286,58 @@ def test_boxes_of_categories_the_config_does_not_name_are_counted(
         f'its categories (\'Cross\', \'ellipse\', \'rectangle\', '
         f'\'triangle\'): train_dataloader has no boxes of them.',
     ]
+
+
+def share_an_image_id(coco):
+    coco['images'][1]['id'] = coco['images'][0]['id']
+
+
+def nan_coordinate(coco):
+    coco['annotations'][0]['bbox'][0] = float('nan')
+
+
+def infinite_width(coco):
+    coco['annotations'][0]['bbox'][2] = float('inf')
+
+
+@pytest.mark.parametrize('edit, says', [
+    (share_an_image_id, '1 image ids belong to more than one image, e.g. '),
+    (nan_coordinate, 'it needs four finite numbers (NaN and infinity are not)'),
+    (infinite_width, 'it needs four finite numbers (NaN and infinity are not)'),
+], ids=['shared image id', 'NaN coordinate', 'infinite width'])
+def test_what_mmdet_would_misread_stops_before_training(data, edit, says):
+    """Two images with one id: pycocotools keeps one and hangs the boxes of
+    both on it (training runs, wrongly). A NaN box mmdet drops silently, an
+    infinite one it keeps (NaN losses)."""
+    edit_train_json(data, edit)
+    with pytest.raises(DatasetInvalid) as info:
+        check(data)
+    message = str(info.value)
+    assert train_json(data) in message and says in message
+    if edit is share_an_image_id:
+        with open(train_json(data)) as f:
+            first, second = json.load(f)['images'][:2]
+        assert (f"{first['id']} ({first['file_name']}, "
+                f"{second['file_name']})") in message
+
+
+def test_an_image_larger_than_the_decoder_accepts_stops_before_training(
+        data):
+    """A PNG whose header declares 50000x50000 pixels: OpenCV's decoder
+    refuses more than CV_IO_MAX_IMAGE_PIXELS (2^30), which would kill a
+    dataloader worker mid-training."""
+    import struct
+    import zlib
+    with open(train_json(data)) as f:
+        name = json.load(f)['images'][0]['file_name']
+    path = osp.join(data, 'train', name)
+    ihdr = struct.pack('>IIBBBBB', 50000, 50000, 8, 2, 0, 0, 0)
+    with open(path, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + b'IHDR' +
+                ihdr + struct.pack('>I', zlib.crc32(b'IHDR' + ihdr)) +
+                b'\x00\x00\x00\x00IEND\xaeB`\x82')
+    with pytest.raises(DatasetInvalid) as info:
+        check(data)
+    assert (f'{path}: a PNG file of 50000x50000 pixels, more than OpenCV '
+            f'decodes (1073741824, its CV_IO_MAX_IMAGE_PIXELS)'
+            ) in str(info.value)
