@@ -12,12 +12,14 @@ are in mmdet's and mmengine's ``MODELS``, :mod:`prm_det.models.registry`).
 from mmdet import registry as mmdet
 from mmengine.registry import Registry
 
+from .private_apis import registry_locations
+
 SCOPE = 'prm_det'
 
 
 def _child(parent: Registry) -> Registry:
     return Registry(parent.name, parent=parent, scope=SCOPE,
-                    locations=list(parent._locations) or ['prm_det'])
+                    locations=registry_locations(parent) or ['prm_det'])
 
 
 RUNNERS = _child(mmdet.RUNNERS)

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
 
+from ..private_apis import history_buffer_statistics
+
 TRUST_ENV = 'PRM_DET_TRUST_CHECKPOINTS'
 TRUST_HINT = (f'--trust-checkpoint (tools/train.py, tools/test.py) or '
               f'{TRUST_ENV}=1 in the environment')
@@ -80,7 +82,7 @@ def _history_buffer_statistic(owner, name: str):
     it: a statistics method of ``HistoryBuffer`` (``min``, ``max``,
     ``current``, ``mean`` or one registered with ``register_statistics``)."""
     statistics = {'min', 'max', 'current', 'mean'}  # _set_default_statistics
-    statistics.update(HistoryBuffer._statistics_methods)
+    statistics.update(history_buffer_statistics())
     if owner is not HistoryBuffer or name not in statistics:
         raise pickle.UnpicklingError(
             f'getattr({owner!r}, {name!r}): the allow-list admits getattr '

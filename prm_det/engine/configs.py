@@ -27,6 +27,8 @@ from typing import Optional
 
 from mmengine.config import Config
 
+from ..private_apis import config_base_resolver, set_config_base_resolver
+
 PACKAGE = 'prm_det'
 SETUPTOOLS_FIX = "pip install 'setuptools<81'"
 
@@ -108,13 +110,11 @@ def register_config_scope() -> None:
     editable install or a checkout alike (:func:`resolve_base`)."""
     from mmengine.config import utils
     utils.MODULE2PACKAGE.setdefault(PACKAGE, PACKAGE)
-    original = Config.__dict__.get('_get_cfg_path')
-    # mmengine 0.7 to 0.10: a staticmethod (cfg_path, filename) -> (path,
-    # scope) that _file2dict calls for each base; wrapped once
-    if not isinstance(original, staticmethod) or getattr(
-            original.__func__, 'resolves_prm_det', False):
+    # mmengine 0.7 to 0.10 (tests/test_private_apis.py); wrapped once
+    mmengine_get_cfg_path = config_base_resolver()
+    if mmengine_get_cfg_path is None or getattr(
+            mmengine_get_cfg_path, 'resolves_prm_det', False):
         return
-    mmengine_get_cfg_path = original.__func__
 
     def _get_cfg_path(cfg_path: str, filename: str):
         if cfg_path.startswith(PACKAGE + '::'):
@@ -123,7 +123,7 @@ def register_config_scope() -> None:
 
     _get_cfg_path.resolves_prm_det = True
     _get_cfg_path.__doc__ = mmengine_get_cfg_path.__doc__
-    Config._get_cfg_path = staticmethod(_get_cfg_path)
+    set_config_base_resolver(_get_cfg_path)
 
 
 def load_config_file(path: str) -> Config:

@@ -29,10 +29,10 @@ import torch
 from mmengine.dist import get_dist_info
 from mmengine.fileio import get_file_backend
 from mmengine.logging import print_log
-from mmengine.runner.checkpoint import (_get_mmengine_home,
-                                        _process_mmcls_checkpoint,
-                                        get_deprecated_model_names,
+from mmengine.runner.checkpoint import (get_deprecated_model_names,
                                         get_external_models, get_mmcls_models)
+
+from ..private_apis import mmcls_to_backbone, mmengine_home
 
 from .checkpoint import load_checkpoint_file
 
@@ -179,7 +179,7 @@ def load_from_openmmlab(filename: str, map_location=None):
     model_url = get_external_models()[model_name]
     if model_url.startswith(('http://', 'https://')):
         return load_from_http(model_url, map_location=map_location)
-    local = osp.join(_get_mmengine_home(), model_url)
+    local = osp.join(mmengine_home(), model_url)
     return load_checkpoint_file(local, map_location,
                                 name=f'{local} (from {filename})')
 
@@ -187,7 +187,7 @@ def load_from_openmmlab(filename: str, map_location=None):
 def load_from_mmcls(filename: str, map_location=None):
     """mmengine's ``mmcls://NAME``, loaded as data."""
     model_url = get_mmcls_models()[filename[len('mmcls://'):]]
-    return _process_mmcls_checkpoint(
+    return mmcls_to_backbone(
         load_from_http(model_url, map_location=map_location))
 
 

@@ -45,11 +45,11 @@ if osp.isdir(osp.join(_ROOT, 'prm_det')):
 
 from mmengine.analysis import FlopAnalyzer  # noqa: E402
 from mmengine.analysis.jit_handles import get_shape  # noqa: E402
-from mmengine.analysis.print_helper import _format_size  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers the backbones)
 from prm_det.ops.reference import prm_reference  # noqa: E402
+from prm_det.private_apis import format_size  # noqa: E402
 
 # Prefix of the op names counted only inside attention modules.
 EXTRA = 'elementwise:'
@@ -301,9 +301,9 @@ def report(result: dict) -> str:
                   f'{result["ori_shape"]} to {result["pad_shape"]}']
     lines += [line, f'Compute type: {result["compute_type"]}',
               f'Input shape: {result["pad_shape"]}',
-              f'Flops: {_format_size(result["flops"])}',
-              f'Params: {_format_size(params["total"])}',
-              f'Params (trainable): {_format_size(params["trainable"])}',
+              f'Flops: {format_size(result["flops"])}',
+              f'Params: {format_size(params["total"])}',
+              f'Params (trainable): {format_size(params["trainable"])}',
               f'Exact: {result["flops"] / 1e9:.2f} GFLOPs, params '
               f'{params["total"]:,} ({params["trainable"]:,} trainable)']
     for kind, count in sorted(result['attention_modules'].items()):

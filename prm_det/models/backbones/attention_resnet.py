@@ -9,10 +9,10 @@ CVPR 2018) and GC (Cao et al., ICCV 2019) put it. Everything else is mmdet's
 """
 from typing import Optional, Sequence
 
-import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 
+from ...private_apis import HOOK_KINDS, hooks_on
 from ..layers.factory import AttentionSpec, attention_cfg
 from ..registry import register_model
 
@@ -60,23 +60,14 @@ class PluginBasicBlock(BasicBlock):
 def _is_scratch(conv) -> bool:
     """Whether ``conv``'s output is the block's alone: no forward hook (the
     module's or a global one) can have kept a reference to it."""
-    return not (conv._forward_hooks or _global_hooks())
-
-
-def _global_hooks(*kinds: str) -> bool:
-    module = nn.modules.module
-    return any(getattr(module, f'_global_{kind}_hooks', None)
-               for kind in kinds or ('forward', 'forward_pre'))
+    return not hooks_on(conv, 'forward', 'forward_pre')
 
 
 def _hooked(module) -> bool:
     """Whether a hook (the module's or a global one) expects ``module`` to
     be called: forward hooks and pre-hooks, and backward hooks and
     pre-hooks, which torch attaches to the tensors of a module's call."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or module._backward_hooks or module._backward_pre_hooks
-                or _global_hooks('forward', 'forward_pre', 'backward',
-                                 'backward_pre'))
+    return hooks_on(module, *HOOK_KINDS)
 
 
 def _block_tail(block, plugin_names, out, norm, identity, relu,

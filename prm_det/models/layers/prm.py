@@ -13,6 +13,7 @@ from prm_det.ops import (MODES, NORM_EPS, BatchNorm, PRMOptions, PRMParams,
                          prm, prm_block_tail)
 from prm_det.ops.functions import check_batch_statistics
 
+from ...private_apis import BATCH_NORM_BASE, module_tensors
 from ..registry import register_model
 
 
@@ -23,7 +24,7 @@ def _plain_batch_norm(norm: nn.Module) -> bool:
     replacement)."""
     if isinstance(norm, nn.BatchNorm2d):
         return type(norm).forward is nn.BatchNorm2d.forward
-    base = nn.modules.batchnorm._BatchNorm
+    base = BATCH_NORM_BASE
     return (isinstance(norm, base) and type(norm).forward is base.forward
             and not isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm3d,
                                       nn.SyncBatchNorm)))
@@ -43,7 +44,7 @@ def batch_norm_of(norm: nn.Module, c: Tensor) -> Optional[BatchNorm]:
     BatchNorm2d's without the input-rank check."""
     if not _plain_batch_norm(norm):
         return None
-    buffers = norm._buffers
+    parameters, buffers = module_tensors(norm)
     check_batch_statistics(
         c, norm.training or buffers['running_mean'] is None)
     factor = 0.0 if norm.momentum is None else norm.momentum
@@ -55,7 +56,7 @@ def batch_norm_of(norm: nn.Module, c: Tensor) -> Optional[BatchNorm]:
     running_mean, running_var = buffers['running_mean'], buffers['running_var']
     use_batch_stats = norm.training or running_mean is None
     keep_running = not norm.training or norm.track_running_stats
-    return BatchNorm(norm._parameters['weight'], norm._parameters['bias'],
+    return BatchNorm(parameters['weight'], parameters['bias'],
                      running_mean if keep_running else None,
                      running_var if keep_running else None, use_batch_stats,
                      factor, norm.eps)

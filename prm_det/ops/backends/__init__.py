@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from ...private_apis import torch_export_in_progress
 from ..contract import PRMOptions
 from . import cpu, torch_ops, triton_backend
 
@@ -73,12 +74,8 @@ def name_of(backend) -> str:
 
 
 def _exporting() -> bool:
-    # torch.export sets torch.compiler._is_exporting_flag while it traces;
-    # the flag is read, not torch.compiler.is_exporting(): torch.compile
-    # before torch 2.13 folds that call to True, which sent every compiled
-    # PRM to the reference composition (torch 2.5 has neither)
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or getattr(torch.compiler, '_is_exporting_flag', False))
+            or torch_export_in_progress())
 
 
 @torch.compiler.assume_constant_result
