@@ -13,7 +13,6 @@ Extra arguments go to tools/train.py, e.g. --cfg-options train_cfg.max_epochs=2
 (--cfg-options also to tools/test.py). Data and work dir are under the
 working directory, where the demo config's data_root points.
 """
-import importlib.util
 import os.path as osp
 import sys
 import time
@@ -26,19 +25,13 @@ if osp.isdir(osp.join(ROOT, 'prm_det')):
     sys.path.insert(0, ROOT)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'prm_det_tools_{name}', osp.join(here, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tool = _load_tool('train')
-test_tool = _load_tool('test')
-
 from prm_det.datasets.synthetic_shapes import (  # noqa: E402
     DEMO_NUM_TRAIN, DEMO_NUM_VAL, generate, is_generated, split_sizes)
+from prm_det.engine import load_tool  # noqa: E402
+
+# this folder's train.py and test.py (the checkout's, or the installed ones)
+train_tool = load_tool(osp.join(here, 'train.py'))
+test_tool = load_tool(osp.join(here, 'test.py'))
 
 
 def _shown(path: str) -> str:

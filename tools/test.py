@@ -24,7 +24,6 @@ import os.path as osp
 import sys
 import warnings
 from copy import deepcopy
-from typing import Dict, Optional
 
 # run from a checkout: its prm_det first (installed, the tools sit in
 # prm_det/.mim/tools/ and import the installed package)
@@ -39,26 +38,14 @@ from mmengine.model import BaseTTAModel, is_model_wrapper  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules and wrappers)
-from prm_det.engine import (ChecksumMismatch,  # noqa: E402
-                            ConfigLoaderUnavailable,
-                            install_safe_loading)
-from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
-                                       CheckpointMismatch,
-                                       UnusableCheckpoint,
-                                       UntrustedCheckpoint,
-                                       check_checkpoint_fits,
-                                       local_file_missing)
-from prm_det.engine.distributed import (  # noqa: E402
-    LauncherEnvironmentMissing, StoppedOnRank0, distributed_teardown,
-    init_distributed, on_rank_0)
-from prm_det.engine.hooks import write_text_atomically  # noqa: E402
-from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
-                                   DatasetNotFound, check_dataset_files,
-                                   load_config)
-
-AP_KEYS = (('AP', 'bbox_mAP'), ('AP50', 'bbox_mAP_50'),
-           ('AP75', 'bbox_mAP_75'), ('APs', 'bbox_mAP_s'),
-           ('APm', 'bbox_mAP_m'), ('APl', 'bbox_mAP_l'))
+from prm_det.engine import (  # noqa: E402
+    TRUST_ENV, CheckpointMismatch, ChecksumMismatch, ConfigLoaderUnavailable,
+    DatasetInvalid, DatasetNotFound, LauncherEnvironmentMissing,
+    StoppedOnRank0, UnusableCheckpoint, UntrustedCheckpoint,
+    check_checkpoint_fits, check_dataset_files, distributed_teardown,
+    init_distributed, install_safe_loading, load_config, local_file_missing,
+    on_rank_0, write_text_atomically)
+from prm_det.evaluation import AP_KEYS, box_ap, format_ap_table  # noqa: E402,F401
 
 
 def parse_args(argv=None):
@@ -154,28 +141,6 @@ def build_cfg(args):
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     return cfg
-
-
-def box_ap(metrics: dict) -> Dict[str, Optional[float]]:
-    """The six COCO box AP numbers of the evaluator's ``metrics`` in %, by
-    name ('AP', 'AP50', ...); None where COCO reports -1 (the split has no
-    object of that size). Empty when the metrics have no box AP."""
-    if not any(k.endswith('bbox_mAP') for k in metrics):
-        return {}
-    prefix = next((k.rsplit('/', 1)[0] + '/' for k in metrics
-                   if k.endswith('bbox_mAP')), '')
-    # the evaluator's 3 decimals are 1 in %
-    return {name: round(100 * metrics[prefix + key], 1)
-            if metrics[prefix + key] >= 0 else None
-            for name, key in AP_KEYS}
-
-
-def format_ap_table(metrics: dict) -> str:
-    """The six COCO box AP numbers in %, one header row, one value row."""
-    ap = box_ap(metrics)
-    values = [f'{v:.1f}' if v is not None else 'n/a' for v in ap.values()]
-    return ('| ' + ' | '.join(ap) + ' |\n|' + '---|' * len(ap) +
-            '\n| ' + ' | '.join(values) + ' |')
 
 
 def run(args):

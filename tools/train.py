@@ -31,25 +31,15 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers modules and wrappers)
-from prm_det.engine import (ChecksumMismatch,  # noqa: E402
-                            ConfigLoaderUnavailable,
-                            PretrainedWeightsUnavailable,
-                            install_safe_loading)
-from prm_det.engine.checkpoint import (TRUST_ENV,  # noqa: E402
-                                       UnusableCheckpoint,
-                                       UntrustedCheckpoint,
-                                       local_file_missing)
-from prm_det.engine.hooks import (CheckpointDiskFull,  # noqa: E402
-                                  latest_complete_checkpoint,
-                                  remove_partials)
-from prm_det.engine.distributed import (  # noqa: E402
-    LauncherEnvironmentMissing, StoppedOnRank0, collective_timeout,
-    distributed_teardown, init_distributed, on_rank_0, world_size)
-from prm_det.engine.launch import (DatasetInvalid,  # noqa: E402
-                                   DatasetNotFound, check_dataset_files,
-                                   load_config)
-from prm_det.engine.work_dir_lock import (WorkDirBusy,  # noqa: E402
-                                          lock_work_dir, work_dir_holder)
+from prm_det.engine import (  # noqa: E402
+    TRUST_ENV, CheckpointDiskFull, ChecksumMismatch, ConfigLoaderUnavailable,
+    DatasetInvalid, DatasetNotFound, LauncherEnvironmentMissing,
+    PretrainedWeightsUnavailable, StoppedOnRank0, UnusableCheckpoint,
+    UntrustedCheckpoint, WorkDirBusy, check_dataset_files, collective_timeout,
+    distributed_teardown, init_distributed, install_safe_loading,
+    latest_complete_checkpoint, load_config, local_file_missing,
+    lock_work_dir, on_rank_0, remove_partials, work_dir_holder, world_size)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a detector')

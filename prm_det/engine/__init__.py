@@ -1,24 +1,44 @@
-from .checkpoint import (CheckpointMismatch, IncompleteCheckpoint,
+"""What prm_det's tools do around mmengine's Runner, as one API:
+checkpoints (read as data, written whole, resumed), configs, the dataset
+checks before a run, launchers and the process group, the work_dir lock,
+the tools prm_det ships."""
+from .checkpoint import (TRUST_ENV, CheckpointMismatch, IncompleteCheckpoint,
                          NotACheckpoint, UnusableCheckpoint,
-                         UntrustedCheckpoint, load_checkpoint_file,
-                         load_from_local_file)
+                         UntrustedCheckpoint, check_checkpoint_fits,
+                         load_checkpoint_file, load_from_local_file,
+                         local_file_missing)
 from .configs import (ConfigLoaderUnavailable, load_config_file,
                       register_config_scope)
-from .hooks import AtomicCheckpointHook, latest_complete_checkpoint
+from .distributed import (LauncherEnvironmentMissing, StoppedOnRank0,
+                          collective_timeout, distributed_teardown,
+                          init_distributed, on_rank_0, world_size)
+from .hooks import (AtomicCheckpointHook, CheckpointDiskFull,
+                    latest_complete_checkpoint, remove_partials,
+                    write_text_atomically)
+from .launch import (DatasetInvalid, DatasetNotFound, check_dataset_files,
+                     load_config)
 from .remote_checkpoints import (ChecksumMismatch,
                                  PretrainedWeightsUnavailable,
                                  load_from_http, load_from_torchvision_urls)
 from .safe_loading import install_safe_loading
+from .shipped_tools import load_tool, shipped_tool
+from .work_dir_lock import WorkDirBusy, lock_work_dir, work_dir_holder
 from .wrappers import DeviceAwareDDP
 
 __all__ = [
-    'AtomicCheckpointHook', 'CheckpointMismatch', 'ChecksumMismatch',
-    'ConfigLoaderUnavailable', 'DeviceAwareDDP', 'IncompleteCheckpoint',
-    'NotACheckpoint', 'PretrainedWeightsUnavailable', 'UnusableCheckpoint',
-    'UntrustedCheckpoint', 'install_safe_loading',
-    'latest_complete_checkpoint',
-    'load_checkpoint_file', 'load_config_file', 'load_from_http',
-    'load_from_local_file', 'load_from_torchvision_urls'
+    'AtomicCheckpointHook', 'CheckpointDiskFull', 'CheckpointMismatch',
+    'ChecksumMismatch', 'ConfigLoaderUnavailable', 'DatasetInvalid',
+    'DatasetNotFound', 'DeviceAwareDDP', 'IncompleteCheckpoint',
+    'LauncherEnvironmentMissing', 'NotACheckpoint',
+    'PretrainedWeightsUnavailable', 'StoppedOnRank0', 'TRUST_ENV',
+    'UnusableCheckpoint', 'UntrustedCheckpoint', 'WorkDirBusy',
+    'check_checkpoint_fits', 'check_dataset_files', 'collective_timeout',
+    'distributed_teardown', 'init_distributed', 'install_safe_loading',
+    'latest_complete_checkpoint', 'load_checkpoint_file', 'load_config',
+    'load_config_file', 'load_from_http', 'load_from_local_file',
+    'load_from_torchvision_urls', 'load_tool', 'local_file_missing',
+    'lock_work_dir', 'on_rank_0', 'remove_partials', 'shipped_tool',
+    'work_dir_holder', 'world_size', 'write_text_atomically'
 ]
 
 register_config_scope()  # `_base_ = 'prm_det::configs/...'` (configs.py)

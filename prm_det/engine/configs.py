@@ -28,6 +28,7 @@ from typing import Optional
 from mmengine.config import Config
 
 from ..private_apis import config_base_resolver, set_config_base_resolver
+from .shipped_tools import package_dir
 
 PACKAGE = 'prm_det'
 SETUPTOOLS_FIX = "pip install 'setuptools<81'"
@@ -43,19 +44,7 @@ class ConfigBaseNotFound(FileNotFoundError):
 
 def _package_dir() -> str:
     """The folder of the prm_det package imported here."""
-    return osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def shipped_tool(name: str) -> str:
-    """The path of ``tools/NAME``: the checkout's, or the installed
-    package's (``prm_det/.mim/tools/``); shown relative to the working
-    directory when it is under it."""
-    package = _package_dir()
-    installed = osp.join(package, '.mim', 'tools', name)
-    path = installed if osp.exists(installed) else osp.join(
-        osp.dirname(package), 'tools', name)
-    relative = osp.relpath(path)
-    return path if relative.startswith('..') else relative
+    return package_dir()
 
 
 def _checkout_root() -> Optional[str]:

@@ -13,8 +13,9 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 from mmengine.config import Config
 from mmengine.logging import print_log
 
-from .configs import load_config_file, shipped_tool
+from .configs import load_config_file
 from .distributed import configure_launcher
+from .shipped_tools import shipped_tool
 from .image_files import bad_images
 
 _URI = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')  # s3://, http://, ...

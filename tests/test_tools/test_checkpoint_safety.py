@@ -2,7 +2,6 @@
 refuses a pickle that would, naming the file, what it holds and the opt-in;
 what mmengine's Runner writes, official PRM and torchvision checkpoints
 still load."""
-import importlib.util
 import os
 import os.path as osp
 import pickle
@@ -18,7 +17,7 @@ import pytest
 import torch
 from mmdet.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
-from tool_runs import REPO, RETINA, tiny_options, tool_env
+from tool_runs import REPO, RETINA, tiny_options, tool_env, tool_module
 
 from prm_det.engine.checkpoint import (TRUST_ENV, IncompleteCheckpoint,
                                        NotACheckpoint, UntrustedCheckpoint,
@@ -68,10 +67,7 @@ def test_trust_checkpoint_is_the_tools_opt_in(tool, evil, monkeypatch):
     # parse_args sets both; monkeypatch restores them after the test
     monkeypatch.setenv(TRUST_ENV, '0')
     monkeypatch.setenv('LOCAL_RANK', '0')
-    spec = importlib.util.spec_from_file_location(
-        f'{tool}_tool', osp.join(REPO, 'tools', f'{tool}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = tool_module(f'{tool}.py')
     module.parse_args([RETINA] + [path] * (tool == 'test'))
     with pytest.raises(UntrustedCheckpoint):
         CheckpointLoader.load_checkpoint(path)

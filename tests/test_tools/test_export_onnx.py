@@ -10,7 +10,6 @@ full networks and RetinaNet-PRM-R50 with both exporters:
 -s``
 (minutes).
 """
-import importlib.util
 import os
 import os.path as osp
 import sys
@@ -19,7 +18,7 @@ import onnx  # installed by make setup with onnxruntime and onnxscript
 import pytest
 import torch
 from mmdet.registry import MODELS
-from tool_runs import REPO, RETINA, ok, outside_env, run_tool
+from tool_runs import REPO, RETINA, ok, outside_env, run_tool, tool_module
 
 from prm_det import ops
 from prm_det.deployment import (BackboneNeck, check_onnx, export_onnx,
@@ -287,12 +286,7 @@ def test_the_tool_says_when_the_checkpoint_is_missing(tmp_path, repo):
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'export_onnx', osp.join(REPO, 'tools', 'deployment',
-                                'export_onnx.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module('deployment/export_onnx.py')
 
 
 ALL = [('PRM', depth) for depth in (18, 34, 50, 101, 152)] + [

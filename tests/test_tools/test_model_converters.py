@@ -16,24 +16,19 @@ its published model definition:
   so ``.conv.weight`` / ``.conv.bias``); an ImageClassifier saves them under
   ``backbone.`` and the LinearClsHead as ``head.fc``.
 """
-import importlib.util
 import os.path as osp
 import sys
 
 import pytest
 import torch
 from mmdet.registry import MODELS
+from tool_runs import REPO, tool_module
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
 def load_tool():
-    path = osp.join(REPO, 'tools', 'model_converters', 'seresnet2prm_det.py')
-    spec = importlib.util.spec_from_file_location('seresnet2prm_det', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module('model_converters/seresnet2prm_det.py')
 
 
 def bn(prefix, channels):

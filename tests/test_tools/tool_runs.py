@@ -31,6 +31,13 @@ def tiny_options(data_root, epochs=1, config=RETINA):
     ]
 
 
+def tool_module(relative):
+    """``tools/RELATIVE`` of this checkout as a module (its ``main(argv)``
+    and helpers, in-process), imported once."""
+    from prm_det.engine import load_tool
+    return load_tool(osp.join(REPO, 'tools', relative))
+
+
 def tool_env(**extra):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='2')
     env.update(extra)

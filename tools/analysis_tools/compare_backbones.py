@@ -49,7 +49,6 @@ Results, in ``<work-dir>`` (default ``work_dirs/compare_backbones``):
 * ``ap_per_seed.png``: the box AP of every run, by config and seed.
 """
 import argparse
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -60,7 +59,6 @@ import statistics
 import subprocess
 import sys
 import time
-from functools import lru_cache
 from typing import Dict, List, NamedTuple, Optional
 
 HERE = osp.dirname(osp.abspath(__file__))
@@ -140,16 +138,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def config_name(config: str) -> str:
     return osp.splitext(osp.basename(config))[0]
-
-
-@lru_cache(maxsize=None)
-def _load_tool(path: str):
-    """A sibling tool as a module (tools are scripts, not a package)."""
-    name = 'prm_det_tools_' + config_name(path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_json(path: str) -> Optional[dict]:
@@ -306,13 +294,12 @@ def do_run(run: Run, cfg_options: List[str]) -> dict:
         return fail(run, attempts, cfg_options, 'test', returncode,
                     f'tools/test.py exited with status {returncode}'
                     + ('' if returncode else f' without writing {METRICS}'))
-    test_tool = _load_tool(osp.join(TOOLS, 'test.py'))
+    from prm_det.evaluation import AP_KEYS, box_ap
     # no box AP at all: the model kept no detection (CocoMetric gives none)
-    box_ap = test_tool.box_ap(metrics) or dict.fromkeys(
-        name for name, _ in test_tool.AP_KEYS)
-    result = finish(run, attempts, cfg_options, status='ok', box_ap=box_ap,
+    ap = box_ap(metrics) or dict.fromkeys(name for name, _ in AP_KEYS)
+    result = finish(run, attempts, cfg_options, status='ok', box_ap=ap,
                     checkpoint=checkpoint)
-    print(f'[compare] {run}: box AP {_number(box_ap["AP"])}, trained '
+    print(f'[compare] {run}: box AP {_number(ap["AP"])}, trained '
           f'{result["train_seconds"] / 60:.1f} min', flush=True)
     return result
 
@@ -326,8 +313,8 @@ def count_parameters(config: str, cfg_options: List[str]) -> dict:
     get_flops.py counts them: every tensor); None where it does not
     build."""
     from mmengine.config import DictAction
-    get_flops = _load_tool(osp.join(HERE, 'get_flops.py'))
-    from prm_det.engine.launch import load_config
+    from prm_det.engine import load_config, load_tool
+    get_flops = load_tool(osp.join(HERE, 'get_flops.py'))
     parser = argparse.ArgumentParser()
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     options = parser.parse_args(
