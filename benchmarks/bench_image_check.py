@@ -1,4 +1,4 @@
-"""What the image check before training costs (``prm_det.engine.image_files``).
+"""What the image check before training costs (``prm_det.datasets.image_checks``).
 
     python benchmarks/bench_image_check.py [--images 5000] [--threads 8]
         [--out FILE.md]
@@ -22,7 +22,7 @@ import time
 import cv2
 import numpy as np
 
-from prm_det.engine.image_files import bad_images
+from prm_det.datasets.image_checks import bad_images
 
 COCO_TRAIN = 118287
 
@@ -60,7 +60,7 @@ def main():
             assert not bad, bad[:3]
     per_image = min(times) / args.images
     lines = [
-        '# Image check before training (prm_det.engine.image_files)', '',
+        '# Image check before training (prm_det.datasets.image_checks)', '',
         f'Machine: {platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} CPUs; {args.images} JPEGs of 640x480 '
         f'({size // 1024} KB each, a 64 KB APP1 segment), page cache warm, '

@@ -7,16 +7,16 @@ from .checkpoint import (TRUST_ENV, CheckpointMismatch, IncompleteCheckpoint,
                          UntrustedCheckpoint, check_checkpoint_fits,
                          load_checkpoint_file, load_from_local_file,
                          local_file_missing)
-from .configs import (ConfigLoaderUnavailable, load_config_file,
-                      register_config_scope)
+from ..datasets.preflight import (DatasetInvalid, DatasetNotFound,
+                                  check_dataset_files)
+from .configs import (ConfigLoaderUnavailable, load_config,
+                      load_config_file, register_config_scope)
 from .distributed import (LauncherEnvironmentMissing, StoppedOnRank0,
                           collective_timeout, distributed_teardown,
                           init_distributed, on_rank_0, world_size)
 from .hooks import (AtomicCheckpointHook, CheckpointDiskFull,
                     latest_complete_checkpoint, remove_partials,
                     write_text_atomically)
-from .launch import (DatasetInvalid, DatasetNotFound, check_dataset_files,
-                     load_config)
 from .remote_checkpoints import (ChecksumMismatch,
                                  PretrainedWeightsUnavailable,
                                  load_from_http, load_from_torchvision_urls)

@@ -1,4 +1,6 @@
-"""prm_det's configs as mmengine's config loader reads them.
+"""prm_det's configs as mmengine's config loader reads them, and as the
+tools load them (:func:`load_config`: the file, ``--cfg-options``, the
+launcher's settings).
 
 * ``import prm_det`` lets a user's config inherit ours:
   ``_base_ = 'prm_det::configs/retinanet_prm_r50.py'``. mmengine accepts
@@ -28,6 +30,7 @@ from typing import Optional
 from mmengine.config import Config
 
 from ..private_apis import config_base_resolver, set_config_base_resolver
+from .distributed import configure_launcher
 from .shipped_tools import package_dir
 
 PACKAGE = 'prm_det'
@@ -128,3 +131,48 @@ def load_config_file(path: str) -> Config:
             f'prm_det config inherits mmdet\'s) with pkg_resources, which '
             f'setuptools 81 and later no longer have (No module named '
             f'\'pkg_resources\'). Fix: {SETUPTOOLS_FIX}') from None
+
+
+def relocate_data_root(cfg: Config, new_root: str) -> None:
+    """Make ``--cfg-options data_root=...`` move the whole dataset.
+
+    mmdet configs copy the top-level ``data_root`` into every dataset and
+    evaluator when the file is parsed, so changing ``data_root`` afterwards
+    changes nothing. Here every string that starts with the old root is
+    rewritten to start with the new one.
+    """
+    old_root = cfg.get('data_root')
+    if not new_root.endswith('/'):
+        new_root += '/'
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            return type(node)({k: rewrite(v) for k, v in node.items()})
+        if isinstance(node, (list, tuple)):
+            return type(node)(rewrite(v) for v in node)
+        if isinstance(node, str) and old_root and node.startswith(old_root):
+            return new_root + node[len(old_root):]
+        return node
+
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader',
+                'val_evaluator', 'test_evaluator'):
+        if cfg.get(key) is not None:
+            cfg[key] = rewrite(cfg[key])
+    cfg.data_root = new_root
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None,
+                launcher: str = 'none') -> Config:
+    """Config.fromfile + --cfg-options (with ``data_root`` moving the whole
+    dataset) + the launcher settings."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file not found: {path}')
+    cfg = load_config_file(path)
+    cfg_options = dict(cfg_options or {})
+    new_root = cfg_options.pop('data_root', None)
+    if new_root is not None:
+        relocate_data_root(cfg, new_root)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    configure_launcher(cfg, launcher)
+    return cfg

@@ -19,7 +19,7 @@ import pytest
 from mmdet.registry import MODELS
 from tool_runs import REPO, RETINA, outside_env, tiny_options
 
-from prm_det.engine.launch import load_config
+from prm_det.engine import load_config
 
 pytestmark = pytest.mark.slow
 

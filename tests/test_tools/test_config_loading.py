@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from prm_det.engine import ConfigLoaderUnavailable
-from prm_det.engine.launch import load_config
+from prm_det.engine import load_config
 
 
 def test_without_pkg_resources_loading_a_config_names_the_fix(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mmdet.registry import HOOKS, MODELS
 
-from prm_det.engine.launch import load_config
+from prm_det.engine import load_config
 
 CONFIG_DIR = osp.join(osp.dirname(osp.dirname(osp.dirname(
     osp.abspath(__file__)))), 'configs')

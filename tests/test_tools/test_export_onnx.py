@@ -209,7 +209,7 @@ def test_the_tool_exports_a_config_with_its_checkpoint(tmp_path, repo):
     and at --check-shape; --cfg-options applies (an FPN of 4 levels
     instead of 5: the checkpoint's fifth is left out); the head is named
     as not exported, with MMDeploy as the way to export it."""
-    from prm_det.engine.launch import load_config
+    from prm_det.engine import load_config
     cfg = load_config(osp.join(repo, RETINA))
     detector = randomize(MODELS.build(cfg.model), seed=3)
     checkpoint = str(tmp_path / 'demo.pth')
@@ -302,7 +302,7 @@ def test_all_depths_full_width(tmp_path, repo, kind, depth, exporter):
     """Every depth at full width (64 PRM groups), RetinaNet-PRM-R50's
     backbone + neck, both exporters; prints the relative errors."""
     if kind.startswith('RetinaNet'):
-        from prm_det.engine.launch import load_config
+        from prm_det.engine import load_config
         cfg = load_config(osp.join(repo, 'configs/retinanet_prm_r50.py'))
         cfg.model.backbone.init_cfg = None
         detector = MODELS.build(cfg.model)

@@ -14,9 +14,9 @@ from mmdet.registry import MODELS
 from tool_runs import (CASCADE, REPO, RETINA, ok, parse_ap_table,
                        tiny_options, tool_env)
 
-import prm_det.engine.launch as launch
+import prm_det.datasets.preflight as preflight
 from prm_det.engine.checkpoint import CheckpointMismatch, check_checkpoint_fits
-from prm_det.engine.launch import (DatasetInvalid, check_dataset_files,
+from prm_det.engine import (DatasetInvalid, check_dataset_files,
                                    load_config)
 
 LOADERS = ['train_dataloader', 'val_dataloader']
@@ -100,7 +100,7 @@ def test_an_unusable_annotation_file_or_folder_stops_before_training(
 
 def test_boxes_mmdet_would_drop_are_counted_with_their_ids(data, monkeypatch):
     said = []
-    monkeypatch.setattr(launch, 'print_log',
+    monkeypatch.setattr(preflight, 'print_log',
                         lambda msg, **kw: said.append(msg))
     check(data)
     assert said == []  # the generated boxes are all fine
@@ -255,7 +255,7 @@ def test_boxes_of_categories_the_config_does_not_name_are_counted(
     and drops the other boxes without a word: a renamed category and a
     category_id no category defines are warned about, with counts."""
     said = []
-    monkeypatch.setattr(launch, 'print_log',
+    monkeypatch.setattr(preflight, 'print_log',
                         lambda msg, **kw: said.append(msg))
     with open(train_json(data)) as f:
         coco = json.load(f)

@@ -25,7 +25,7 @@ from tool_runs import (REPO, RETINA, ok, outside_env, parse_ap_table, run_tool,
 
 import prm_det.engine.remote_checkpoints as remote
 from prm_det.engine.checkpoint import TRUST_ENV, UntrustedCheckpoint
-from prm_det.engine.launch import load_config
+from prm_det.engine import load_config
 from prm_det.engine.remote_checkpoints import ChecksumMismatch
 
 TORCHVISION_RESNET18 = 'resnet18-f37072fd.pth'

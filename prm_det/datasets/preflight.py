@@ -1,7 +1,9 @@
-"""What tools/train.py and tools/test.py do to a config before the Runner.
-
-Kept out of the tools so that tests call the same code.
-"""
+"""The dataset checks before a run: every annotation file and image folder
+a config's dataloaders read, checked before any training or evaluation
+starts, so that a missing or unusable file stops the tools at once with
+its name and the ways out, not a dataloader worker mid-run
+(:func:`check_dataset_files`; tools/train.py and tools/test.py call it on
+rank 0)."""
 import json
 import logging
 import math
@@ -13,10 +15,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 from mmengine.config import Config
 from mmengine.logging import print_log
 
-from .configs import load_config_file
-from .distributed import configure_launcher
-from .shipped_tools import shipped_tool
-from .image_files import bad_images
+from .image_checks import bad_images
 
 _URI = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')  # s3://, http://, ...
 
@@ -27,34 +26,6 @@ class DatasetNotFound(FileNotFoundError):
 
 class DatasetInvalid(ValueError):
     """A dataset file named by the config is on disk but cannot be used."""
-
-
-def relocate_data_root(cfg: Config, new_root: str) -> None:
-    """Make ``--cfg-options data_root=...`` move the whole dataset.
-
-    mmdet configs copy the top-level ``data_root`` into every dataset and
-    evaluator when the file is parsed, so changing ``data_root`` afterwards
-    changes nothing. Here every string that starts with the old root is
-    rewritten to start with the new one.
-    """
-    old_root = cfg.get('data_root')
-    if not new_root.endswith('/'):
-        new_root += '/'
-
-    def rewrite(node):
-        if isinstance(node, dict):
-            return type(node)({k: rewrite(v) for k, v in node.items()})
-        if isinstance(node, (list, tuple)):
-            return type(node)(rewrite(v) for v in node)
-        if isinstance(node, str) and old_root and node.startswith(old_root):
-            return new_root + node[len(old_root):]
-        return node
-
-    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader',
-                'val_evaluator', 'test_evaluator'):
-        if cfg.get(key) is not None:
-            cfg[key] = rewrite(cfg[key])
-    cfg.data_root = new_root
 
 
 def _datasets(dataset_cfg) -> Iterable[dict]:
@@ -303,7 +274,7 @@ def _warn_dropped_categories(coco: dict, classes: tuple, ann_path: str,
 def _unreadable_images(coco: dict, ann_path: str, img_path: str,
                        loader: str) -> List[str]:
     """Every image the annotation file lists that training could not read
-    (:func:`~prm_det.engine.image_files.image_problem`), one line each."""
+    (:func:`~prm_det.datasets.image_checks.image_problem`), one line each."""
     files = [im.get('file_name', '') for im in coco['images']
              if isinstance(im, dict)]
     bad = bad_images(osp.join(img_path, name) for name in files)
@@ -360,6 +331,7 @@ def check_dataset_files(cfg: Config, loaders: Iterable[str]) -> None:
     """Raise :class:`DatasetNotFound` naming what is missing and the ways out,
     or :class:`DatasetInvalid` naming each file and what is wrong with it,
     instead of a stack trace from inside a dataloader worker."""
+    from ..engine.shipped_tools import shipped_tool
     missing = missing_dataset_files(cfg, loaders)
     if not missing:
         problems = invalid_dataset_files(cfg, loaders)
@@ -393,20 +365,3 @@ def _reads_generated_shapes(cfg: Config, loaders: Iterable[str]) -> bool:
     classes = tuple(metainfo()['classes'])
     return any(tuple((ds.get('metainfo') or {}).get('classes') or ()) ==
                classes for _, ds, _, _ in _dataset_paths(cfg, loaders))
-
-
-def load_config(path: str, cfg_options: Optional[dict] = None,
-                launcher: str = 'none') -> Config:
-    """Config.fromfile + --cfg-options (with ``data_root`` moving the whole
-    dataset) + the launcher settings."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config file not found: {path}')
-    cfg = load_config_file(path)
-    cfg_options = dict(cfg_options or {})
-    new_root = cfg_options.pop('data_root', None)
-    if new_root is not None:
-        relocate_data_root(cfg, new_root)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    configure_launcher(cfg, launcher)
-    return cfg
