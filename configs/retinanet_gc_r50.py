@@ -2,7 +2,7 @@ _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['prm_det', 'prm_det.safe_loading'],
                       allow_failed_imports=False)
 model = dict(backbone=dict(type='GCResNet'))
-# checkpoints that a kill cannot break (prm_det.engine.hooks); a rank that
+# checkpoints that a kill cannot break (prm_det.engine.checkpoints.writing); a rank that
 # stalls fails the job after 5 minutes (gloo's default wait is 30)
 default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
 env_cfg = dict(dist_cfg=dict(timeout=300))

@@ -6,6 +6,6 @@ included, loads checkpoints as data::
     custom_imports = dict(imports=['prm_det', 'prm_det.safe_loading'],
                           allow_failed_imports=False)
 """
-from .engine.safe_loading import install_safe_loading
+from .engine.checkpoints.safe_loading import install_safe_loading
 
 install_safe_loading()

@@ -100,7 +100,8 @@ def test_mmengine_private_apis():
 
 
 # mmengine 0.10.7's CheckpointHook._save_checkpoint_with_step, which
-# AtomicCheckpointHook._save_checkpoint_with_step (prm_det/engine/hooks.py)
+# AtomicCheckpointHook._save_checkpoint_with_step
+# (prm_det/engine/checkpoints/writing.py)
 # rewrites with the same bookkeeping
 SAVE_WITH_STEP_SHA256 = (
     '9b971b6cd3cc507da3041d5432ba5766d048eeebcf8b365df4417729c92d4763')
@@ -113,8 +114,8 @@ def test_the_mmengine_method_the_checkpoint_hook_rewrites_is_unchanged():
     assert hashlib.sha256(source.encode()).hexdigest() == \
         SAVE_WITH_STEP_SHA256, (
             f'mmengine {mmengine.__version__} changed '
-            f'CheckpointHook._save_checkpoint_with_step, which '
-            f'prm_det.engine.hooks.AtomicCheckpointHook rewrites: compare '
+            f'CheckpointHook._save_checkpoint_with_step, which prm_det.'
+            f'engine.checkpoints.writing.AtomicCheckpointHook rewrites: compare '
             f'the two, carry the change over, then update '
             f'SAVE_WITH_STEP_SHA256 here. mmengine\'s method now:\n{source}')
 

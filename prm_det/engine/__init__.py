@@ -2,25 +2,25 @@
 checkpoints (read as data, written whole, resumed), configs, the dataset
 checks before a run, launchers and the process group, the work_dir lock,
 the tools prm_det ships."""
-from .checkpoint import (TRUST_ENV, CheckpointMismatch, IncompleteCheckpoint,
-                         NotACheckpoint, UnusableCheckpoint,
-                         UntrustedCheckpoint, check_checkpoint_fits,
-                         load_checkpoint_file, load_from_local_file,
-                         local_file_missing)
 from ..datasets.preflight import (DatasetInvalid, DatasetNotFound,
                                   check_dataset_files)
+from .checkpoints.reading import (TRUST_ENV, CheckpointMismatch,
+                                  IncompleteCheckpoint, NotACheckpoint,
+                                  UnusableCheckpoint, UntrustedCheckpoint,
+                                  check_checkpoint_fits, load_checkpoint_file,
+                                  load_from_local_file, local_file_missing)
+from .checkpoints.remote import (ChecksumMismatch,
+                                 PretrainedWeightsUnavailable,
+                                 load_from_http, load_from_torchvision_urls)
+from .checkpoints.resume import checkpoint_problem, latest_complete_checkpoint
+from .checkpoints.safe_loading import install_safe_loading
+from .checkpoints.writing import (AtomicCheckpointHook, CheckpointDiskFull,
+                                  remove_partials, write_text_atomically)
 from .configs import (ConfigLoaderUnavailable, load_config,
                       load_config_file, register_config_scope)
 from .distributed import (LauncherEnvironmentMissing, StoppedOnRank0,
                           collective_timeout, distributed_teardown,
                           init_distributed, on_rank_0, world_size)
-from .hooks import (AtomicCheckpointHook, CheckpointDiskFull,
-                    latest_complete_checkpoint, remove_partials,
-                    write_text_atomically)
-from .remote_checkpoints import (ChecksumMismatch,
-                                 PretrainedWeightsUnavailable,
-                                 load_from_http, load_from_torchvision_urls)
-from .safe_loading import install_safe_loading
 from .shipped_tools import load_tool, shipped_tool
 from .work_dir_lock import WorkDirBusy, lock_work_dir, work_dir_holder
 from .wrappers import DeviceAwareDDP
@@ -32,7 +32,8 @@ __all__ = [
     'LauncherEnvironmentMissing', 'NotACheckpoint',
     'PretrainedWeightsUnavailable', 'StoppedOnRank0', 'TRUST_ENV',
     'UnusableCheckpoint', 'UntrustedCheckpoint', 'WorkDirBusy',
-    'check_checkpoint_fits', 'check_dataset_files', 'collective_timeout',
+    'check_checkpoint_fits', 'check_dataset_files', 'checkpoint_problem',
+    'collective_timeout',
     'distributed_teardown', 'init_distributed', 'install_safe_loading',
     'latest_complete_checkpoint', 'load_checkpoint_file', 'load_config',
     'load_config_file', 'load_from_http', 'load_from_local_file',

@@ -19,7 +19,7 @@ from mmdet.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from tool_runs import REPO, RETINA, tiny_options, tool_env, tool_module
 
-from prm_det.engine.checkpoint import (TRUST_ENV, IncompleteCheckpoint,
+from prm_det.engine.checkpoints.reading import (TRUST_ENV, IncompleteCheckpoint,
                                        NotACheckpoint, UntrustedCheckpoint,
                                        load_checkpoint_file,
                                        runner_checkpoint_globals)

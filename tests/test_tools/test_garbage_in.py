@@ -15,7 +15,7 @@ from tool_runs import (CASCADE, REPO, RETINA, ok, parse_ap_table,
                        tiny_options, tool_env)
 
 import prm_det.datasets.preflight as preflight
-from prm_det.engine.checkpoint import CheckpointMismatch, check_checkpoint_fits
+from prm_det.engine.checkpoints.reading import CheckpointMismatch, check_checkpoint_fits
 from prm_det.engine import (DatasetInvalid, check_dataset_files,
                                    load_config)
 

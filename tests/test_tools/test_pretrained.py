@@ -7,7 +7,7 @@ import torch
 from mmdet.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 
-import prm_det.engine.remote_checkpoints as ckpt_module
+import prm_det.engine.checkpoints.remote as ckpt_module
 from prm_det.engine import PretrainedWeightsUnavailable
 
 

@@ -23,10 +23,10 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from tool_runs import (REPO, RETINA, ok, outside_env, parse_ap_table, run_tool,
                        tiny_options, tool_env)
 
-import prm_det.engine.remote_checkpoints as remote
-from prm_det.engine.checkpoint import TRUST_ENV, UntrustedCheckpoint
+import prm_det.engine.checkpoints.remote as remote
+from prm_det.engine.checkpoints.reading import TRUST_ENV, UntrustedCheckpoint
 from prm_det.engine import load_config
-from prm_det.engine.remote_checkpoints import ChecksumMismatch
+from prm_det.engine.checkpoints.remote import ChecksumMismatch
 
 TORCHVISION_RESNET18 = 'resnet18-f37072fd.pth'
 

@@ -7,15 +7,16 @@ import pytest
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
-import prm_det.engine.hooks as hooks
-from prm_det.engine.checkpoint import IncompleteCheckpoint
-from prm_det.engine.hooks import checkpoint_problem, latest_complete_checkpoint
+import prm_det.engine.checkpoints.resume as resume
+from prm_det.engine.checkpoints.reading import IncompleteCheckpoint
+from prm_det.engine.checkpoints.resume import (checkpoint_problem,
+                                               latest_complete_checkpoint)
 
 
 @pytest.fixture
 def said(monkeypatch):
     messages = []
-    monkeypatch.setattr(hooks, '_say', messages.append)
+    monkeypatch.setattr(resume, "_say", messages.append)
     return messages
 
 

@@ -109,7 +109,7 @@ def test_kill_between_the_rename_and_last_checkpoint(tiny_data, tmp_path):
     killed = wrapper(tmp_path, '''
         import os
         import signal
-        import prm_det.engine.hooks as hooks
+        import prm_det.engine.checkpoints.writing as hooks
         write = hooks.write_text_atomically
 
         def die_before_the_pointer(path, text):

@@ -150,7 +150,7 @@ def read_json(path: str) -> Optional[dict]:
 
 def write_json(path: str, data) -> None:
     """Whole or not at all: a kill leaves the old file or the new one."""
-    from prm_det.engine.hooks import write_text_atomically
+    from prm_det.engine import write_text_atomically
     write_text_atomically(path, json.dumps(data, indent=2) + '\n')
 
 
@@ -247,7 +247,7 @@ def fail(run: Run, attempts: List[dict], cfg_options: List[str], phase: str,
 def do_run(run: Run, cfg_options: List[str]) -> dict:
     """Train and test ``run``, or go on from where an earlier sweep left
     it; returns its result (also written to its result.json)."""
-    from prm_det.engine.hooks import latest_complete_checkpoint
+    from prm_det.engine import latest_complete_checkpoint
     done = read_json(run.path(RESULT))
     if done is not None and done.get('status') == 'ok':
         if done.get('cfg_options') != cfg_options:

@@ -94,7 +94,7 @@ def build_detector(config: str, checkpoint: Optional[str],
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
-    from prm_det.engine.checkpoint import local_file_missing
+    from prm_det.engine import local_file_missing
     from prm_det.engine import load_config
     cfg = load_config(config, cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))

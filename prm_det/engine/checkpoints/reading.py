@@ -24,7 +24,7 @@ torch's and OpenMMLab's published checkpoints), also when it is already in
 the cache, and it is loaded as data like a local file.
 
 These loaders take over mmengine's schemes only when
-:func:`~prm_det.engine.safe_loading.install_safe_loading` is called (our
+:func:`~prm_det.engine.checkpoints.safe_loading.install_safe_loading` is called (our
 tools do; a config does by naming ``prm_det.safe_loading`` in
 ``custom_imports``); importing prm_det changes none of them.
 
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
 
-from ..private_apis import history_buffer_statistics
+from ...private_apis import history_buffer_statistics
 
 TRUST_ENV = 'PRM_DET_TRUST_CHECKPOINTS'
 TRUST_HINT = (f'--trust-checkpoint (tools/train.py, tools/test.py) or '

@@ -6,11 +6,11 @@ mmengine resolves these schemes to a URL and calls torch.hub's
 ``load_state_dict_from_url``, which unpickles the cached file with
 ``weights_only=False`` and checks no hash: a file in the hub cache, or one
 served at the URL, runs whatever code it carries. The schemes are taken
-over here (by :func:`~prm_det.engine.safe_loading.install_safe_loading`): the
-file is downloaded into the same cache, checked against the SHA-256 prefix
+over here (by :func:`.safe_loading.install_safe_loading`): the file is
+downloaded into the same cache, checked against the SHA-256 prefix
 in its name where it has one (torch's and OpenMMLab's published checkpoints
 are named so: ``resnet50-0676ba61.pth``), also when it was already there,
-and loaded by :func:`~prm_det.engine.checkpoint.load_checkpoint_file`: as
+and loaded by :func:`~prm_det.engine.checkpoints.reading.load_checkpoint_file`: as
 data unless the user opted in (``--trust-checkpoint``). Object stores
 (``s3://`` and ``petrel://`` through mmengine's Petrel backend, ``pavi://``
 through pavi's model cloud) are read into a temporary file that is loaded
@@ -32,9 +32,9 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import (get_deprecated_model_names,
                                         get_external_models, get_mmcls_models)
 
-from ..private_apis import mmcls_to_backbone, mmengine_home
+from ...private_apis import mmcls_to_backbone, mmengine_home
 
-from .checkpoint import load_checkpoint_file
+from .reading import load_checkpoint_file
 
 # torch.hub's convention: the hex digits between the last '-' and the
 # extension start the file's SHA-256 (8 of them in torch's and OpenMMLab's

@@ -7,7 +7,7 @@ one explicit call.
 replaces the loaders of mmengine's ``CheckpointLoader`` for local files and
 for ``http(s)://``, ``torchvision://``, ``modelzoo://``, ``open-mmlab://``,
 ``mmcls://``, ``s3://``, ``petrel://`` and ``pavi://`` with prm_det's
-(:mod:`prm_det.engine.checkpoint`, :mod:`prm_det.engine.remote_checkpoints`):
+(:mod:`.reading`, :mod:`.remote`):
 every checkpoint loads as data (tensors, containers, numbers, the types
 mmengine's Runner writes) unless the user trusts it
 (``--trust-checkpoint``, ``PRM_DET_TRUST_CHECKPOINTS=1``), published files
@@ -24,10 +24,10 @@ as every config prm_det ships does.
 """
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from .checkpoint import load_from_local_file
-from .remote_checkpoints import (load_from_ceph, load_from_http,
-                                 load_from_mmcls, load_from_openmmlab,
-                                 load_from_pavi, load_from_torchvision_urls)
+from .reading import load_from_local_file
+from .remote import (load_from_ceph, load_from_http, load_from_mmcls,
+                     load_from_openmmlab, load_from_pavi,
+                     load_from_torchvision_urls)
 
 # mmengine's scheme prefixes (its own loaders' registrations) -> ours
 SCHEMES = (
