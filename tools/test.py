@@ -42,7 +42,7 @@ from prm_det.engine import (  # noqa: E402
     TRUST_ENV, CheckpointMismatch, ChecksumMismatch, ConfigLoaderUnavailable,
     DatasetInvalid, DatasetNotFound, LauncherEnvironmentMissing,
     StoppedOnRank0, UnusableCheckpoint, UntrustedCheckpoint,
-    check_checkpoint_fits, check_dataset_files, distributed_teardown,
+    check_checkpoint_fits, check_dataset_files, finish_distributed_if_ok,
     init_distributed, install_safe_loading, load_config, local_file_missing,
     on_rank_0, write_text_atomically)
 from prm_det.evaluation import AP_KEYS, box_ap, format_ap_table  # noqa: E402,F401
@@ -181,7 +181,7 @@ def run(args):
 def main(argv=None):
     install_safe_loading()  # checkpoints load as data
     args = parse_args(argv)
-    with distributed_teardown():
+    with finish_distributed_if_ok():
         try:
             return run(args)
         except (DatasetNotFound, DatasetInvalid, FileNotFoundError,

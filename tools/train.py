@@ -36,7 +36,7 @@ from prm_det.engine import (  # noqa: E402
     DatasetInvalid, DatasetNotFound, LauncherEnvironmentMissing,
     PretrainedWeightsUnavailable, StoppedOnRank0, UnusableCheckpoint,
     UntrustedCheckpoint, WorkDirBusy, check_dataset_files, collective_timeout,
-    distributed_teardown, init_distributed, install_safe_loading,
+    finish_distributed_if_ok, init_distributed, install_safe_loading,
     latest_complete_checkpoint, load_config, local_file_missing,
     lock_work_dir, on_rank_0, remove_partials, work_dir_holder, world_size)
 
@@ -161,7 +161,7 @@ def train(cfg):
 def main(argv=None):
     install_safe_loading()  # checkpoints load as data
     args = parse_args(argv)
-    with distributed_teardown():
+    with finish_distributed_if_ok():
         try:
             cfg = build_cfg(args)
             init_distributed(cfg)

@@ -19,7 +19,7 @@ from .checkpoints.writing import (AtomicCheckpointHook, CheckpointDiskFull,
 from .configs import (ConfigLoaderUnavailable, load_config,
                       load_config_file, register_config_scope)
 from .distributed import (LauncherEnvironmentMissing, StoppedOnRank0,
-                          collective_timeout, distributed_teardown,
+                          collective_timeout, finish_distributed_if_ok,
                           init_distributed, on_rank_0, world_size)
 from .shipped_tools import load_tool, shipped_tool
 from .work_dir_lock import WorkDirBusy, lock_work_dir, work_dir_holder
@@ -34,7 +34,7 @@ __all__ = [
     'UnusableCheckpoint', 'UntrustedCheckpoint', 'WorkDirBusy',
     'check_checkpoint_fits', 'check_dataset_files', 'checkpoint_problem',
     'collective_timeout',
-    'distributed_teardown', 'init_distributed', 'install_safe_loading',
+    'finish_distributed_if_ok', 'init_distributed', 'install_safe_loading',
     'latest_complete_checkpoint', 'load_checkpoint_file', 'load_config',
     'load_config_file', 'load_from_http', 'load_from_local_file',
     'load_from_torchvision_urls', 'load_tool', 'local_file_missing',

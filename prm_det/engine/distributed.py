@@ -268,7 +268,7 @@ def collective_timeout(error: BaseException, cfg: Config) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def distributed_teardown() -> Iterator[None]:
+def finish_distributed_if_ok() -> Iterator[None]:
     """Run a tool's work, then :func:`finish_distributed` if it succeeded.
 
     On an error nothing waits on the other ranks: a barrier there would
