@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PRM_DET_VENV := $(abspath $(VENV))
 
-.PHONY: setup test demo bench clean-demo
+.PHONY: setup test test-fast demo bench clean-demo
 
 setup:
 	@bash tools/setup_env.sh
@@ -11,6 +11,12 @@ setup:
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the fast tier: every promise in-process, the expensive variants (tool
+# subprocesses, fresh venvs, kills, Inductor, compiler checks) left out
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) tools/demo.py
