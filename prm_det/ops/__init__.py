@@ -15,10 +15,13 @@ from .backends import select as select_backend
 from .backends import use_backend
 from .contract import BatchNorm, PRMOptions, PRMParams, PRMState
 from .functions import prm, prm_block_tail
-from .reference import MODES, NORM_EPS, prm_reference
+from .reference import (MODES, NORM_EPS, PRMIntermediates, prm_reference,
+                        prm_reference_of, prm_reference_with_intermediates)
 
 __all__ = [
     'BACKEND_NAMES', 'ENV_VAR', 'BatchNorm', 'MODES', 'NORM_EPS',
     'PRMOptions', 'PRMParams', 'PRMState', 'prm',
-    'prm_block_tail', 'prm_reference', 'select_backend', 'use_backend'
+    'prm_block_tail', 'prm_reference', 'prm_reference_of',
+    'prm_reference_with_intermediates', 'PRMIntermediates', 'select_backend',
+    'use_backend'
 ]

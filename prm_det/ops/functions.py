@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import backends, library
 from .contract import BatchNorm, PRMOptions, PRMParams
-from .reference import prm_reference
+from .reference import prm_reference_of
 
 
 class PRMFunction(torch.autograd.Function):
@@ -91,12 +91,8 @@ def _reference(c, norm, identity, relu, params, options):
                    if torch.is_autocast_enabled(c.device.type) else
                    contextlib.nullcontext())
     with no_autocast:
-        y = prm_reference(_as(c, dtype), *(_as(p, dtype) for p in params),
-                          groups=options.groups, mode=options.mode,
-                          use_position=options.use_position,
-                          use_norm=options.use_norm,
-                          normalized_positions=options.normalized_positions,
-                          eps=options.eps)
+        y = prm_reference_of(_as(c, dtype),
+                             [_as(p, dtype) for p in params], options)
     y = _as(y, in_dtype)
     if identity is not None:
         y = y + identity

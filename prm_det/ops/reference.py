@@ -22,7 +22,7 @@ to be read: it is the oracle every backend of :mod:`prm_det.ops` is tested
 against, and the traceable route taken while exporting (ONNX). Torch only.
 """
 import math
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,69 @@ def _normalize(s: Tensor, eps: float) -> Tensor:
     return centered / (std + eps)
 
 
+class PRMIntermediates(NamedTuple):
+    """What :func:`prm_reference_with_intermediates` computes on the way to
+    its output, one entry per (sample, group), b samples, g groups.
+
+    Fields:
+        query_index (Tensor): [b, g], the query's flat position row * w + col
+            (the first argmax of the group's channel sum).
+        query_rc (Tensor): [b, g, 2], the query's (row, col).
+        position_weight (Tensor): [b, g, h, w], D (the options' distances;
+            computed even where ``use_position`` is off, as a picture of it).
+        similarity (Tensor): [b, g, h, w], S before the normalization.
+        gate (Tensor): [b, g, h, w], sigmoid(lambda * N(S) + xi), what the
+            group's channels are multiplied by.
+    """
+    query_index: Tensor
+    query_rc: Tensor
+    position_weight: Tensor
+    similarity: Tensor
+    gate: Tensor
+
+
+def _prm(x: Tensor, weight: Tensor, bias: Tensor, one: Tensor, zero: Tensor,
+         theta: Tensor, scale: Tensor, groups: int, mode: str,
+         use_position: bool, use_norm: bool, normalized_positions: bool,
+         eps: float, keep: bool) -> Tuple[Tensor, Optional[PRMIntermediates]]:
+    """The reference's body; ``keep``: also return its intermediates (ops
+    beyond the output's only then: a trace of the output sees none)."""
+    b, c, h, w = x.shape
+    n, cg, num_positions = b * groups, c // groups, h * w
+    xg = x.reshape(n, cg, num_positions)  # [n, cg, P]
+    # standard ops only (argmax, gather), no host sync: this is the route
+    # taken while exporting
+    query_index = xg.detach().sum(1).argmax(1)  # [n], first maximum
+    query = xg.gather(2, query_index.view(-1, 1, 1).expand(-1, cg, 1))
+    query = query.squeeze(2)  # [n, cg]
+    context = xg.mean(2)  # [n, cg]
+    sim_query = _similarity(xg, query, mode)  # [n, P]
+    sim_context = _similarity(xg, context, mode)  # [n, P]
+    d = None
+    if use_position or keep:
+        d = position_weight(query_index, h, w, theta, scale,
+                            normalized_positions)  # [n, P]
+    if use_position:
+        sim_query = sim_query * d
+    s = (zero * sim_query.view(b, groups, num_positions) +
+         one * sim_context.view(b, groups, num_positions))  # [b, g, P]
+    s_normalized = _normalize(s, eps) if use_norm else s
+    gate = torch.sigmoid(s_normalized * weight.view(1, groups, 1) +
+                         bias.view(1, groups, 1))  # [b, g, P]
+    y = x.view(b, groups, cg, num_positions) * gate[:, :, None, :]
+    y = y.view(b, c, h, w)
+    if not keep:
+        return y, None
+    rows = torch.div(query_index, w, rounding_mode='floor')
+    query_rc = torch.stack([rows, query_index - rows * w], 1)
+    return y, PRMIntermediates(
+        query_index=query_index.view(b, groups),
+        query_rc=query_rc.view(b, groups, 2),
+        position_weight=d.view(b, groups, h, w),
+        similarity=s.view(b, groups, h, w),
+        gate=gate.view(b, groups, h, w))
+
+
 def prm_reference(x: Tensor,
                   weight: Tensor,
                   bias: Tensor,
@@ -140,25 +203,42 @@ def prm_reference(x: Tensor,
     ``bias`` = xi [1, g, 1, 1], ``one`` = beta [1, g, 1], ``zero`` = alpha
     [1, g, 1], ``theta`` [1, 2, 1, 1] (row, col), ``scale`` = sigma [1].
     """
-    b, c, h, w = x.shape
-    n, cg, num_positions = b * groups, c // groups, h * w
-    xg = x.reshape(n, cg, num_positions)  # [n, cg, P]
-    # standard ops only (argmax, gather), no host sync: this is the route
-    # taken while exporting
-    query_index = xg.detach().sum(1).argmax(1)  # [n], first maximum
-    query = xg.gather(2, query_index.view(-1, 1, 1).expand(-1, cg, 1))
-    query = query.squeeze(2)  # [n, cg]
-    context = xg.mean(2)  # [n, cg]
-    sim_query = _similarity(xg, query, mode)  # [n, P]
-    sim_context = _similarity(xg, context, mode)  # [n, P]
-    if use_position:
-        sim_query = sim_query * position_weight(
-            query_index, h, w, theta, scale, normalized_positions)
-    s = (zero * sim_query.view(b, groups, num_positions) +
-         one * sim_context.view(b, groups, num_positions))  # [b, g, P]
-    if use_norm:
-        s = _normalize(s, eps)
-    gate = torch.sigmoid(s * weight.view(1, groups, 1) +
-                         bias.view(1, groups, 1))  # [b, g, P]
-    y = x.view(b, groups, cg, num_positions) * gate[:, :, None, :]
-    return y.view(b, c, h, w)
+    y, _ = _prm(x, weight, bias, one, zero, theta, scale, groups, mode,
+                use_position, use_norm, normalized_positions, eps, keep=False)
+    return y
+
+
+def prm_reference_with_intermediates(
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        one: Tensor,
+        zero: Tensor,
+        theta: Tensor,
+        scale: Tensor,
+        groups: int,
+        mode: str = 'dotproduct',
+        use_position: bool = True,
+        use_norm: bool = True,
+        normalized_positions: bool = False,
+        eps: float = NORM_EPS) -> Tuple[Tensor, PRMIntermediates]:
+    """:func:`prm_reference`'s output and the :class:`PRMIntermediates` it
+    computed it from (query positions, D, S, gate): what a picture of PRM
+    draws, from the same ops."""
+    return _prm(x, weight, bias, one, zero, theta, scale, groups, mode,
+                use_position, use_norm, normalized_positions, eps, keep=True)
+
+
+def prm_reference_of(x: Tensor, params, options,
+                     intermediates: bool = False):
+    """:func:`prm_reference` (or, with ``intermediates``,
+    :func:`prm_reference_with_intermediates`) with a PRM's parameters and
+    options as the layer holds them (:class:`~prm_det.ops.contract.PRMParams`
+    and :class:`~prm_det.ops.contract.PRMOptions`, e.g. ``prm._params()``
+    and ``prm.options``)."""
+    run = (prm_reference_with_intermediates if intermediates else
+           prm_reference)
+    return run(x, *params, groups=options.groups, mode=options.mode,
+               use_position=options.use_position, use_norm=options.use_norm,
+               normalized_positions=options.normalized_positions,
+               eps=options.eps)

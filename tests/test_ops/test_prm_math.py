@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from prm_det.models.layers.prm import batch_norm_of
 from prm_det.ops import (PRMOptions, PRMParams, prm_block_tail,
-                         prm_reference, use_backend)
+                         prm_reference, prm_reference_of, use_backend)
 from prm_det.ops.backends import cpu as cpu_backend
 
 NAMES = ('weight', 'bias', 'one', 'zero', 'theta', 'scale')
@@ -622,3 +622,40 @@ def test_nan_and_inf_propagate_as_in_torch(backend, relu):
     torch.testing.assert_close(y[finite], y_ref[finite], rtol=1e-4,
                                atol=1e-5)
     assert torch.equal(torch.isfinite(gx), torch.isfinite(gx_ref))
+
+
+@pytest.mark.parametrize('mode', ['dotproduct', 'cosine', 'l1norm'])
+@pytest.mark.parametrize('use_position', [True, False])
+def test_reference_intermediates_are_what_its_output_is_made_of(
+        mode, use_position):
+    """prm_reference_with_intermediates: the same output as prm_reference,
+    and its parts make that output (y = x * gate, the queries are the first
+    argmax of each group's channel sum, D as position_weight gives it)."""
+    from prm_det.ops.reference import (position_weight,
+                                       prm_reference_with_intermediates)
+    torch.manual_seed(0)
+    b, c, g, h, w = 2, 12, 3, 5, 7
+    x = torch.randn(b, c, h, w, dtype=torch.float64)
+    params = PRMParams(
+        torch.randn(1, g, 1, 1, dtype=torch.float64),
+        torch.randn(1, g, 1, 1, dtype=torch.float64),
+        torch.randn(1, g, 1, dtype=torch.float64),
+        torch.randn(1, g, 1, dtype=torch.float64),
+        torch.rand(1, 2, 1, 1, dtype=torch.float64),
+        torch.rand(1, dtype=torch.float64) + 0.5)
+    options = PRMOptions(groups=g, mode=mode, use_position=use_position)
+    y, parts = prm_reference_with_intermediates(
+        x, *params, groups=g, mode=mode, use_position=use_position)
+    expected = prm_reference(x, *params, groups=g, mode=mode,
+                             use_position=use_position)
+    assert torch.equal(y, expected)
+    assert torch.equal(prm_reference_of(x, params, options), expected)
+    torch.testing.assert_close(
+        (x.view(b, g, c // g, h, w) * parts.gate[:, :, None]).view_as(x), y)
+    index = x.view(b, g, c // g, h * w).sum(2).argmax(2)
+    assert torch.equal(parts.query_index, index)
+    assert torch.equal(parts.query_rc[..., 0] * w + parts.query_rc[..., 1],
+                       index)
+    d = position_weight(index.flatten(), h, w, params.theta, params.scale)
+    assert torch.equal(parts.position_weight, d.view(b, g, h, w))
+    assert parts.similarity.shape == parts.gate.shape == (b, g, h, w)

@@ -172,3 +172,34 @@ def test_a_block_without_prm_is_refused_naming_the_ones_with_it(drawn):
                           device='cpu')
     with pytest.raises(ValueError, match='layer1.0'):
         tool.capture_prm_inputs(model.backbone, ['layer9.0'])
+
+
+def test_the_maps_drawn_are_the_references_intermediates(drawn):
+    """vis_prm draws what the reference computes (one source of PRM's math):
+    query positions, D and gate, exactly."""
+    from mmdet.apis import init_detector
+
+    from prm_det.ops.reference import prm_reference_with_intermediates
+    tool, rows, out = drawn
+    model = init_detector(CONFIG, str(out.parent / 'random.pth'),
+                          device='cpu')
+    for row in rows:
+        prm = dict(model.backbone.named_modules())[f'{row["block"]}.prm']
+        x = torch.from_numpy(row['features'])[None]
+        with torch.no_grad():
+            y, parts = prm_reference_with_intermediates(
+                x, prm.weight, prm.bias, prm.one, prm.zero, prm.theta,
+                prm.scale, prm.groups, prm.mode, prm.use_position,
+                prm.use_norm, prm.normalized_positions)
+            maps = tool.prm_maps(x, prm)
+        np.testing.assert_array_equal(row['query_index'],
+                                      parts.query_index[0].numpy())
+        np.testing.assert_array_equal(row['query_rc'],
+                                      parts.query_rc[0].numpy())
+        np.testing.assert_array_equal(row['position_weight_groups'],
+                                      parts.position_weight[0].numpy())
+        np.testing.assert_array_equal(row['gate_groups'],
+                                      parts.gate[0].numpy())
+        for key in ('query_index', 'query_rc', 'position_weight', 'gate'):
+            torch.testing.assert_close(maps[key], getattr(parts, key)[0],
+                                       rtol=0, atol=0)

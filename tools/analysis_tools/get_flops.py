@@ -48,7 +48,7 @@ from mmengine.analysis.jit_handles import get_shape  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers the backbones)
-from prm_det.ops.reference import prm_reference  # noqa: E402
+from prm_det.ops import PRMParams, prm_reference_of  # noqa: E402
 from prm_det.private_apis import format_size  # noqa: E402
 
 # Prefix of the op names counted only inside attention modules.
@@ -105,26 +105,21 @@ ATTENTION_OP_HANDLES = {
 
 
 class ReferencePRM(nn.Module):
-    """A PRM's own parameters run through the readable reference: the op as
-    defined, in plain torch ops a tracer sees. It has none of PRM's fused
-    entry points, so a block calls it as a plain plugin (norm, PRM, add,
-    ReLU each its own op)."""
+    """A PRM run through the readable reference
+    (:func:`prm_det.ops.reference.prm_reference_of`, with the PRM's own
+    parameters and options): the op as defined, in plain torch ops a tracer
+    sees. It has none of PRM's fused entry points, so a block calls it as a
+    plain plugin (norm, PRM, add, ReLU each its own op)."""
 
     def __init__(self, prm: nn.Module) -> None:
         super().__init__()
-        for name, param in prm.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        self.groups = prm.groups
-        self.mode = prm.mode
-        self.use_position = prm.use_position
-        self.use_norm = prm.use_norm
-        self.normalized_positions = prm.normalized_positions
+        for name in PRMParams._fields:
+            self.register_parameter(name, getattr(prm, name))
+        self.options = prm.options
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return prm_reference(x, self.weight, self.bias, self.one, self.zero,
-                             self.theta, self.scale, self.groups, self.mode,
-                             self.use_position, self.use_norm,
-                             self.normalized_positions)
+        params = PRMParams(*(getattr(self, n) for n in PRMParams._fields))
+        return prm_reference_of(x, params, self.options)
 
 
 def attention_types() -> Dict[str, tuple]:
@@ -234,7 +229,7 @@ def build_model(cfg) -> nn.Module:
 
 
 def inference(args) -> dict:
-    from prm_det.engine.launch import check_dataset_files, load_config
+    from prm_det.engine import check_dataset_files, load_config
     cfg = load_config(args.config, args.cfg_options)
     result = {}
     if args.shape is not None:
@@ -343,7 +338,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def main(argv: Optional[List[str]] = None) -> dict:
     from prm_det.engine import ConfigLoaderUnavailable
-    from prm_det.engine.launch import DatasetNotFound
+    from prm_det.engine import DatasetNotFound
     try:
         result = inference(parse_args(argv))
     except ConfigLoaderUnavailable as error:

@@ -19,7 +19,8 @@ a colour bar for the maps):
 
 and ``grid.png``, one row per block. The PRM input is taken with a forward
 pre-hook on the block's ``prm`` module during mmdet's inference; the maps are
-computed from it with :mod:`prm_det.ops.reference`'s building blocks.
+computed from it by :mod:`prm_det.ops.reference` itself (the reference
+returns its intermediates).
 """
 import argparse
 import os
@@ -29,7 +30,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # run from a checkout: its prm_det first (installed, the tools sit in
@@ -39,15 +39,16 @@ if osp.isdir(osp.join(_ROOT, 'prm_det')):
     sys.path.insert(0, _ROOT)
 
 import prm_det  # noqa: E402,F401  (registers the backbones)
-from prm_det.ops.reference import (COSINE_EPS, NORM_EPS,  # noqa: E402
-                                   position_weight)
+from prm_det.ops import PRMParams, prm_reference_of  # noqa: E402
 
 QUERY_COLOR = (255, 0, 0)  # RGB, with a white ring: visible on red too
 RING_COLOR = (255, 255, 255)
 
 
 def prm_maps(x: Tensor, prm: nn.Module) -> Dict[str, Tensor]:
-    """Query positions, position weight D and gate of one PRM on its input.
+    """Query positions, position weight D and gate of one PRM on its input,
+    as the reference computes them
+    (:func:`prm_det.ops.reference.prm_reference_with_intermediates`).
 
     Args:
         x (Tensor): the PRM's input, [1, c, h, w].
@@ -57,42 +58,12 @@ def prm_maps(x: Tensor, prm: nn.Module) -> Dict[str, Tensor]:
         dict: ``query_index`` [g] (flat index row * w + col), ``query_rc``
         [g, 2] (row, col), ``position_weight`` and ``gate`` [g, h, w].
     """
-    _, c, h, w = x.shape
-    groups = prm.groups
-    xg = x.reshape(groups, c // groups, h * w)  # [g, cg, P]
-    query_index = xg.sum(1).argmax(1)  # [g], first maximum
-    query = xg[torch.arange(groups), :, query_index]  # [g, cg]
-    context = xg.mean(2)  # [g, cg]
-    sim_query = similarity(xg, query, prm.mode)  # [g, P]
-    sim_context = similarity(xg, context, prm.mode)  # [g, P]
-    weight = position_weight(query_index, h, w, prm.theta, prm.scale,
-                             prm.normalized_positions)  # [g, P]
-    if prm.use_position:
-        sim_query = sim_query * weight
-    s = prm.zero.view(groups, 1) * sim_query + \
-        prm.one.view(groups, 1) * sim_context  # [g, P]
-    if prm.use_norm:
-        std = s.std(1, keepdim=True) if h * w > 1 else torch.zeros_like(s)
-        s = (s - s.mean(1, keepdim=True)) / (std + NORM_EPS)
-    gate = torch.sigmoid(prm.weight.view(groups, 1) * s +
-                         prm.bias.view(groups, 1))  # [g, P]
-    rows = torch.div(query_index, w, rounding_mode='floor')
-    return dict(query_index=query_index,
-                query_rc=torch.stack([rows, query_index - rows * w], 1),
-                position_weight=weight.view(groups, h, w),
-                gate=gate.view(groups, h, w))
-
-
-def similarity(xg: Tensor, key: Tensor, mode: str) -> Tensor:
-    """phi(x_p, key) at every position; xg [g, cg, P], key [g, cg]."""
-    if mode == 'dotproduct':
-        return torch.einsum('gcp,gc->gp', xg, key)
-    if mode == 'cosine':
-        return F.cosine_similarity(xg, key[:, :, None], dim=1,
-                                   eps=COSINE_EPS)
-    if mode == 'l1norm':
-        return -(xg - key[:, :, None]).abs().sum(1)
-    raise ValueError(f'unknown PRM mode {mode!r}')
+    params = PRMParams(*(getattr(prm, name) for name in PRMParams._fields))
+    _, parts = prm_reference_of(x, params, prm.options, intermediates=True)
+    return dict(query_index=parts.query_index[0],
+                query_rc=parts.query_rc[0],
+                position_weight=parts.position_weight[0],
+                gate=parts.gate[0])
 
 
 def default_blocks(backbone: nn.Module) -> List[str]:
@@ -349,7 +320,7 @@ def main(argv=None) -> List[dict]:
                                 load_config_file)
     install_safe_loading()  # the checkpoint loads as data
     args = parse_args(argv)
-    from prm_det.engine.checkpoint import local_file_missing
+    from prm_det.engine import local_file_missing
     for path in (args.config, args.checkpoint, args.image):
         if local_file_missing(path):
             sys.exit(f'[vis_prm] file not found: {path}')
