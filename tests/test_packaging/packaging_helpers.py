@@ -26,13 +26,19 @@ def pip(*args, cwd=None, python=sys.executable):
     return result
 
 
+def copy_repository(dest):
+    """A copy of the working tree at ``dest``, for builds that would leave
+    build/ and *.egg-info in the checkout."""
+    for path in repository_files():
+        os.makedirs(osp.dirname(dest / path), exist_ok=True)
+        shutil.copy2(osp.join(REPO, path), dest / path)
+    return dest
+
+
 def build_wheel(tmp):
     """A wheel built from a copy of the repository (building in place would
     leave build/ and *.egg-info there)."""
-    source = tmp / 'source'
-    for path in repository_files():
-        os.makedirs(osp.dirname(source / path), exist_ok=True)
-        shutil.copy2(osp.join(REPO, path), source / path)
+    source = copy_repository(tmp / 'source')
     pip('wheel', str(source), '--no-deps', '--no-build-isolation', '-w',
         str(tmp / 'dist'))
     (built, ) = (tmp / 'dist').glob('prm_det-*.whl')
