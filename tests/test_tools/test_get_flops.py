@@ -148,7 +148,7 @@ def test_command_line_on_the_retinanet_configs(capsys, repo):
 
 
 def test_two_stage_detectors_keep_a_fixed_1000_proposals(repo):
-    from prm_det.engine.launch import load_config
+    from prm_det.engine import load_config
     tool = load_tool()
     cfg = load_config('configs/cascade_rcnn_prm_r50.py')
     assert tool.keep_all_proposals(cfg)
