@@ -20,7 +20,7 @@ launcher's settings).
   imported: the wheel's ``.mim/configs/PATH``, or the checkout's ``PATH``
   beside the package; bases of other packages go to mmengine as before.
 * mmengine reads every ``PKG::`` base (``mmdet::`` in each of our configs)
-  with ``pkg_resources``, which setuptools 81 removed.
+  with ``pkg_resources``, which setuptools 82 removed.
   :func:`load_config_file` says so, with the one-line fix, instead of
   mmengine's traceback.
 """
@@ -34,7 +34,7 @@ from .distributed import configure_launcher
 from .shipped_tools import package_dir
 
 PACKAGE = 'prm_det'
-SETUPTOOLS_FIX = "pip install 'setuptools<81'"
+SETUPTOOLS_FIX = "pip install 'setuptools>=77.0.3,<80.9'"
 
 
 class ConfigLoaderUnavailable(ImportError):
@@ -129,7 +129,7 @@ def load_config_file(path: str) -> Config:
         raise ConfigLoaderUnavailable(
             f'{path}: mmengine loads `_base_ = \'mmdet::...\'` (every '
             f'prm_det config inherits mmdet\'s) with pkg_resources, which '
-            f'setuptools 81 and later no longer have (No module named '
+            f'setuptools 82 and later no longer have (No module named '
             f'\'pkg_resources\'). Fix: {SETUPTOOLS_FIX}') from None
 
 

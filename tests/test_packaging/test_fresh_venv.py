@@ -118,7 +118,7 @@ def test_with_current_setuptools_the_tools_name_the_one_line_fix(fresh):
     assert not fresh['pkg_resources_before']  # the venv is current
     proc = fresh['without_pkg_resources']
     assert proc.returncode != 0
-    assert "pip install 'setuptools<81'" in proc.stderr
+    assert "pip install 'setuptools>=77.0.3,<80.9'" in proc.stderr
     assert 'pkg_resources' in proc.stderr
     assert 'Traceback' not in proc.stderr
 

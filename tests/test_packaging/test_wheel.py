@@ -186,7 +186,7 @@ def test_readme_install_section_names_what_a_user_needs():
                    "custom_imports = dict(imports=['prm_det']",
                    "type='PRMResNet'", 'plugins=', 'configs/',
                    # every requirement of the own-environment path
-                   'setuptools<81', 'C++ compiler', "'.[onnx]'",
+                   'setuptools>=77.0.3,<80.9', 'C++ compiler', "'.[onnx]'",
                    # the configs from an install, mmdet's tools on them
                    'mim train prm_det', 'mim test prm_det',
                    "_base_ = 'prm_det::configs/", 'mim run mmdet',

@@ -11,10 +11,10 @@ from prm_det.engine import load_config
 
 def test_without_pkg_resources_loading_a_config_names_the_fix(
         monkeypatch, repo):
-    # as with setuptools 81+: `import pkg_resources` fails
+    # as with setuptools 82+: `import pkg_resources` fails
     monkeypatch.setitem(sys.modules, 'pkg_resources', None)
     with pytest.raises(ConfigLoaderUnavailable,
-                       match=r"Fix: pip install 'setuptools<81'"):
+                       match=r"Fix: pip install 'setuptools>=77.0.3,<80.9'"):
         load_config('configs/retinanet_prm_r50.py')
 
 
