@@ -6,7 +6,7 @@ its achieved bandwidth against the bytes ``kernel_report.py`` counts.
 
 For each stage map of the input size (64 heads), a training step's launches
 (forward with BatchNorm on batch statistics, then backward) and an
-inference's are recorded (``triton_backend.record_launches``), run once in
+inference's are recorded (``triton_launches.record_launches``), run once in
 order (so every launch sees the state and partials the op gives it), then
 each is launched ``--reps`` times back to back between CUDA events: the
 time a launch, and bytes / time. The copy bandwidth of the stage-1 map
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernel_report  # noqa: E402
+from triton_launches import run as _run  # noqa: E402
 
 from prm_det.ops.backends import triton_backend  # noqa: E402
 
@@ -38,10 +39,6 @@ def _time(fn, reps):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps / 1e3  # seconds
-
-
-def _run(launch):
-    launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps)
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ resident per SM and the bytes each launch moves.
 For each input size the PRM-ResNet-50 block tails (``relu(prm(bn(c)) +
 identity)``, 64 heads; stages of 3, 4, 6 and 3 blocks at strides 4 to 32)
 are run through the ``triton`` backend with its launches recorded instead
-of run (``triton_backend.record_launches``): a training step's forward
+of run (``triton_launches.record_launches``): a training step's forward
 (BatchNorm on batch statistics) and backward, and an inference (BatchNorm
 in eval, written over the convolution's output). The backend plans for the
 GPU's SM count; on CPU tensors it assumes an H100/H200's 132, so the grids
@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from prm_det.ops.backends import triton_backend, triton_plan  # noqa: E402
 from prm_det.ops.contract import (BatchNorm, Needs, PRMOptions,  # noqa: E402
                                   PRMParams, Saved)
+from triton_launches import record_launches  # noqa: E402  (benchmarks/)
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16,
           'fp16': torch.float16, 'fp64': torch.float64}
@@ -148,7 +149,7 @@ def record_tail(shape, dtype, task, sms=triton_plan.SMS_ON_CPU,
     norm = norm._replace(**{k: getattr(norm, k).to(device) for k in (
         'weight', 'bias', 'running_mean', 'running_var')})
     plan = planned_for(sms) if sms else contextlib.nullcontext()
-    with plan, triton_backend.record_launches() as launches:
+    with plan, record_launches() as launches:
         out = triton_backend.forward(c, norm, identity, True, params,
                                      options, inplace=task == 'inference')
         if task == 'train':

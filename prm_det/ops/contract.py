@@ -135,3 +135,16 @@ class Gradients(NamedTuple):
     bn_weight: Optional[Tensor]
     bn_bias: Optional[Tensor]
     params: Tuple[Optional[Tensor], ...]  # in PRMParams order
+
+
+class KernelsBroken(RuntimeError):
+    """Raised by a backend whose kernels cannot compile or launch on this
+    machine (it has warned once and raises this on every later call):
+    :func:`prm_det.ops.backends.forward` and ``backward`` run the call on
+    :func:`prm_det.ops.backends.stand_in`, and ``select`` names it for the
+    later calls."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f'the {backend} kernels cannot run here: {reason}')
+        self.backend = backend
+        self.reason = reason

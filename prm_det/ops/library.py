@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import BACKENDS
+from . import backends
 from .contract import (BatchNorm, Gradients, Needs, PRMOptions, PRMParams,
                        PRMState, Saved)
 
@@ -166,8 +166,8 @@ def block_tail_impl(c: Tensor, identity: Optional[Tensor],
     norm = _updated_copies(_norm(has_norm, bn_weight, bn_bias, running_mean,
                                  running_var, bn_training, bn_momentum,
                                  bn_eps))
-    out = BACKENDS[backend].forward(
-        c, norm, identity, relu,
+    out = backends.forward(
+        backend, c, norm, identity, relu,
         PRMParams(weight, bias, one, zero, theta, scale),
         _options(groups, use_position, use_norm, normalized_positions, eps))
     acc = accumulation_dtype(c)
@@ -210,8 +210,8 @@ def block_tail_over_c(c: Tensor, identity: Optional[Tensor],
     ``block_tail`` runs."""
     norm = _norm(has_norm, bn_weight, bn_bias, running_mean, running_var,
                  bn_training, bn_momentum, bn_eps)
-    return BACKENDS[backend].forward(
-        c, norm, identity, relu,
+    return backends.forward(
+        backend, c, norm, identity, relu,
         PRMParams(weight, bias, one, zero, theta, scale),
         _options(groups, use_position, use_norm, normalized_positions, eps),
         inplace=True).y
@@ -244,8 +244,8 @@ def block_tail_backward_impl(
                   PRMState(query_index, query, context, stats),
                   _options(groups, use_position, use_norm,
                            normalized_positions, eps), has_identity)
-    grads: Gradients = BACKENDS[backend].backward(
-        grad_y, saved, Needs(need_c, need_bn_weight, need_bn_bias))
+    grads: Gradients = backends.backward(
+        backend, grad_y, saved, Needs(need_c, need_bn_weight, need_bn_bias))
     grad_c = _none(c) if grads.c is None else _in_format(
         grads.c.to(c.dtype), c)
     grad_identity = _none(grad_y)

@@ -10,6 +10,7 @@ import torch
 
 from prm_det.ops import BatchNorm, PRMOptions, PRMParams, prm_block_tail
 from prm_det.ops import use_backend
+from prm_det.ops import backends
 from prm_det.ops.backends import torch_ops, triton_backend, triton_plan
 from prm_det.ops.contract import Needs, Saved
 from test_backends import params_for
@@ -176,8 +177,8 @@ def test_triton_that_cannot_launch_warns_once_and_runs_on_torch(
                                running_var=norm.running_var.clone())
     want = torch_ops.forward(c, norm_torch, identity, True, params, options)
     with pytest.warns(RuntimeWarning) as caught:
-        got = triton_backend.forward(c, norm, identity, True, params,
-                                     options)
+        got = backends.forward('triton', c, norm, identity, True, params,
+                               options)
     message = str(caught[0].message)
     assert 'OutOfResources' in message and 'shared memory' in message
     assert 'cpu (Triton interpreter)' in message  # the device it ran on
@@ -193,7 +194,7 @@ def test_triton_that_cannot_launch_warns_once_and_runs_on_torch(
     launched = len(kernels_that_fail['launched'])
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        again = triton_backend.forward(c, norm_torch._replace(
+        again = backends.forward('triton', c, norm_torch._replace(
             training=False), identity, True, params, options)
     assert len(kernels_that_fail['launched']) == launched
     assert again.y.shape == c.shape
@@ -214,7 +215,7 @@ def test_backward_of_a_triton_forward_falls_back_to_torch(
     needs = Needs(True, True, True)
     want = torch_ops.backward(upstream, saved, needs)
     with pytest.warns(RuntimeWarning, match='PRM_DET_BACKEND=torch'):
-        got = triton_backend.backward(upstream, saved, needs)
+        got = backends.backward('triton', upstream, saved, needs)
     for a, b in zip((got.c, got.identity, got.bn_weight, got.bn_bias,
                      *got.params), (want.c, want.identity, want.bn_weight,
                                     want.bn_bias, *want.params)):
@@ -234,4 +235,50 @@ def test_a_bug_on_the_interpreter_is_raised_not_hidden(monkeypatch):
     with pytest.raises(ValueError, match='a launcher bug'):
         triton_backend.forward(c, None, identity, True, params,
                                PRMOptions(groups=2))
+    assert triton_backend.broken_reason() is None
+
+
+def test_the_broken_kernels_raise_and_select_names_the_stand_in(
+        kernels_that_fail):
+    """The backend does not switch itself: it raises KernelsBroken (on
+    this call and every later one) and select() names torch ops in its
+    place, for a forced triton as for the default."""
+    from prm_det.ops.contract import KernelsBroken
+    kernels_that_fail['failing'].add('fwd_sums_kernel')
+    c, identity, params, _ = _tail_inputs()
+    options = PRMOptions(groups=2)
+    with use_backend('triton'):
+        assert backends.select(c, options) is triton_backend
+    with pytest.warns(RuntimeWarning, match='OutOfResources'), \
+            pytest.raises(KernelsBroken, match='shared memory'):
+        triton_backend.forward(c, None, identity, True, params, options)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with pytest.raises(KernelsBroken):
+            triton_backend.forward(c, None, identity, True, params, options)
+    with use_backend('triton'):
+        assert backends.select(c, options) is torch_ops
+        y = prm_block_tail(c, params, options, identity=identity, relu=True)
+    with use_backend('torch'):
+        want = prm_block_tail(c, params, options, identity=identity,
+                              relu=True)
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize('error', [RuntimeError('a driver error'),
+                                   TypeError('a launcher bug')])
+def test_only_tritons_compile_and_resource_errors_fall_back(monkeypatch,
+                                                           error):
+    """Anything but Triton's CompilationError, OutOfResources and
+    PTXASError is raised as it is, and the kernels stay in use."""
+    monkeypatch.setitem(triton_backend._state, 'broken', None)
+
+    def launch(kernel, grid, num_warps, **args):
+        raise error
+
+    monkeypatch.setattr(triton_backend, '_launch', launch)
+    c, identity, params, _ = _tail_inputs()
+    with pytest.raises(type(error), match=str(error)):
+        backends.forward('triton', c, None, identity, True, params,
+                         PRMOptions(groups=2))
     assert triton_backend.broken_reason() is None

@@ -11,7 +11,13 @@
   (:func:`prm_det.ops.reference.prm_reference`): every similarity mode, and
   the route taken while exporting (ONNX, tracing).
 
-:func:`select` is the only code that picks one. To force one (tests,
+:func:`select` is the only code that picks one, with :func:`stand_in`
+beside it for a backend whose kernels fail on this machine: select names
+the stand-in for later calls, and :func:`forward` and :func:`backward` run
+the call in progress on it when the kernels raise
+:class:`~prm_det.ops.contract.KernelsBroken` (the Triton kernels on a GPU
+Triton cannot compile or fit them for); no backend switches itself. To
+force one (tests,
 benchmarks, bug reports): ``with prm_det.ops.use_backend('torch'):`` or the
 environment variable ``PRM_DET_BACKEND=torch`` (read once, at the first
 PRM call); a layer's ``PRMOptions.backend`` pins that layer.
@@ -24,7 +30,8 @@ import torch
 from torch import Tensor
 
 from ...private_apis import torch_export_in_progress
-from ..contract import PRMOptions
+from ..contract import (Forward, Gradients, KernelsBroken, Needs, PRMOptions,
+                        Saved)
 from . import cpu, torch_ops, triton_backend
 
 ENV_VAR = 'PRM_DET_BACKEND'
@@ -86,10 +93,29 @@ def _available(name: str) -> bool:
     return BACKENDS[name].available()
 
 
+@torch.compiler.assume_constant_result
+def _broken(name: str) -> bool:
+    """Whether backend ``name``'s kernels failed on this machine (they raise
+    :class:`KernelsBroken` from then on). torch.compile keeps the answer it
+    traced; a compiled call then reaches the stand-in through
+    :func:`forward` and :func:`backward`."""
+    reason = getattr(BACKENDS[name], 'broken_reason', None)
+    return reason is not None and reason() is not None
+
+
+def stand_in(backend):
+    """The backend that runs a call of ``backend`` whose kernels are broken
+    here: the torch ops, which run any device and dtype and keep the state
+    the Triton kernels keep (their accumulation dtype: a backward of a
+    forward that ran on the kernels continues there)."""
+    return torch_ops
+
+
 def _default(c: Tensor):
     """The fastest backend that takes ``c``, by device and availability."""
     if c.is_cuda and _available('triton'):
-        return triton_backend
+        return stand_in(triton_backend) if _broken('triton') else \
+            triton_backend
     if cpu.check(c) is None and _available('cpu'):
         return cpu
     return torch_ops
@@ -119,4 +145,28 @@ def select(c: Tensor, options: PRMOptions):
         raise RuntimeError(
             f'PRM backend {name!r} is not available here: '
             f'{backend.unavailable_reason()}')
+    if _broken(name):  # forced, but its kernels failed here (warned)
+        return stand_in(backend)
     return backend
+
+
+def forward(name: str, c: Tensor, *args, **kwargs) -> Forward:
+    """Backend ``name``'s forward of ``c``; where its kernels turn out
+    broken here (:class:`KernelsBroken`: they warned, and wrote nothing the
+    caller keeps), the call runs on its :func:`stand_in`."""
+    backend = BACKENDS[name]
+    try:
+        return backend.forward(c, *args, **kwargs)
+    except KernelsBroken:
+        return stand_in(backend).forward(c, *args, **kwargs)
+
+
+def backward(name: str, grad_y: Tensor, saved: Saved,
+             needs: Needs) -> Gradients:
+    """Backend ``name``'s backward, on its :func:`stand_in` where its
+    kernels turn out broken here (the saved state is the same)."""
+    backend = BACKENDS[name]
+    try:
+        return backend.backward(grad_y, saved, needs)
+    except KernelsBroken:
+        return stand_in(backend).backward(grad_y, saved, needs)

@@ -13,33 +13,32 @@ it; on a CPU tensor the kernels run through Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported (the tests do
 this).
 
-Where Triton cannot compile or launch a kernel on the user's GPU (an
-architecture it does not support, no ptxas, out of resources), the backend
-warns once, naming the error, the GPU and ``PRM_DET_BACKEND=torch``, and
-runs every later call on the ``torch`` backend, which keeps the same state
-(a backward whose forward ran here included).
+Where Triton cannot compile a kernel or launch it on the user's GPU
+(Triton's ``CompilationError``, ``OutOfResources`` or ``PTXASError``), the
+backend warns once, naming the error, the GPU and ``PRM_DET_BACKEND=torch``,
+marks its kernels broken here and raises :class:`KernelsBroken` (this call
+and every later one); :mod:`prm_det.ops.backends` then runs the call on
+its :func:`~prm_det.ops.backends.stand_in` and ``select`` names that for
+later calls (the ``torch`` backend, which keeps the same state: a backward
+whose forward ran here included). Any other error is raised as it is.
 """
-import contextlib
-import inspect
 import os
 import warnings
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..contract import (BatchNorm, Forward, Gradients, Needs, PRMOptions,
-                        PRMParams, PRMState, Saved)
-from . import torch_ops, triton_plan
+from ..contract import (BatchNorm, Forward, Gradients, KernelsBroken, Needs,
+                        PRMOptions, PRMParams, PRMState, Saved)
+from . import triton_plan
 
 NAME = 'triton'  # what select and the custom ops call this backend
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # kernels: the module once imported (False: failed); error: why not;
 # broken: why the kernels failed on this machine (then torch ops run)
 _state = {'kernels': None, 'error': None, 'broken': None}
-_recorders: List[Callable] = []  # record_launches' stack, innermost last
 _sm_counts = {}
-_arg_names = {}  # kernel -> its parameters' names
 
 
 def _kernels():
@@ -74,47 +73,11 @@ def check(c: Tensor) -> Optional[str]:
 
 # -- launching ---------------------------------------------------------------
 
-class Launch(NamedTuple):
-    """One kernel launch as the backend makes it: the kernel's name, its
-    grid and warps, and its arguments by name (tensors, ints, floats and
-    the constexprs)."""
-    kernel: object
-    name: str
-    grid: Tuple[int, ...]
-    num_warps: int
-    args: dict
-
-
-@contextlib.contextmanager
-def record_launches() -> Iterator[List[Launch]]:
-    """Inside the block the backend records its launches instead of running
-    them (outputs and state are left unwritten): what
-    ``benchmarks/kernel_report.py`` compiles for a GPU target.
-
-    Example:
-        >>> with record_launches() as launches:  # doctest: +SKIP
-        ...     triton_backend.forward(c, None, None, False, params, options)
-    """
-    launches: List[Launch] = []
-    _recorders.append(launches.append)
-    try:
-        yield launches
-    finally:
-        _recorders.pop()
-
-
 def _launch(kernel, grid: Tuple[int, ...], num_warps: int, **args) -> None:
-    """``kernel[grid](...)`` with the arguments the kernel takes out of
-    ``args`` (the launchers pass one set of size arguments to all)."""
-    names = _arg_names.get(kernel)
-    if names is None:
-        names = _arg_names[kernel] = tuple(
-            inspect.signature(kernel.fn).parameters)
-    args = {name: args[name] for name in names}
-    if _recorders:
-        _recorders[-1](Launch(kernel, kernel.fn.__name__, tuple(grid),
-                              num_warps, args))
-        return
+    """``kernel[grid](**args)``: the arguments are the kernel's own, each
+    named by its launcher (Triton refuses a missing or unknown one).
+    ``benchmarks/triton_launches.py`` replaces this function to record the
+    launches instead of running them."""
     kernel[tuple(grid)](**args, num_warps=num_warps)
 
 
@@ -133,32 +96,12 @@ def sm_count(device: torch.device) -> int:
 # -- the safe fallback -------------------------------------------------------
 
 def _launch_errors() -> tuple:
-    """Triton's own errors of compiling and launching a kernel."""
-    errors = []
-    for module, name in (('triton.compiler.errors', 'CompilationError'),
-                         ('triton.runtime.errors', 'OutOfResources'),
-                         ('triton.runtime.errors', 'PTXASError'),
-                         ('triton.runtime.errors', 'TritonError'),
-                         ('triton.compiler.errors', 'TritonError')):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
-
-def _is_launch_failure(exc: Exception, c: Tensor) -> bool:
-    """A compile or launch failure the torch backend can stand in for:
-    Triton's errors, and on a GPU any error but running out of memory (a
-    driver's or ptxas' RuntimeError, a missing ptxas' OSError, an
-    unsupported architecture's). On CPU tensors the interpreter runs the
-    kernels as Python, where anything else is a bug to see."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    if c.is_cuda:
-        return True
-    interpreted = type(exc).__name__ == 'InterpreterError'
-    return not interpreted and isinstance(exc, _launch_errors())
+    """Triton's errors of compiling a kernel or fitting it on the GPU: what
+    the torch backend can stand in for. Anything else (a launcher's bug, an
+    interpreter error, out of memory, a driver error) is raised."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+    return (CompilationError, OutOfResources, PTXASError)
 
 
 def _device_name(c: Tensor) -> str:
@@ -169,16 +112,17 @@ def _device_name(c: Tensor) -> str:
     return f'{c.device.type} (Triton interpreter)'
 
 
-def _give_up(exc: Exception, c: Tensor) -> None:
-    """Mark the kernels broken here and warn, once."""
-    if _state['broken'] is not None:
-        return
-    _state['broken'] = f'{type(exc).__name__}: {exc}'
-    warnings.warn(
-        f'PRM: the Triton kernels cannot run on {_device_name(c)}: '
-        f'{_state["broken"]}. PRM runs on the torch backend from now on '
-        f'(same results, slower). To choose it from the start and silence '
-        f'this: PRM_DET_BACKEND=torch.', RuntimeWarning, stacklevel=3)
+def _give_up(exc: Exception, c: Tensor) -> KernelsBroken:
+    """Mark the kernels broken here and warn, once; the error to raise."""
+    if _state['broken'] is None:
+        _state['broken'] = f'{type(exc).__name__}: {exc}'
+        warnings.warn(
+            f'PRM: the Triton kernels cannot run on {_device_name(c)}: '
+            f'{_state["broken"]}. PRM runs on the torch backend from now on '
+            f'(same results, slower). To choose it from the start and '
+            f'silence this: PRM_DET_BACKEND=torch.', RuntimeWarning,
+            stacklevel=4)
+    return KernelsBroken(NAME, _state['broken'])
 
 
 def broken_reason() -> Optional[str]:
@@ -214,29 +158,35 @@ def _strides(prefix: str, strides: Tuple[int, int, int]) -> dict:
     return dict(zip((prefix + '_b', prefix + '_c', prefix + '_p'), strides))
 
 
-def _geometry(c: Tensor, options: PRMOptions) -> dict:
-    """The kernels' size arguments."""
+class _Sizes(NamedTuple):
+    """The kernels' size arguments of a map and its options."""
+    groups: int
+    cg: int
+    C: int
+    P: int
+    W: int
+    inv_p: float
+    inv_pm1: float
+    inv_hm1: float
+    inv_wm1: float
+
+
+def _sizes(c: Tensor, options: PRMOptions) -> _Sizes:
     _, ch, h, w = c.shape
     num_positions = h * w
-    return dict(
-        groups=options.groups, cg=ch // options.groups, C=ch,
-        P=num_positions, W=w, inv_p=1.0 / num_positions,
-        inv_pm1=1.0 / max(num_positions - 1, 1),
-        inv_hm1=1.0 / max(h - 1, 1), inv_wm1=1.0 / max(w - 1, 1),
-        eps=options.eps, USE_POS=options.use_position,
-        USE_NORM=options.use_norm,
-        NORMALIZED=options.normalized_positions)
+    return _Sizes(options.groups, ch // options.groups, ch, num_positions, w,
+                  1.0 / num_positions, 1.0 / max(num_positions - 1, 1),
+                  1.0 / max(h - 1, 1), 1.0 / max(w - 1, 1))
 
 
 def _prm_launch(c: Tensor, options: PRMOptions, kind: str):
+    """The plan of the PRM kernels' launch, and its block sizes and
+    accumulation type (the constexprs every PRM kernel takes)."""
     launch = triton_plan.prm_launch(tuple(c.shape), options.groups, kind,
                                     _acc(c).itemsize, sm_count(c.device))
-    meta = dict(chunk=launch.chunk, splits=launch.splits,
-                G_BLOCK=launch.g_block, BLOCK_C=launch.block_c,
-                BLOCK_P=launch.block_p,
-                SPLIT_BLOCK=triton_plan.next_power_of_2(launch.splits),
-                ACC=_tl_acc(c))
-    return launch, meta
+    blocks = dict(G_BLOCK=launch.g_block, BLOCK_C=launch.block_c,
+                  BLOCK_P=launch.block_p, ACC=_tl_acc(c))
+    return launch, blocks
 
 
 def _affine(norm: BatchNorm, mean: Tensor,
@@ -293,30 +243,31 @@ def _norm_statistics(norm: BatchNorm, acc: torch.dtype, save_mean,
             torch.rsqrt(norm.running_var.to(acc) + norm.eps))
 
 
+def _check_not_broken() -> None:
+    if _state['broken'] is not None:
+        raise KernelsBroken(NAME, _state['broken'])
+
+
 def forward(c: Tensor, norm: Optional[BatchNorm], identity: Optional[Tensor],
             relu: bool, params: PRMParams, options: PRMOptions,
             inplace: bool = False) -> Forward:
-    if _state['broken'] is None:
-        try:
-            return _forward(c, norm, identity, relu, params, options,
-                            inplace)
-        except Exception as exc:
-            if not _is_launch_failure(exc, c):
-                raise
-            _give_up(exc, c)
-    return torch_ops.forward(c, norm, identity, relu, params, options,
-                             inplace)
+    """The op's forward on the kernels; :class:`KernelsBroken` where they
+    cannot compile or launch here (nothing written to ``norm`` then)."""
+    _check_not_broken()
+    try:
+        return _forward(c, norm, identity, relu, params, options, inplace)
+    except _launch_errors() as exc:
+        raise _give_up(exc, c) from exc
 
 
 def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
-    if _state['broken'] is None:
-        try:
-            return _backward(grad_y, saved, needs)
-        except Exception as exc:
-            if not _is_launch_failure(exc, saved.c):
-                raise
-            _give_up(exc, saved.c)
-    return torch_ops.backward(grad_y, saved, needs)
+    """The op's backward on the kernels; :class:`KernelsBroken` where they
+    cannot compile or launch here."""
+    _check_not_broken()
+    try:
+        return _backward(grad_y, saved, needs)
+    except _launch_errors() as exc:
+        raise _give_up(exc, saved.c) from exc
 
 
 def _forward(c: Tensor, norm: Optional[BatchNorm],
@@ -359,41 +310,63 @@ def _forward(c: Tensor, norm: Optional[BatchNorm],
             torch.empty(n, cg, dtype=acc, device=c.device),
             torch.empty(n, 2, dtype=acc, device=c.device))
     if n > 0:
-        launch, meta = _prm_launch(c, options, 'forward')
-        splits = launch.splits
-        scratch = dict(
-            sum_ptr=torch.empty(n, splits, cg, dtype=acc, device=c.device),
-            best_ptr=torch.empty(n, splits, dtype=acc, device=c.device),
-            idx_ptr=torch.empty(n, splits, dtype=torch.int32,
-                                device=c.device),
-            s_ptr=torch.empty(n, splits, 2, dtype=acc, device=c.device))
-        state_args = state if state is not None else (y, ) * 4  # unused
-        args = dict(
-            x_ptr=c, id_ptr=c if identity is None else identity, y_ptr=y,
-            a_ptr=c if a is None else a,
-            shift_ptr=c if shift is None else shift,
-            lam_ptr=params.weight, xi_ptr=params.bias, beta_ptr=params.one,
-            alpha_ptr=params.zero, theta_ptr=params.theta,
-            sigma_ptr=params.scale,
-            **dict(zip(('qi_ptr', 'q_ptr', 'z_ptr', 'stats_ptr'),
-                       state_args)),
-            **bn_args, bn_weight_ptr=weight, bn_bias_ptr=bias,
-            bn_eps=norm.eps if norm is not None else 0.0,
-            save_mean_ptr=save_mean if bn_train else c,
-            save_var_ptr=batch_var if bn_train else c,
-            save_invstd_ptr=save_invstd if bn_train else c,
-            n=n, **scratch, **_geometry(c, options), **meta,
-            **_strides('sx', strides),
-            **_strides('si', strides if identity is None else id_strides),
-            **_strides('sy', y_strides),
-            HAS_NORM=norm is not None, BN_TRAIN=bn_train,
-            HAS_ID=identity is not None, RELU=relu,
-            KEEP_STATE=state is not None)
-        _launch(k.fwd_sums_kernel, launch.grid, launch.num_warps, **args)
+        launch, blocks = _prm_launch(c, options, 'forward')
+        grid, warps, splits = launch.grid, launch.num_warps, launch.splits
+        z = _sizes(c, options)
+        sum_ptr = torch.empty(n, splits, cg, dtype=acc, device=c.device)
+        best_ptr = torch.empty(n, splits, dtype=acc, device=c.device)
+        idx_ptr = torch.empty(n, splits, dtype=torch.int32, device=c.device)
+        s_ptr = torch.empty(n, splits, 2, dtype=acc, device=c.device)
+        a_ptr = c if a is None else a
+        shift_ptr = c if shift is None else shift
+        sx = _strides('sx', strides)
+        # BatchNorm's batch statistics, merged by each kernel for its
+        # channels (the partials' layout, the affine, eps)
+        bn = dict(bn_args, C=ch, bn_weight_ptr=weight, bn_bias_ptr=bias,
+                  bn_eps=norm.eps if norm is not None else 0.0)
+        split_block = triton_plan.next_power_of_2(splits)
+        _launch(k.fwd_sums_kernel, grid, warps, x_ptr=c, a_ptr=a_ptr,
+                shift_ptr=shift_ptr, sum_ptr=sum_ptr, best_ptr=best_ptr,
+                idx_ptr=idx_ptr, **bn,
+                save_mean_ptr=save_mean if bn_train else c,
+                save_var_ptr=batch_var if bn_train else c,
+                save_invstd_ptr=save_invstd if bn_train else c, n=n,
+                groups=z.groups, cg=z.cg, P=z.P, chunk=launch.chunk,
+                splits=splits, **sx, HAS_NORM=norm is not None,
+                BN_TRAIN=bn_train, SPLIT_BLOCK=split_block, **blocks)
         if options.use_norm:
-            _launch(k.fwd_stats_kernel, launch.grid, launch.num_warps,
-                    **args)
-        _launch(k.fwd_out_kernel, launch.grid, launch.num_warps, **args)
+            _launch(k.fwd_stats_kernel, grid, warps, x_ptr=c, a_ptr=a_ptr,
+                    shift_ptr=shift_ptr, alpha_ptr=params.zero,
+                    beta_ptr=params.one, theta_ptr=params.theta,
+                    sigma_ptr=params.scale, sum_ptr=sum_ptr,
+                    best_ptr=best_ptr, idx_ptr=idx_ptr, s_ptr=s_ptr, **bn,
+                    n=n, groups=z.groups, cg=z.cg, P=z.P, W=z.W,
+                    chunk=launch.chunk, splits=splits, inv_p=z.inv_p,
+                    inv_hm1=z.inv_hm1, inv_wm1=z.inv_wm1, **sx,
+                    HAS_NORM=norm is not None, BN_TRAIN=bn_train,
+                    USE_POS=options.use_position,
+                    NORMALIZED=options.normalized_positions,
+                    SPLIT_BLOCK=split_block, **blocks)
+        qi_ptr, q_ptr, z_ptr, stats_ptr = (
+            state if state is not None else (y, ) * 4)  # unused: no state
+        _launch(k.fwd_out_kernel, grid, warps, x_ptr=c,
+                id_ptr=c if identity is None else identity, y_ptr=y,
+                a_ptr=a_ptr, shift_ptr=shift_ptr, lam_ptr=params.weight,
+                xi_ptr=params.bias, beta_ptr=params.one,
+                alpha_ptr=params.zero, theta_ptr=params.theta,
+                sigma_ptr=params.scale, sum_ptr=sum_ptr, best_ptr=best_ptr,
+                idx_ptr=idx_ptr, s_ptr=s_ptr, qi_ptr=qi_ptr, q_ptr=q_ptr,
+                z_ptr=z_ptr, stats_ptr=stats_ptr, **bn, n=n,
+                groups=z.groups, cg=z.cg, P=z.P, W=z.W, chunk=launch.chunk,
+                splits=splits, inv_p=z.inv_p, inv_pm1=z.inv_pm1,
+                inv_hm1=z.inv_hm1, inv_wm1=z.inv_wm1, eps=options.eps, **sx,
+                **_strides('si', strides if identity is None else id_strides),
+                **_strides('sy', y_strides), HAS_NORM=norm is not None,
+                BN_TRAIN=bn_train, HAS_ID=identity is not None, RELU=relu,
+                USE_POS=options.use_position, USE_NORM=options.use_norm,
+                NORMALIZED=options.normalized_positions,
+                KEEP_STATE=state is not None, SPLIT_BLOCK=split_block,
+                **blocks)
     if batch_var is not None:  # once every kernel is launched
         _update_running(norm, save_mean, batch_var, b * h * w)
     return Forward(y, save_mean, save_invstd, state)
@@ -423,37 +396,52 @@ def _backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
         grad_identity, d_strides = _flat(grad_identity)
     else:
         d_strides = o_strides
-    launch, meta = _prm_launch(c, options, 'backward')
+    launch, blocks = _prm_launch(c, options, 'backward')
     splits = launch.splits
     partial = torch.zeros(n, 7, dtype=acc, device=c.device)
     bn_sums = torch.zeros(b, splits, 2, ch, dtype=acc, device=c.device) \
         if norm is not None else partial
     if n > 0:
-        args = dict(
-            gy_ptr=grad_y, y_ptr=y, x_ptr=c,
-            **{name: c if t is None else t for name, t in (
-                ('a_ptr', a), ('shift_ptr', shift), ('mean_ptr', mean),
-                ('invstd_ptr', invstd))},
-            lam_ptr=params.weight, xi_ptr=params.bias, beta_ptr=params.one,
-            alpha_ptr=params.zero, theta_ptr=params.theta,
-            sigma_ptr=params.scale,
-            **dict(zip(('qi_ptr', 'q_ptr', 'z_ptr', 'stats_ptr'),
-                       saved.state)),
-            pair_ptr=torch.empty(n, splits, 32, dtype=acc, device=c.device),
-            chan_ptr=torch.empty(n, splits, 6, cg, dtype=acc,
-                                 device=c.device),
-            gx_ptr=grad_c,
-            gid_ptr=grad_identity if write_identity else grad_c,
-            pgrad_ptr=partial, bn_sums_ptr=bn_sums, n=n,
-            **_geometry(c, options), **meta,
-            **_strides('sg', g_strides), **_strides('sy', y_strides),
-            **_strides('sx', strides), **_strides('so', o_strides),
-            **_strides('sd', d_strides),
-            HAS_NORM=norm is not None,
-            NORM_EVAL=norm is not None and not norm.training,
-            WRITE_ID=write_identity, RELU=saved.y is not None)
-        _launch(k.bwd_sums_kernel, launch.grid, launch.num_warps, **args)
-        _launch(k.bwd_out_kernel, launch.grid, launch.num_warps, **args)
+        grid, warps = launch.grid, launch.num_warps
+        z = _sizes(c, options)
+        pair_ptr = torch.empty(n, splits, 32, dtype=acc, device=c.device)
+        chan_ptr = torch.empty(n, splits, 6, cg, dtype=acc, device=c.device)
+        a_ptr = c if a is None else a
+        shift_ptr = c if shift is None else shift
+        qi_ptr, q_ptr, z_ptr, stats_ptr = saved.state
+        prm = dict(lam_ptr=params.weight, xi_ptr=params.bias,
+                   beta_ptr=params.one, alpha_ptr=params.zero,
+                   theta_ptr=params.theta, sigma_ptr=params.scale,
+                   qi_ptr=qi_ptr, q_ptr=q_ptr, z_ptr=z_ptr,
+                   stats_ptr=stats_ptr)
+        maps = dict(**_strides('sg', g_strides), **_strides('sy', y_strides),
+                    **_strides('sx', strides))
+        flags = dict(HAS_NORM=norm is not None, RELU=saved.y is not None,
+                     USE_POS=options.use_position,
+                     USE_NORM=options.use_norm,
+                     NORMALIZED=options.normalized_positions)
+        _launch(k.bwd_sums_kernel, grid, warps, gy_ptr=grad_y, y_ptr=y,
+                x_ptr=c, a_ptr=a_ptr, shift_ptr=shift_ptr, **prm,
+                pair_ptr=pair_ptr, chan_ptr=chan_ptr, n=n, groups=z.groups,
+                cg=z.cg, P=z.P, W=z.W, chunk=launch.chunk, splits=splits,
+                inv_hm1=z.inv_hm1, inv_wm1=z.inv_wm1, eps=options.eps,
+                **maps, **flags, **blocks)
+        _launch(k.bwd_out_kernel, grid, warps, gy_ptr=grad_y, y_ptr=y,
+                x_ptr=c, a_ptr=a_ptr, shift_ptr=shift_ptr,
+                mean_ptr=c if mean is None else mean,
+                invstd_ptr=c if invstd is None else invstd, **prm,
+                pair_ptr=pair_ptr, chan_ptr=chan_ptr, gx_ptr=grad_c,
+                gid_ptr=grad_identity if write_identity else grad_c,
+                pgrad_ptr=partial, bn_sums_ptr=bn_sums, n=n,
+                groups=z.groups, cg=z.cg, C=z.C, P=z.P, W=z.W,
+                chunk=launch.chunk, splits=splits, inv_p=z.inv_p,
+                inv_pm1=z.inv_pm1, inv_hm1=z.inv_hm1, inv_wm1=z.inv_wm1,
+                eps=options.eps, **maps, **_strides('so', o_strides),
+                **_strides('sd', d_strides),
+                NORM_EVAL=norm is not None and not norm.training,
+                WRITE_ID=write_identity,
+                SPLIT_BLOCK=triton_plan.next_power_of_2(splits), **flags,
+                **blocks)
     grad_bn_weight = grad_bn_bias = None
     if norm is not None:
         sum_gx, sum_gx_xhat = bn_sums.sum((0, 1))  # [C] each
