@@ -102,3 +102,29 @@ def backend(request):
         f'{module.unavailable_reason()}')
     with use_backend(request.param):
         yield request.param
+
+
+# The expensive variants of tests whose other variants stay in the fast tier
+# (make test-fast, -m "not slow"): (test function, predicate on its
+# parameter id). Triton's interpreter runs its kernels a hundred times
+# slower than the CPU kernel; batch 3 and whole backbones on it add no
+# promise that batch 1 and the other backends do not already cover.
+SLOW_VARIANTS = (
+    ('test_prm_compiles_whole_on_the_other_backends',
+     lambda id_: id_ == 'triton'),
+    ('test_fused_batchnorm_backward_matches_torch_ops',
+     lambda id_: id_.startswith('triton-') and '-b3-' in id_),
+    ('test_prm_block_keeps_no_normalized_copy_for_backward',
+     lambda id_: id_ == 'triton'),
+    ('test_channels_last_backbone_matches_contiguous',
+     lambda id_: id_ == 'triton'),
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        callspec = getattr(item, 'callspec', None)
+        for name, slow in SLOW_VARIANTS:
+            if (callspec is not None and item.originalname == name
+                    and slow(callspec.id)):
+                item.add_marker(pytest.mark.slow)

@@ -1,5 +1,6 @@
 """`make setup` (tools/setup_env.sh): idempotent, and a failing step names
 itself and its fix and leaves nothing marked as installed."""
+import pytest
 import os
 import os.path as osp
 import subprocess
@@ -16,6 +17,7 @@ def run_setup(env_extra, venv):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # runs tools/setup_env.sh
 def test_second_setup_skips_the_install():
     venv = osp.dirname(osp.dirname(sys.executable))
     start = time.time()

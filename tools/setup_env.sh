@@ -80,8 +80,8 @@ step "installing $(pin torch)" \
 "${pip[@]}" "$(pin torch)"
 
 step "installing $(pin mmengine) and mmcv's build tools" \
-  "make PyPI reachable; mmcv's setup.py needs setuptools<70 (pkg_resources) and builds without isolation"
-"${pip[@]}" "$(pin mmengine)" 'setuptools<70' wheel ninja
+  "make PyPI reachable; mmcv's setup.py needs pkg_resources (setuptools>=77.0.3,<80.9: torch's range, quiet) and builds without isolation"
+"${pip[@]}" "$(pin mmengine)" 'setuptools>=77.0.3,<80.9' wheel ninja
 
 with_cuda=$("$venv/bin/python" -c 'import torch; print(1 if torch.version.cuda else 0)')
 if [ "$with_cuda" = 1 ] && command -v nvcc >/dev/null 2>&1; then
@@ -95,7 +95,7 @@ if "$venv/bin/python" -c 'import mmcv, sys; sys.exit(0 if mmcv.__version__ == "2
   echo "[setup] mmcv 2.1.0 with ops is already installed"
 else
   step "building $(pin mmcv) from source with its $ops" \
-    "read the first 'error:' above. Usual causes: no C++ compiler or Python headers (apt-get install g++ python3-dev), setuptools>=70 in the environment, nvcc not matching torch's CUDA version"
+    "read the first 'error:' above. Usual causes: no C++ compiler or Python headers (apt-get install g++ python3-dev), setuptools 82 or later in the environment (no pkg_resources), nvcc not matching torch's CUDA version"
   echo "[setup] mmcv has no wheels on PyPI: this compiles it, about 15 minutes on 2 cores the first time;"
   echo "[setup] pip caches the built wheel, so later setups on this machine take seconds."
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${pip[@]}" --no-build-isolation "$(pin mmcv)"

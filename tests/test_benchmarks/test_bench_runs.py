@@ -13,6 +13,7 @@ from prm_det.ops.backends import cpu as cpu_backend
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
+@pytest.mark.slow  # a benchmark run as a subprocess
 def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
     out = tmp_path / 'bench.md'
     proc = subprocess.run(
@@ -40,6 +41,7 @@ def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
         assert 'glibc malloc keeping freed memory' in table
 
 
+@pytest.mark.slow  # a benchmark run as a subprocess
 def test_block_tail_benchmark_reports_every_stage_and_task(tmp_path):
     out = tmp_path / 'tail.md'
     proc = subprocess.run(
@@ -67,6 +69,7 @@ def test_block_tail_benchmark_reports_every_stage_and_task(tmp_path):
     assert 'default malloc' in table
 
 
+@pytest.mark.slow  # a benchmark run as a subprocess
 def test_profile_times_the_tails_of_every_stage_inside_whole_passes():
     proc = subprocess.run(
         [sys.executable, 'benchmarks/profile_prm.py', '--tails', '--reps',
@@ -93,6 +96,7 @@ def test_gpu_script_is_valid_bash():
         assert os.access(osp.join(REPO, script), os.X_OK), script
 
 
+@pytest.mark.slow  # a benchmark run as a subprocess
 def test_image_check_benchmark_reports_its_rate(tmp_path):
     out = tmp_path / 'images.md'
     proc = subprocess.run(

@@ -127,6 +127,7 @@ def prm_calls(graphs, op='block_tail'):
     return sum(gm.code.count(f'torch.ops.prm_det.{op}(') for gm in graphs)
 
 
+@pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)
 def test_prm_resnet_compiles_whole_with_dynamic_sizes():
     """On the default backend (the CPU kernel): a train step and inference,
     each one graph for three sizes, every block's PRM one node of it,
@@ -166,6 +167,7 @@ def test_prm_compiles_whole_on_the_other_backends(name):
         check_inference(narrow('PRMResNet', stages=2), sizes)
 
 
+@pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)
 @pytest.mark.parametrize('type_', ['SEResNet', 'GCResNet'])
 def test_se_and_gc_resnet_compile_whole(type_):
     torch.manual_seed(0)
@@ -174,6 +176,7 @@ def test_se_and_gc_resnet_compile_whole(type_):
     check_inference(narrow(type_, stages=2), sizes)
 
 
+@pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)
 def test_inductor_matches_eager_in_float64():
     """Inductor's generated code around the op, float64, to 1e-9 on a small
     net (one stage): outputs, every gradient, the running statistics."""

@@ -55,6 +55,7 @@ def test_the_build_directory_is_per_source_and_toolchain(tmp_path,
     assert cpu.build_directory() != here
 
 
+@pytest.mark.slow  # two compiler builds
 def test_a_second_builder_waits_for_the_first_and_says_so(tmp_path, capfd):
     directory = str(tmp_path / 'build')
     holder = subprocess.Popen(
@@ -117,6 +118,7 @@ def test_a_build_killed_while_compiling_blocks_nothing(tmp_path):
     assert 'prm_det:' not in third.stderr
 
 
+@pytest.mark.slow  # the compiler, twice
 @pytest.mark.parametrize('isa', ['AVX512', 'DEFAULT'])
 def test_the_kernel_sources_compile_as_cxx17(isa):
     """torch builds extensions as C++17 before 2.13 (as C++20 since: the
