@@ -27,16 +27,18 @@ def triton_launches(monkeypatch):
 
 def test_recorded_launches_carry_each_kernels_own_arguments(
         triton_launches):
-    if triton_backend.check(torch.empty(1)) is not None:
-        pytest.skip('Triton runs CPU tensors through its interpreter only')
+    # compiled on a GPU; on a CPU, Triton's interpreter (tests/conftest.py)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.manual_seed(0)
-    c = torch.randn(2, 8, 6, 5)
+    c = torch.randn(2, 8, 6, 5, device=device)
+    assert triton_backend.check(c) is None, triton_backend.check(c)
     identity = torch.randn_like(c)
-    norm = BatchNorm(torch.ones(8), torch.zeros(8), torch.zeros(8),
-                     torch.ones(8), True, 0.1, 1e-5)
-    params = PRMParams(torch.randn(1, 2, 1, 1), torch.randn(1, 2, 1, 1),
-                       torch.randn(1, 2, 1), torch.randn(1, 2, 1),
-                       torch.rand(1, 2, 1, 1) + 0.1, torch.rand(1) + 0.5)
+    one, zero = torch.ones(8, device=device), torch.zeros(8, device=device)
+    norm = BatchNorm(one, zero, zero.clone(), one.clone(), True, 0.1, 1e-5)
+    params = PRMParams(*(p.to(device) for p in (
+        torch.randn(1, 2, 1, 1), torch.randn(1, 2, 1, 1),
+        torch.randn(1, 2, 1), torch.randn(1, 2, 1),
+        torch.rand(1, 2, 1, 1) + 0.1, torch.rand(1) + 0.5)))
     options = PRMOptions(groups=2)
     real_launch = triton_backend._launch
     with triton_launches.record_launches() as launches:
