@@ -1,6 +1,9 @@
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['prm_det', 'prm_det.safe_loading'],
                       allow_failed_imports=False)
+# mmdet's ResNet (no attention), its init_cfg checked: a checkpoint that leaves
+# any tensor unloaded stops training (prm_det.models.backbones.pretrained)
+model = dict(backbone=dict(type='AttentionResNet'))
 # checkpoints that a kill cannot break (prm_det.engine.checkpoints.writing); a rank that
 # stalls fails the job after 5 minutes (gloo's default wait is 30)
 default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))

@@ -15,6 +15,7 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from ...private_apis import HOOK_KINDS, hooks_on
 from ..layers.factory import AttentionSpec, attention_cfg
 from ..registry import register_model
+from .pretrained import CheckedPretrainedMixin
 
 
 class PluginBasicBlock(BasicBlock):
@@ -134,8 +135,19 @@ class AttentionBottleneck(Bottleneck):
         return _inner_forward(x)
 
 
+def _plugin_names(block) -> list:
+    """The names of a residual block's plugin modules (the attention and
+    any extra ``plugins``)."""
+    if isinstance(block, PluginBasicBlock):
+        return list(block.plugin_names)
+    if not block.with_plugins:
+        return []
+    return (block.after_conv1_plugin_names + block.after_conv2_plugin_names
+            + block.after_conv3_plugin_names)
+
+
 @register_model
-class AttentionResNet(ResNet):
+class AttentionResNet(CheckedPretrainedMixin, ResNet):
     """ResNet with an attention module in the residual blocks of some stages.
 
     Args:
@@ -149,6 +161,9 @@ class AttentionResNet(ResNet):
         **kwargs: Every argument of mmdet's ``ResNet`` (out_indices,
             frozen_stages, norm_cfg, norm_eval, style, with_cp, dcn, plugins,
             init_cfg, ...). Extra ``plugins`` go in before the attention.
+            An ``init_cfg`` of type ``'Pretrained'`` is checked: a
+            checkpoint that leaves tensors unloaded stops training
+            (``allow_partial``: :mod:`prm_det.models.backbones.pretrained`).
 
     Example:
         >>> import torch
@@ -215,6 +230,19 @@ class AttentionResNet(ResNet):
                 for block in getattr(self, name):
                     block.init_cfg = dict(
                         type='Constant', val=0, override=dict(name=last_norm))
+
+
+    def attention_tensor_names(self) -> list:
+        """State-dict names of the blocks' plugin modules' tensors (what
+        an ImageNet ResNet checkpoint lacks)."""
+        names = []
+        for layer_name in self.res_layers:
+            for index, block in enumerate(getattr(self, layer_name)):
+                for plugin in _plugin_names(block):
+                    prefix = f'{layer_name}.{index}.{plugin}.'
+                    names += [prefix + key for key in
+                              getattr(block, plugin).state_dict()]
+        return names
 
 
 @register_model
