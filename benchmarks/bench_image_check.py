@@ -4,12 +4,13 @@
         [--out FILE.md]
 
 Writes ``--images`` JPEG files the size of COCO's (640x480, quality 90, a
-64 KB EXIF-like APP1 segment before the frame header, so the check has to
-skip it), checks them twice (the first pass after the files were written,
+64 KB EXIF-like APP1 segment before the frame header, which Pillow's header
+read has to get past), checks them twice (the first pass after the files were written,
 so from the page cache: a warm disk; the second the same), and reports the
 time per image and the time for COCO train 2017's 118,287 images at that
-rate. A cold disk or a network file system adds its read latency (three
-reads per file, issued by ``--threads`` threads at once).
+rate. A cold disk or a network file system adds its read latency (the
+header and the last bytes of each file, read by ``--threads`` threads at
+once).
 """
 import argparse
 import os

@@ -4,76 +4,37 @@ mmdet reads an image only when a dataloader worker first needs it: a file
 that is empty, not an image or cut short stops the training there, after
 any number of iterations (``AssertionError: failed to load image`` or
 ``cv2.error ... !buf.empty()`` without a file name). :func:`image_problem`
-reads what it takes to know a file is a whole image: its size, its first
-bytes (a known signature), its dimensions from the header (PNG: IHDR;
-JPEG: the frame header, found by skipping the segments before it) and its
-last bytes (PNG's IEND chunk, JPEG's end-of-image marker). Only a file
-that fails one of these is decoded in full, as the pipeline would (OpenCV),
-and reported if that fails too. Formats without a header reader here
-(TIFF, WebP, ...) are decoded in full.
+reads what it takes to know a file is a whole image: its header, through
+Pillow (``PIL.Image.open`` is lazy: it identifies the format and reads the
+dimensions, and decodes nothing), and, for PNG and JPEG, its last bytes
+(PNG's IEND chunk, JPEG's end-of-image marker). A file whose header Pillow
+cannot read, a PNG or JPEG without its end, and the formats without an end
+marker (TIFF, WebP, ...) are decoded in full, as the pipeline would
+(OpenCV), and reported if that fails. A header that declares more pixels
+than OpenCV decodes is reported without decoding.
 
-Cost: an open, a stat and two or three short reads per PNG or JPEG, no
-decode; 75-100 us an image on a 2-core machine under load 3-7 with the
-files in the page cache, 9-12 s for COCO train 2017's 118k images
-(``benchmarks/bench_image_check.py``). Files are read by a few threads at
-once: on a cold or network disk most of the time is waiting.
+Cost: an open, a stat, Pillow's header read and one short read per PNG or
+JPEG, no decode; see ``benchmarks/results/image_check_cpu_2core.md``
+(``benchmarks/bench_image_check.py``) for the time per image and for COCO
+train 2017's 118k images. Files are read by a few threads at once: on a
+cold or network disk most of the time is waiting.
 """
+import contextlib
 import os
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, List, Optional, Tuple
 
-_PNG = b'\x89PNG\r\n\x1a\n'
+from PIL import Image, UnidentifiedImageError
+
+# the last bytes of a whole file, by Pillow's format name (MPO: a JPEG with
+# more pictures after the first, as cameras write them)
 _PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82'
-_JPEG = b'\xff\xd8\xff'
-# JPEG start-of-frame markers (they carry the dimensions); not C4 (DHT),
-# C8 (JPG), CC (DAC)
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
-        0xCE, 0xCF}
-# other formats OpenCV reads (decoded in full to check them)
-_OTHER = (b'BM', b'II*\x00', b'MM\x00*', b'RIFF', b'GIF8', b'\x00\x00\x00\x0cjP',
-          b'\x76\x2f\x31\x01', b'#?RADIANCE', b'#?RGBE', b'P1', b'P2', b'P3',
-          b'P4', b'P5', b'P6', b'P7', b'Pf', b'PF', b'\x59\xa6\x6a\x95')
-
-
-def _png_size(head: bytes) -> Optional[Tuple[int, int]]:
-    if len(head) < 24 or head[12:16] != b'IHDR':
-        return None
-    return struct.unpack('>II', head[16:24])
-
-
-def _jpeg_size(f, head: bytes) -> Optional[Tuple[int, int]]:
-    """Walk the segments after SOI to the frame header: in ``head`` (the
-    file's first bytes), seeking past segments that end beyond it."""
-    buf, base, pos = head, 0, 2  # buf holds the file from offset base
-    while True:
-        if pos + 9 > base + len(buf):  # a marker, length and frame size
-            f.seek(pos)
-            buf, base = f.read(4096), pos
-            if len(buf) < 4:
-                return None
-        i = pos - base
-        if buf[i] != 0xFF:
-            return None
-        marker = buf[i + 1]
-        if marker == 0xFF:  # a fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame
-            return None
-        if marker in _SOF:
-            if i + 9 > len(buf):
-                return None
-            height, width = struct.unpack('>HH', buf[i + 5:i + 9])
-            return width, height
-        size = struct.unpack('>H', buf[i + 2:i + 4])[0]
-        if size < 2:
-            return None
-        pos += 2 + size
+_JPEG_END = b'\xff\xd9'
+_ENDS = {'PNG': (len(_PNG_END), lambda tail: tail == _PNG_END),
+         'JPEG': (64, lambda tail: _JPEG_END in tail),
+         'MPO': (64, lambda tail: _JPEG_END in tail)}
+_KIND = {'MPO': 'JPEG'}  # in messages
 
 
 _decoding = threading.Lock()  # OpenCV's log level is global
@@ -113,31 +74,79 @@ def _decoder_pixel_limit() -> int:
         return 1 << 30
 
 
+_limit_lock = threading.Lock()
+_lifted = 0  # checks under way
+_saved_limit: Optional[int] = None
+
+
+@contextlib.contextmanager
+def _any_size():
+    """Lift Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
+    89M pixels: ``Image.open`` refuses twice that) while headers are read:
+    nothing is decoded with Pillow, and the limit training meets is
+    OpenCV's, checked here. Restored when the last check ends."""
+    global _lifted, _saved_limit
+    with _limit_lock:
+        if not _lifted:
+            _saved_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _lifted += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _lifted -= 1
+            if not _lifted:
+                Image.MAX_IMAGE_PIXELS = _saved_limit
+
+
+def _header(f) -> Tuple[Optional[str], Optional[Tuple[int, int]], str]:
+    """(format, (width, height), why not) from Pillow's lazy open of the
+    file ``f``: format and size None when Pillow does not know the format
+    (why: '') or fails inside its header (why: Pillow's error)."""
+    try:
+        with Image.open(f) as image:
+            return image.format, image.size, ''
+    except UnidentifiedImageError:
+        return None, None, ''
+    except Exception as error:
+        # a plugin's OSError ('Truncated File Read'), SyntaxError,
+        # struct.error, ...: Pillow knows the format, the header is broken
+        return None, None, str(error) or type(error).__name__
+
+
+def _opencv_reads(path: str) -> bool:
+    """Whether OpenCV has a decoder for the file's first bytes (OpenCV
+    before 4.5 cannot say: then the decode decides)."""
+    import cv2
+    have_reader = getattr(cv2, 'haveImageReader', None)
+    return have_reader is None or have_reader(path)
+
+
 def image_problem(path: str) -> Optional[str]:
     """Why training could not read the image ``path``, or None."""
+    with _any_size():
+        return _image_problem(path)
+
+
+def _image_problem(path: str) -> Optional[str]:
     try:
         with open(path, 'rb') as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 return 'empty file (0 bytes)'
-            head = f.read(4096)
-            if head.startswith(_PNG):
-                dims = _png_size(head)
-                f.seek(max(size - len(_PNG_END), 0))
-                whole = f.read() == _PNG_END
-                kind = 'PNG'
-            elif head.startswith(_JPEG):
-                dims = _jpeg_size(f, head)
-                f.seek(max(size - 64, 0))
-                whole = b'\xff\xd9' in f.read()
-                kind = 'JPEG'
-            elif head.startswith(_OTHER):
-                dims, whole, kind = None, False, 'image'
-            else:
-                return (f'not an image: no image format starts with '
-                        f'{head[:8]!r}')
+            fmt, dims, damage = _header(f)
+            whole = False
+            if fmt in _ENDS:
+                length, is_end = _ENDS[fmt]
+                f.seek(max(size - length, 0))
+                whole = is_end(f.read())
+            if fmt is None:
+                f.seek(0)
+                head = f.read(8)
     except OSError as error:
         return f'cannot be read ({error.strerror or error})'
+    kind = _KIND.get(fmt, fmt)
     if dims is not None and dims[0] * dims[1] > _decoder_pixel_limit():
         return (f'a {kind} file of {dims[0]}x{dims[1]} pixels, more than '
                 f'OpenCV decodes ({_decoder_pixel_limit()}, its '
@@ -145,14 +154,20 @@ def image_problem(path: str) -> Optional[str]:
                 f'in the environment')
     if dims is not None and whole and min(dims) > 0:
         return None
+    if fmt is None and not damage and not _opencv_reads(path):
+        return f'not an image: no image format starts with {head!r}'
     if _decodes(path):
         return None
-    if kind == 'image':
-        return 'an image file that cannot be decoded (damaged?)'
-    if dims is None:
-        return f'a {kind} file whose header is cut short or damaged'
+    if damage:
+        return (f'an image file whose header is cut short or damaged '
+                f'(Pillow: {damage}; it starts with {head!r})')
+    if fmt is None:
+        return (f'an image file that neither Pillow nor OpenCV can read '
+                f'(damaged? it starts with {head!r})')
     if min(dims) == 0:
         return f'a {kind} file of {dims[0]}x{dims[1]} pixels'
+    if fmt not in _ENDS:
+        return f'a {kind} file that OpenCV cannot decode (damaged?)'
     return f'a {kind} file cut short or damaged (it cannot be decoded)'
 
 
@@ -162,6 +177,6 @@ def bad_images(paths: Iterable[str], threads: int = 8
     files are read by a few threads at once (on network file systems most
     of the time is waiting)."""
     paths = list(paths)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        problems = list(pool.map(image_problem, paths, chunksize=256))
+    with _any_size(), ThreadPoolExecutor(max_workers=threads) as pool:
+        problems = list(pool.map(_image_problem, paths, chunksize=256))
     return [(p, why) for p, why in zip(paths, problems) if why is not None]

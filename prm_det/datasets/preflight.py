@@ -4,13 +4,16 @@ starts, so that a missing or unusable file stops the tools at once with
 its name and the ways out, not a dataloader worker mid-run
 (:func:`check_dataset_files`; tools/train.py and tools/test.py call it on
 rank 0)."""
+import contextlib
+import io
 import json
 import logging
 import math
 import os
 import os.path as osp
 import re
-from typing import Iterable, Iterator, List, Optional, Tuple
+import warnings
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from mmengine.config import Config
 from mmengine.logging import print_log
@@ -120,26 +123,135 @@ def _duplicate_image_ids(coco: dict) -> dict:
     return {k: v for k, v in files.items() if len(v) > 1}
 
 
-def _dropped_boxes(coco: dict) -> List[int]:
-    """Ids of the annotations mmdet's ``CocoDataset.parse_data_info`` drops
-    without a word: no overlap with their image, zero area, or a width or
-    height under one pixel."""
-    sizes = {im.get('id'): (im.get('width'), im.get('height'))
-             for im in coco['images'] if isinstance(im, dict)}
+class MmdetReading(NamedTuple):
+    """What mmdet's dataset class makes of an annotation file (its own
+    ``load_data_list`` and ``filter_data``, :func:`read_as_mmdet`)."""
+    #: the annotations it does not load, image by image as it reads them,
+    #: then those of no image it read (never read): each image's
+    #: annotations go through its ``parse_data_info``, which drops a box
+    #: outside its image, of zero area, under one pixel wide or high (a NaN
+    #: coordinate among them), marked ``ignore`` or of a category not in
+    #: ``metainfo.classes``. Crowd boxes are loaded (``ignore_flag=1``).
+    dropped: List[dict]
+    #: the category ids it keeps (``metainfo.classes``, by exact name)
+    cat_ids: List[int]
+    #: images read, and of them those ``filter_cfg`` keeps
+    images: int
+    images_kept: int
+
+
+def _dataset(ds: dict):
+    """The config's dataset, built by mmdet's registry without reading its
+    annotation file (``lazy_init``) nor building its pipeline."""
+    from mmdet.registry import DATASETS
+    return DATASETS.build(dict(ds, lazy_init=True, pipeline=[]))
+
+
+def _instances(data_info) -> int:
+    """The boxes ``parse_data_info`` kept (it may return one image's info
+    or a list of them)."""
+    infos = data_info if isinstance(data_info, list) else [data_info]
+    return sum(len(info.get('instances', ())) for info in infos)
+
+
+@contextlib.contextmanager
+def _coco_api_from(dataset, coco: dict):
+    """Let ``dataset.load_data_list`` index the annotations already read
+    (``coco``) instead of parsing the JSON file a second time (COCO train
+    2017: 450 MB), when its ``COCOAPI`` is pycocotools' class (mmdet's
+    ``COCO`` wrapper): its loader calls ``self.COCOAPI(path)``. Other APIs
+    (LVIS) read the file themselves. Yields a list that holds the index
+    once the loader built it."""
+    from pycocotools.coco import COCO
+    api_class = dataset.COCOAPI
+    built: list = []
+    if not (isinstance(api_class, type) and issubclass(api_class, COCO)):
+        yield built
+        return
+
+    def indexed(path):
+        with contextlib.redirect_stdout(io.StringIO()):  # "creating index..."
+            api = api_class()  # no file: an empty index
+            api.dataset = coco
+            api.createIndex()
+        # mmdet's wrapper aliases these in __init__, to the empty index
+        # pycocotools makes before reading a file; point them at this one
+        for alias, name in (('img_ann_map', 'imgToAnns'),
+                            ('cat_img_map', 'catToImgs')):
+            if hasattr(api, alias):
+                setattr(api, alias, getattr(api, name))
+        built.append(api)
+        return api
+
+    dataset.COCOAPI = indexed  # this instance only
+    try:
+        yield built
+    finally:
+        del dataset.COCOAPI
+
+
+def read_as_mmdet(ds: dict, coco: dict) -> MmdetReading:
+    """Read the COCO annotations ``coco`` (the parsed file of ``ds``) with
+    the dataset class, ``metainfo`` and ``filter_cfg`` of the dataset config
+    ``ds``, through mmdet's own ``load_data_list`` (its ``parse_data_info``
+    per image) and ``filter_data``, and report what it leaves out.
+
+    Raises:
+        DatasetInvalid: mmdet refuses the file (annotation ids used twice)
+            or fails on it (a missing key), naming the problem.
+    """
+    try:
+        dataset = _dataset(ds)
+    except Exception as error:  # the registry's KeyError, a TypeError, ...
+        raise DatasetInvalid(
+            f'mmdet cannot build the dataset {ds.get("type")!r}: '
+            f'{type(error).__name__}: {error}') from None
+    with warnings.catch_warnings():
+        # mmdet's COCO wrapper warns about mmpycocotools at every load
+        warnings.simplefilter('ignore', UserWarning)
+        with _coco_api_from(dataset, coco) as built:
+            try:
+                data_list = dataset.load_data_list()
+            except AssertionError as error:  # ANN_ID_UNIQUE, among others
+                way_out = (' Give each annotation its own id'
+                           if 'not unique' in str(error) else '')
+                raise DatasetInvalid(
+                    f'mmdet refuses it: {error}{way_out}') from None
+            except (KeyError, TypeError, ValueError, IndexError) as error:
+                raise DatasetInvalid(
+                    f'mmdet\'s {type(dataset).__name__} fails on it: '
+                    f'{type(error).__name__}: {error} (each image needs '
+                    f'"id", "file_name", "width" and "height"; each '
+                    f'annotation "id", "image_id", "category_id", "bbox" and '
+                    f'"area")') from None
+    dataset.data_list = data_list
+    kept = dataset.filter_data()
+    if built:  # the index mmdet read the images and their boxes from
+        by_image, raw_images = built[0].imgToAnns, built[0].imgs
+    else:  # the same grouping, of the dicts in ``coco``
+        by_image = {}
+        for ann in coco.get('annotations') or ():
+            by_image.setdefault(ann.get('image_id'), []).append(ann)
+        raw_images = {im.get('id'): im for im in coco['images']
+                      if isinstance(im, dict)}
+    images = set()
     dropped = []
-    for ann in coco['annotations']:
-        if not _is_box(ann.get('bbox')):
-            continue  # reported as a problem by _coco_problems
-        x1, y1, w, h = ann['bbox']
-        img_w, img_h = sizes.get(ann.get('image_id'), (None, None))
-        if img_w is None or img_h is None:
+    for info in data_list:
+        infos = info if isinstance(info, list) else [info]
+        img_id = infos[0]['img_id']
+        images.add(img_id)
+        anns = by_image.get(img_id, ())
+        if _instances(info) == len(anns):
             continue
-        inter_w = max(0, min(x1 + w, img_w) - max(x1, 0))
-        inter_h = max(0, min(y1 + h, img_h) - max(y1, 0))
-        if (inter_w * inter_h == 0 or ann.get('area', w * h) <= 0 or w < 1
-                or h < 1):
-            dropped.append(ann.get('id'))
-    return dropped
+        # which of them: parse_data_info decides box by box
+        raw_img = dict(raw_images[img_id], img_id=img_id)
+        dropped += [ann for ann in anns if not _instances(
+            dataset.parse_data_info({'raw_ann_info': [ann],
+                                     'raw_img_info': raw_img}))]
+    dropped += [ann for image_id, anns in by_image.items()
+                if image_id not in images for ann in anns]
+    return MmdetReading(dropped, list(dataset.cat_ids), len(data_list),
+                        len(kept))
 
 
 def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
@@ -177,16 +289,13 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
             f'per id and puts the boxes of all of them on it. Give each image '
             f'its own id {where}')
     classes = _classes(ds)
-    if classes:
-        names = {c.get('name') for c in coco['categories']
-                 if isinstance(c, dict)}
-        if not names.intersection(classes):
-            problems.append(
-                f'{ann_path}: none of the config\'s classes '
-                f'({_first(list(classes))}) is among its categories '
-                f'({_first(sorted(map(str, names)))}) {where}')
-        else:
-            _warn_dropped_categories(coco, classes, ann_path, loader)
+    names = {c.get('name') for c in coco['categories'] if isinstance(c, dict)}
+    named = bool(classes) and bool(names.intersection(classes))
+    if classes and not named:
+        problems.append(
+            f'{ann_path}: none of the config\'s classes '
+            f'({_first(list(classes))}) is among its categories '
+            f'({_first(sorted(map(str, names)))}) {where}')
     if img_path:
         missing = _missing_images(coco, ann_path, img_path, loader)
         problems += missing or _unreadable_images(coco, ann_path, img_path,
@@ -200,15 +309,20 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
             f'{ann_path}: {len(malformed)} annotations have no "bbox" '
             f'[x, y, width, height], e.g. {_first(malformed)}: it needs four '
             f'finite numbers (NaN and infinity are not) {where}')
-    elif annotations:
-        dropped = _dropped_boxes(coco)
-        if dropped:
-            print_log(
-                f'{ann_path}: {len(dropped)} of {len(annotations)} boxes have '
-                f'a width or height under 1 pixel, no area, or lie outside '
-                f'their image; mmdet drops them from {loader}. Annotation '
-                f'ids: {_first(dropped)}',
-                logger='current', level=logging.WARNING)
+    elif annotations and not shared and (named or not classes):
+        try:
+            reading = read_as_mmdet(ds, coco)
+        except DatasetInvalid as error:
+            return problems + [f'{ann_path}: {error} {where}']
+        _warn_dropped(coco, reading, classes or (), ann_path, loader)
+        if reading.images and not reading.images_kept:
+            problems.append(
+                f'{ann_path}: none of its {reading.images} images is left '
+                f'once mmdet filters them by the dataset\'s filter_cfg '
+                f'({ds.get("filter_cfg")}: filter_empty_gt drops the images '
+                f'without a box of the classes, min_size those whose width or '
+                f'height is smaller). Fix the images\' sizes or boxes, or '
+                f'loosen filter_cfg {where}')
     return problems
 
 
@@ -226,46 +340,65 @@ def _classes(ds: dict) -> Optional[tuple]:
         return None
 
 
-def _warn_dropped_categories(coco: dict, classes: tuple, ann_path: str,
-                             loader: str) -> None:
-    """Warn about the boxes mmdet's ``CocoDataset`` drops for their
-    category: one whose name is not among the config's classes (it keeps
-    only the categories named there, by exact name), or a ``category_id``
-    no category defines; and about classes no category is named after."""
+def _warn_dropped(coco: dict, reading: MmdetReading, classes: tuple,
+                  ann_path: str, loader: str) -> None:
+    """Warn about the boxes mmdet drops without a word
+    (:attr:`MmdetReading.dropped`), grouped by why: a category whose name
+    is not among the config's classes, a ``category_id`` no category
+    defines, an ``image_id`` no image has, or the box itself; and about
+    classes no category is named after."""
     categories = {c.get('id'): c.get('name') for c in coco['categories']
                   if isinstance(c, dict)}
-    names = set(categories.values())
-    kept = {cid for cid, name in categories.items() if name in classes}
-    counts: dict = {}
+    kept = set(reading.cat_ids)
+    images = {im.get('id') for im in coco['images'] if isinstance(im, dict)}
+    other: dict = {}
     undefined: List = []
-    for ann in coco['annotations']:
-        cid = ann.get('category_id') if isinstance(ann, dict) else None
-        if cid not in categories:
-            undefined.append(ann.get('id') if isinstance(ann, dict) else ann)
+    no_image: List = []
+    degenerate: List = []
+    for ann in reading.dropped:
+        cid = ann.get('category_id')
+        if ann.get('image_id') not in images:
+            no_image.append(ann.get('id'))
+        elif cid not in categories:
+            undefined.append(ann.get('id'))
         elif cid not in kept:
-            counts[cid] = counts.get(cid, 0) + 1
+            other[cid] = other.get(cid, 0) + 1
+        else:
+            degenerate.append(ann.get('id'))
     total = len(coco['annotations'])
     lines = []
-    if counts:
-        other = [f'{categories[cid]!r} (id {cid}, {n} boxes)'
-                 for cid, n in sorted(counts.items())]
+    if other:
+        names = [f'{categories[cid]!r} (id {cid}, {n} boxes)'
+                 for cid, n in sorted(other.items())]
         lines.append(
-            f'{sum(counts.values())} of {total} boxes are of categories that '
+            f'{sum(other.values())} of {total} boxes are of categories that '
             f'are not among the config\'s classes, by exact name: '
-            f'{_first(other, 10)}; mmdet drops them from {loader}. Rename '
+            f'{_first(names, 10)}; mmdet drops them from {loader}. Rename '
             f'the category or list it in metainfo.classes.')
     if undefined:
         lines.append(
             f'{len(undefined)} of {total} boxes have a category_id that no '
             f'category defines; mmdet drops them from {loader}. Annotation '
             f'ids: {_first(undefined)}')
-    absent = [c for c in classes if c not in names]
+    present = set(categories.values())
+    absent = [c for c in classes if c not in present]
     if absent:
         lines.append(
             f'the config\'s classes {_first([repr(c) for c in absent], 10)} '
             f'are not among its categories '
-            f'({_first(sorted(map(repr, names)), 10)}): {loader} has no '
+            f'({_first(sorted(map(repr, present)), 10)}): {loader} has no '
             f'boxes of them.')
+    if no_image:
+        lines.append(
+            f'{len(no_image)} of {total} boxes have an image_id that no '
+            f'image has; mmdet drops them from {loader}. Annotation ids: '
+            f'{_first(no_image)}')
+    if degenerate:
+        lines.append(
+            f'{len(degenerate)} of {total} boxes have a width or height '
+            f'under 1 pixel, no area, lie outside their image or are marked '
+            f'"ignore"; mmdet drops them from {loader}. Annotation ids: '
+            f'{_first(degenerate)}')
     for line in lines:
         print_log(f'{ann_path}: {line}', logger='current',
                   level=logging.WARNING)
@@ -312,13 +445,15 @@ def invalid_dataset_files(cfg: Config, loaders: Iterable[str]) -> List[str]:
     the given dataloaders, which are all on disk: a file that is not JSON
     or not COCO, no images, no annotations (unless the evaluator only
     formats results), no category the config names, images that are not in
-    the folder or that training could not read (each named). Boxes mmdet
-    would drop (degenerate, or of a category the config's classes do not
-    name) are warned about.
+    the folder or that training could not read (each named), annotations
+    mmdet's own loader refuses or fails on, no image left after the
+    dataset's filter_cfg. The boxes mmdet drops, as its dataset class loads
+    the file (:func:`read_as_mmdet`), are warned about, grouped by why.
 
-    This reads each annotation file once more than mmdet will, and each
-    image's header (COCO train 2017: some seconds each), so that a bad file
-    stops the tools before any training, not inside a dataloader worker.
+    This reads each annotation file once more than mmdet will, loads it as
+    mmdet's dataset does (from the parsed JSON), and reads each image's
+    header (COCO train 2017: some seconds each), so that a bad file stops
+    the tools before any training, not inside a dataloader worker.
     """
     problems = []
     for loader, ds, ann_path, img_path in _dataset_paths(cfg, loaders):

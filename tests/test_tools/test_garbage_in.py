@@ -4,6 +4,7 @@ another model."""
 import json
 import os
 import os.path as osp
+import re
 import shutil
 import subprocess
 import sys
@@ -218,7 +219,9 @@ def damage_images(root):
         image(root, 0): 'not an image: no image format starts with '
                         "b'<html>40'",
         png: 'a PNG file cut short or damaged (it cannot be decoded)',
-        image(root, 2): 'a JPEG file whose header is cut short or damaged',
+        image(root, 2): 'an image file whose header is cut short or damaged '
+                        '(Pillow: Truncated File Read; it starts with '
+                        "b'\\xff\\xd8\\xff\\xe0\\x00\\x10JF')",
         image(root, 3): 'empty file (0 bytes)',
     }
 
@@ -292,6 +295,14 @@ def share_an_image_id(coco):
     coco['images'][1]['id'] = coco['images'][0]['id']
 
 
+def share_an_annotation_id(coco):
+    coco['annotations'][1]['id'] = coco['annotations'][0]['id']
+
+
+def no_area(coco):
+    coco['annotations'][0].pop('area')
+
+
 def nan_coordinate(coco):
     coco['annotations'][0]['bbox'][0] = float('nan')
 
@@ -302,13 +313,20 @@ def infinite_width(coco):
 
 @pytest.mark.parametrize('edit, says', [
     (share_an_image_id, '1 image ids belong to more than one image, e.g. '),
+    (share_an_annotation_id, 'mmdet refuses it: Annotation ids in '),
+    (no_area, 'mmdet\'s CocoDataset fails on it: KeyError: \'area\' (each '
+     'image needs "id", "file_name", "width" and "height"; each annotation '
+     '"id", "image_id", "category_id", "bbox" and "area")'),
     (nan_coordinate, 'it needs four finite numbers (NaN and infinity are not)'),
     (infinite_width, 'it needs four finite numbers (NaN and infinity are not)'),
-], ids=['shared image id', 'NaN coordinate', 'infinite width'])
+], ids=['shared image id', 'shared annotation id', 'no area',
+        'NaN coordinate', 'infinite width'])
 def test_what_mmdet_would_misread_stops_before_training(data, edit, says):
     """Two images with one id: pycocotools keeps one and hangs the boxes of
-    both on it (training runs, wrongly). A NaN box mmdet drops silently, an
-    infinite one it keeps (NaN losses)."""
+    both on it (training runs, wrongly). Two annotations with one id, or one
+    without "area": mmdet's load fails (the preflight says why and where).
+    A NaN box mmdet drops silently, an infinite one it keeps (NaN
+    losses)."""
     edit_train_json(data, edit)
     with pytest.raises(DatasetInvalid) as info:
         check(data)
@@ -319,6 +337,13 @@ def test_what_mmdet_would_misread_stops_before_training(data, edit, says):
             first, second = json.load(f)['images'][:2]
         assert (f"{first['id']} ({first['file_name']}, "
                 f"{second['file_name']})") in message
+    if edit is share_an_annotation_id:  # mmdet's own refusal, and the way out
+        assert 'are not unique! Give each annotation its own id' in message
+        with pytest.raises(AssertionError, match='are not unique'):
+            mmdet_dataset(data).load_data_list()
+    if edit is no_area:  # what mmdet's own load raises, without a file name
+        with pytest.raises(KeyError, match='area'):
+            mmdet_dataset(data).load_data_list()
 
 
 def test_an_image_larger_than_the_decoder_accepts_stops_before_training(
@@ -341,3 +366,146 @@ def test_an_image_larger_than_the_decoder_accepts_stops_before_training(
     assert (f'{path}: a PNG file of 50000x50000 pixels, more than OpenCV '
             f'decodes (1073741824, its CV_IO_MAX_IMAGE_PIXELS)'
             ) in str(info.value)
+
+
+def train_dataset_cfg(root):
+    cfg = load_config(osp.join(REPO, RETINA), {'data_root': root})
+    return dict(cfg.train_dataloader.dataset)
+
+
+def read_train_json(root):
+    with open(train_json(root)) as f:
+        return json.load(f)
+
+
+def mmdet_dataset(root):
+    """The train dataset of the config, as mmdet builds it (not loaded)."""
+    from mmdet.registry import DATASETS
+    return DATASETS.build(dict(train_dataset_cfg(root), pipeline=[],
+                               lazy_init=True))
+
+
+def hostile(coco, with_nan=True):
+    """Boxes mmdet drops or ignores, on the first image; returns
+    {annotation id: what it is}."""
+    image = coco['images'][0]
+    width = image['width']
+    coco['categories'].append({'id': 50, 'name': 'circle'})
+    kinds = {
+        'zero area': dict(area=0),
+        'zero width': dict(bbox=[10, 10, 0, 20]),
+        'outside the image': dict(bbox=[width + 5, 10, 20, 20]),
+        'undefined category': dict(category_id=99),
+        'category not in classes': dict(category_id=50),
+        'marked ignore': dict(ignore=True),
+        'no such image': dict(image_id=max(
+            im['id'] for im in coco['images']) + 1),
+        'crowd': dict(iscrowd=1),  # loaded, with ignore_flag=1
+    }
+    if with_nan:
+        kinds['NaN coordinate'] = dict(bbox=[float('nan'), 10, 20, 20])
+    template = coco['annotations'][0]
+    next_id = max(a['id'] for a in coco['annotations']) + 1
+    ids = {}
+    for offset, (kind, change) in enumerate(kinds.items()):
+        ann = dict(template, bbox=[10, 10, 20, 20], area=400, iscrowd=0,
+                   image_id=image['id'], id=next_id + offset)
+        ann.update(change)
+        coco['annotations'].append(ann)
+        ids[ann['id']] = kind
+    return ids
+
+
+def test_the_preflight_counts_exactly_the_boxes_mmdet_drops(data):
+    """mmdet's own CocoDataset, loading the file itself, drops the boxes
+    the preflight's reading names, no more, no fewer: a NaN coordinate,
+    zero area or width, outside the image, a category undefined or not
+    among the classes, marked ignore, of no image; a crowd box it keeps,
+    as ignored."""
+    ids: dict = {}
+    edit_train_json(data, lambda coco: ids.update(hostile(coco)))
+    coco = read_train_json(data)
+    dataset = mmdet_dataset(data)
+    loaded = dataset.load_data_list()  # mmdet, reading the file
+    kept = sum(len(info['instances']) for info in loaded)
+    crowd = next(i for i, kind in ids.items() if kind == 'crowd')
+
+    reading = preflight.read_as_mmdet(train_dataset_cfg(data), coco)
+
+    assert len(reading.dropped) == len(coco['annotations']) - kept
+    assert sorted(ann['id'] for ann in reading.dropped) == sorted(
+        i for i in ids if i != crowd)
+    first = next(info for info in loaded
+                 if info['img_id'] == coco['images'][0]['id'])
+    assert [inst['ignore_flag'] for inst in first['instances']
+            if inst['bbox'] == [10, 10, 30, 30]] == [1]  # the crowd box
+    assert reading.cat_ids == dataset.cat_ids
+    # the NaN box stops the tools (mmdet would drop it without a word)
+    with pytest.raises(DatasetInvalid) as info:
+        check(data)
+    nan_id = next(i for i, kind in ids.items() if kind == 'NaN coordinate')
+    assert (f'1 annotations have no "bbox" [x, y, width, height], e.g. '
+            f'{nan_id}: it needs four finite numbers') in str(info.value)
+
+
+def test_the_warnings_add_up_to_the_boxes_mmdet_drops(data, monkeypatch):
+    said = []
+    monkeypatch.setattr(preflight, 'print_log',
+                        lambda msg, **kw: said.append(msg))
+    ids: dict = {}
+    edit_train_json(data, lambda coco: ids.update(hostile(coco, False)))
+    check(data)  # warnings, not errors
+    loaded = mmdet_dataset(data).load_data_list()
+    total = len(read_train_json(data)['annotations'])
+    dropped = total - sum(len(info['instances']) for info in loaded)
+    assert dropped == len(ids) - 1  # all but the crowd box
+    counts = [re.search(r': (\d+) of (\d+) boxes ', line) for line in said]
+    assert all(counts), said
+    assert sum(int(m.group(1)) for m in counts) == dropped
+    assert {int(m.group(2)) for m in counts} == {total}
+    by_kind = {kind: i for i, kind in ids.items()}
+    assert any('an image_id that no image has' in line and
+               str(by_kind['no such image']) in line for line in said)
+    assert any('a category_id that no category defines' in line and
+               str(by_kind['undefined category']) in line for line in said)
+
+
+def test_a_dataset_left_without_images_stops_before_training(data):
+    """mmdet's filter_cfg (here min_size=4) leaves no image to train on:
+    mmengine then fails serializing the empty list, naming neither."""
+    def tiny(coco):
+        for im in coco['images']:
+            im['width'] = im['height'] = 3
+    edit_train_json(data, tiny)
+    reading = preflight.read_as_mmdet(train_dataset_cfg(data),
+                                      read_train_json(data))
+    assert (reading.images, reading.images_kept) == (8, 0)
+    with pytest.raises(ValueError, match='need at least one array'):
+        mmdet_dataset(data).full_init()  # mmdet's own load
+    with pytest.raises(DatasetInvalid) as info:
+        check(data)
+    assert (f'{train_json(data)}: none of its 8 images is left once mmdet '
+            f'filters them by the dataset\'s filter_cfg ({{\'filter_empty_gt\''
+            f': True, \'min_size\': 4}}') in str(info.value)
+
+
+def test_an_image_over_pillows_limit_but_within_opencvs_passes(
+        tmp_path, monkeypatch):
+    """The headers are read through Pillow, whose decompression-bomb check
+    refuses twice 89M pixels; training decodes with OpenCV (2^30): a whole
+    PNG of 200M pixels passes from its header and end, without a decode,
+    and Pillow's limit is left as it was."""
+    from PIL import Image
+
+    from prm_det.datasets import image_checks
+    from prm_det.datasets.image_checks import bad_images, image_problem
+    monkeypatch.setattr(image_checks, '_decodes',
+                        lambda path: pytest.fail(f'{path} decoded'))
+    path = str(tmp_path / 'wide.png')
+    Image.new('1', (20000, 10000)).save(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    assert image_problem(path) is None
+    assert bad_images([path]) == []
+    assert Image.MAX_IMAGE_PIXELS == limit
