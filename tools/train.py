@@ -34,7 +34,8 @@ import prm_det  # noqa: E402,F401  (registers modules and wrappers)
 from prm_det.engine import (  # noqa: E402
     TRUST_ENV, CheckpointDiskFull, ChecksumMismatch, ConfigLoaderUnavailable,
     DatasetInvalid, DatasetNotFound, LauncherEnvironmentMissing,
-    PretrainedWeightsUnavailable, StoppedOnRank0, UnusableCheckpoint,
+    PretrainedLoadIncomplete, PretrainedWeightsUnavailable, StoppedOnRank0,
+    UnusableCheckpoint,
     UntrustedCheckpoint, WorkDirBusy, check_dataset_files, collective_timeout,
     finish_distributed_if_ok, init_distributed, install_safe_loading,
     latest_complete_checkpoint, load_config, local_file_missing,
@@ -177,8 +178,8 @@ def main(argv=None):
             cfg.resume = resume_from is not None
         try:
             train(cfg)
-        except (PretrainedWeightsUnavailable, UntrustedCheckpoint,
-                UnusableCheckpoint, ChecksumMismatch,
+        except (PretrainedWeightsUnavailable, PretrainedLoadIncomplete,
+                UntrustedCheckpoint, UnusableCheckpoint, ChecksumMismatch,
                 CheckpointDiskFull) as error:
             raise SystemExit(f'error: {error}')
         except RuntimeError as error:

@@ -4,6 +4,7 @@ checks before a run, launchers and the process group, the work_dir lock,
 the tools prm_det ships."""
 from ..datasets.preflight import (DatasetInvalid, DatasetNotFound,
                                   check_dataset_files)
+from ..models.backbones.pretrained import PretrainedLoadIncomplete
 from .checkpoints.reading import (TRUST_ENV, CheckpointMismatch,
                                   IncompleteCheckpoint, NotACheckpoint,
                                   UnusableCheckpoint, UntrustedCheckpoint,
@@ -30,7 +31,8 @@ __all__ = [
     'ChecksumMismatch', 'ConfigLoaderUnavailable', 'DatasetInvalid',
     'DatasetNotFound', 'DeviceAwareDDP', 'IncompleteCheckpoint',
     'LauncherEnvironmentMissing', 'NotACheckpoint',
-    'PretrainedWeightsUnavailable', 'StoppedOnRank0', 'TRUST_ENV',
+    'PretrainedLoadIncomplete', 'PretrainedWeightsUnavailable',
+    'StoppedOnRank0', 'TRUST_ENV',
     'UnusableCheckpoint', 'UntrustedCheckpoint', 'WorkDirBusy',
     'check_checkpoint_fits', 'check_dataset_files', 'checkpoint_problem',
     'collective_timeout',
