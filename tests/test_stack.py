@@ -32,6 +32,21 @@ def test_make_setup_installed_the_pinned_stack():
     assert prm_det.__version__
 
 
+def test_torchvision_pairs_with_torch_so_mmpretrain_and_mmdet_import():
+    """MMPretrain imports torchvision, and mmdet 3.3 imports MMPretrain
+    when it is installed: a torchvision that does not pair with torch
+    ('operator torchvision::nms does not exist') breaks mmdet too."""
+    import mmpretrain
+    import torchvision
+    from mmdet.models.backbones import ResNet  # noqa: F401
+    from torchvision.ops import nms
+    assert torchvision.__version__.split('+')[0] == pinned('torchvision')
+    assert mmpretrain.__version__ == pinned('mmpretrain')
+    keep = nms(torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.]]),
+               torch.tensor([0.9, 0.8]), 0.5)
+    assert keep.tolist() == [0]
+
+
 def test_nms_keeps_the_right_boxes():
     from mmcv.ops import nms
     boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.],

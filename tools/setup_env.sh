@@ -3,8 +3,9 @@
 #
 #   bash tools/setup_env.sh          (what `make setup` runs)
 #
-# Order matters: torch -> mmengine -> mmcv (compiled, with ops) -> triton
-# (where torch has none) -> mmdet -> pycocotools -> prm_det (editable). Versions come from requirements.txt.
+# Order matters: torch + torchvision -> mmengine -> mmcv (compiled, with ops,
+# for this torch) -> triton (where torch has none) -> mmdet, mmpretrain ->
+# pycocotools -> prm_det (editable). Versions come from requirements.txt.
 # Idempotent: a stamp keyed to requirements.txt, pyproject.toml and this script
 # makes a second run return at once. The stamp is written only after every step
 # and the import check succeeded, and removed before any step runs, so a failed
@@ -75,30 +76,54 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
 
-step "installing $(pin torch)" \
-  "make the torch wheel reachable; on a GPU machine pip takes PyPI's CUDA build of this version"
-"${pip[@]}" "$(pin torch)"
+step "installing $(pin torch) and $(pin torchvision) (a pair: MMPretrain needs torchvision)" \
+  "make both wheels reachable (pip takes them from this machine's disk where they lie there, else PyPI's CUDA builds); they must be released together"
+"${pip[@]}" "$(pin torch)" "$(pin torchvision)"
 
 step "installing $(pin mmengine) and mmcv's build tools" \
   "make PyPI reachable; mmcv's setup.py needs pkg_resources (setuptools>=77.0.3,<80.9: torch's range, quiet) and builds without isolation"
 "${pip[@]}" "$(pin mmengine)" 'setuptools>=77.0.3,<80.9' wheel ninja
 
 with_cuda=$("$venv/bin/python" -c 'import torch; print(1 if torch.version.cuda else 0)')
-if [ "$with_cuda" = 1 ] && command -v nvcc >/dev/null 2>&1; then
+# CUDA ops where a GPU is there to run them (a CUDA build of torch also runs
+# on CPU-only machines, where nvcc may exist and the build would take hours)
+gpu=$("$venv/bin/python" -c 'import torch; print(1 if torch.cuda.is_available() else 0)')
+if [ "$gpu" = 1 ] && command -v nvcc >/dev/null 2>&1; then
   export FORCE_CUDA=1
   ops="CPU and CUDA ops (FORCE_CUDA=1)"
 else
   ops="CPU ops"
 fi
+torch_version=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
+# mmcv 2.1.0 asks for C++17; torch 2.14's headers need C++20 (tools/cxx20.sh)
+mmcv_cxx=$("$venv/bin/python" -c 'import torch; print(tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14))')
+# mmcv's wheel is built once per torch and kept by torch version: pip's own
+# cache files a built wheel under one name whatever torch it was built against
+# and would hand a wheel built for another torch to this one
+wheels="${PRM_DET_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/prm_det/wheels}/torch-$torch_version"
+mmcv_marker="$venv/.mmcv_built_for_torch"
 if "$venv/bin/python" -c 'import mmcv, sys; sys.exit(0 if mmcv.__version__ == "2.1.0" else 1)' 2>/dev/null \
+   && [ "$(cat "$mmcv_marker" 2>/dev/null)" = "$torch_version" ] \
    && "$venv/bin/python" -c 'from mmcv.ops import nms' 2>/dev/null; then
-  echo "[setup] mmcv 2.1.0 with ops is already installed"
+  echo "[setup] mmcv 2.1.0 with ops, built for torch $torch_version, is already installed"
 else
-  step "building $(pin mmcv) from source with its $ops" \
-    "read the first 'error:' above. Usual causes: no C++ compiler or Python headers (apt-get install g++ python3-dev), setuptools 82 or later in the environment (no pkg_resources), nvcc not matching torch's CUDA version"
-  echo "[setup] mmcv has no wheels on PyPI: this compiles it, about 15 minutes on 2 cores the first time;"
-  echo "[setup] pip caches the built wheel, so later setups on this machine take seconds."
-  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${pip[@]}" --no-build-isolation "$(pin mmcv)"
+  if ! compgen -G "$wheels/mmcv-2.1.0-*.whl" >/dev/null; then
+    step "building $(pin mmcv) from source with its $ops, for torch $torch_version, into $wheels" \
+      "read the first 'error:' above. Usual causes: no C++ compiler or Python headers (apt-get install g++ python3-dev), setuptools 82 or later in the environment (no pkg_resources), nvcc not matching torch's CUDA version"
+    echo "[setup] mmcv has no wheels on PyPI: this compiles it, 15-25 minutes on 2 cores, once per torch;"
+    echo "[setup] the wheel is kept in $wheels, so later setups on this machine take seconds."
+    mmcv_env=(MMCV_WITH_OPS=1 "MAX_JOBS=${MAX_JOBS:-$(nproc)}")
+    if [ "$mmcv_cxx" = True ]; then
+      mmcv_env+=("REAL_CXX=${CXX:-c++}" "CXX=$repo/tools/cxx20.sh")
+    fi
+    env "${mmcv_env[@]}" "$venv/bin/python" -m pip wheel --disable-pip-version-check \
+      --no-deps --no-build-isolation --no-cache-dir -w "$wheels" "$(pin mmcv)"
+  fi
+  step "installing $(pin mmcv) from $wheels" \
+    "remove $wheels and run 'make setup' again to rebuild it"
+  "$venv/bin/python" -m pip uninstall -y -q mmcv >/dev/null 2>&1 || true
+  "${pip[@]}" --find-links "$wheels" "$(pin mmcv)"  # the wheel, not PyPI's source
+  echo "$torch_version" > "$mmcv_marker"
 fi
 
 # A CUDA build of torch brings its own pinned Triton (pip would refuse ours
@@ -110,9 +135,9 @@ if [ "$with_cuda" = 0 ]; then
   "${pip[@]}" "$(pin triton)"
 fi
 
-step "installing $(pin mmdet), $(pin pycocotools), $(pin pytest), $(pin ruff), $(pin onnx), $(pin onnxruntime) and $(pin onnxscript)" \
-  "make PyPI reachable; mmdet 3.3.0 needs mmcv>=2.0.0rc4,<2.2.0"
-"${pip[@]}" "$(pin mmdet)" "$(pin pycocotools)" "$(pin pytest)" "$(pin ruff)" \
+step "installing $(pin mmdet), $(pin mmpretrain), $(pin pycocotools), $(pin pytest), $(pin ruff), $(pin onnx), $(pin onnxruntime) and $(pin onnxscript)" \
+  "make PyPI reachable; mmdet 3.3.0 needs mmcv>=2.0.0rc4,<2.2.0, mmpretrain 1.2.0 mmcv<2.4.0"
+"${pip[@]}" "$(pin mmdet)" "$(pin mmpretrain)" "$(pin pycocotools)" "$(pin pytest)" "$(pin ruff)" \
   "$(pin onnx)" "$(pin onnxruntime)" "$(pin onnxscript)"
 
 step "installing prm_det (editable)" "see pip's message above; pyproject.toml must be valid"
@@ -124,11 +149,13 @@ step "compiling prm_det's PRM CPU kernel (prm_det/ops/csrc/, about a minute)" \
 
 step "checking that the stack imports and mmcv's compiled ops load" \
   "run '$venv/bin/python -c \"from mmcv.ops import nms\"' to see the error; rebuild mmcv with 'rm -rf $venv && make setup'"
-"$venv/bin/python" -c 'import torch, mmengine, mmcv, mmdet, pycocotools, prm_det, triton
+"$venv/bin/python" -c 'import torch, torchvision, mmengine, mmcv, mmdet, mmpretrain, pycocotools, prm_det, triton
 from mmcv.ops import nms, RoIAlign, sigmoid_focal_loss
-print("[setup] torch", torch.__version__, "| mmengine", mmengine.__version__, "| mmcv", mmcv.__version__,
-      "| mmdet", mmdet.__version__, "| triton", triton.__version__,
-      "| prm_det", prm_det.__version__)'
+from torchvision.ops import nms as torchvision_nms
+print("[setup] torch", torch.__version__, "| torchvision", torchvision.__version__,
+      "| mmengine", mmengine.__version__, "| mmcv", mmcv.__version__,
+      "| mmdet", mmdet.__version__, "| mmpretrain", mmpretrain.__version__,
+      "| triton", triton.__version__, "| prm_det", prm_det.__version__)'
 
 echo "$key" > "$stamp"
 echo "[setup] done: $venv"

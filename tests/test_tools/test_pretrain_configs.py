@@ -1,0 +1,98 @@
+"""configs/pretrain/: every classifier builds through MMPretrain's registry
+with the backbone it names, and its size is the PRM paper's (Table 1 and
+"Apply to other CNN models"; ../shared/docs/PRM_SPEC.md): parameters of the
+whole classifier, 1000 classes."""
+import glob
+import os.path as osp
+
+import pytest
+from helpers import REPO
+from mmengine.config import Config
+
+PRETRAIN = osp.join(REPO, 'configs', 'pretrain')
+
+# classifier parameters: (the paper's, in M; ours, exact)
+PAPER = {
+    'resnet50_8xb32_in1k': (25.557, 25_557_032),
+    'se_resnet50_8xb32_in1k': (28.088, 28_088_024),
+    'gc_resnet50_8xb32_in1k': (28.105, 28_105_032),
+    # 16 PRMs of 259 parameters on ResNet-50: 4,144 more (the paper prints
+    # 25.560M, 1.2k fewer than that sum)
+    'prm_resnet50_8xb32_in1k': (25.560, 25_561_176),
+    'mobilenet-v2_8xb32_in1k': (3.51, 3_504_872),
+    # 17 PRMs of 4 channels a head, at most 64 heads: 1,491 more
+    'prm_mobilenet-v2_8xb32_in1k': (3.51, 3_506_363),
+}
+BACKBONE = {
+    'resnet50': 'AttentionResNet', 'se_resnet50': 'SEResNet',
+    'gc_resnet50': 'GCResNet', 'prm_resnet50': 'PRMResNet',
+    'mobilenet-v2': 'AttentionMobileNetV2',
+    'prm_mobilenet-v2': 'PRMMobileNetV2',
+}
+
+
+def build_classifier(name):
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    cfg = Config.fromfile(osp.join(PRETRAIN, f'{name}.py'))
+    init_default_scope(cfg.default_scope)
+    cfg.model.backbone.init_cfg = None  # nothing downloaded
+    return cfg, MODELS.build(cfg.model)
+
+
+def test_every_config_is_named_here():
+    names = {osp.basename(p)[:-3] for p in glob.glob(f'{PRETRAIN}/*.py')}
+    short = {f'{a}_resnet50_from_r50_in1k' for a in ('prm', 'se', 'gc')}
+    assert names == set(PAPER) | short
+
+
+@pytest.mark.parametrize('name', sorted(PAPER))
+def test_classifier_size_matches_the_paper(name):
+    cfg, model = build_classifier(name)
+    assert cfg.model.type == 'ImageClassifier'
+    expected = BACKBONE[name.split('_8xb32')[0]]
+    assert cfg.model.backbone.type == f'mmdet.{expected}'
+    # prm_det's class, not a namesake of MMPretrain's (it has an SEResNet)
+    assert type(model.backbone).__name__ == expected
+    assert type(model.backbone).__module__.startswith('prm_det.')
+    assert cfg.model.head.num_classes == 1000
+    paper, ours = PAPER[name]
+    count = sum(p.numel() for p in model.parameters())
+    assert count == ours
+    # the paper prints 3 decimals for the ResNets, 2 for MobileNetV2
+    tolerance = 0.006 if 'mobilenet' in name else 0.0015
+    assert count / 1e6 == pytest.approx(paper, abs=tolerance)
+
+
+@pytest.mark.parametrize('attention', ['prm', 'se', 'gc'])
+def test_short_route_starts_from_resnet50_with_the_attention_fresh(attention):
+    cfg = Config.fromfile(
+        osp.join(PRETRAIN, f'{attention}_resnet50_from_r50_in1k.py'))
+    init = cfg.model.backbone.init_cfg
+    assert init == dict(type='Pretrained', checkpoint='torchvision://resnet50',
+                        allow_partial='attention')
+    assert cfg.train_cfg.max_epochs == 10
+    assert cfg.param_scheduler.type == 'CosineAnnealingLR'
+    assert cfg.optim_wrapper.optimizer.lr == 0.01
+
+
+def test_resnet50_weights_fill_every_tensor_but_the_attention(tmp_path):
+    """The short route's load: ResNet-50 classifier weights (here saved
+    from the plain config's model, with torchvision's key names) into the
+    PRM classifier's backbone, every tensor but PRM's filled."""
+    import torch
+
+    from prm_det.models.backbones.pretrained import load_pretrained
+    _, plain = build_classifier('resnet50_8xb32_in1k')
+    weights = {k[len('backbone.'):]: v for k, v in plain.state_dict().items()
+               if k.startswith('backbone.')}
+    weights['fc.weight'] = torch.zeros(1000, 2048)  # torchvision's head
+    path = tmp_path / 'resnet50.pth'
+    torch.save(weights, path)
+    _, prm = build_classifier('prm_resnet50_8xb32_in1k')
+    report = load_pretrained(prm.backbone, str(path),
+                             allow_partial='attention',
+                             attention=prm.backbone.attention_tensor_names())
+    assert len(report.optional_missing) == 16 * 6  # six tensors a PRM
+    assert not report.missing and not report.unexpected
+    assert len(report.loaded) == len(weights) - 1
