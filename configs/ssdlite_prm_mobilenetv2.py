@@ -2,8 +2,10 @@
 # scratch, 600 epochs; 21.3 box AP in mmdet's model zoo) with PRM in every
 # inverted residual block (prm_det's PRMMobileNetV2). To start from an
 # ImageNet PRM-MobileNetV2 (configs/pretrain/prm_mobilenet-v2_8xb32_in1k.py):
-#   --cfg-options model.backbone.init_cfg.type=Pretrained \
+#   --cfg-options model.backbone.init_cfg._delete_=True \
+#       model.backbone.init_cfg.type=Pretrained \
 #       model.backbone.init_cfg.checkpoint=work_dirs/.../epoch_300.pth
+# (_delete_: replaces the TruncNormal init instead of merging into it)
 _base_ = 'mmdet::ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py'
 custom_imports = dict(imports=['prm_det', 'prm_det.safe_loading'],
                       allow_failed_imports=False)

@@ -6,6 +6,9 @@ ResNet state dict), builds a backbone from mmdet's registry with
 ``init_cfg=dict(type='Pretrained', ...)`` and calls ``init_weights()``, as
 mmengine's Runner does before the first iteration.
 """
+import glob
+import os.path as osp
+
 import pytest
 import torch
 from mmdet.registry import MODELS
@@ -172,3 +175,62 @@ def test_compare_counts_missing_mismatched_unexpected():
     assert report.missing == []  # num_batches_tracked and att are allowed
     assert report.optional_missing == ['att']
     assert not report.complete
+
+
+DETECTION_CONFIGS = sorted(
+    osp.basename(path) for path in glob.glob(
+        osp.join(osp.dirname(osp.dirname(osp.dirname(
+            osp.abspath(__file__)))), 'configs', '*.py')))
+LAYOUTS = {
+    # MMPretrain's classifier checkpoint
+    'classifier': lambda state: {'meta': {}, 'state_dict': {
+        **{f'backbone.{k}': v for k, v in state.items()},
+        'head.fc.weight': torch.zeros(10, 8)}},
+    # the official PRM code's DataParallel checkpoint, with its head
+    'official': lambda state: {'epoch': 90, 'state_dict': {
+        **{f'module.{k}': v for k, v in state.items()},
+        'module.fc.weight': torch.zeros(1000, 8)}},
+    'state_dict': lambda state: dict(state),
+}
+
+
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+@pytest.mark.parametrize('config', [
+    name if name == 'retinanet_prm_r50.py' else
+    pytest.param(name, marks=pytest.mark.slow)
+    for name in DETECTION_CONFIGS])
+def test_every_detection_config_loads_each_layout_with_one_override(
+        config, layout, tmp_path):
+    """``--cfg-options model.backbone.init_cfg.checkpoint=FILE`` alone (SSDLite,
+    from scratch: the three keys its comment gives): every tensor of the
+    config's backbone loaded from the file."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(osp.dirname(osp.dirname(osp.dirname(
+        osp.abspath(__file__)))), 'configs', config))
+    override = {'model.backbone.init_cfg.checkpoint':
+                str(tmp_path / 'weights.pth')}
+    if cfg.model.backbone.init_cfg['type'] != 'Pretrained':
+        assert config.startswith('ssdlite')  # the one from scratch
+        override.update({'model.backbone.init_cfg._delete_': True,
+                         'model.backbone.init_cfg.type': 'Pretrained'})
+    cfg.merge_from_dict(override)
+    source = MODELS.build(dict(cfg.model.backbone, init_cfg=None))
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor))
+    state = source.state_dict()
+    torch.save(LAYOUTS[layout](state), tmp_path / 'weights.pth')
+    model = MODELS.build(cfg.model.backbone)
+    model.init_weights()
+    assert_equal_weights(model, state)
+
+
+def test_leftover_initializer_settings_are_named_with_the_fix(tmp_path):
+    path = tmp_path / 'w.pth'
+    torch.save(trained().state_dict(), path)
+    model = build(dict(type='Pretrained', checkpoint=str(path),
+                       layer='Conv2d', std=0.03))
+    with pytest.raises(ValueError, match=r'also has layer, std.*'
+                       r'init_cfg\._delete_=True'):
+        model.init_weights()

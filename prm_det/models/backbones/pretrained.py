@@ -35,6 +35,8 @@ from mmengine.runner import CheckpointLoader
 from torch import nn
 
 ALLOW_PARTIAL = (False, 'attention', True)
+PRETRAINED_KEYS = ('type', 'checkpoint', 'prefix', 'map_location',
+                   'allow_partial')
 CLASSIFIER_PREFIX = 'backbone.'
 # keys of a classification head saved with a bare backbone (torchvision's
 # ResNets, the official PRM code's): not the backbone's, never loaded
@@ -209,6 +211,17 @@ class CheckedPretrainedMixin:
         finally:
             self.init_cfg = original
         for cfg in pretrained:
+            extra = sorted(set(cfg) - set(PRETRAINED_KEYS))
+            if extra:
+                raise ValueError(
+                    f"init_cfg of type 'Pretrained' takes "
+                    f"{', '.join(PRETRAINED_KEYS[1:])}; it also has "
+                    f"{', '.join(extra)}, another initializer's settings "
+                    f"(--cfg-options merges into the config's init_cfg). "
+                    f"Replace it whole: --cfg-options "
+                    f"model.backbone.init_cfg._delete_=True "
+                    f"model.backbone.init_cfg.type=Pretrained "
+                    f"model.backbone.init_cfg.checkpoint=FILE")
             cfg.pop('type')
             load_pretrained(self, attention=self.attention_tensor_names(),
                             **cfg)
