@@ -19,10 +19,14 @@ EXPECTED_BACKBONE = {'prm': 'PRMResNet', 'se': 'SEResNet', 'gc': 'GCResNet'}
 
 def expected_backbone(path):
     parts = osp.basename(path)[:-3].split('_')
+    if 'mobilenetv2' in parts:
+        return 'PRMMobileNetV2'
     for key, backbone in EXPECTED_BACKBONE.items():
         if key in parts:
             return backbone
-    return 'ResNet'
+    # the plain configs: prm_det's AttentionResNet without attention (mmdet's
+    # ResNet with the checked init_cfg); the demo's plain one is mmdet's
+    return 'ResNet' if 'demo' in path else 'AttentionResNet'
 
 
 def build_detector(path, **cfg_options):
@@ -44,15 +48,24 @@ def test_config_loads_builds_and_has_the_backbone_its_name_says(path):
     name = osp.basename(path)
     assert cfg.custom_imports.imports == ['prm_det', 'prm_det.safe_loading']
     assert type(model.backbone).__name__ == expected_backbone(path)
+    if name.startswith('ssdlite'):  # mmdet's SSDLite, trained from scratch
+        assert type(model).__name__ == 'SingleStageDetector'
+        src = load_config(path).model.backbone.init_cfg
+        assert src.type == 'TruncNormal'
+        return
     depth = 101 if 'r101' in name else 18 if 'r18' in name else 50
     assert model.backbone.depth == depth
     kind = 'CascadeRCNN' if name.startswith('cascade') else 'RetinaNet'
     assert type(model).__name__ == kind
     if 'r18' not in name:
-        # the real configs start from ImageNet weights, as mmdet's do
+        # the real configs start from ImageNet weights, as mmdet's do; the
+        # attention alone may be missing from them
         src = load_config(path).model.backbone.init_cfg
         assert src.type == 'Pretrained'
         assert src.checkpoint == f'torchvision://resnet{depth}'
+        assert src.get('allow_partial', False) == (
+            'attention' if expected_backbone(path) != 'AttentionResNet'
+            else False)
 
 
 def test_demo_shapes_configs_differ_only_in_the_backbone():
