@@ -2,6 +2,7 @@ import os
 import os.path as osp
 
 import pytest
+from helpers import REPO, write_demo_checkpoint
 
 # Triton's interpreter runs the ``triton`` backend's kernels on CPU tensors;
 # it must be chosen before triton is imported. A CUDA machine runs them
@@ -45,7 +46,6 @@ def _interpreted_device_calls_without_repatching():
 if os.environ.get('TRITON_INTERPRET') == '1':
     _interpreted_device_calls_without_repatching()
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 GOLDEN = osp.join(osp.dirname(REPO), 'shared', 'golden', 'prm_official.pt')
 
 
@@ -86,6 +86,16 @@ def _safe_checkpoint_loading():
 def repo():
     os.chdir(REPO)
     return REPO
+
+
+@pytest.fixture(scope='session')
+def demo_checkpoint(tmp_path_factory):
+    """The demo PRM-RetinaNet's weights with random PRM parameters
+    (helpers.write_demo_checkpoint), written once a run for the tests that
+    load, test, export or draw a checkpoint: its path. Read it, copy it;
+    do not change it."""
+    return write_demo_checkpoint(
+        str(tmp_path_factory.mktemp('demo_checkpoint') / 'demo.pth'))
 
 
 @pytest.fixture(params=['cpu', 'torch', 'triton'])

@@ -1,10 +1,11 @@
 """PRMResNet, SEResNet, GCResNet: mmdet's ResNet with attention."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import tiny_backbone
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prm_det.models.backbones import GCResNet, PRMResNet, SEResNet
 from prm_det.models.layers import PRM
@@ -13,17 +14,10 @@ BACKBONES = ['PRMResNet', 'SEResNet', 'GCResNet']
 ABBR = dict(PRMResNet='prm', SEResNet='se', GCResNet='context_block')
 
 
-def small(type_, depth, **kw):
-    """Narrow nets (base_channels=16) so every depth runs fast."""
-    attention = dict(groups=4) if type_ == 'PRMResNet' else None
-    return MODELS.build(dict(type=type_, depth=depth, base_channels=16,
-                             attention=attention, init_cfg=None, **kw))
-
-
 @pytest.mark.parametrize('type_', BACKBONES)
 @pytest.mark.parametrize('depth', [18, 34, 50, 101, 152])
 def test_output_shapes_for_every_depth(type_, depth):
-    model = small(type_, depth)
+    model = tiny_backbone(type_, depth)
     model.eval()  # mmdet's ResNet.train() returns None: no chaining
     expansion = 1 if depth < 50 else 4
     with torch.no_grad():
@@ -37,7 +31,7 @@ def test_output_shapes_for_every_depth(type_, depth):
 @pytest.mark.parametrize('type_', BACKBONES)
 @pytest.mark.parametrize('out_indices', [(0, ), (1, 3), (0, 1, 2), (3, )])
 def test_out_indices(type_, out_indices):
-    model = small(type_, 50, out_indices=out_indices)
+    model = tiny_backbone(type_, 50, out_indices=out_indices)
     model.eval()
     with torch.no_grad():
         outs = model(torch.randn(2, 3, 32, 32))
@@ -47,7 +41,7 @@ def test_out_indices(type_, out_indices):
 @pytest.mark.parametrize('type_', BACKBONES)
 @pytest.mark.parametrize('depth', [18, 50])
 def test_attention_sits_in_the_stages_it_should(type_, depth):
-    model = small(type_, depth)
+    model = tiny_backbone(type_, depth)
     stages = (False, True, True, True) if type_ == 'GCResNet' else (True, ) * 4
     for i, on in enumerate(stages):
         for block in getattr(model, f'layer{i + 1}'):
@@ -58,7 +52,7 @@ def test_attention_sits_in_the_stages_it_should(type_, depth):
                                          ('PRMResNet', 50),
                                          ('SEResNet', 50)])
 def test_attention_runs_after_the_last_norm_before_the_add(type_, depth):
-    model = small(type_, depth)
+    model = tiny_backbone(type_, depth)
     model.eval()
     block = model.layer2[0]
     last_conv, last_norm = ((block.conv2, block.norm2) if depth < 50 else
@@ -90,7 +84,7 @@ def test_frozen_stages_freeze_their_attention_and_norms():
 
 @pytest.mark.parametrize('type_', BACKBONES)
 def test_norm_eval_keeps_batchnorm_in_eval_mode_while_training(type_):
-    model = small(type_, 18, norm_eval=True)
+    model = tiny_backbone(type_, 18, norm_eval=True)
     model.train()
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     assert bns and all(not m.training for m in bns)
@@ -103,8 +97,8 @@ def test_norm_eval_keeps_batchnorm_in_eval_mode_while_training(type_):
 @pytest.mark.parametrize('depth', [18, 50])
 def test_with_cp_gives_same_outputs_and_gradients(type_, depth):
     torch.manual_seed(0)
-    plain = small(type_, depth, norm_eval=True)
-    cp = small(type_, depth, norm_eval=True, with_cp=True)
+    plain = tiny_backbone(type_, depth, norm_eval=True)
+    cp = tiny_backbone(type_, depth, norm_eval=True, with_cp=True)
     cp.load_state_dict(plain.state_dict())
     for m in (plain, cp):
         m.train()
@@ -124,7 +118,7 @@ def test_with_cp_gives_same_outputs_and_gradients(type_, depth):
 
 @pytest.mark.parametrize('type_', BACKBONES)
 def test_every_attention_parameter_gets_a_gradient(type_):
-    model = small(type_, 50, frozen_stages=-1)
+    model = tiny_backbone(type_, 50, frozen_stages=-1)
     model.init_weights()
     model.train()
     outs = model(torch.randn(2, 3, 64, 64))
@@ -217,7 +211,7 @@ def test_fused_block_tail_equals_norm_prm_add_relu(depth, bn_training,
     gradients and BatchNorm running statistics as the plain composition."""
     import copy
     torch.manual_seed(0)
-    model = small('PRMResNet', depth).double()
+    model = tiny_backbone('PRMResNet', depth).double()
     block = model.layer2[0]
     with torch.no_grad():
         for p in block.parameters():
@@ -286,7 +280,7 @@ def test_prm_block_keeps_no_normalized_copy_for_backward(backend):
 
 def test_channels_last_backbone_matches_contiguous(backend):
     torch.manual_seed(0)
-    model = small('PRMResNet', 50)
+    model = tiny_backbone('PRMResNet', 50)
     model.train()
     x = torch.randn(2, 3, 32, 32)
     outs = model(x)
@@ -311,7 +305,7 @@ class Recorder(TorchDispatchMode):
 def test_prm_blocks_run_the_fused_batchnorm_kernel_on_cpu():
     """On CPU each PRM block's tail (BatchNorm, PRM, add, ReLU) is one
     kernel op each way, in training and in inference."""
-    model = small('PRMResNet', 50, norm_eval=False)
+    model = tiny_backbone('PRMResNet', 50, norm_eval=False)
     num_blocks = sum(len(getattr(model, name)) for name in model.res_layers)
     x = torch.randn(2, 3, 64, 64)
     model.train()
@@ -338,7 +332,7 @@ def test_inference_block_equals_norm_prm_add_relu(depth, backend):
     over the conv's output: the same result as the plain composition."""
     import copy
     torch.manual_seed(0)
-    model = small('PRMResNet', depth).double()
+    model = tiny_backbone('PRMResNet', depth).double()
     model.eval()  # (mmdet's ResNet.train returns None)
     block = model.layer2[0]
     with torch.no_grad():
@@ -433,7 +427,7 @@ def test_hooks_on_the_last_norm_and_on_prm_fire_as_in_resnet(
     hook fires once per forward, and a forward hook sees the module's
     output), with the same result as without the hook."""
     torch.manual_seed(0)
-    model = small('PRMResNet', 50)
+    model = tiny_backbone('PRMResNet', 50)
     model.eval()
     block = model.layer1[0]
     module = getattr(block, where)
@@ -469,7 +463,7 @@ def test_inference_leaves_a_hooked_conv_output_alone():
     """A forward hook that keeps the last conv's output sees it unchanged:
     with a hook there, the result goes to a new map."""
     torch.manual_seed(0)
-    model = small('PRMResNet', 50)
+    model = tiny_backbone('PRMResNet', 50)
     model.eval()
     block = model.layer1[0]
     kept = []
@@ -505,7 +499,7 @@ def test_backward_hooks_on_the_last_norm_and_on_prm_fire(
     output, as in a block that calls every module; the block's output and
     its input's gradient are those of the unhooked block."""
     torch.manual_seed(0)
-    model = small('PRMResNet', depth)
+    model = tiny_backbone('PRMResNet', depth)
     model.train(mode == 'train')
     block = model.layer1[0]
     module = getattr(block, where)
@@ -545,9 +539,7 @@ def test_an_empty_batch_trains_as_in_resnet(type_, depth):
     """A batch of 0 images (a sampler's last, empty, batch): empty outputs
     and gradients, as mmdet's ResNet, in training mode with the norms
     training too."""
-    model = (MODELS.build(dict(type='ResNet', depth=depth, base_channels=16,
-                               norm_eval=False))
-             if type_ == 'ResNet' else small(type_, depth, norm_eval=False))
+    model = tiny_backbone(type_, depth, norm_eval=False)
     model.train()
     x = torch.randn(0, 3, 64, 32, requires_grad=True)
     outs = model(x)

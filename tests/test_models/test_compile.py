@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from mmdet.registry import MODELS
+from helpers import tiny_backbone
 from torch._dynamo.backends.debugging import aot_eager
 
 from prm_det.ops import backends, use_backend
@@ -20,6 +20,9 @@ from prm_det.ops import backends, use_backend
 # (b, 3, h, w), no two equal sizes (Dynamo would otherwise specialize
 # the first square input's h == w)
 SIZES = [(2, 3, 64, 96), (2, 3, 96, 48), (2, 3, 80, 112)]
+# The nets: narrow ResNet-18s (tiny_backbone); ``stages=2`` keeps the first
+# two stages (four blocks), for the matrices that only vary the backend or
+# the attention.
 
 
 @pytest.fixture(autouse=True)
@@ -29,21 +32,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def narrow(type_, stages=4, **kw):
-    """A narrow ResNet-18 (base_channels=16); ``stages=2`` keeps its first
-    two stages (four blocks), for the matrices that only vary the backend
-    or the attention."""
-    attention = dict(groups=4) if type_ == 'PRMResNet' else None
-    stage_args = {} if stages == 4 else dict(
-        num_stages=stages, strides=(1, 2, 2, 2)[:stages],
-        dilations=(1, ) * stages, out_indices=tuple(range(stages)),
-        stage_with_dcn=(False, ) * stages,
-        attention_stages=(type_ != 'GCResNet', ) + (True, ) * (stages - 1))
-    return MODELS.build(dict(type=type_, depth=18, base_channels=16,
-                             attention=attention, init_cfg=None,
-                             **stage_args, **kw))
 
 
 def train_step(model, x):
@@ -133,7 +121,7 @@ def test_prm_resnet_compiles_whole_with_dynamic_sizes():
     each one graph for three sizes, every block's PRM one node of it,
     eager's results."""
     torch.manual_seed(0)
-    model = narrow('PRMResNet')
+    model = tiny_backbone('PRMResNet')
     blocks = sum(len(getattr(model, f'layer{i}')) for i in range(1, 5))
     assert prm_calls(check_train_steps(model, SIZES)) == blocks
     assert prm_calls(check_inference(model, SIZES)) == blocks
@@ -163,8 +151,8 @@ def test_prm_compiles_whole_on_the_other_backends(name):
     torch.manual_seed(0)
     sizes = [(2, 3, 24, 40), (2, 3, 40, 16)]
     with use_backend(name):
-        check_train_steps(narrow('PRMResNet', stages=2), sizes)
-        check_inference(narrow('PRMResNet', stages=2), sizes)
+        check_train_steps(tiny_backbone('PRMResNet', stages=2), sizes)
+        check_inference(tiny_backbone('PRMResNet', stages=2), sizes)
 
 
 @pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)
@@ -172,8 +160,8 @@ def test_prm_compiles_whole_on_the_other_backends(name):
 def test_se_and_gc_resnet_compile_whole(type_):
     torch.manual_seed(0)
     sizes = [(2, 3, 24, 40), (2, 3, 40, 16)]
-    check_train_steps(narrow(type_, stages=2), sizes)
-    check_inference(narrow(type_, stages=2), sizes)
+    check_train_steps(tiny_backbone(type_, stages=2), sizes)
+    check_inference(tiny_backbone(type_, stages=2), sizes)
 
 
 @pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)
@@ -181,7 +169,7 @@ def test_inductor_matches_eager_in_float64():
     """Inductor's generated code around the op, float64, to 1e-9 on a small
     net (one stage): outputs, every gradient, the running statistics."""
     torch.manual_seed(0)
-    model = narrow('PRMResNet', stages=1).double()
+    model = tiny_backbone('PRMResNet', stages=1).double()
     model.train()  # mmdet's ResNet.train() returns nothing to chain
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
@@ -201,7 +189,7 @@ def test_torch_export_of_the_backbone_follows_the_input_size():
     the graph ONNX and other runtimes read) with dynamic height and width,
     and the exported program computes what the eager backbone does."""
     torch.manual_seed(0)
-    model = narrow('PRMResNet', stages=2)
+    model = tiny_backbone('PRMResNet', stages=2)
     model.eval()
     program = torch.export.export(
         model, (torch.randn(1, 3, 32, 48), ),

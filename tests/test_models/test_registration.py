@@ -5,17 +5,16 @@ mmcv's ContextBlock does: in a fresh process that has not called
 a subprocess)."""
 import json
 import os
-import os.path as osp
 import subprocess
 import sys
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from helpers import REPO
 
 SCRIPT = r"""
 import json
 
 import torch
-from mmdet.models.backbones import ResNet
+from mmdet.models.backbones import MobileNetV2, ResNet
 from mmdet.registry import MODELS
 from mmengine.registry import DefaultScope
 
@@ -27,6 +26,8 @@ configs = []
 for name, cls in sorted(ours.items()):
     if issubclass(cls, ResNet):
         configs.append((name, dict(type=name, depth=18)))
+    elif issubclass(cls, MobileNetV2):
+        configs.append((name, dict(type=name)))
     else:
         configs.append((name, dict(type=name, in_channels=64)))
         configs.append((f'ResNet + {name} plugin', dict(

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from cluster_stubs import write_cluster_stubs
+from helpers import tiny_backbone
 from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
 
@@ -159,13 +160,8 @@ def test_prm_fuses_batchnorm_but_runs_syncbn_as_a_module():
 def _prm_block_norm_calls(norm_cfg):
     """How many times the PRM block's last norm runs as a module in one
     training step of a PRM-ResNet-18 stage."""
-    from mmdet.registry import MODELS
-    backbone = MODELS.build(dict(
-        type='PRMResNet', depth=18, base_channels=8, num_stages=1,
-        attention=dict(groups=4),
-        out_indices=(0,), strides=(1,), dilations=(1,), norm_cfg=norm_cfg,
-        norm_eval=False,
-        init_cfg=None))
+    backbone = tiny_backbone('PRMResNet', 18, width=8, stages=1,
+                             norm_cfg=norm_cfg, norm_eval=False)
     norm = backbone.layer1[0].norm2
     calls = []
     forward = norm.forward

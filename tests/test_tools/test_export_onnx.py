@@ -17,6 +17,7 @@ import sys
 import onnx  # installed by make setup with onnxruntime and onnxscript
 import pytest
 import torch
+from helpers import tiny_backbone
 from mmdet.registry import MODELS
 from tool_runs import REPO, RETINA, ok, outside_env, run_tool, tool_module
 
@@ -30,20 +31,7 @@ TOLERANCE = 1e-4  # relative: max |onnxruntime - torch| / max |torch|
 EXPORT_SIZE = (64, 96)
 OTHER_SIZES = [(48, 80), (45, 71)]  # other sizes, odd ones included
 EXPORTERS = {'torchscript': False, 'dynamo': True}
-
-
-def attention_resnet(kind, depth, num_stages=4, width=16, **kwargs):
-    """A narrow attention ResNet (``width`` channels in the first stage),
-    its first ``num_stages`` stages."""
-    cfg = dict(type=f'{kind}ResNet', depth=depth, base_channels=width,
-               num_stages=num_stages, out_indices=tuple(range(num_stages)),
-               strides=(1, 2, 2, 2)[:num_stages],
-               dilations=(1, ) * num_stages, **kwargs)
-    if kind == 'PRM':
-        cfg['attention'] = dict(groups=8)
-    if kind == 'GC' and num_stages < 4:  # GCResNet's are stages c3-c5
-        cfg['attention_stages'] = (True, ) * num_stages
-    return MODELS.build(cfg)
+EXPORT_ONNX = 'deployment/export_onnx.py'
 
 
 def randomize(model, seed=0):
@@ -177,7 +165,8 @@ def test_prm_resnet_matches_onnxruntime_at_other_sizes(
     dynamo = EXPORTERS[exporter]
     # the dynamo exporter takes seconds per block: the first stage (2
     # BasicBlocks; 3 Bottlenecks, the first with a projection shortcut)
-    model = randomize(attention_resnet('PRM', depth, 1 if dynamo else 4))
+    model = randomize(tiny_backbone('PRMResNet', depth,
+                                    stages=1 if dynamo else 4, groups=8))
     path = str(tmp_path / 'prm.onnx')
     errors = export_and_compare(model, path, dynamo)
     assert max(errors.values()) < TOLERANCE, errors
@@ -196,7 +185,11 @@ def test_prm_resnet_matches_onnxruntime_at_other_sizes(
 def test_se_and_gc_resnets_match_onnxruntime_at_other_sizes(
         tmp_path, exporter, kind):
     dynamo = EXPORTERS[exporter]
-    model = randomize(attention_resnet(kind, 18, 1 if dynamo else 4))
+    stages = 1 if dynamo else 4
+    # GCResNet's own stages are c3-c5: one stage alone gets it too
+    flags = (True, ) * stages if stages < 4 else None
+    model = randomize(tiny_backbone(f'{kind}ResNet', 18, stages=stages,
+                                    attention_stages=flags))
     errors = export_and_compare(model, str(tmp_path / 'm.onnx'), dynamo)
     assert max(errors.values()) < TOLERANCE, errors
 
@@ -243,7 +236,7 @@ def test_dynamo_export_is_one_file_that_runs_without_the_folder(tmp_path):
     default for it is a .onnx.data file beside it): the .onnx copied alone
     elsewhere still gives PyTorch's outputs."""
     import shutil
-    model = randomize(attention_resnet('PRM', 18, 1))
+    model = randomize(tiny_backbone('PRMResNet', 18, stages=1, groups=8))
     path = tmp_path / 'export' / 'prm.onnx'
     path.parent.mkdir()
     export_onnx(model, image(*EXPORT_SIZE), str(path), dynamo=True)
@@ -278,15 +271,11 @@ def test_without_onnx_the_tool_stops_before_tracing_naming_the_install(
 
 
 def test_the_tool_says_when_the_checkpoint_is_missing(tmp_path, repo):
-    tool = load_tool()
+    tool = tool_module(EXPORT_ONNX)
     with pytest.raises(SystemExit, match='checkpoint not found'):
         tool.main([RETINA, str(tmp_path / 'nothing.pth'), '--shape', '64',
                    '64', '--out', str(tmp_path / 'x.onnx')])
     assert not osp.exists(tmp_path / 'x.onnx')
-
-
-def load_tool():
-    return tool_module('deployment/export_onnx.py')
 
 
 ALL = [('PRM', depth) for depth in (18, 34, 50, 101, 152)] + [

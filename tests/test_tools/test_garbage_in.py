@@ -167,11 +167,11 @@ def test_a_checkpoint_must_fit_the_model():
 
 @pytest.mark.slow
 def test_test_py_refuses_another_models_checkpoint_unless_told(
-        tiny_data, tmp_path):
+        tiny_data, tmp_path, demo_checkpoint):
     """The RetinaNet demo weights under the Cascade R-CNN demo config: an
     error listing keys. RetinaNet weights without their head, with
     --allow-key-mismatch: an AP table (the two run side by side)."""
-    state = build(RETINA).state_dict()
+    state = torch.load(demo_checkpoint, weights_only=True)['state_dict']
     retina, headless = str(tmp_path / 'retina.pth'), str(tmp_path / 'hl.pth')
     torch.save({'meta': {}, 'state_dict': state}, retina)
     torch.save({'meta': {}, 'state_dict': {

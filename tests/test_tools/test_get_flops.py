@@ -1,22 +1,12 @@
 """tools/analysis_tools/get_flops.py counts PRM's, SE's and GC's own
 operations and parameters, and nothing else changes."""
-import importlib.util
-import os.path as osp
-
 import pytest
 import torch
+from helpers import tool_module
 from mmdet.registry import MODELS
 from torch import nn
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-def load_tool():
-    path = osp.join(REPO, 'tools', 'analysis_tools', 'get_flops.py')
-    spec = importlib.util.spec_from_file_location('get_flops', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+GET_FLOPS = 'analysis_tools/get_flops.py'
 
 
 def prm_flops(b, c, h, w, groups, use_position=True, use_norm=True):
@@ -76,7 +66,7 @@ class One(nn.Module):
 def test_prm_operations_on_a_small_map_equal_the_analytic_count(
         use_position, use_norm):
     from prm_det.models.layers import PRM
-    tool = load_tool()
+    tool = tool_module(GET_FLOPS)
     b, c, h, w, groups = 2, 32, 5, 7, 8
     model = One(PRM(c, groups=groups, use_position=use_position,
                     use_norm=use_norm))
@@ -88,7 +78,7 @@ def test_prm_operations_on_a_small_map_equal_the_analytic_count(
 
 def test_se_operations_equal_the_analytic_count():
     from prm_det.models.layers.se import SE
-    tool = load_tool()
+    tool = tool_module(GET_FLOPS)
     complexity = tool.count_flops(One(SE(64)), (torch.randn(2, 64, 6, 5), ))
     assert complexity.attention_flops == {'SE': se_flops(2, 64, 6, 5)}
 
@@ -98,7 +88,7 @@ def test_an_attention_backbone_counts_a_plain_resnet_plus_its_attention(
         backbone):
     """Nothing else in the network changes its count (BatchNorm, convs):
     what the attention adds is exactly what it computes."""
-    tool = load_tool()
+    tool = tool_module(GET_FLOPS)
     x = torch.randn(1, 3, 64, 96)
     models = {}
     for name in ('ResNet', backbone):
@@ -118,7 +108,7 @@ def test_an_attention_backbone_counts_a_plain_resnet_plus_its_attention(
 
 def test_counting_leaves_the_model_as_it_was():
     from prm_det.models.layers import PRM
-    tool = load_tool()
+    tool = tool_module(GET_FLOPS)
     model = MODELS.build(dict(type='PRMResNet', depth=18))
     model.eval()
     tool.count_flops(model, (torch.randn(1, 3, 64, 64), ))
@@ -129,7 +119,7 @@ def test_counting_leaves_the_model_as_it_was():
 def test_command_line_on_the_retinanet_configs(capsys, repo):
     """PRM-RetinaNet = RetinaNet + 16 PRMs, operations and parameters; the
     output is mmdet's."""
-    tool = load_tool()
+    tool = tool_module(GET_FLOPS)
     plain = tool.main(['configs/retinanet_r50.py', '--shape', '64', '96'])
     prm = tool.main(['configs/retinanet_prm_r50.py', '--shape', '64', '96'])
     maps = [(16, 24), (8, 12), (4, 6), (2, 3)]
@@ -149,7 +139,7 @@ def test_command_line_on_the_retinanet_configs(capsys, repo):
 
 def test_two_stage_detectors_keep_a_fixed_1000_proposals(repo):
     from prm_det.engine import load_config
-    tool = load_tool()
+    tool = tool_module(GET_FLOPS)
     cfg = load_config('configs/cascade_rcnn_prm_r50.py')
     assert tool.keep_all_proposals(cfg)
     assert cfg.model.test_cfg.rpn.nms.iou_threshold == 1.0
@@ -164,7 +154,7 @@ def test_dataset_images_count_as_a_random_image_of_their_size(tiny_data,
     """Without --shape (mmdet 3.x's way) the val images are traced: the
     demo pipeline makes the 96 px images 128x128, which --shape 128 128
     counts the same."""
-    tool = load_tool()
+    tool = tool_module(GET_FLOPS)
     config = 'configs/demo/retinanet_prm_r18_shapes.py'
     options = ['--cfg-options', f'data_root={tiny_data}',
                'val_dataloader.num_workers=0',
@@ -180,7 +170,7 @@ def test_dataset_images_count_as_a_random_image_of_their_size(tiny_data,
 def test_a_small_models_attention_share_is_given_in_its_own_unit():
     """Not '0.001 GFLOPs': the exact count, the largest unit it reaches
     with 4 digits, and the share of the model."""
-    tool = load_tool()
+    tool = tool_module(GET_FLOPS)
     text = tool.report(dict(
         pad_shape=(128, 128), ori_shape=(128, 128), compute_type='direct',
         flops=2_000_000_000, params=dict(total=10, trainable=10, PRM=2072),

@@ -25,10 +25,7 @@ from mmdet.registry import MODELS
 from tool_runs import REPO, tool_module
 
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-
-
-def load_tool():
-    return tool_module('model_converters/seresnet2prm_det.py')
+CONVERTER = 'model_converters/seresnet2prm_det.py'
 
 
 def bn(prefix, channels):
@@ -101,7 +98,7 @@ def load_strictly(state_dict, depth):
 @pytest.mark.parametrize('depth', [50, 101])
 def test_timm_seresnet_loads_into_seresnet_with_no_missing_or_unexpected_key(
         depth):
-    tool = load_tool()
+    tool = tool_module(CONVERTER)
     source = timm_state_dict(depth)
     result = tool.convert(source)
     assert result.source == 'timm'
@@ -120,7 +117,7 @@ def test_timm_seresnet_loads_into_seresnet_with_no_missing_or_unexpected_key(
 @pytest.mark.parametrize('depth', [50, 101])
 def test_mmpretrain_seresnet_loads_into_seresnet_with_no_missing_or_unexpected_key(  # noqa: E501
         depth):
-    tool = load_tool()
+    tool = tool_module(CONVERTER)
     source = mmpretrain_state_dict(depth)
     result = tool.convert(source)
     assert result.source == 'mmpretrain'
@@ -134,7 +131,7 @@ def test_mmpretrain_seresnet_loads_into_seresnet_with_no_missing_or_unexpected_k
 
 
 def test_keys_it_cannot_map_are_reported_not_dropped_silently():
-    tool = load_tool()
+    tool = tool_module(CONVERTER)
     source = timm_state_dict(50)
     source['layer1.0.attn.gate.weight'] = torch.zeros(3)
     result = tool.convert(source)
@@ -142,7 +139,7 @@ def test_keys_it_cannot_map_are_reported_not_dropped_silently():
 
 
 def test_command_line_converts_a_file_and_the_backbone_loads_it(tmp_path):
-    tool = load_tool()
+    tool = tool_module(CONVERTER)
     src, dst = tmp_path / 'mmpretrain_seresnet50.pth', tmp_path / 'out.pth'
     torch.save(dict(meta=dict(mmcls_version='0.x'),
                     state_dict=mmpretrain_state_dict(50)), src)
@@ -154,7 +151,7 @@ def test_command_line_converts_a_file_and_the_backbone_loads_it(tmp_path):
 
 
 def test_a_shape_that_does_not_fit_is_an_error_naming_the_key():
-    tool = load_tool()
+    tool = tool_module(CONVERTER)
     source = timm_state_dict(50)
     # timm rounds SE hidden channels to multiples of 8 (seresnet18's first
     # stage has 8, prm_det's SE 4): such a checkpoint must not load silently
@@ -165,7 +162,7 @@ def test_a_shape_that_does_not_fit_is_an_error_naming_the_key():
 
 
 def test_an_unknown_checkpoint_is_refused_with_the_reason():
-    tool = load_tool()
+    tool = tool_module(CONVERTER)
     with pytest.raises(tool.ConversionError, match='not an SE-ResNet'):
         tool.convert({'conv1.weight': torch.zeros(1)})
 
@@ -188,7 +185,7 @@ def loaded_by_torch(state_dict, depth):
 
 
 def test_a_state_dict_without_num_batches_tracked_converts_as_torch_loads_it():
-    tool = load_tool()
+    tool = tool_module(CONVERTER)
     source = without_num_batches_tracked(timm_state_dict(50))
     result = tool.convert(source)
     assert result.unmapped == []
@@ -206,7 +203,7 @@ def test_a_state_dict_without_num_batches_tracked_converts_as_torch_loads_it():
 
 
 def test_num_batches_tracked_of_the_source_is_kept():
-    tool = load_tool()
+    tool = tool_module(CONVERTER)
     source = timm_state_dict(50)  # num_batches_tracked = 7 everywhere
     result = tool.convert(source)
     assert result.state_dict['bn1.num_batches_tracked'] == 7

@@ -25,7 +25,6 @@ from tool_runs import (REPO, RETINA, ok, outside_env, parse_ap_table, run_tool,
 
 import prm_det.engine.checkpoints.remote as remote
 from prm_det.engine.checkpoints.reading import TRUST_ENV, UntrustedCheckpoint
-from prm_det.engine import load_config
 from prm_det.engine.checkpoints.remote import ChecksumMismatch
 
 TORCHVISION_RESNET18 = 'resnet18-f37072fd.pth'
@@ -299,14 +298,12 @@ def test_a_missing_object_store_checkpoint_is_named(object_store):
 
 @pytest.mark.slow
 def test_test_py_evaluates_a_checkpoint_given_by_url(
-        tiny_data, object_store, tmp_path):
+        tiny_data, object_store, tmp_path, demo_checkpoint):
     """tools/test.py CONFIG s3://bucket/retina.pth, as users run it (from
     outside the repository, the petrel client importable): the weights load
     from the store and the AP table is printed."""
     store, clients = object_store
-    cfg = load_config(osp.join(REPO, RETINA))
-    torch.save({'meta': {}, 'state_dict': MODELS.build(cfg.model).state_dict()},
-               store / 'bucket' / 'retina.pth')
+    shutil.copy(demo_checkpoint, store / 'bucket' / 'retina.pth')
     url = 's3://bucket/retina.pth'
     env = outside_env(PYTHONPATH=str(clients), FAKE_STORE=str(store))
     env.pop(TRUST_ENV, None)

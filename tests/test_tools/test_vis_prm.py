@@ -1,52 +1,28 @@
 """tools/analysis_tools/vis_prm.py: the query points it draws are the argmax
 positions of the groups' channel sums, its gate is PRM's, and the pictures
 are written at the image's size."""
-import importlib.util
-import os.path as osp
-
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO_CONFIG as CONFIG
+from helpers import tool_module
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-CONFIG = osp.join(REPO, 'configs', 'demo', 'retinanet_prm_r18_shapes.py')
 IMAGE_HW = (130, 190)  # resized to 88x128 by the demo pipeline, padded to 96
 
 
-def load_tool():
-    path = osp.join(REPO, 'tools', 'analysis_tools', 'vis_prm.py')
-    spec = importlib.util.spec_from_file_location('vis_prm', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
-def drawn(tmp_path_factory):
-    """vis_prm on a generated gray image, with a demo-config detector whose
-    PRM parameters are random (a fresh PRM's gate is constant)."""
+def drawn(tmp_path_factory, demo_checkpoint):
+    """vis_prm on a generated gray image, with the demo-config detector
+    whose PRM parameters are random (a fresh PRM's gate is constant)."""
     import cv2
-    from mmdet.registry import MODELS
-    from mmengine.config import Config
     tmp = tmp_path_factory.mktemp('vis_prm')
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 120, IMAGE_HW, dtype=np.uint8)
     gray[40:80, 100:150] = 230  # a bright block
     image = str(tmp / 'image.png')
     cv2.imwrite(image, np.stack([gray] * 3, -1))
-
-    torch.manual_seed(0)
-    model = MODELS.build(Config.fromfile(CONFIG).model)
-    for name, param in model.named_parameters():
-        if '.prm.' in name and not name.endswith('scale'):
-            param.data.uniform_(-2, 2)
-    checkpoint = str(tmp / 'random.pth')
-    torch.save(dict(state_dict=model.state_dict(),
-                    meta=dict(dataset_meta=dict(classes=('a', 'b', 'c',
-                                                         'd')))),
-               checkpoint)
-    tool = load_tool()
-    rows = tool.main([CONFIG, checkpoint, image, '--out-dir',
+    tool = tool_module('analysis_tools/vis_prm.py')
+    rows = tool.main([CONFIG, demo_checkpoint, image, '--out-dir',
                       str(tmp / 'out')])
     return tool, rows, tmp / 'out'
 
@@ -91,14 +67,13 @@ def test_the_queries_png_has_a_dot_at_every_query_point(drawn):
             assert red[row_, col]
 
 
-def test_gate_times_features_is_prms_output(drawn):
+def test_gate_times_features_is_prms_output(drawn, demo_checkpoint):
     """The gate drawn is the one PRM multiplies its input by."""
     from mmdet.apis import init_detector
 
     from prm_det.ops.reference import prm_reference
-    tool, rows, out = drawn
-    model = init_detector(CONFIG, str(out.parent / 'random.pth'),
-                          device='cpu')
+    _, rows, _ = drawn
+    model = init_detector(CONFIG, demo_checkpoint, device='cpu')
     for row in rows:
         prm = dict(model.backbone.named_modules())[f'{row["block"]}.prm']
         x = torch.from_numpy(row['features'])[None]
@@ -165,24 +140,24 @@ def test_coinciding_query_points_are_counted_and_marked(drawn):
     assert differs[:, 1].min() > 10 and differs[:, 0].max() < 30
 
 
-def test_a_block_without_prm_is_refused_naming_the_ones_with_it(drawn):
+def test_a_block_without_prm_is_refused_naming_the_ones_with_it(
+        drawn, demo_checkpoint):
     from mmdet.apis import init_detector
-    tool, _, out = drawn
-    model = init_detector(CONFIG, str(out.parent / 'random.pth'),
-                          device='cpu')
+    tool, _, _ = drawn
+    model = init_detector(CONFIG, demo_checkpoint, device='cpu')
     with pytest.raises(ValueError, match='layer1.0'):
         tool.capture_prm_inputs(model.backbone, ['layer9.0'])
 
 
-def test_the_maps_drawn_are_the_references_intermediates(drawn):
+def test_the_maps_drawn_are_the_references_intermediates(
+        drawn, demo_checkpoint):
     """vis_prm draws what the reference computes (one source of PRM's math):
     query positions, D and gate, exactly."""
     from mmdet.apis import init_detector
 
     from prm_det.ops.reference import prm_reference_with_intermediates
-    tool, rows, out = drawn
-    model = init_detector(CONFIG, str(out.parent / 'random.pth'),
-                          device='cpu')
+    tool, rows, _ = drawn
+    model = init_detector(CONFIG, demo_checkpoint, device='cpu')
     for row in rows:
         prm = dict(model.backbone.named_modules())[f'{row["block"]}.prm']
         x = torch.from_numpy(row['features'])[None]

@@ -1,13 +1,12 @@
 """Running tools/ as a user does, on a tiny generated dataset: shared by the
 end-to-end tests of tests/test_tools/."""
 import os
-import os.path as osp
 import re
 import subprocess
 
 import torch
+from helpers import REPO, tool_module  # noqa: F401 (the tests import them here)
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 RETINA = 'configs/demo/retinanet_prm_r18_shapes.py'
 CASCADE = 'configs/demo/two_stage/cascade_rcnn_prm_r18_shapes.py'
 
@@ -29,13 +28,6 @@ def tiny_options(data_root, epochs=1, config=RETINA):
         'test_dataloader.persistent_workers=False',
         'default_hooks.logger.interval=1',
     ]
-
-
-def tool_module(relative):
-    """``tools/RELATIVE`` of this checkout as a module (its ``main(argv)``
-    and helpers, in-process), imported once."""
-    from prm_det.engine import load_tool
-    return load_tool(osp.join(REPO, 'tools', relative))
 
 
 def tool_env(**extra):
