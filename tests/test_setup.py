@@ -48,3 +48,20 @@ def test_unreachable_index_stops_setup_naming_step_and_fix(tmp_path):
         in proc.stderr
     assert 'PIP_INDEX_URL' in proc.stderr
     assert not (venv / '.prm_det_setup_stamp').exists()
+
+
+def test_cxx20_wrapper_passes_cpp20_instead_of_mmcvs_cpp17():
+    """tools/cxx20.sh (mmcv 2.1.0 against torch 2.14: its setup.py asks for
+    C++17, torch's headers need C++20): every argument reaches the real
+    compiler as given, but -std=c++14/17, which become -std=c++20."""
+    args = ['-O3', '-std=c++17', '-I/a b/include', '-c', 'x.cpp',
+            '-std=c++14', '-DX="1 2"']
+    # printf as the compiler, its format first: each argument on a line
+    proc = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'cxx20.sh'), '%s\n'] + args,
+        capture_output=True, text=True,
+        env=dict(os.environ, REAL_CXX='printf'), timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        '-O3', '-std=c++20', '-I/a b/include', '-c', 'x.cpp', '-std=c++20',
+        '-DX="1 2"']
