@@ -76,6 +76,14 @@ class BatchNorm(NamedTuple):
     eps: float
 
 
+def norm_tensors(norm: Optional[BatchNorm]) -> Tuple[Optional[Tensor], ...]:
+    """BatchNorm's four tensors in the order every op takes them: weight,
+    bias, running_mean, running_var (None each without a norm)."""
+    if norm is None:
+        return (None, ) * 4
+    return norm.weight, norm.bias, norm.running_mean, norm.running_var
+
+
 class PRMState(NamedTuple):
     """What forward keeps for backward, per (sample, group), n = b * groups:
 

@@ -8,7 +8,8 @@ custom op, ``prm_det::block_tail`` (:mod:`.library`), whose autograd calls
 ``block_tail_backward``: the backend runs once each way and the same state
 is saved for every backend (:class:`~prm_det.ops.contract.PRMState`).
 ``torch.compile`` traces the op; eager mode runs its implementation and
-autograd through :class:`PRMFunction`; eager inference may write the
+autograd on the named structures of :mod:`.contract` (the op's schema
+takes scalars) through :class:`PRMFunction`; eager inference may write the
 result over ``c``. Modes other than 'dotproduct', and exporting, take the
 readable reference.
 """
@@ -20,41 +21,66 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, library
-from .contract import BatchNorm, PRMOptions, PRMParams
+from .contract import BatchNorm, Needs, PRMOptions, PRMParams, norm_tensors
 from .reference import prm_reference_of
 
 
 class PRMFunction(torch.autograd.Function):
-    """Eager mode's route through the custom op ``prm_det::block_tail``:
-    its implementation and its registered autograd (the same
-    :func:`~prm_det.ops.library.setup_context` and
-    :func:`~prm_det.ops.library.input_gradients`), called without the
-    dispatcher (see :mod:`.library` for the measured reason). Returns the
-    op's outputs."""
+    """Eager mode's route through the op: the registered op's
+    implementation and autograd on the named structures
+    (:func:`~prm_det.ops.library.block_tail_forward`,
+    :func:`~prm_det.ops.library.save_for_backward`,
+    :func:`~prm_det.ops.library.input_gradients`), without the dispatcher
+    or the schema's scalars (see :mod:`.library` for the measured reason).
+    Returns the op's outputs.
+
+    Arguments: ``norm``, ``relu``, ``options``, ``backend``, then the
+    tensors that take gradients, which autograd must see as arguments:
+    ``c``, ``identity``, ``norm``'s weight and bias (the same tensors as in
+    ``norm``) and PRM's six parameters.
+    """
 
     @staticmethod
-    def forward(ctx, settings: dict, *inputs: Optional[Tensor]):
-        output = library.block_tail_impl(*inputs, **settings)
-        library.setup_context(ctx, inputs, settings, output)
+    def forward(ctx, norm: Optional[BatchNorm], relu: bool,
+                options: PRMOptions, backend: str, c: Tensor,
+                identity: Optional[Tensor], bn_weight: Optional[Tensor],
+                bn_bias: Optional[Tensor], *params: Tensor):
+        params = PRMParams(*params)
+        output = library.block_tail_forward(c, identity, norm, relu, params,
+                                            options, backend)
+        library.save_for_backward(ctx, c, identity, norm, relu, params,
+                                  options, backend, output)
         ctx.mark_non_differentiable(*output[1:])
         return output
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, *unused_grads):
-        return (None, *library.input_gradients(
-            ctx, ctx.needs_input_grad[1:], grad_y,
-            library.block_tail_backward_impl))
+        needs = ctx.needs_input_grad
+        grads = library.input_gradients(
+            ctx, Needs(c=needs[4], bn_weight=needs[6], bn_bias=needs[7]),
+            grad_y, library.block_tail_backward)
+        return (None, None, None, None, grads.c, grads.identity,
+                grads.bn_weight, grads.bn_bias, *grads.params)
 
 
-def _run_block_tail(inputs: tuple, settings: dict) -> tuple:
-    """The op's outputs: traced as the custom op by torch.compile, run
+def _run_block_tail(c: Tensor, identity: Optional[Tensor],
+                    norm: Optional[BatchNorm], relu: bool, params: PRMParams,
+                    options: PRMOptions, backend: str) -> tuple:
+    """The op's outputs: traced as the custom op by torch.compile (the
+    structures become the schema's scalars there), run on the structures
     through :class:`PRMFunction` in eager mode (its forward alone when no
     gradient is needed)."""
+    bn_weight, bn_bias, running_mean, running_var = norm_tensors(norm)
     if torch.compiler.is_compiling():
-        return torch.ops.prm_det.block_tail(*inputs, **settings)
-    if _needs_grad(*inputs):
-        return PRMFunction.apply(settings, *inputs)
-    return library.block_tail_impl(*inputs, **settings)
+        return torch.ops.prm_det.block_tail(
+            c, identity, bn_weight, bn_bias, running_mean, running_var,
+            *params, **library.block_tail_kwargs(norm, relu, options,
+                                                 backend))
+    if _needs_grad(c, identity, bn_weight, bn_bias, *params):
+        return PRMFunction.apply(norm, relu, options, backend, c, identity,
+                                 bn_weight, bn_bias, *params)
+    return library.block_tail_forward(c, identity, norm, relu, params,
+                                      options, backend)
 
 
 def check_batch_statistics(c: Tensor, training: bool) -> None:
@@ -135,16 +161,13 @@ def prm_block_tail(c: Tensor,
         return _reference(c, norm, identity, relu, params, options)
     if identity is not None and identity.dtype != c.dtype:
         identity = identity.to(c.dtype)  # autocast: the map's dtype wins
-    bn = (None, ) * 4 if norm is None else (
-        norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    inputs = (c, identity, *bn, *params)
-    settings = library.forward_kwargs(norm, relu, options,
-                                      backends.name_of(backend))
-    if (inplace and not torch.compiler.is_compiling()
-            and not _needs_grad(*inputs)):
-        return library.block_tail_over_c(*inputs, **settings)
-    y, _, _, running_mean, running_var, *_ = _run_block_tail(inputs,
-                                                             settings)
+    name = backends.name_of(backend)
+    if (inplace and not torch.compiler.is_compiling() and not _needs_grad(
+            c, identity, *norm_tensors(norm), *params)):
+        return library.block_tail_over_c(c, identity, norm, relu, params,
+                                         options, name)
+    y, _, _, running_mean, running_var, *_ = _run_block_tail(
+        c, identity, norm, relu, params, options, name)
     if norm is not None and norm.training:  # as native_batch_norm would
         for buffer, updated in ((norm.running_mean, running_mean),
                                 (norm.running_var, running_var)):

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from prm_det.ops import BatchNorm, PRMOptions, prm_block_tail
+from prm_det.ops import library
+from prm_det.ops.backends import BACKENDS
+from prm_det.ops.contract import norm_tensors
 from prm_det.ops.functions import PRMFunction
-from prm_det.ops.library import forward_kwargs
 from test_backends import params_for
 
 
@@ -38,9 +40,9 @@ CASES = [
 ]
 
 
-def op_inputs(case: Case, backend: str):
-    """block_tail's arguments for ``case``: tensors that take gradients,
-    settings by name."""
+def structures(case: Case):
+    """The op's arguments for ``case`` as the structures the caller holds:
+    (c, identity, norm, params, options); the tensors take gradients."""
     b, ch, h, w = case.size
     groups = ch // 2 if ch % 2 == 0 else ch
     dtype = case.dtype
@@ -63,11 +65,17 @@ def op_inputs(case: Case, backend: str):
                                        if norm else ()):
         if t is not None:
             t.requires_grad_()
-    bn = (None, ) * 4 if norm is None else (
-        norm.weight, norm.bias, norm.running_mean, norm.running_var)
     options = PRMOptions(groups=groups, use_position=case.use_position)
-    args = (c, identity, *bn, *params)
-    return args, forward_kwargs(norm, case.relu, options, backend)
+    return c, identity, norm, params, options
+
+
+def op_inputs(case: Case, backend: str, held=None):
+    """block_tail's arguments for ``case`` (from ``held``, its
+    :func:`structures`, when given): tensors positional, settings by name
+    (the schema's scalars)."""
+    c, identity, norm, params, options = held or structures(case)
+    args = (c, identity, *norm_tensors(norm), *params)
+    return args, library.block_tail_kwargs(norm, case.relu, options, backend)
 
 
 @pytest.mark.parametrize('case', CASES, ids=str)
@@ -83,13 +91,18 @@ def test_opcheck_passes_on_every_backend(backend, case):
 @pytest.mark.parametrize('case', [Case('train', True, True),
                                   Case('eval', True, False)], ids=str)
 def test_eager_mode_computes_what_the_registered_op_computes(backend, case):
-    """Eager mode runs the op's implementation and autograd without the
-    dispatcher (PRMFunction); the registered op (what torch.compile traces)
-    gives the same bits: outputs, every gradient."""
-    args, kwargs = op_inputs(case, backend)
+    """Eager mode runs the op's implementation and autograd on the
+    structures, without the dispatcher (PRMFunction); the registered op
+    (what torch.compile traces) gives the same bits: outputs, every
+    gradient."""
+    held = structures(case)
+    c, identity, norm, params, options = held
+    args, kwargs = op_inputs(case, backend, held)
     grad = torch.randn_like(args[0])
     results = []
-    for run in (lambda: PRMFunction.apply(kwargs, *args),
+    for run in (lambda: PRMFunction.apply(
+                    norm, case.relu, options, backend, c, identity,
+                    *norm_tensors(norm)[:2], *params),
                 lambda: torch.ops.prm_det.block_tail(*args, **kwargs)):
         out = run()
         inputs = [t for t in args if t is not None and t.requires_grad]
@@ -120,3 +133,44 @@ def test_training_updates_the_running_statistics_as_batch_norm(backend):
     torch.testing.assert_close(bn.running_mean, expected.running_mean)
     torch.testing.assert_close(bn.running_var, expected.running_var)
     assert not bn.running_mean.requires_grad
+
+
+@pytest.mark.parametrize('case', [Case('train', True, True),
+                                  Case('eval', True, False),
+                                  Case(None, False, False)], ids=str)
+def test_eager_mode_hands_the_backend_the_callers_options(
+        backend, case, monkeypatch):
+    """Eager mode, forward and backward, gives the backend the caller's
+    PRMOptions object itself and never the schema's scalars: the
+    conversions to and from them, and the registered op's implementation,
+    fail here. (The options pin the backend, a field the schema drops: a
+    trip through the scalars would hand on a copy without it.)"""
+    c, identity, norm, params, _ = structures(case)
+    options = PRMOptions(groups=params.weight.shape[1], backend=backend)
+    module = BACKENDS[backend]
+    real_forward, real_backward = module.forward, module.backward
+    seen = []
+
+    def forward(c, norm, identity, relu, params, options, inplace=False):
+        seen.append(('forward', options))
+        return real_forward(c, norm, identity, relu, params, options, inplace)
+
+    def backward(grad_y, saved, needs):
+        seen.append(('backward', saved.options))
+        return real_backward(grad_y, saved, needs)
+
+    def scalars(*args, **kwargs):
+        raise AssertionError('eager mode went through the schema scalars')
+
+    monkeypatch.setattr(module, 'forward', forward)
+    monkeypatch.setattr(module, 'backward', backward)
+    for name in ('options_to_schema', 'options_from_schema',
+                 'norm_to_schema', 'norm_from_schema', 'block_tail_impl',
+                 'block_tail_backward_impl'):
+        monkeypatch.setattr(library, name, scalars)
+    y = prm_block_tail(c, params, options, identity=identity, norm=norm,
+                       relu=case.relu)
+    y.backward(torch.randn_like(y))
+    assert [step for step, _ in seen] == ['forward', 'backward']
+    assert all(got is options for _, got in seen)
+    assert c.grad is not None and params.weight.grad is not None

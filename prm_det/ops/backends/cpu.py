@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..contract import (BatchNorm, Forward, Gradients, Needs, PRMOptions,
-                        PRMParams, PRMState, Saved)
+                        PRMParams, PRMState, Saved, norm_tensors)
 
 try:
     import fcntl
@@ -272,9 +272,14 @@ def _ops():
     return torch.ops.prm_det
 
 
-def _opts(options: PRMOptions) -> tuple:
-    return (options.groups, options.use_position, options.use_norm,
-            options.normalized_positions, options.eps)
+def _kernel_options(options: PRMOptions) -> dict:
+    """PRM's options as the kernel ops' keyword arguments (their schemas
+    take scalars; the kernel builds its ``Options`` struct from them): the
+    one conversion of the options on this backend."""
+    return dict(groups=options.groups, use_position=options.use_position,
+                use_norm=options.use_norm,
+                normalized=options.normalized_positions,
+                eps=float(options.eps))
 
 
 def _empty(like: Tensor, t: Optional[Tensor]) -> Tensor:
@@ -289,22 +294,23 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
 def forward(c: Tensor, norm: Optional[BatchNorm], identity: Optional[Tensor],
             relu: bool, params: PRMParams, options: PRMOptions,
             inplace: bool = False) -> Forward:
-    opts = _opts(options)
+    kernel_options = _kernel_options(options)
     if identity is not None:
         identity = identity.contiguous()
     if norm is None:
         y, *state = _ops().prm_forward(c.contiguous(), identity, relu,
-                                       *params, *opts)
+                                       *params, **kernel_options)
         return Forward(y, None, None, PRMState(*state))
-    bn = (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    bn = norm_tensors(norm)
     if (inplace and not norm.training and c.is_contiguous()
             and (identity is None or not _overlaps(c, identity))):
         # inference: the result written over c (a conv's fresh output)
-        _ops().bn_prm_eval_(c, *bn, norm.eps, identity, relu, *params, *opts)
+        _ops().bn_prm_eval_(c, *bn, norm.eps, identity, relu, *params,
+                            **kernel_options)
         return Forward(c, None, None, None)
     y, save_mean, save_invstd, *state = _ops().bn_prm_forward(
         c.contiguous(), *bn, norm.training, norm.momentum, norm.eps,
-        identity, relu, *params, *opts)
+        identity, relu, *params, **kernel_options)
     if not norm.training:
         save_mean = save_invstd = None
     return Forward(y, save_mean, save_invstd, PRMState(*state))
@@ -314,18 +320,19 @@ def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
     c, norm = saved.c.contiguous(), saved.norm
     grad_y = grad_y.contiguous()
     y = None if saved.y is None else saved.y.contiguous()
-    opts = _opts(saved.options)
+    kernel_options = _kernel_options(saved.options)
     if norm is None:
         grad_c, masked, *grads = _ops().prm_backward(
-            grad_y, y, c, *saved.state, *saved.params, *opts)
+            grad_y, y, c, *saved.state, *saved.params, **kernel_options)
         grad_bn_weight = grad_bn_bias = None
     else:
         (grad_c, grad_bn_weight, grad_bn_bias, masked,
          *grads) = _ops().bn_prm_backward(
-             grad_y, y, c, norm.weight, norm.bias, norm.running_mean,
-             norm.running_var, _empty(c, saved.save_mean),
+             grad_y, y, c, *norm_tensors(norm), _empty(c, saved.save_mean),
              _empty(c, saved.save_invstd), norm.training, norm.eps,
-             *saved.state, *saved.params, *opts, *needs)
+             *saved.state, *saved.params, **kernel_options,
+             need_c=needs.c, need_bn_weight=needs.bn_weight,
+             need_bn_bias=needs.bn_bias)
         grad_bn_weight = grad_bn_weight if needs.bn_weight else None
         grad_bn_bias = grad_bn_bias if needs.bn_bias else None
     grad_identity = None
