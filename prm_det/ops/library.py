@@ -117,18 +117,24 @@ def options_from_schema(groups: int, use_position: bool, use_norm: bool,
                       normalized_positions=normalized_positions, eps=eps)
 
 
-def norm_to_schema(norm: Optional[BatchNorm]) -> dict:
+def norm_to_schema(norm: Optional[BatchNorm],
+                   momentum: bool = True) -> dict:
     """BatchNorm's settings as the ops' keyword arguments (its tensors are
-    positional: :func:`~prm_det.ops.contract.norm_tensors`)."""
-    return dict(has_norm=norm is not None,
-                bn_training=norm is not None and norm.training,
-                bn_momentum=0.0 if norm is None else float(norm.momentum),
-                bn_eps=0.0 if norm is None else float(norm.eps))
+    positional: :func:`~prm_det.ops.contract.norm_tensors`); without
+    ``momentum`` for the backward op, which updates no running
+    statistics."""
+    settings = dict(has_norm=norm is not None,
+                    bn_training=norm is not None and norm.training,
+                    bn_eps=0.0 if norm is None else float(norm.eps))
+    if momentum:
+        settings['bn_momentum'] = 0.0 if norm is None else float(
+            norm.momentum)
+    return settings
 
 
 def norm_from_schema(tensors: Tuple[Optional[Tensor], ...], has_norm: bool,
-                     bn_training: bool, bn_momentum: float,
-                     bn_eps: float) -> Optional[BatchNorm]:
+                     bn_training: bool, bn_eps: float,
+                     bn_momentum: float = 0.0) -> Optional[BatchNorm]:
     """The ops' BatchNorm arguments as :class:`BatchNorm` (the inverse of
     :func:`~prm_det.ops.contract.norm_tensors` and
     :func:`norm_to_schema`)."""
@@ -297,7 +303,7 @@ def block_tail_impl(c: Tensor, identity: Optional[Tensor],
                     backend: str) -> _ForwardOutputs:
     """:func:`block_tail_forward` on the schema's arguments."""
     norm = norm_from_schema((bn_weight, bn_bias, running_mean, running_var),
-                            has_norm, bn_training, bn_momentum, bn_eps)
+                            has_norm, bn_training, bn_eps, bn_momentum)
     options = options_from_schema(groups, use_position, use_norm,
                                   normalized_positions, eps)
     return block_tail_forward(
@@ -342,17 +348,19 @@ def block_tail_backward_impl(
         grad_y: Tensor, c: Tensor, y: Optional[Tensor],
         bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
         running_mean: Optional[Tensor], running_var: Optional[Tensor],
-        save_mean: Optional[Tensor], save_invstd: Optional[Tensor],
-        weight: Tensor, bias: Tensor, one: Tensor, zero: Tensor,
-        theta: Tensor, scale: Tensor, query_index: Tensor, query: Tensor,
-        context: Tensor, stats: Tensor, *, has_norm: bool, bn_training: bool,
-        bn_momentum: float, bn_eps: float, has_identity: bool, groups: int,
-        use_position: bool, use_norm: bool, normalized_positions: bool,
-        eps: float, backend: str, need_c: bool, need_bn_weight: bool,
-        need_bn_bias: bool) -> _BackwardOutputs:
-    """:func:`block_tail_backward` on the schema's arguments."""
+        save_mean: Tensor, save_invstd: Tensor, weight: Tensor,
+        bias: Tensor, one: Tensor, zero: Tensor, theta: Tensor,
+        scale: Tensor, query_index: Tensor, query: Tensor, context: Tensor,
+        stats: Tensor, *, has_norm: bool, bn_training: bool, bn_eps: float,
+        has_identity: bool, groups: int, use_position: bool, use_norm: bool,
+        normalized_positions: bool, eps: float, backend: str, need_c: bool,
+        need_bn_weight: bool, need_bn_bias: bool) -> _BackwardOutputs:
+    """:func:`block_tail_backward` on the schema's arguments (the batch
+    statistics empty where BatchNorm used none)."""
     norm = norm_from_schema((bn_weight, bn_bias, running_mean, running_var),
-                            has_norm, bn_training, bn_momentum, bn_eps)
+                            has_norm, bn_training, bn_eps)
+    if not bn_training:
+        save_mean = save_invstd = None
     saved = Saved(c, y, norm, save_mean, save_invstd,
                   PRMParams(weight, bias, one, zero, theta, scale),
                   PRMState(query_index, query, context, stats),
@@ -371,9 +379,9 @@ block_tail_backward_op = torch.library.custom_op(
 @block_tail_backward_op.register_fake
 def _(grad_y, c, y, bn_weight, bn_bias, running_mean, running_var, save_mean,
       save_invstd, weight, bias, one, zero, theta, scale, query_index, query,
-      context, stats, *, has_norm, bn_training, bn_momentum, bn_eps,
-      has_identity, groups, use_position, use_norm, normalized_positions, eps,
-      backend, need_c, need_bn_weight, need_bn_bias):
+      context, stats, *, has_norm, bn_training, bn_eps, has_identity, groups,
+      use_position, use_norm, normalized_positions, eps, backend, need_c,
+      need_bn_weight, need_bn_bias):
     fmt = memory_format_of(c)
     grad_c = (torch.empty_like(c, memory_format=fmt) if need_c else
               _absent(c))
@@ -394,10 +402,14 @@ def _run_backward_op(grad_y: Tensor, saved: Saved, needs: Needs,
                      backend: str) -> _BackwardOutputs:
     """``block_tail_backward`` through the dispatcher (what torch.compile
     traces), its arguments from the structures."""
+    acc = accumulation_dtype(saved.c)
+    batch_stats = [_absent(saved.c, acc) if t is None else t
+                   for t in (saved.save_mean, saved.save_invstd)]
     return torch.ops.prm_det.block_tail_backward(
-        grad_y, saved.c, saved.y, *norm_tensors(saved.norm),
-        saved.save_mean, saved.save_invstd, *saved.params, *saved.state,
-        **norm_to_schema(saved.norm), has_identity=saved.has_identity,
+        grad_y, saved.c, saved.y, *norm_tensors(saved.norm), *batch_stats,
+        *saved.params, *saved.state,
+        **norm_to_schema(saved.norm, momentum=False),
+        has_identity=saved.has_identity,
         **options_to_schema(saved.options), backend=backend,
         need_c=needs.c, need_bn_weight=needs.bn_weight,
         need_bn_bias=needs.bn_bias)
@@ -409,8 +421,8 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
      *params) = inputs
     kw = keyword_only_inputs
     norm = norm_from_schema((bn_weight, bn_bias, running_mean, running_var),
-                            kw['has_norm'], kw['bn_training'],
-                            kw['bn_momentum'], kw['bn_eps'])
+                            kw['has_norm'], kw['bn_training'], kw['bn_eps'],
+                            kw['bn_momentum'])
     options = options_from_schema(kw['groups'], kw['use_position'],
                                   kw['use_norm'], kw['normalized_positions'],
                                   kw['eps'])
