@@ -32,12 +32,14 @@ BACKBONE = {
 
 
 def build_classifier(name):
-    from mmengine.registry import init_default_scope
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
     cfg = Config.fromfile(osp.join(PRETRAIN, f'{name}.py'))
-    init_default_scope(cfg.default_scope)
     cfg.model.backbone.init_cfg = None  # nothing downloaded
-    return cfg, MODELS.build(cfg.model)
+    # scoped: a process-wide 'mmpretrain' scope would make later tests'
+    # mmdet MODELS.build(type='SEResNet') find MMPretrain's SEResNet
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        return cfg, MODELS.build(cfg.model)
 
 
 def test_every_config_is_named_here():
