@@ -1,10 +1,41 @@
-"""What several test files share: the checkout's path, its tools loaded as
-modules, one narrow backbone and the demo detector's weights in a file
-(``demo_checkpoint`` in conftest.py writes it once a run)."""
+"""What several test files share: the checkout's path, the demo detectors'
+configs and the options that shrink them to a few iterations, the check
+that a subprocess succeeded, its tools loaded as modules, one narrow
+backbone and the demo detector's weights in a file (``demo_checkpoint`` in
+conftest.py writes it once a run). Helpers of one folder's tests live in
+that folder (tool_runs.py, packaging_helpers.py, op_params.py,
+se_state_dicts.py)."""
 import os.path as osp
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO_CONFIG = osp.join(REPO, 'configs', 'demo', 'retinanet_prm_r18_shapes.py')
+# the demo detectors, relative to the checkout, for the tools' command lines
+RETINA = 'configs/demo/retinanet_prm_r18_shapes.py'
+CASCADE = 'configs/demo/two_stage/cascade_rcnn_prm_r18_shapes.py'
+
+
+def tiny_options(data_root, epochs=1, config=RETINA):
+    """8 train images in batches of 2: 4 iterations an epoch. A detector
+    trained 4 iterations scores every box low: keep all of them so that
+    CocoMetric has detections to score."""
+    score = ('model.test_cfg.score_thr=0.0' if config == RETINA else
+             'model.test_cfg.rcnn.score_thr=0.0')
+    return [
+        '--cfg-options', score, f'data_root={data_root}',
+        f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs}',
+        'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
+        'train_dataloader.persistent_workers=False',
+        'val_dataloader.num_workers=0',
+        'val_dataloader.persistent_workers=False',
+        'test_dataloader.num_workers=0',
+        'test_dataloader.persistent_workers=False',
+        'default_hooks.logger.interval=1',
+    ]
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def tool_module(relative):

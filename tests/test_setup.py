@@ -1,13 +1,14 @@
 """`make setup` (tools/setup_env.sh): idempotent, and a failing step names
 itself and its fix and leaves nothing marked as installed."""
-import pytest
 import os
 import os.path as osp
 import subprocess
 import sys
 import time
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+import pytest
+from helpers import REPO
+
 SCRIPT = osp.join(REPO, 'tools', 'setup_env.sh')
 
 

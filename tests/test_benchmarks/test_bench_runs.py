@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
 from prm_det.ops.backends import cpu as cpu_backend
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 @pytest.mark.slow  # a benchmark run as a subprocess

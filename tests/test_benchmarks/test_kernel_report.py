@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 KERNELS = {'channel_partial', 'fwd_sums', 'fwd_stats', 'fwd_out',
            'bwd_sums', 'bwd_out', 'bn_backward'}
 

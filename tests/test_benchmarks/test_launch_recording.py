@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from helpers import REPO
 
 from prm_det.ops import PRMOptions, PRMParams
 from prm_det.ops.backends import triton_backend
 from prm_det.ops.contract import BatchNorm, Needs, Saved
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 pytest.importorskip('triton')
 

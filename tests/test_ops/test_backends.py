@@ -1,22 +1,11 @@
 """PRM's backends: one op, one saved state, the choice made in one place."""
 import pytest
 import torch
+from op_params import params_for
 
-from prm_det.ops import (BatchNorm, PRMOptions, PRMParams,
-                         prm_block_tail, select_backend,
-                         use_backend)
+from prm_det.ops import (BatchNorm, PRMOptions, PRMParams, prm_block_tail,
+                         select_backend, use_backend)
 from prm_det.ops.backends import BACKENDS
-
-
-def params_for(groups, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return PRMParams(
-        torch.randn(1, groups, 1, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, generator=g, dtype=dtype),
-        torch.randn(1, groups, 1, generator=g, dtype=dtype),
-        torch.rand(1, 2, 1, 1, generator=g, dtype=dtype) + 0.1,
-        torch.rand(1, generator=g, dtype=dtype) + 0.5)
 
 
 @pytest.mark.parametrize('with_norm', [False, True])

@@ -13,10 +13,10 @@ import time
 import zipfile
 
 import pytest
+from helpers import REPO
 
 from prm_det.ops.backends import cpu
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 USE_KERNEL = ('import torch; from prm_det.ops.backends import cpu; '
               'assert cpu.available(), cpu.unavailable_reason()')
 

@@ -11,7 +11,7 @@ from prm_det.ops import library
 from prm_det.ops.backends import BACKENDS
 from prm_det.ops.contract import norm_tensors
 from prm_det.ops.functions import PRMFunction
-from test_backends import params_for
+from op_params import params_for
 
 
 class Case(NamedTuple):

@@ -13,7 +13,7 @@ from prm_det.ops import use_backend
 from prm_det.ops import backends
 from prm_det.ops.backends import torch_ops, triton_backend, triton_plan
 from prm_det.ops.contract import Needs, Saved
-from test_backends import params_for
+from op_params import params_for
 
 # PRM-ResNet-50's block tails at 2x3x800x1216 (64 heads): the stage maps
 DETECTION_STAGES = [(2, 256, 200, 304), (2, 512, 100, 152),

@@ -1,12 +1,23 @@
 """Building prm_det's wheel as a user's ``pip install <checkout>`` does:
 shared by the packaging tests."""
+import filecmp
 import os
 import os.path as osp
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from helpers import REPO
+
+# Where the wheel is installed, outside the repository, always the same
+# place: the kernel compiles at first use with its absolute source path in
+# the build command, so a fixed place with its own torch extension cache
+# compiles it once (not on every run) and never invalidates the build the
+# repository's own runs keep in torch's default cache.
+INSTALL_ROOT = osp.join(
+    os.environ.get('XDG_CACHE_HOME', osp.expanduser('~/.cache')), 'prm_det',
+    'wheel_test')
 
 
 def repository_files():
@@ -43,3 +54,24 @@ def build_wheel(tmp):
         str(tmp / 'dist'))
     (built, ) = (tmp / 'dist').glob('prm_det-*.whl')
     return built
+
+
+def install_keeping_unchanged_files(wheel, target):
+    """``pip install --target`` into a fresh folder, then into ``target``
+    only the files that differ: unchanged kernel sources keep their times,
+    so their cached build stays valid."""
+    fresh = Path(str(target) + '.new')
+    shutil.rmtree(fresh, ignore_errors=True)
+    pip('install', '--target', str(fresh), '--no-deps', str(wheel))
+    new_files = {p.relative_to(fresh) for p in fresh.rglob('*')
+                 if p.is_file()}
+    for old in [p for p in target.rglob('*') if p.is_file()]:
+        if old.relative_to(target) not in new_files:
+            old.unlink()
+    for relative in new_files:
+        dst = target / relative
+        if not dst.is_file() or not filecmp.cmp(fresh / relative, dst,
+                                                shallow=False):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(fresh / relative, dst)
+    shutil.rmtree(fresh)

@@ -17,6 +17,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from helpers import ok, tiny_options
 from packaging_helpers import pip
 
 pytestmark = pytest.mark.slow
@@ -37,26 +38,9 @@ model = dict(bbox_head=dict(stacked_convs=2))
 """
 
 
-def tiny_options(data_root):
-    return ['--cfg-options', f'data_root={data_root}',
-            'model.test_cfg.score_thr=0.0', 'train_cfg.max_epochs=1',
-            'train_cfg.val_interval=1', 'train_dataloader.batch_size=2',
-            'train_dataloader.num_workers=0',
-            'train_dataloader.persistent_workers=False',
-            'val_dataloader.num_workers=0',
-            'val_dataloader.persistent_workers=False',
-            'test_dataloader.num_workers=0',
-            'test_dataloader.persistent_workers=False']
-
-
 def run(args, cwd, env, timeout=300):
     return subprocess.run([str(a) for a in args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
 def has_pkg_resources(python, env):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ok
 from packaging_helpers import REPO, copy_repository
 
 pytestmark = pytest.mark.slow
@@ -57,11 +58,6 @@ def run(args, cwd, env, timeout=600):
 
 def output(proc):
     return proc.stdout + proc.stderr
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return output(proc)
 
 
 def python_says(python, code, cwd, env):

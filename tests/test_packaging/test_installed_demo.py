@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_wheel import INSTALL_ROOT, install_keeping_unchanged_files
+from packaging_helpers import INSTALL_ROOT, install_keeping_unchanged_files
 
 from prm_det.datasets.synthetic_shapes import generate
 

@@ -4,11 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
 from prm_det.compat import MIN_TORCH, check_torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize('version', ['2.5.0', '2.5.1+cu124', '2.10.0',

@@ -2,26 +2,18 @@
 the wheel built from the repository holds every source file of prm_det
 (kernel sources included), declares no torch or mmcv build, and, installed
 outside the repository, runs PRM from a user's config with no fallback."""
-import filecmp
 import os
 import os.path as osp
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-from packaging_helpers import REPO, pip, repository_files
+from packaging_helpers import (INSTALL_ROOT, REPO,
+                               install_keeping_unchanged_files,
+                               repository_files)
 
-# Where the wheel is installed, outside the repository, always the same
-# place: the kernel compiles at first use with its absolute source path in
-# the build command, so a fixed place with its own torch extension cache
-# compiles it once (not on every run) and never invalidates the build the
-# repository's own runs keep in torch's default cache.
-INSTALL_ROOT = osp.join(
-    os.environ.get('XDG_CACHE_HOME', osp.expanduser('~/.cache')), 'prm_det',
-    'wheel_test')
 SOURCE_SUFFIXES = ('.py', '.cpp', '.h', '.cu', '.cuh')
 
 USER_CONFIG = """\
@@ -66,27 +58,6 @@ assert all(p.grad is not None for n, p in backbone.named_parameters()
            if p.requires_grad and '.prm.' in n)
 print('prm_det ran from', prm_det.__file__, shapes)
 """
-
-
-def install_keeping_unchanged_files(wheel, target):
-    """``pip install --target`` into a fresh folder, then into ``target``
-    only the files that differ: unchanged kernel sources keep their times,
-    so their cached build stays valid."""
-    fresh = Path(str(target) + '.new')
-    shutil.rmtree(fresh, ignore_errors=True)
-    pip('install', '--target', str(fresh), '--no-deps', str(wheel))
-    new_files = {p.relative_to(fresh) for p in fresh.rglob('*')
-                 if p.is_file()}
-    for old in [p for p in target.rglob('*') if p.is_file()]:
-        if old.relative_to(target) not in new_files:
-            old.unlink()
-    for relative in new_files:
-        dst = target / relative
-        if not dst.is_file() or not filecmp.cmp(fresh / relative, dst,
-                                                shallow=False):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(fresh / relative, dst)
-    shutil.rmtree(fresh)
 
 
 @pytest.mark.slow

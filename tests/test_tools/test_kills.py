@@ -3,24 +3,15 @@ the job: trainings killed and stopped for real (subprocesses)."""
 import os
 import os.path as osp
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from tool_runs import REPO, RETINA, checkpoint_meta, ok, tiny_options, tool_env
+from tool_runs import (REPO, RETINA, checkpoint_meta, free_port, ok,
+                       short_epochs, tool_env)
 
 pytestmark = pytest.mark.slow
-
-
-def short_epochs(data_root, epochs):
-    """Two of the images in one batch: an epoch is one short iteration and
-    a checkpoint (max_keep_ckpts=1, as in the issue); no validation."""
-    return tiny_options(data_root, epochs) + [
-        'train_dataloader.dataset.indices=2',
-        'default_hooks.checkpoint.max_keep_ckpts=1', 'val_cfg=None',
-        'val_dataloader=None', 'val_evaluator=None']
 
 
 def freeze_while_writing(proc, work, deadline):
@@ -81,12 +72,6 @@ def test_kill_9_while_a_checkpoint_is_written_then_resume(tiny_data,
     assert f'resumed epoch: {k - 1}, iter: {k - 1}' in out
     assert checkpoint_meta(osp.join(work, f'epoch_{k}.pth'))['epoch'] == k
     assert not [n for n in os.listdir(work) if n.endswith('.partial')]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def test_a_stalled_rank_fails_the_job_after_the_collective_timeout(

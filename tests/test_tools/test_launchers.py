@@ -16,9 +16,9 @@ import time
 
 import pytest
 from cluster_stubs import write_cluster_stubs
-from test_kills import free_port, short_epochs
-from tool_runs import (REPO, RETINA, checkpoint_meta, ok, outside_env,
-                       parse_ap_table, tiny_options)
+from tool_runs import (REPO, RETINA, checkpoint_meta, free_port, ok,
+                       outside_env, parse_ap_table, short_epochs,
+                       tiny_options)
 
 from prm_det.engine.work_dir_lock import LOCK_NAME
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from mmdet.registry import MODELS
-from test_model_converters import timm_state_dict
+from se_state_dicts import timm_state_dict
 from tool_runs import REPO, RETINA, ok, outside_env, parse_ap_table, run_tool
 
 from prm_det.datasets.synthetic_shapes import generate

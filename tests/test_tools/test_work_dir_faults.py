@@ -14,9 +14,8 @@ import time
 import pytest
 import torch
 from mmdet.registry import MODELS
-from test_kills import short_epochs
 from tool_runs import (REPO, RETINA, checkpoint_meta, ok, parse_ap_table,
-                       tiny_options, tool_env)
+                       short_epochs, tiny_options, tool_env)
 
 from prm_det.engine import load_config
 from prm_det.engine.work_dir_lock import (WorkDirBusy, lock_work_dir,

@@ -2,33 +2,13 @@
 end-to-end tests of tests/test_tools/."""
 import os
 import re
+import socket
 import subprocess
 
 import torch
-from helpers import REPO, tool_module  # noqa: F401 (the tests import them here)
-
-RETINA = 'configs/demo/retinanet_prm_r18_shapes.py'
-CASCADE = 'configs/demo/two_stage/cascade_rcnn_prm_r18_shapes.py'
-
-
-def tiny_options(data_root, epochs=1, config=RETINA):
-    """8 train images in batches of 2: 4 iterations an epoch. A detector
-    trained 4 iterations scores every box low: keep all of them so that
-    CocoMetric has detections to score."""
-    score = ('model.test_cfg.score_thr=0.0' if config == RETINA else
-             'model.test_cfg.rcnn.score_thr=0.0')
-    return [
-        '--cfg-options', score, f'data_root={data_root}',
-        f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs}',
-        'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
-        'train_dataloader.persistent_workers=False',
-        'val_dataloader.num_workers=0',
-        'val_dataloader.persistent_workers=False',
-        'test_dataloader.num_workers=0',
-        'test_dataloader.persistent_workers=False',
-        'default_hooks.logger.interval=1',
-    ]
-
+# the tests import these from here too
+from helpers import (CASCADE, REPO, RETINA, ok, tiny_options,  # noqa: F401
+                     tool_module)
 
 def tool_env(**extra):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='2')
@@ -50,11 +30,6 @@ def run_tool(args, cwd=REPO, timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
 def checkpoint_meta(path):
     return torch.load(path, map_location='cpu', weights_only=False)['meta']
 
@@ -65,3 +40,18 @@ def parse_ap_table(output):
     assert match, output[-2000:]
     return [float(v) if v.strip() != 'n/a' else None
             for v in match.group(1).split('|') if v.strip()]
+
+
+def short_epochs(data_root, epochs):
+    """Two of the images in one batch: an epoch is one short iteration and
+    a checkpoint (max_keep_ckpts=1, as in the issue); no validation."""
+    return tiny_options(data_root, epochs) + [
+        'train_dataloader.dataset.indices=2',
+        'default_hooks.checkpoint.max_keep_ckpts=1', 'val_cfg=None',
+        'val_dataloader=None', 'val_evaluator=None']
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
