@@ -282,7 +282,7 @@ def _kernel_options(options: PRMOptions) -> dict:
                 eps=float(options.eps))
 
 
-def _empty(like: Tensor, t: Optional[Tensor]) -> Tensor:
+def _or_empty(like: Tensor, t: Optional[Tensor]) -> Tensor:
     # the kernel's schema has no optional statistics: empty stands for none
     return like.new_empty(0) if t is None else t
 
@@ -328,8 +328,8 @@ def backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
     else:
         (grad_c, grad_bn_weight, grad_bn_bias, masked,
          *grads) = _ops().bn_prm_backward(
-             grad_y, y, c, *norm_tensors(norm), _empty(c, saved.save_mean),
-             _empty(c, saved.save_invstd), norm.training, norm.eps,
+             grad_y, y, c, *norm_tensors(norm), _or_empty(c, saved.save_mean),
+             _or_empty(c, saved.save_invstd), norm.training, norm.eps,
              *saved.state, *saved.params, **kernel_options,
              need_c=needs.c, need_bn_weight=needs.bn_weight,
              need_bn_bias=needs.bn_bias)
