@@ -5,8 +5,10 @@ training and eval mode or none, with and without the shortcut. The oracle
 is the reference layer in float64 on the same values, so a float32 backend
 is held to float32's rounding, not to another backend's.
 
-The similarity modes other than 'dotproduct' run on the reference only
-(``select`` routes them there), so they are not drawn here."""
+The similarity modes other than 'dotproduct' run on the reference only,
+whatever backend is asked for (``select`` routes them there): their cases
+check that each backend's request gives the reference's results, on every
+layout and in float32 too."""
 import copy
 import random
 
@@ -22,28 +24,35 @@ TOLERANCE = {torch.float64: dict(rtol=1e-7, atol=1e-9),
              torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
 
-def draw_cases(count=16, seed=20261203):
+def draw_cases(count=16, seed=20261203, modes=('dotproduct', )):
     rng = random.Random(seed)
     cases = [dict(batch=2, size=(1, 1), layout='strided', dtype=torch.float32,
-                  norm='train', shortcut=True)]  # the case that was wrong
+                  norm='train', shortcut=True,
+                  mode=modes[0])]  # the case that was wrong
     while len(cases) < count:
-        cases.append(dict(
+        case = dict(
             batch=rng.randint(1, 3),
             size=rng.choice([(1, 1), (1, rng.randint(2, 11)),
                              (rng.randint(2, 13), rng.randint(1, 11))]),
             layout=rng.choice(LAYOUTS),
             dtype=rng.choice([torch.float32, torch.float64]),
             norm=rng.choice(['train', 'eval', None]),
-            shortcut=rng.random() < 0.7))
+            shortcut=rng.random() < 0.7,
+            mode=modes[len(cases) % len(modes)])
+        h, w = case['size']
+        if case['norm'] == 'train' and case['batch'] * h * w == 1:
+            continue  # one value a channel: BatchNorm refuses to train
+        cases.append(case)
     return cases
 
 
-CASES = draw_cases()
+CASES = draw_cases() + draw_cases(8, seed=20261204,
+                                  modes=('cosine', 'l1norm'))
 
 
 def name(case):
     h, w = case['size']
-    return (f"b{case['batch']}-{h}x{w}-{case['layout']}-"
+    return (f"{case['mode']}-b{case['batch']}-{h}x{w}-{case['layout']}-"
             f"{str(case['dtype'])[6:]}-bn_{case['norm']}-"
             f"{'shortcut' if case['shortcut'] else 'plain'}")
 
@@ -67,7 +76,7 @@ def modules(case, seed):
     """A PRM and a BatchNorm (or None) with random parameters and running
     statistics, in the case's dtype."""
     g = torch.Generator().manual_seed(seed)
-    layer = PRM(CHANNELS, groups=GROUPS)
+    layer = PRM(CHANNELS, groups=GROUPS, mode=case['mode'])
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
