@@ -1,8 +1,12 @@
-"""prm_det: PRM, SE and GC attention ResNet backbones for MMDetection 3.x.
+"""prm_det: attention ResNet backbones (PRM and the systems it compares
+with) for MMDetection 3.x.
 
-``import prm_det`` registers the attention modules (``PRM``, ``SE``; GC is
-mmcv's ``ContextBlock``) and the backbones (``PRMResNet``, ``SEResNet``,
-``GCResNet``, ``AttentionResNet``) into mmdet's ``MODELS`` registry, a model
+``import prm_det`` registers the attention modules (``PRM``, ``SE``, ``GE``,
+``SGE``, ``CBAM``, ``BAM``; GC and non-local are mmcv's ``ContextBlock`` and
+``NonLocal2d``) and the backbones (``PRMResNet``, ``SEResNet``,
+``GCResNet``, ``GEResNet``, ``SGEResNet``, ``CBAMResNet``, ``BAMResNet``,
+``SKResNet``, ``NLResNet``, ``AttentionResNet``) into mmdet's ``MODELS``
+registry, a model
 wrapper for distributed CPU training and the ``prm_det::`` config scope.
 It changes none of mmengine's checkpoint loaders: prm_det's, which load
 every checkpoint as data (and ``torchvision://`` without torchvision), are

@@ -46,16 +46,28 @@ def _interpreted_device_calls_without_repatching():
 if os.environ.get('TRITON_INTERPRET') == '1':
     _interpreted_device_calls_without_repatching()
 
-GOLDEN = osp.join(osp.dirname(REPO), 'shared', 'golden', 'prm_official.pt')
+GOLDEN_DIR = osp.join(osp.dirname(REPO), 'shared', 'golden')
+GOLDEN = osp.join(GOLDEN_DIR, 'prm_official.pt')
+
+
+def _load_golden(path):
+    import torch
+    if not osp.isfile(path):
+        pytest.fail(f'golden vectors not found at {path}: the repository '
+                    f'expects shared/ beside it')
+    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope='session')
 def golden():
-    import torch
-    if not osp.isfile(GOLDEN):
-        pytest.fail(f'golden vectors not found at {GOLDEN}: the repository '
-                    f'expects shared/ beside it')
-    return torch.load(GOLDEN, weights_only=True)
+    """The official PRM layer's vectors."""
+    return _load_golden(GOLDEN)
+
+
+@pytest.fixture(scope='session')
+def attention_golden():
+    """The official SGE, CBAM, BAM, SK and GE code's vectors."""
+    return _load_golden(osp.join(GOLDEN_DIR, 'attention_official.pt'))
 
 
 @pytest.fixture(scope='session', autouse=True)

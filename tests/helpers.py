@@ -47,16 +47,19 @@ def tool_module(relative):
 
 def tiny_backbone(type_, depth=18, width=16, stages=4, groups=4, **kwargs):
     """A narrow ResNet (``width`` channels in the first stage instead of 64)
-    built from mmdet's registry, no pretrained weights: ``type_`` is
-    'PRMResNet' (PRM with ``groups`` groups), 'SEResNet', 'GCResNet' or
-    mmdet's 'ResNet'. ``stages`` < 4 keeps the first stages at strides 1, 2,
-    ... with every one an output, and the class's own attention flags for
-    them (GC: none in the first). ``kwargs`` go to the backbone as they
+    built from mmdet's registry, no pretrained weights: ``type_`` is one of
+    prm_det's ResNets (PRM and SGE with ``groups`` groups, SK's grouped conv
+    with ``groups`` groups) or mmdet's 'ResNet'. ``stages`` < 4 keeps the
+    first stages at strides 1, 2, ... with every one an output, and the
+    class's own attention flags for them (GC: none in the first; BAM's and
+    non-local's stage flags cut to ``stages``). ``kwargs`` go to the backbone as they
     are and override all of this."""
     from mmdet.registry import MODELS
     cfg = dict(type=type_, depth=depth, base_channels=width, init_cfg=None)
-    if type_ == 'PRMResNet':
+    if type_ in ('PRMResNet', 'SGEResNet'):
         cfg['attention'] = dict(groups=groups)
+    if type_ == 'SKResNet':
+        cfg['sk'] = dict(groups=groups)
     if stages != 4:
         cfg.update(num_stages=stages, strides=(1, 2, 2, 2)[:stages],
                    dilations=(1, ) * stages,
@@ -64,6 +67,11 @@ def tiny_backbone(type_, depth=18, width=16, stages=4, groups=4, **kwargs):
         flags = getattr(MODELS.get(type_), 'default_stages', None)
         if flags:
             cfg['attention_stages'] = tuple(flags[:stages])
+        stage_attention = getattr(MODELS.get(type_),
+                                  'default_stage_attention', None)
+        if stage_attention:
+            cfg['stage_attention'] = dict(
+                stages=stage_attention['stages'][:stages])
     cfg.update(kwargs)
     return MODELS.build(cfg)
 

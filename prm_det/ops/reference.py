@@ -111,7 +111,7 @@ def _similarity(x: Tensor, key: Tensor, mode: str) -> Tensor:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
 
 
-def _normalize(s: Tensor, eps: float) -> Tensor:
+def normalize_over_positions(s: Tensor, eps: float) -> Tensor:
     """(s - mean) / (std + eps) over the last dim, std unbiased; 0 when P=1."""
     num_positions = s.shape[-1]
     centered = s - s.mean(-1, keepdim=True)
@@ -167,7 +167,7 @@ def _prm(x: Tensor, weight: Tensor, bias: Tensor, one: Tensor, zero: Tensor,
         sim_query = sim_query * d
     s = (zero * sim_query.view(b, groups, num_positions) +
          one * sim_context.view(b, groups, num_positions))  # [b, g, P]
-    s_normalized = _normalize(s, eps) if use_norm else s
+    s_normalized = normalize_over_positions(s, eps) if use_norm else s
     gate = torch.sigmoid(s_normalized * weight.view(1, groups, 1) +
                          bias.view(1, groups, 1))  # [b, g, P]
     y = x.view(b, groups, cg, num_positions) * gate[:, :, None, :]

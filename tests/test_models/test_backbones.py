@@ -1,4 +1,5 @@
-"""PRMResNet, SEResNet, GCResNet: mmdet's ResNet with attention."""
+"""prm_det's ResNets (PRM, SE, GC, GE, SGE, CBAM, SK in the blocks; BAM and
+non-local between them): mmdet's ResNet with attention."""
 import pytest
 import torch
 from helpers import tiny_backbone
@@ -10,8 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from prm_det.models.backbones import GCResNet, PRMResNet, SEResNet
 from prm_det.models.layers import PRM
 
-BACKBONES = ['PRMResNet', 'SEResNet', 'GCResNet']
-ABBR = dict(PRMResNet='prm', SEResNet='se', GCResNet='context_block')
+# attention inside the blocks (the module's attribute in each block)
+ABBR = dict(PRMResNet='prm', SEResNet='se', GCResNet='context_block',
+            GEResNet='ge', SGEResNet='sge', CBAMResNet='cbam', SKResNet='sk')
+# attention between blocks: its attributes on the backbone
+STAGE_ATTENTION = dict(BAMResNet=('bam1', 'bam2', 'bam3'),
+                       NLResNet=('nonlocal_block3', ))
+BACKBONES = list(ABBR) + list(STAGE_ATTENTION)
 
 
 @pytest.mark.parametrize('type_', BACKBONES)
@@ -38,7 +44,7 @@ def test_out_indices(type_, out_indices):
     assert [o.shape[1] for o in outs] == [64 * 2**i for i in out_indices]
 
 
-@pytest.mark.parametrize('type_', BACKBONES)
+@pytest.mark.parametrize('type_', list(ABBR))
 @pytest.mark.parametrize('depth', [18, 50])
 def test_attention_sits_in_the_stages_it_should(type_, depth):
     model = tiny_backbone(type_, depth)
@@ -116,6 +122,37 @@ def test_with_cp_gives_same_outputs_and_gradients(type_, depth):
                                        rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('type_', STAGE_ATTENTION)
+@pytest.mark.parametrize('depth', [18, 50])
+def test_stage_attention_sits_where_it_should(type_, depth):
+    """BAM on the outputs of stages 1-3, non-local on the input of stage
+    c4's last block; none inside the blocks."""
+    model = tiny_backbone(type_, depth)
+    assert model.attention_stages and model.attention is None
+    names = STAGE_ATTENTION[type_]
+    assert sorted(model.stage_attention_names.values()) == sorted(names)
+    seen = []
+    for name in names:
+        getattr(model, name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.append((name, args[0].shape)))
+    last = model.layer3[-1]
+    last.register_forward_pre_hook(
+        lambda m, args: seen.append(('layer3 last block', args[0].shape)))
+    model.layer2.register_forward_hook(
+        lambda m, args, out: seen.append(('layer2 out', out.shape)))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    order = [name for name, _ in seen]
+    if type_ == 'BAMResNet':
+        assert order == ['bam1', 'layer2 out', 'bam2', 'layer3 last block',
+                         'bam3']
+    else:
+        assert order == ['layer2 out', 'nonlocal_block3',
+                         'layer3 last block']
+        assert seen[1][1] == seen[2][1]
+
+
 @pytest.mark.parametrize('type_', BACKBONES)
 def test_every_attention_parameter_gets_a_gradient(type_):
     model = tiny_backbone(type_, 50, frozen_stages=-1)
@@ -123,9 +160,11 @@ def test_every_attention_parameter_gets_a_gradient(type_):
     model.train()
     outs = model(torch.randn(2, 3, 64, 64))
     sum((o * torch.randn_like(o)).sum() for o in outs).backward()
-    abbr = ABBR[type_]
-    params = [(n, p) for n, p in model.named_parameters()
-              if f'.{abbr}.' in n]
+    attention = set(model.attention_tensor_names())
+    params = [(n, p) for n, p in model.named_parameters() if n in attention]
+    if type_ == 'GEResNet':  # GE-theta-minus has no parameters
+        assert params == [] and len(model.layer1[0].ge.state_dict()) == 0
+        return
     assert params
     for name, p in params:
         assert p.grad is not None, name

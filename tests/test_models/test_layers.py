@@ -88,7 +88,8 @@ def test_gc_is_mmcv_context_block_ratio_sixteen():
 
 
 def test_unknown_attention_name_raises_value_error():
-    with pytest.raises(ValueError, match="one of \\['gc', 'prm', 'se'\\]"):
+    with pytest.raises(ValueError, match="one of \\['bam', 'cbam', 'gc', "
+                       "'ge', 'prm', 'se', 'sge'\\]"):
         build_attention('eca', 64)
 
 

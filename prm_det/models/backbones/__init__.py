@@ -1,8 +1,12 @@
 from .attention_mobilenet_v2 import AttentionMobileNetV2, PRMMobileNetV2
-from .attention_resnet import (AttentionResNet, GCResNet, PluginBasicBlock,
-                               PRMResNet, SEResNet)
+from .attention_resnet import (AttentionResNet, BAMResNet, CBAMResNet,
+                               GCResNet, GEResNet, NLResNet, PluginBasicBlock,
+                               PRMResNet, SEResNet, SGEResNet)
+from .sk_resnet import SKResNet
 
 __all__ = [
-    'AttentionResNet', 'PRMResNet', 'SEResNet', 'GCResNet', 'PluginBasicBlock',
+    'AttentionResNet', 'PRMResNet', 'SEResNet', 'GCResNet', 'GEResNet',
+    'SGEResNet', 'CBAMResNet', 'BAMResNet', 'SKResNet', 'NLResNet',
+    'PluginBasicBlock',
     'AttentionMobileNetV2', 'PRMMobileNetV2'
 ]

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 
+from mmdet.registry import MODELS
+
 from ...private_apis import HOOK_KINDS, hooks_on
 from ..layers.factory import AttentionSpec, attention_cfg
 from ..registry import register_model
@@ -136,14 +138,34 @@ class AttentionBottleneck(Bottleneck):
 
 
 def _plugin_names(block) -> list:
-    """The names of a residual block's plugin modules (the attention and
-    any extra ``plugins``)."""
+    """The names of a residual block's attention modules: its plugins (the
+    attention and any extra ``plugins``) and the blocks' own attention
+    units (SK's ``sk``)."""
+    own = list(getattr(block, 'attention_unit_names', ()))
     if isinstance(block, PluginBasicBlock):
-        return list(block.plugin_names)
+        return own + list(block.plugin_names)
     if not block.with_plugins:
-        return []
-    return (block.after_conv1_plugin_names + block.after_conv2_plugin_names
-            + block.after_conv3_plugin_names)
+        return own
+    return own + (block.after_conv1_plugin_names +
+                  block.after_conv2_plugin_names +
+                  block.after_conv3_plugin_names)
+
+
+STAGE_POSITIONS = ('after_stage', 'before_last_block')
+
+
+def _check_flags(option: str, flags, num_stages: int, example) -> tuple:
+    """``flags`` as a tuple of bools, one per stage, or a ValueError naming
+    ``option`` and an example that would work."""
+    # a string is a sequence too: 'FFFF' would be four True flags
+    if (not isinstance(flags, (list, tuple)) or len(flags) != num_stages
+            or not all(isinstance(s, (bool, int)) and s in (0, 1)
+                       for s in flags)):
+        raise ValueError(
+            f'{option} needs one flag per stage ({num_stages} for '
+            f'num_stages={num_stages}), a tuple of True/False such as '
+            f'{example}; got {flags!r}')
+    return tuple(bool(s) for s in flags)
 
 
 @register_model
@@ -186,11 +208,13 @@ class AttentionResNet(CheckedPretrainedMixin, ResNet):
     }
     default_attention: AttentionSpec = None
     default_stages: Optional[Sequence[bool]] = None  # None: every stage
+    default_stage_attention: Optional[dict] = None
 
     def __init__(self,
                  depth: int,
                  attention: AttentionSpec = None,
                  attention_stages: Optional[Sequence[bool]] = None,
+                 stage_attention: Optional[dict] = None,
                  plugins: Optional[list] = None,
                  **kwargs) -> None:
         if depth not in self.arch_settings:
@@ -199,18 +223,12 @@ class AttentionResNet(CheckedPretrainedMixin, ResNet):
         num_stages = kwargs.get('num_stages', 4)
         if attention_stages is None:
             attention_stages = self.default_stages or (True, ) * num_stages
-        # a string is a sequence too: 'FFFF' would be four True flags
-        if (not isinstance(attention_stages, (list, tuple))
-                or len(attention_stages) != num_stages or not all(
-                    isinstance(s, (bool, int)) and s in (0, 1)
-                    for s in attention_stages)):
-            raise ValueError(
-                f'attention_stages needs one flag per stage ({num_stages} '
-                f'for num_stages={num_stages}), a tuple of True/False such '
-                f'as {(False, ) + (True, ) * (num_stages - 1)}; got '
-                f'{attention_stages!r}')
-        attention_stages = tuple(bool(s) for s in attention_stages)
+        attention_stages = _check_flags(
+            'attention_stages', attention_stages, num_stages,
+            (False, ) + (True, ) * (num_stages - 1))
         cfg = attention_cfg(attention, self.default_attention)
+        stage_attention = self._stage_attention_cfg(stage_attention,
+                                                    num_stages)
 
         plugins = list(plugins or [])
         if cfg is not None:
@@ -220,22 +238,127 @@ class AttentionResNet(CheckedPretrainedMixin, ResNet):
         super().__init__(depth, plugins=plugins or None, **kwargs)
         self.attention = cfg
         self.attention_stages = attention_stages
+        self.stage_attention = stage_attention
+        self.stage_attention_names = self._make_stage_attention()
 
         # mmdet's ResNet zero-inits the last norm of its own blocks only (an
         # identity check on the block class); do the same for ours.
         if (self.zero_init_residual and kwargs.get('init_cfg') is None
                 and kwargs.get('pretrained') is None):
-            last_norm = 'norm2' if self.block is PluginBasicBlock else 'norm3'
+            last_norm = ('norm2' if issubclass(self.block, PluginBasicBlock)
+                         else 'norm3')
             for name in self.res_layers:
                 for block in getattr(self, name):
                     block.init_cfg = dict(
                         type='Constant', val=0, override=dict(name=last_norm))
 
 
+    def _stage_attention_cfg(self, stage_attention: Optional[dict],
+                             num_stages: int) -> Optional[dict]:
+        """``stage_attention`` (or the class default, updated by a dict
+        without ``cfg``) checked: ``cfg`` (a module config, ``in_channels``
+        filled in), ``stages`` (one flag per stage) and ``position``
+        ('after_stage': on the stage's output, as BAM; 'before_last_block':
+        on the input of the stage's last block, as the non-local paper's
+        detection models)."""
+        base = self.default_stage_attention
+        if stage_attention is None:
+            stage_attention = base
+        elif base is not None and 'cfg' not in stage_attention:
+            stage_attention = {**base, **stage_attention}
+        if stage_attention is None:
+            return None
+        unknown = set(stage_attention) - {'cfg', 'stages', 'position'}
+        if unknown or 'cfg' not in stage_attention:
+            raise ValueError(
+                f'stage_attention takes cfg (a module config), stages (one '
+                f'flag per stage) and position {STAGE_POSITIONS}; got '
+                f'{stage_attention!r}')
+        position = stage_attention.get('position', 'after_stage')
+        if position not in STAGE_POSITIONS:
+            raise ValueError(f'stage_attention.position must be one of '
+                             f'{STAGE_POSITIONS}, got {position!r}')
+        default_flags = (True, ) * (num_stages - 1) + (False, )
+        flags = _check_flags(
+            f'stage_attention.stages (num_stages={num_stages}: '
+            f"{stage_attention['cfg'].get('type')} needs one flag for each "
+            f'of the stages it may follow)',
+            stage_attention.get('stages', default_flags), num_stages,
+            default_flags)
+        return dict(cfg=dict(stage_attention['cfg']), stages=flags,
+                    position=position)
+
+    def _make_stage_attention(self) -> dict:
+        """Build the stage attention modules: ``{stage index: name}``, each
+        module an attribute named after its ``_abbr_`` and its stage
+        (``bam1``: after stage 1, as the official BAM-ResNet's names)."""
+        if self.stage_attention is None:
+            return {}
+        names = {}
+        cfg = self.stage_attention['cfg']
+        for i, flag in enumerate(self.stage_attention['stages']):
+            if not flag:
+                continue
+            # a stage's output width, also its last block's input width
+            channels = self.base_channels * 2**i * self.block.expansion
+            module = MODELS.build(dict(cfg, in_channels=channels))
+            name = f"{getattr(module, '_abbr_', 'stage_attention')}{i + 1}"
+            self.add_module(name, module)
+            names[i] = name
+        self._freeze_stages()  # the new modules of frozen stages too
+        return names
+
+    def _freeze_stages(self):
+        super()._freeze_stages()
+        for i, name in getattr(self, 'stage_attention_names', {}).items():
+            if i < self.frozen_stages:
+                module = getattr(self, name)
+                module.eval()
+                for param in module.parameters():
+                    param.requires_grad = False
+
+    def forward(self, x):
+        if not self.stage_attention_names:
+            return super().forward(x)
+        # mmdet's ResNet.forward, with the stage attention
+        if self.deep_stem:
+            x = self.stem(x)
+        else:
+            x = self.relu(self.norm1(self.conv1(x)))
+        x = self.maxpool(x)
+        outs = []
+        before_last = (self.stage_attention['position'] ==
+                       'before_last_block')
+        for i, layer_name in enumerate(self.res_layers):
+            res_layer = getattr(self, layer_name)
+            name = self.stage_attention_names.get(i)
+            if name is None:
+                x = res_layer(x)
+            elif before_last:
+                *blocks, last = res_layer  # (slicing would build a ResLayer)
+                for block in blocks:
+                    x = block(x)
+                x = last(self._stage_attention(name, x))
+            else:
+                x = self._stage_attention(name, res_layer(x))
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+    def _stage_attention(self, name: str, x):
+        """The stage attention ``name`` on ``x``; an empty batch (a
+        sampler's last) passes as it is, since mmcv's NonLocal2d cannot
+        reshape one."""
+        if x.shape[0] == 0:
+            return x
+        return getattr(self, name)(x)
+
     def attention_tensor_names(self) -> list:
-        """State-dict names of the blocks' plugin modules' tensors (what
-        an ImageNet ResNet checkpoint lacks)."""
-        names = []
+        """State-dict names of the attention modules' tensors (what an
+        ImageNet ResNet checkpoint lacks)."""
+        names = [f'{name}.{key}'
+                 for name in self.stage_attention_names.values()
+                 for key in getattr(self, name).state_dict()]
         for layer_name in self.res_layers:
             for index, block in enumerate(getattr(self, layer_name)):
                 for plugin in _plugin_names(block):
@@ -262,3 +385,46 @@ class GCResNet(AttentionResNet):
     """ResNet with GCNet's global context block (r=16) in stages c3-c5."""
     default_attention = 'gc'
     default_stages = (False, True, True, True)
+
+
+@register_model
+class GEResNet(AttentionResNet):
+    """ResNet with parameter-free gather-excite (GE-theta-minus, global
+    extent) in every block, all stages: the PRM paper's GE-ResNet50."""
+    default_attention = 'ge'
+
+
+@register_model
+class SGEResNet(AttentionResNet):
+    """ResNet with spatial group-wise enhance (64 groups) in every block,
+    all stages, as PytorchInsight's SGE-ResNet."""
+    default_attention = 'sge'
+
+
+@register_model
+class CBAMResNet(AttentionResNet):
+    """ResNet with CBAM (r=16, 7x7 spatial gate) in every block, all
+    stages, as attention-module's ResNet + CBAM."""
+    default_attention = 'cbam'
+
+
+@register_model
+class BAMResNet(AttentionResNet):
+    """ResNet with BAM (r=16, dilation 4) on the outputs of stages 1-3, as
+    attention-module's ResNet + BAM (names ``bam1``-``bam3``); no
+    attention inside the blocks. ``stage_attention=dict(cfg=dict(
+    type='BAM', combine='add'))`` gives the paper's sum of branches."""
+    default_stage_attention = dict(cfg=dict(type='BAM'),
+                                   stages=(True, True, True, False),
+                                   position='after_stage')
+
+
+@register_model
+class NLResNet(AttentionResNet):
+    """ResNet with one of mmcv's ``NonLocal2d`` (embedded Gaussian,
+    reduction 2, zero-initialized output) on the input of stage c4's last
+    block: the non-local paper's placement for COCO detection (Wang et
+    al., CVPR 2018, one block before the last residual block of res4)."""
+    default_stage_attention = dict(cfg=dict(type='NonLocal2d'),
+                                   stages=(False, False, True, False),
+                                   position='before_last_block')

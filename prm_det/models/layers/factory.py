@@ -1,7 +1,7 @@
 """One factory from a short name or a config dict to an attention module."""
 from typing import Optional, Union
 
-from mmcv.cnn import ContextBlock  # noqa: F401  (registers ContextBlock)
+from mmcv.cnn import ContextBlock, NonLocal2d  # noqa: F401  (registers them)
 from mmdet.registry import MODELS
 from torch import nn
 
@@ -12,6 +12,10 @@ ATTENTION_TYPES = {
     'se': dict(type='SE'),
     'gc': dict(type='ContextBlock', ratio=1. / 16, pooling_type='att',
                fusion_types=('channel_add', )),
+    'ge': dict(type='GE'),
+    'sge': dict(type='SGE'),
+    'cbam': dict(type='CBAM'),
+    'bam': dict(type='BAM'),
 }
 
 AttentionSpec = Optional[Union[str, dict]]
@@ -21,7 +25,7 @@ def attention_cfg(attention: AttentionSpec,
                   default: AttentionSpec = None) -> Optional[dict]:
     """Resolve ``attention`` to a config dict (without ``in_channels``).
 
-    ``attention`` is a short name ('prm', 'se', 'gc'), a config dict, or None
+    ``attention`` is a short name (``ATTENTION_TYPES``), a config dict, or None
     for ``default``. A dict without ``type`` updates the default's options,
     e.g. ``dict(groups=32)`` for a PRM backbone.
     """

@@ -1,0 +1,84 @@
+"""Spatial Group-wise Enhance (SGE) as an MMDetection plugin.
+
+Li, Hu & Yang, "Spatial Group-wise Enhance: Improving Semantic Feature
+Learning in Convolutional Networks", 2019. https://arxiv.org/abs/1905.09646
+Official code: PytorchInsight, classification/models/imagenet/resnet_sge.py,
+``SpatialGroupEnhance``.
+
+Per group of ``in_channels // groups`` channels: the similarity of every
+position's feature vector with the group's spatial mean, normalized over the
+positions (minus the mean, divided by the unbiased standard deviation plus
+1e-5), scaled and shifted by the group's ``weight`` and ``bias``, through a
+sigmoid, multiplies the group's channels. It is PRM's global-context branch
+alone (PRM's lambda and xi, same initial values: a fresh SGE gates every
+position at sigmoid(1)).
+
+Where the official code has no defined result, the rule is PRM's
+(:func:`prm_det.ops.reference.normalize_over_positions`): a map of one
+position normalizes to 0 (the official unbiased std of one value is NaN)
+and a constant map to 0 with a zero gradient. The statistics are computed in
+float32 at least, so float16/bfloat16 maps (autocast) cannot overflow in
+the squared deviations; the output has the input's dtype.
+"""
+import torch
+from torch import Tensor, nn
+
+from prm_det.ops.reference import NORM_EPS, normalize_over_positions
+
+from ..registry import register_model
+
+
+def sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
+    """SGE's gate for ``x`` [b, c, h, w]: [b, groups, h, w], one per
+    (sample, group, position), in float32 at least."""
+    b, c, h, w = x.shape
+    stats = x.to(torch.promote_types(x.dtype, torch.float32))
+    stats = stats.reshape(b, groups, c // groups, h * w)
+    context = stats.mean(-1, keepdim=True)                 # [b, g, c/g, 1]
+    similarity = (stats * context).sum(2)                  # [b, g, hw]
+    normalized = normalize_over_positions(similarity, NORM_EPS)
+    gate = torch.sigmoid(normalized * weight.reshape(1, groups, 1) +
+                         bias.reshape(1, groups, 1))
+    return gate.reshape(b, groups, h, w)
+
+
+@register_model
+class SGE(nn.Module):
+    """Spatial Group-wise Enhance with ``in_channels`` first.
+
+    Parameter names, shapes and initial values are the official code's
+    (``weight`` zeros [1, g, 1, 1], ``bias`` ones [1, g, 1, 1]), so its
+    checkpoints load without renaming.
+
+    Args:
+        in_channels (int): Channels of the input feature map.
+        groups (int): Number of groups, each a contiguous block of
+            ``in_channels // groups`` channels. Defaults to 64.
+    """
+
+    _abbr_ = 'sge'
+
+    def __init__(self, in_channels: int, groups: int = 64) -> None:
+        super().__init__()
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f'SGE: groups must be a positive int, got '
+                             f'{groups!r}')
+        if in_channels % groups:
+            raise ValueError(
+                f'SGE: in_channels={in_channels} is not divisible by '
+                f'groups={groups}; use a divisor of {in_channels} (for a '
+                f'backbone: attention=dict(groups=...))')
+        self.in_channels = in_channels
+        self.groups = groups
+        self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1))
+        self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        gate = sge_gate(x, self.weight, self.bias, self.groups)
+        gated = x.reshape(b, self.groups, c // self.groups, h, w) * \
+            gate.to(x.dtype)[:, :, None]                   # [b, g, c/g, h, w]
+        return gated.reshape(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f'in_channels={self.in_channels}, groups={self.groups}'
