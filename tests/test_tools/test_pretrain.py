@@ -7,8 +7,10 @@ configs/retinanet_prm_r50.py through prm_det's tools/train.py with every
 backbone tensor loaded and equal; a wrong prefix stops before training.
 """
 import importlib.util
+import os
 import os.path as osp
 import re
+import shlex
 import subprocess
 import sys
 
@@ -75,6 +77,48 @@ def trained(folders, tmp_path_factory):
                     '--work-dir', work] + classifier_options(folders), work)
         runs[name] = (work, ok(proc))
     return runs
+
+
+def docs_block(section='## Single node, multi-node'):
+    """The lines of the first ``bash`` block of docs/pretrain.md's
+    ``section``."""
+    with open(osp.join(REPO, 'docs', 'pretrain.md')) as f:
+        text = f.read()
+    block = re.search(r'```bash\n(.*?)```', text.split(section, 1)[1], re.S)
+    return text, block.group(1).splitlines()
+
+
+def test_the_docs_lead_with_mmpretrains_train_py_and_it_trains(
+        folders, tmp_path):
+    """docs/pretrain.md's leading commands work in ``make setup``'s
+    environment (no mim there): run as written, from the checkout with the
+    environment's python first on the PATH, the training shrunk by options
+    appended to its command line (one epoch on the generated set); the
+    scripts the other commands name are where the first one points; mim
+    is the alternative, with its install."""
+    text, lines = docs_block()
+    commands = [line for line in lines
+                if line.strip() and not line.lstrip().startswith('#')]
+    tools, train = commands[:2]
+    assert tools.startswith('MMPRETRAIN_TOOLS=$(python -c '), commands
+    assert train.startswith('python $MMPRETRAIN_TOOLS/train.py '
+                            'configs/pretrain/'), commands
+    assert re.search(r'pip install\s+openmim', text)  # mim: installed first
+    named = sorted(set(re.findall(r'\$MMPRETRAIN_TOOLS/(\S+)', '\n'.join(
+        lines))))
+    assert named == ['dist_train.sh', 'train.py']
+    work = tmp_path / 'work'
+    script = '\n'.join(
+        ['set -e', tools] +
+        [f'test -f "$MMPRETRAIN_TOOLS/{name}"' for name in named] +
+        [train + ' ' + shlex.join(['--work-dir', str(work)] +
+                                  classifier_options(folders, epochs=1))])
+    env = outside_env()
+    env['PATH'] = osp.dirname(sys.executable) + os.pathsep + env['PATH']
+    log = ok(subprocess.run(['bash', '-c', script], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900))
+    assert len(re.findall(r'accuracy/top1: ([\d.]+)', log)) == 1, log[-3000:]
+    assert (work / 'epoch_1.pth').is_file()
 
 
 @pytest.mark.parametrize('name', CLASSIFIERS)
