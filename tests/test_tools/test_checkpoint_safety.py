@@ -17,7 +17,8 @@ import pytest
 import torch
 from mmdet.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
-from tool_runs import REPO, RETINA, tiny_options, tool_env, tool_module
+from tool_runs import (REPO, RETINA, outside_env, tiny_options, tool_env,
+                       tool_module)
 
 from prm_det.engine.checkpoints.reading import (TRUST_ENV, IncompleteCheckpoint,
                                        NotACheckpoint, UntrustedCheckpoint,
@@ -176,6 +177,76 @@ def test_the_tools_refuse_the_payload(evil, tiny_data, tmp_path):
         assert 'Traceback' not in err, (name, err[-2000:])
         assert 'COCO box AP' not in out
     assert not osp.exists(marker)
+
+
+def other_tool_runs(path, folder):
+    """The tools besides train.py and test.py that load a checkpoint, each
+    on ``path``, as a user runs them from ``folder``: (command line, what
+    it would write)."""
+    import cv2
+    cv2.imwrite(str(folder / 'image.png'), np.full((64, 80, 3), 90,
+                                                    np.uint8))
+    config = osp.join(REPO, RETINA)
+    return {
+        'vis_prm.py': ([osp.join('analysis_tools', 'vis_prm.py'), config,
+                        path, 'image.png', '--out-dir', 'vis'], 'vis'),
+        'export_onnx.py': ([osp.join('deployment', 'export_onnx.py'), config,
+                            path, '--shape', '64', '64', '--out',
+                            'x.onnx'], 'x.onnx'),
+        'seresnet2prm_det.py': ([osp.join('model_converters',
+                                          'seresnet2prm_det.py'), path,
+                                 'converted.pth'], 'converted.pth'),
+    }
+
+
+@pytest.mark.slow
+def test_the_other_tools_refuse_the_payload_in_one_error_line(
+        evil, tmp_path):
+    """vis_prm.py, export_onnx.py and the SE-ResNet converter, run from a
+    folder outside the checkout (no PYTHONPATH, side by side): one
+    ``error:`` line naming the file, what it holds and the opt-in, no
+    traceback, a non-zero exit, nothing run and nothing written."""
+    path, marker = evil
+    user = tmp_path / 'user'
+    user.mkdir()
+    env = outside_env(OMP_NUM_THREADS='1')  # three at once on two cores
+    env.pop(TRUST_ENV, None)
+    procs = {}
+    for name, (args, _) in other_tool_runs(path, user).items():
+        procs[name] = subprocess.Popen(
+            [sys.executable, osp.join(REPO, 'tools', args[0])] + args[1:],
+            cwd=str(user), env=env, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0, (name, out[-2000:])
+        assert 'Traceback' not in err, (name, err[-3000:])
+        errors = [line for line in err.splitlines() if 'error:' in line]
+        assert len(errors) == 1, (name, err[-3000:])
+        assert errors[0].startswith(('error: ', '[vis_prm] error: ',
+                                     '[convert] error: ')), errors
+        assert_refused(errors[0], path)
+    for name, (_, written) in other_tool_runs(path, user).items():
+        assert not osp.exists(user / written), name
+    assert not osp.exists(marker)
+
+
+@pytest.mark.parametrize('tool, args', [
+    ('analysis_tools/vis_prm.py', ['image.png', '--out-dir', 'vis']),
+    ('deployment/export_onnx.py', ['--shape', '64', '64', '--out', 'x.onnx']),
+])
+def test_trust_checkpoint_is_the_opt_in_of_vis_prm_and_export_onnx(
+        tool, args, evil, monkeypatch):
+    path, marker = evil
+    monkeypatch.setenv(TRUST_ENV, '0')  # restored after the test
+    module = tool_module(tool)
+    module.parse_args([RETINA, path] + args)
+    with pytest.raises(UntrustedCheckpoint) as info:
+        CheckpointLoader.load_checkpoint(path)
+    assert osp.basename(tool) in str(info.value)  # the message names it
+    module.parse_args([RETINA, path] + args + ['--trust-checkpoint'])
+    CheckpointLoader.load_checkpoint(path)
+    assert osp.exists(marker)
 
 
 @pytest.fixture(scope='module')

@@ -3,7 +3,7 @@ points, positional masks and attention, for a trained detector.
 
     python tools/analysis_tools/vis_prm.py CONFIG CHECKPOINT IMAGE
         --out-dir DIR [--blocks layer1.2 layer4.2 ...] [--device cpu]
-        [--cfg-options k=v ...]
+        [--trust-checkpoint] [--cfg-options k=v ...]
 
 For each chosen block (default: the last block of every stage that has a
 PRM) it writes, each the image's size pixel for pixel under a title (and
@@ -297,6 +297,8 @@ def write_grid(rows: List[dict], image_rgb: np.ndarray, meta: dict,
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
+    from prm_det.engine import TRUST_ENV
     parser = argparse.ArgumentParser(
         description='Draw PRM query points, position weights and gates')
     parser.add_argument('config', help='config file')
@@ -308,16 +310,25 @@ def parse_args(argv=None):
                         help='backbone blocks such as layer3.5 (default: the '
                         'last PRM block of each stage)')
     parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
+    parser.add_argument(
+        '--trust-checkpoint', action='store_true',
+        help='load the checkpoint with full pickle, which can run code: only '
+        'for a file you trust. Without it, it loads as tensors and the types '
+        f'mmengine\'s Runner writes. Same as {TRUST_ENV}=1.')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.trust_checkpoint:
+        os.environ[TRUST_ENV] = '1'
+    return args
 
 
 def main(argv=None) -> List[dict]:
     from mmdet.apis import init_detector
 
-    from prm_det.engine import (ConfigLoaderUnavailable, install_safe_loading,
-                                load_config_file)
+    from prm_det.engine import (ChecksumMismatch, ConfigLoaderUnavailable,
+                                UnusableCheckpoint, UntrustedCheckpoint,
+                                install_safe_loading, load_config_file)
     install_safe_loading()  # the checkpoint loads as data
     args = parse_args(argv)
     from prm_det.engine import local_file_missing
@@ -328,8 +339,12 @@ def main(argv=None) -> List[dict]:
         cfg = load_config_file(args.config)
     except ConfigLoaderUnavailable as error:
         sys.exit(f'[vis_prm] error: {error}')
-    model = init_detector(cfg, args.checkpoint, device=args.device,
-                          cfg_options=args.cfg_options)
+    try:
+        model = init_detector(cfg, args.checkpoint, device=args.device,
+                              cfg_options=args.cfg_options)
+    except (UntrustedCheckpoint, UnusableCheckpoint, ChecksumMismatch,
+            FileNotFoundError) as error:  # as tools/test.py's checkpoint
+        sys.exit(f'[vis_prm] error: {error}')
     rows = visualize(model, args.image, args.out_dir, args.blocks)
     for row in rows:
         print(f'[vis_prm] {row["block"]}: {len(row["query_xy"])} query '

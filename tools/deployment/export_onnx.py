@@ -3,13 +3,15 @@ onnxruntime.
 
     python tools/deployment/export_onnx.py CONFIG [CHECKPOINT] --shape H W
         --out FILE [--dynamo] [--opset N] [--check-shape H W ...]
-        [--cfg-options k=v ...]
+        [--trust-checkpoint] [--cfg-options k=v ...]
 
 Builds the config's model (mmdet conventions: mmengine Config,
 ``custom_imports``, ``--cfg-options``), loads CHECKPOINT with mmengine's
-``load_checkpoint`` (without one the weights are random: a check of the
-graph, not a model to deploy), and exports ``backbone`` + ``neck`` (the
-features the heads read) with ``torch.onnx.export``:
+``load_checkpoint`` (as data unless ``--trust-checkpoint``: a file that
+could run code is refused with one ``error:`` line; without a checkpoint
+the weights are random: a check of the graph, not a model to deploy), and
+exports ``backbone`` + ``neck`` (the features the heads read) with
+``torch.onnx.export``:
 
 * input ``image`` [1, 3, H, W], the preprocessed image (the config's
   ``data_preprocessor``: mean/std normalization, channel order, padding to
@@ -48,7 +50,9 @@ if osp.isdir(osp.join(_ROOT, 'prm_det')):
 from mmengine.config import DictAction  # noqa: E402
 
 import prm_det  # noqa: E402,F401  (registers the backbones)
-from prm_det.engine import ConfigLoaderUnavailable  # noqa: E402
+from prm_det.engine import (TRUST_ENV, ChecksumMismatch,  # noqa: E402
+                            ConfigLoaderUnavailable, UnusableCheckpoint,
+                            UntrustedCheckpoint)
 from prm_det.deployment import (BackboneNeck, check_onnx,  # noqa: E402
                                 export_onnx, missing_export_modules)
 
@@ -79,10 +83,18 @@ def parse_args(argv: Optional[List[str]] = None):
                         help='largest relative error accepted (default '
                         '1e-4)')
     parser.add_argument(
+        '--trust-checkpoint', action='store_true',
+        help='load the checkpoint with full pickle, which can run code: only '
+        'for a file you trust. Without it, it loads as tensors and the types '
+        f'mmengine\'s Runner writes. Same as {TRUST_ENV}=1.')
+    parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override some settings in the used config, the key-value pair '
         'in xxx=yyy format will be merged into config file.')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.trust_checkpoint:
+        os.environ[TRUST_ENV] = '1'
+    return args
 
 
 def build_detector(config: str, checkpoint: Optional[str],
@@ -138,8 +150,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     try:
         cfg, detector = build_detector(args.config, args.checkpoint,
                                        args.cfg_options)
-    except (FileNotFoundError, ConfigLoaderUnavailable) as error:
-        raise SystemExit(f'error: {error}')
+    except (FileNotFoundError, ConfigLoaderUnavailable, UntrustedCheckpoint,
+            UnusableCheckpoint, ChecksumMismatch) as error:
+        raise SystemExit(f'error: {error}')  # as tools/test.py's checkpoint
     model = BackboneNeck(detector.backbone, getattr(detector, 'neck', None))
     model.eval()
     height, width = args.shape

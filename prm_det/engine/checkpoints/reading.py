@@ -9,9 +9,10 @@ the types mmengine's Runner writes (:func:`runner_checkpoint_globals`: the
 message hub's ``HistoryBuffer``). Anything else is refused with
 :class:`UntrustedCheckpoint`, which names the file, what it holds that is
 not allowed, and the opt-in for files the user trusts: ``--trust-checkpoint``
-on ``tools/train.py`` and ``tools/test.py``, or ``PRM_DET_TRUST_CHECKPOINTS=1``
-in the environment. Nothing is trusted by default. A
-file that is not a checkpoint at all, or is damaged, is named and said to
+on ``tools/train.py``, ``tools/test.py``, ``vis_prm.py`` and
+``export_onnx.py``, or ``PRM_DET_TRUST_CHECKPOINTS=1`` in the environment
+(every tool, the model converter included). Nothing is trusted by default.
+A file that is not a checkpoint at all, or is damaged, is named and said to
 be so (:class:`NotACheckpoint`, :class:`IncompleteCheckpoint`).
 
 **Remote files.** mmengine's ``http(s)://``, ``torchvision://``,
@@ -49,8 +50,9 @@ from mmengine.logging import HistoryBuffer
 from ...private_apis import history_buffer_statistics
 
 TRUST_ENV = 'PRM_DET_TRUST_CHECKPOINTS'
-TRUST_HINT = (f'--trust-checkpoint (tools/train.py, tools/test.py) or '
-              f'{TRUST_ENV}=1 in the environment')
+TRUST_HINT = (f'--trust-checkpoint (tools/train.py, tools/test.py, '
+              f'vis_prm.py, export_onnx.py) or {TRUST_ENV}=1 in the '
+              f'environment')
 
 
 class UntrustedCheckpoint(pickle.UnpicklingError):
