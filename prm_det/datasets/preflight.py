@@ -297,9 +297,13 @@ def _coco_problems(cfg: Config, loader: str, ds: dict, ann_path: str,
             f'({_first(list(classes))}) is among its categories '
             f'({_first(sorted(map(str, names)))}) {where}')
     if img_path:
-        missing = _missing_images(coco, ann_path, img_path, loader)
+        outside = _images_outside(coco, _data_root(ds, img_path), img_path)
+        if outside:
+            problems += _outside_message(coco, outside, ann_path, ds,
+                                         img_path, loader)
+        missing = _missing_images(coco, ann_path, img_path, loader, outside)
         problems += missing or _unreadable_images(coco, ann_path, img_path,
-                                                  loader)
+                                                  loader, outside)
     annotations = coco.get('annotations') or []
     malformed = [a.get('id') if isinstance(a, dict) else a
                  for a in annotations
@@ -404,13 +408,74 @@ def _warn_dropped(coco: dict, reading: MmdetReading, classes: tuple,
                   level=logging.WARNING)
 
 
+def _listed_images(coco: dict) -> list:
+    """The ``file_name`` of every image the annotation file lists."""
+    return [im.get('file_name', '') for im in coco['images']
+            if isinstance(im, dict)]
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or under it, by their absolute,
+    normalized names (``..`` resolved, symbolic links not followed: a link
+    the user made in the data folder is theirs to make)."""
+    path, folder = osp.abspath(path), osp.abspath(folder)
+    return osp.commonpath([path, folder]) == folder
+
+
+def _data_root(ds: dict, img_path: str) -> str:
+    """The folder every image of the dataset must be in: its ``data_root``
+    when the image folder is under it (mmdet joins them), else the image
+    folder itself (an absolute ``data_prefix.img`` elsewhere)."""
+    root = ds.get('data_root') or ''
+    return root if _local(root) and _within(img_path, root) else img_path
+
+
+def _leaves(name: str, img_path: str, root: str) -> bool:
+    """Whether the image ``name`` (a file_name, joined to ``img_path`` as
+    mmdet joins it) is outside ``root``, decided without opening anything:
+    an absolute name or one whose ``..`` climbs out, by the names; one with
+    ``..`` that stays in by its name, also as the system resolves it (a
+    ``..`` after a symbolic link to a folder leaves from where the link
+    points). A name without ``..`` goes down from the image folder: the
+    links it meets there are the user's own, followed as the dataloader
+    follows them."""
+    path = osp.join(img_path, name)
+    if not _within(path, root):
+        return True
+    return '..' in re.split(r'[\\/]', name) and not _within(
+        osp.realpath(path), osp.realpath(root))
+
+
+def _images_outside(coco: dict, root: str, img_path: str) -> List[str]:
+    """The file names that lead out of ``root`` (:func:`_leaves`), found
+    before any image is opened, so that an annotation file cannot make the
+    checks read a file of the machine's (and show its first bytes)."""
+    return [name for name in _listed_images(coco)
+            if isinstance(name, str) and _leaves(name, img_path, root)]
+
+
+def _outside_message(coco: dict, outside: List[str], ann_path: str,
+                     ds: dict, img_path: str, loader: str) -> List[str]:
+    """The images whose file_name leaves the data root, one line each."""
+    root = osp.abspath(_data_root(ds, img_path))
+    return [f'{ann_path} lists {len(_listed_images(coco))} images; the '
+            f'file_name of {len(outside)} of them leads outside the data '
+            f'root {root} (not opened): give each a file_name under the '
+            f'image folder {img_path} ({loader}.dataset.data_prefix):'] + [
+                f'  {name}: outside the data root (it names '
+                f'{osp.normpath(osp.join(img_path, name))})'
+                for name in outside]
+
+
 def _unreadable_images(coco: dict, ann_path: str, img_path: str,
-                       loader: str) -> List[str]:
+                       loader: str, outside: List[str] = ()) -> List[str]:
     """Every image the annotation file lists that training could not read
-    (:func:`~prm_det.datasets.image_checks.image_problem`), one line each."""
-    files = [im.get('file_name', '') for im in coco['images']
-             if isinstance(im, dict)]
-    bad = bad_images(osp.join(img_path, name) for name in files)
+    (:func:`~prm_det.datasets.image_checks.image_problem`), one line each;
+    those ``outside`` the data root are not opened."""
+    files = _listed_images(coco)
+    skip = set(outside)
+    bad = bad_images(osp.join(img_path, name) for name in files
+                     if name not in skip)
     if not bad:
         return []
     return [f'{ann_path} lists {len(files)} images; {len(bad)} of them '
@@ -424,13 +489,15 @@ def _first(items: list, count: int = 5) -> str:
 
 
 def _missing_images(coco: dict, ann_path: str, img_path: str,
-                    loader: str) -> List[str]:
+                    loader: str, outside: List[str] = ()) -> List[str]:
     """The images the annotation file lists that are not in the folder (one
-    directory listing, not a file check per image)."""
+    directory listing, not a file check per image); those ``outside`` the
+    data root are not looked for."""
     present = set(os.listdir(img_path))
-    files = [im.get('file_name', '') for im in coco['images']
-             if isinstance(im, dict)]
-    missing = [name for name in files if name not in present and not
+    files = _listed_images(coco)
+    skip = set(outside)
+    missing = [name for name in files if name not in present and
+               name not in skip and not
                ('/' in name and osp.isfile(osp.join(img_path, name)))]
     if not missing:
         return []
@@ -444,8 +511,9 @@ def invalid_dataset_files(cfg: Config, loaders: Iterable[str]) -> List[str]:
     """Problems with the COCO-format annotation files and image folders of
     the given dataloaders, which are all on disk: a file that is not JSON
     or not COCO, no images, no annotations (unless the evaluator only
-    formats results), no category the config names, images that are not in
-    the folder or that training could not read (each named), annotations
+    formats results), no category the config names, images whose file_name
+    leads out of the data root (named, never opened), images that are not
+    in the folder or that training could not read (each named), annotations
     mmdet's own loader refuses or fails on, no image left after the
     dataset's filter_cfg. The boxes mmdet drops, as its dataset class loads
     the file (:func:`read_as_mmdet`), are warned about, grouped by why.

@@ -509,3 +509,83 @@ def test_an_image_over_pillows_limit_but_within_opencvs_passes(
     assert image_problem(path) is None
     assert bad_images([path]) == []
     assert Image.MAX_IMAGE_PIXELS == limit
+
+
+def spy_on_opens(monkeypatch):
+    """Every file opened from here on, by Python's ``open`` or Pillow's
+    ``Image.open`` (what the image checks read headers with): a list of
+    the paths, filled as they are opened."""
+    import builtins
+
+    from PIL import Image
+    opened = []
+    real_open, real_image_open = builtins.open, Image.open
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    def spy_image_open(fp, *args, **kwargs):
+        opened.append(getattr(fp, 'name', fp))
+        return real_image_open(fp, *args, **kwargs)
+    monkeypatch.setattr(builtins, 'open', spy_open)
+    monkeypatch.setattr(Image, 'open', spy_image_open)
+    return opened
+
+
+def leave_the_data_root(data, tmp_path, escape):
+    """An image whose file_name leads to a file outside the data root
+    (``data``, its images in ``data/train/``): by ``../``, by an absolute
+    path, by a ``..`` after a link to a folder elsewhere (inside by its
+    name, outside as the system resolves it), and the issue's
+    ``../../../../etc/hostname`` with enough ``..`` to reach it from here.
+    Returns (the file_name, the file it names)."""
+    secret = tmp_path / 'secret.png'
+    if escape == 'link':  # data/train -> elsewhere/images
+        images = tmp_path / 'elsewhere' / 'images'
+        shutil.move(osp.join(data, 'train'), images)
+        os.symlink(images, osp.join(data, 'train'))
+        secret = tmp_path / 'elsewhere' / 'secret.png'
+    secret.write_bytes(b'SECRET of the machine, not an image')
+    name = {'relative': '../../secret.png', 'absolute': str(secret),
+            'link': '../secret.png',
+            'etc/hostname': '../' * 40 + 'etc/hostname'}[escape]
+    if escape == 'etc/hostname':
+        secret = '/etc/hostname'
+    edit_train_json(data, lambda coco: coco['images'][0].update(
+        file_name=name))
+    return name, str(secret)
+
+
+@pytest.mark.parametrize('escape', ['relative', 'absolute', 'link',
+                                    'etc/hostname'])
+def test_an_image_outside_the_data_root_is_named_and_never_opened(
+        data, tmp_path, monkeypatch, escape):
+    name, target = leave_the_data_root(data, tmp_path, escape)
+    cfg = load_config(osp.join(REPO, RETINA), {'data_root': data})
+    opened = spy_on_opens(monkeypatch)
+    with pytest.raises(DatasetInvalid) as info:
+        check_dataset_files(cfg, LOADERS)
+    monkeypatch.undo()
+    assert opened, 'the spy saw nothing: the check opens no file?'
+    assert not [path for path in opened if isinstance(path, (str, os.PathLike))
+                and osp.realpath(path) == osp.realpath(target)]
+    message = str(info.value)
+    assert (f'{train_json(data)} lists 8 images; the file_name of 1 of '
+            f'them leads outside the data root {osp.abspath(data)} (not '
+            f'opened)') in message, message
+    assert f'\n    {name}: outside the data root (it names ' in message
+    assert 'SECRET' not in message
+    assert 'cannot be read' not in message  # the other 7 are fine
+
+
+def test_a_file_name_with_dots_that_stays_in_the_data_root_passes(
+        data, monkeypatch):
+    """``..`` is not refused as such: one that stays under the data root
+    names an image there, which is checked as any other."""
+    edit_train_json(data, lambda coco: coco['images'][0].update(
+        file_name='../train/' + coco['images'][0]['file_name']))
+    opened = spy_on_opens(monkeypatch)
+    check(data)
+    monkeypatch.undo()
+    assert osp.join(data, 'train', '..', 'train', '000000.png') in opened
