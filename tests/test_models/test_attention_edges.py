@@ -197,9 +197,12 @@ def test_a_hook_on_the_attention_fires_and_sees_its_output(type_, abbr):
     assert len(seen) == 1 and seen[0].shape[1] in (32, 128)
 
 
-def test_frozen_stages_freeze_the_stage_attention_after_them():
+@pytest.mark.parametrize('train', [False, True])
+def test_frozen_stages_freeze_the_stage_attention_after_them(train):
+    """Frozen when built (what a parameter count sees) and in training."""
     model = tiny_backbone('BAMResNet', 50, frozen_stages=1, norm_eval=False)
-    model.train()
+    if train:
+        model.train()
     assert not any(p.requires_grad for p in model.bam1.parameters())
     assert not model.bam1.training
     assert all(p.requires_grad for p in model.bam2.parameters())

@@ -14,7 +14,11 @@ CONFIG_DIR = osp.join(osp.dirname(osp.dirname(osp.dirname(
 # configs/demo/ and its subfolders (two_stage/), less the shared parts (_*)
 CONFIGS = sorted(glob.glob(osp.join(CONFIG_DIR, '*.py')) + glob.glob(
     osp.join(CONFIG_DIR, 'demo', '**', '[!_]*.py'), recursive=True))
-EXPECTED_BACKBONE = {'prm': 'PRMResNet', 'se': 'SEResNet', 'gc': 'GCResNet'}
+EXPECTED_BACKBONE = {'prm': 'PRMResNet', 'se': 'SEResNet', 'gc': 'GCResNet',
+                     'ge': 'GEResNet', 'sge': 'SGEResNet',
+                     'cbam': 'CBAMResNet', 'bam': 'BAMResNet',
+                     'sk': 'SKResNet', 'nl': 'NLResNet'}
+NEW_R50 = ('ge_r50', 'sge_r50', 'cbam_r50', 'bam_r50', 'sk_r50', 'nl_r50')
 
 
 def expected_backbone(path):
@@ -38,7 +42,8 @@ def build_detector(path, **cfg_options):
 def test_there_are_the_configs_the_issue_lists():
     names = {osp.basename(p)[:-3] for p in CONFIGS}
     for det in ('retinanet', 'cascade_rcnn'):
-        for bb in ('r50', 'se_r50', 'gc_r50', 'prm_r50', 'prm_r101'):
+        for bb in ('r50', 'se_r50', 'gc_r50', 'prm_r50', 'prm_r101',
+                   *NEW_R50):
             assert f'{det}_{bb}' in names
 
 
@@ -71,11 +76,13 @@ def test_config_loads_builds_and_has_the_backbone_its_name_says(path):
 def test_demo_shapes_configs_differ_only_in_the_backbone():
     """configs/demo/*_shapes.py is the backbone comparison of
     tools/analysis_tools/compare_backbones.py: the PRM demo and the same
-    detector, recipe and schedule with mmdet's ResNet, SE and GC."""
+    detector, recipe and schedule with mmdet's ResNet and the eight other
+    attentions."""
     paths = sorted(glob.glob(osp.join(CONFIG_DIR, 'demo', '*_shapes.py')))
     assert [osp.basename(p) for p in paths] == [
-        'retinanet_gc_r18_shapes.py', 'retinanet_prm_r18_shapes.py',
-        'retinanet_r18_shapes.py', 'retinanet_se_r18_shapes.py']
+        f'retinanet_{a}r18_shapes.py' for a in (
+            'bam_', 'cbam_', 'gc_', 'ge_', 'nl_', 'prm_', '', 'se_', 'sge_',
+            'sk_')]
     prm = load_config(osp.join(CONFIG_DIR, 'demo',
                                'retinanet_prm_r18_shapes.py'))
     for path in paths:
@@ -85,7 +92,7 @@ def test_demo_shapes_configs_differ_only_in_the_backbone():
         backbone = cfg.model.backbone
         # everything but the type and the attention is the PRM demo's
         for key, value in prm.model.backbone.items():
-            if key not in ('type', 'attention'):
+            if key not in ('type', 'attention', 'sk'):
                 assert backbone[key] == value, (path, key)
         if backbone.type == 'ResNet':
             assert 'attention' not in backbone
@@ -111,6 +118,23 @@ def trainable(model):
 def test_trainable_parameters_match_paper_table4(config, millions):
     _, model = build_detector(osp.join(CONFIG_DIR, config + '.py'))
     assert round(trainable(model) / 1e6, 2) == millions
+
+
+# The README's rows for the other attentions (no paper prints them): the
+# trainable parameters, exactly, with the first stage frozen; the attention
+# after stage 1 (BAM's bam1) and in it (CBAM, SGE, SK) frozen with it.
+@pytest.mark.parametrize('config,count', [
+    ('retinanet_ge_r50', 37_743_348), ('retinanet_sge_r50', 37_745_012),
+    ('retinanet_cbam_r50', 40_250_248), ('retinanet_bam_r50', 38_084_054),
+    ('retinanet_sk_r50', 38_334_644), ('retinanet_nl_r50', 39_843_060),
+    ('cascade_rcnn_ge_r50', 69_169_422), ('cascade_rcnn_sge_r50', 69_171_086),
+    ('cascade_rcnn_cbam_r50', 71_676_322),
+    ('cascade_rcnn_bam_r50', 69_510_128), ('cascade_rcnn_sk_r50', 69_760_718),
+    ('cascade_rcnn_nl_r50', 71_269_134),
+])
+def test_trainable_parameters_of_the_other_attentions(config, count):
+    _, model = build_detector(osp.join(CONFIG_DIR, config + '.py'))
+    assert trainable(model) == count
 
 
 def test_prm_adds_259_parameters_per_trainable_block():

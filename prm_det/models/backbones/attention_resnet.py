@@ -240,6 +240,7 @@ class AttentionResNet(CheckedPretrainedMixin, ResNet):
         self.attention_stages = attention_stages
         self.stage_attention = stage_attention
         self.stage_attention_names = self._make_stage_attention()
+        self._freeze_stages()  # the stage attention of frozen stages too
 
         # mmdet's ResNet zero-inits the last norm of its own blocks only (an
         # identity check on the block class); do the same for ours.
@@ -305,7 +306,6 @@ class AttentionResNet(CheckedPretrainedMixin, ResNet):
             name = f"{getattr(module, '_abbr_', 'stage_attention')}{i + 1}"
             self.add_module(name, module)
             names[i] = name
-        self._freeze_stages()  # the new modules of frozen stages too
         return names
 
     def _freeze_stages(self):

@@ -1,0 +1,8 @@
+# RetinaNet R50-FPN 1x with SGE (64 groups) in every block: ./retinanet_r50.py
+# with only the backbone type changed. The attention starts from its
+# initialization, the rest from ImageNet ResNet weights
+# (prm_det.models.backbones.pretrained);
+# tools/model_converters/attention2prm_det.py converts published weights.
+_base_ = './retinanet_r50.py'
+model = dict(backbone=dict(type='SGEResNet',
+                           init_cfg=dict(allow_partial='attention')))
