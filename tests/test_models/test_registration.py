@@ -19,6 +19,7 @@ from mmdet.registry import MODELS
 from mmengine.registry import DefaultScope
 
 import prm_det
+from prm_det.models.backbones.mnasnet import MnasNet
 
 ours = {name: cls for name, cls in MODELS.module_dict.items()
         if cls.__module__.startswith('prm_det.')}
@@ -26,7 +27,7 @@ configs = []
 for name, cls in sorted(ours.items()):
     if issubclass(cls, ResNet):
         configs.append((name, dict(type=name, depth=18)))
-    elif issubclass(cls, MobileNetV2):
+    elif issubclass(cls, (MobileNetV2, MnasNet)):
         configs.append((name, dict(type=name)))
     else:
         configs.append((name, dict(type=name, in_channels=64)))

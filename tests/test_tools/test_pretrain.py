@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 CLASSIFIERS = ('resnet50_8xb32_in1k', 'se_resnet50_8xb32_in1k',
                'gc_resnet50_8xb32_in1k', 'prm_resnet50_8xb32_in1k',
-               'prm_mobilenet-v2_8xb32_in1k')
+               'prm_mobilenet-v2_8xb32_in1k', 'prm_mnasnet_8xb32_in1k')
 SHAPES = ('rectangle', 'ellipse', 'triangle', 'cross')
 
 
@@ -135,7 +135,8 @@ def test_each_classifier_trains_through_mmpretrain_and_reports_top1(
     attention = {'resnet50_8xb32_in1k': None, 'se_resnet50_8xb32_in1k': '.se.',
                  'gc_resnet50_8xb32_in1k': '.context_block.',
                  'prm_resnet50_8xb32_in1k': '.prm.',
-                 'prm_mobilenet-v2_8xb32_in1k': '.attention.theta'}[name]
+                 'prm_mobilenet-v2_8xb32_in1k': '.attention.theta',
+                 'prm_mnasnet_8xb32_in1k': '.attention.theta'}[name]
     if attention is None:
         assert not any('.se.' in k or '.prm.' in k for k in backbone)
     else:

@@ -8,6 +8,8 @@ change of width, carry it too). Everything else is mmdet's ``MobileNetV2``,
 so its detectors (SSDLite, YOLOv3) and MMPretrain's classifier take it by
 changing ``type``.
 """
+from typing import Optional
+
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.mobilenet_v2 import MobileNetV2
 from mmdet.models.layers import InvertedResidual
@@ -30,11 +32,15 @@ def prm_heads(channels: int) -> int:
 
 class AttentionInvertedResidual(InvertedResidual):
     """mmdet's InvertedResidual with ``attention`` after the linear
-    projection (conv + norm), before the shortcut add."""
+    projection (conv + norm), before the shortcut add. Without one
+    (``None``: ``nn.Identity``, no tensors) it is mmdet's block, with a
+    checkpointed forward that names ``use_reentrant=False`` (prm_det's
+    plain MnasNet is built of these)."""
 
-    def __init__(self, *args, attention: nn.Module, **kwargs) -> None:
+    def __init__(self, *args, attention: Optional[nn.Module] = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.attention = attention
+        self.attention = nn.Identity() if attention is None else attention
 
     def forward(self, x):
 
@@ -55,8 +61,46 @@ class AttentionInvertedResidual(InvertedResidual):
         return _inner_forward(x)
 
 
+class InvertedResidualAttention(CheckedPretrainedMixin):
+    """For an inverted-residual backbone (mmdet's MobileNetV2, prm_det's
+    MnasNet), put first among its bases: the ``attention`` argument, read
+    before the backbone's ``__init__`` builds its blocks, a module of it for
+    a block of a given width, its tensors' names and the checked
+    ``init_cfg`` load (:class:`CheckedPretrainedMixin`).
+
+    Args:
+        attention (str | dict | None): 'prm', 'se', 'gc' or a config dict,
+            as for :class:`AttentionResNet`; None (or the class's
+            ``default_attention``) for none. For PRM without ``groups``,
+            each block takes :func:`prm_heads` of its width.
+        **kwargs: The backbone's arguments.
+    """
+
+    default_attention: AttentionSpec = None
+
+    def __init__(self, attention: AttentionSpec = None, **kwargs) -> None:
+        # the backbone's __init__ builds the blocks, which read it
+        self.attention = attention_cfg(attention, self.default_attention)
+        super().__init__(**kwargs)
+
+    def _attention_for(self, channels: int) -> nn.Module:
+        """The attention module of a block of ``channels`` outputs."""
+        cfg = self.attention
+        if cfg is None:
+            return nn.Identity()
+        if cfg['type'] == 'PRM' and 'groups' not in cfg:
+            cfg = dict(cfg, groups=prm_heads(channels))
+        return build_attention(cfg, channels)
+
+    def attention_tensor_names(self) -> list:
+        """State-dict names of the blocks' attention tensors (what an
+        ImageNet checkpoint of the plain network lacks)."""
+        return [name for name in self.state_dict()
+                if '.attention.' in name]
+
+
 @register_model
-class AttentionMobileNetV2(CheckedPretrainedMixin, MobileNetV2):
+class AttentionMobileNetV2(InvertedResidualAttention, MobileNetV2):
     """mmdet's MobileNetV2 with an attention module in every block.
 
     Args:
@@ -68,21 +112,6 @@ class AttentionMobileNetV2(CheckedPretrainedMixin, MobileNetV2):
             init_cfg, ...). An ``init_cfg`` of type ``'Pretrained'`` is
             checked (:mod:`prm_det.models.backbones.pretrained`).
     """
-
-    default_attention: AttentionSpec = None
-
-    def __init__(self, attention: AttentionSpec = None, **kwargs) -> None:
-        # make_layer, called by mmdet's __init__, reads the attention
-        self.attention = attention_cfg(attention, self.default_attention)
-        super().__init__(**kwargs)
-
-    def _attention_for(self, channels: int):
-        cfg = self.attention
-        if cfg is None:
-            return nn.Identity()
-        if cfg['type'] == 'PRM' and 'groups' not in cfg:
-            cfg = dict(cfg, groups=prm_heads(channels))
-        return build_attention(cfg, channels)
 
     def make_layer(self, out_channels, num_blocks, stride, expand_ratio):
         """mmdet's layer of ``num_blocks`` inverted residual blocks, each
@@ -106,12 +135,6 @@ class AttentionMobileNetV2(CheckedPretrainedMixin, MobileNetV2):
         ``model.eval()`` could not be chained)."""
         super().train(mode)
         return self
-
-    def attention_tensor_names(self) -> list:
-        """State-dict names of the blocks' attention tensors (what an
-        ImageNet MobileNetV2 checkpoint lacks)."""
-        return [name for name in self.state_dict()
-                if '.attention.' in name]
 
 
 @register_model
