@@ -9,8 +9,9 @@ convolutions, matmuls and linears and a few norm, pool and upsample ops, and
 skips every other op. That misses what attention modules compute with other
 ops, and a fused custom op entirely (PRM's fast path), so a PRM detector
 counts like a plain one; the PRM paper's counter missed them the same way
-(239.32 GMac for RetinaNet with and without PRM). Here, inside PRM, SE and GC
-modules every op counts:
+(239.32 GMac for RetinaNet with and without PRM). Here, inside the attention
+modules (PRM, SE, GC, GE, SGE, CBAM, BAM, SK's selective unit and mmcv's
+NonLocal2d) every op counts:
 
 * PRM runs as its definition (``prm_det.ops.reference.prm_reference``, plain
   torch ops) while it is traced, not as the fused kernel;
@@ -124,16 +125,20 @@ class ReferencePRM(nn.Module):
 
 def attention_types() -> Dict[str, tuple]:
     """Attention module classes by the name the report uses."""
-    from mmcv.cnn import ContextBlock
+    from mmcv.cnn import ContextBlock, NonLocal2d
     from mmdet.models.layers import SELayer
 
-    from prm_det.models.layers import PRM
+    from prm_det.models.layers import (BAM, CBAM, GE, PRM, SGE,
+                                       SelectiveKernel)
     return {'PRM': (PRM, ReferencePRM), 'SE': (SELayer, ),
-            'GC': (ContextBlock, )}
+            'GC': (ContextBlock, ), 'GE': (GE, ), 'SGE': (SGE, ),
+            'CBAM': (CBAM, ), 'BAM': (BAM, ), 'SK': (SelectiveKernel, ),
+            'NL': (NonLocal2d, )}
 
 
 def attention_modules(model: nn.Module) -> Dict[str, str]:
-    """{module name: 'PRM' | 'SE' | 'GC'} for every attention module."""
+    """{module name: its kind ('PRM', 'SE', 'GC', ...: ``attention_types``)}
+    for every attention module."""
     kinds = attention_types()
     return {name: kind for name, module in model.named_modules()
             for kind, classes in kinds.items() if isinstance(module, classes)}
@@ -159,12 +164,12 @@ def prm_as_defined(model: nn.Module):
 
 class Complexity(NamedTuple):
     flops: int  # whole model, attention modules' own ops included
-    attention_flops: Dict[str, int]  # per kind ('PRM', 'SE', 'GC')
+    attention_flops: Dict[str, int]  # per kind ('PRM', 'SE', 'GC', ...)
 
 
 def count_flops(model: nn.Module, inputs: Tuple) -> Complexity:
     """FLOPs of ``model(*inputs)`` (one multiply-add = one FLOP), with every
-    op inside PRM, SE and GC modules counted; see the module docstring."""
+    op inside attention modules counted; see the module docstring."""
     with prm_as_defined(model), torch.no_grad():
         analyzer = FlopAnalyzer(model, inputs)
         analyzer.set_op_handle(**ATTENTION_OP_HANDLES)

@@ -1,0 +1,5 @@
+# SGE (64 groups)-ResNet-50 on ImageNet-1k: MMPretrain's ResNet-50 recipe with
+# only the backbone changed (docs/pretrain.md). The PRM paper's Table 1 row:
+# 25.560M, 4.127 GFLOPs (PytorchInsight's resnet_sge.py).
+_base_ = './resnet50_8xb32_in1k.py'
+model = dict(backbone=dict(type='mmdet.SGEResNet'))
