@@ -156,12 +156,17 @@ def test_prm_compiles_whole_on_the_other_backends(name):
 
 
 @pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)
-@pytest.mark.parametrize('type_', ['SEResNet', 'GCResNet'])
-def test_se_and_gc_resnet_compile_whole(type_):
+@pytest.mark.parametrize('type_', ['SEResNet', 'GCResNet', 'GEResNet',
+                                   'SGEResNet', 'CBAMResNet', 'BAMResNet',
+                                   'SKResNet', 'NLResNet'])
+def test_other_attention_resnets_compile_whole(type_):
     torch.manual_seed(0)
     sizes = [(2, 3, 24, 40), (2, 3, 40, 16)]
-    check_train_steps(tiny_backbone(type_, stages=2), sizes)
-    check_inference(tiny_backbone(type_, stages=2), sizes)
+    # two stages: non-local's own (before c4's last block) is not among them
+    options = (dict(stage_attention=dict(stages=(False, True)))
+               if type_ == 'NLResNet' else {})
+    check_train_steps(tiny_backbone(type_, stages=2, **options), sizes)
+    check_inference(tiny_backbone(type_, stages=2, **options), sizes)
 
 
 @pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)

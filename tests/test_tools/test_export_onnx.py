@@ -1,5 +1,5 @@
-"""ONNX export (prm_det.deployment, tools/deployment/export_onnx.py): PRM,
-SE and GC ResNets and a RetinaNet-PRM backbone + neck export with both of
+"""ONNX export (prm_det.deployment, tools/deployment/export_onnx.py): every
+attention ResNet and a RetinaNet-PRM backbone + neck export with both of
 torch.onnx's exporters, height and width dynamic, and onnxruntime gives
 PyTorch's outputs at sizes other than the exported one.
 
@@ -181,15 +181,19 @@ def test_prm_resnet_matches_onnxruntime_at_other_sizes(
 
 
 @pytest.mark.parametrize('exporter', EXPORTERS)
-@pytest.mark.parametrize('kind', ['SE', 'GC'])
-def test_se_and_gc_resnets_match_onnxruntime_at_other_sizes(
+@pytest.mark.parametrize('kind', ['SE', 'GC', 'GE', 'SGE', 'CBAM', 'BAM',
+                                  'SK', 'NL'])
+def test_other_attention_resnets_match_onnxruntime_at_other_sizes(
         tmp_path, exporter, kind):
     dynamo = EXPORTERS[exporter]
     stages = 1 if dynamo else 4
-    # GCResNet's own stages are c3-c5: one stage alone gets it too
-    flags = (True, ) * stages if stages < 4 else None
+    options = {}
+    if stages < 4:  # one stage alone gets the attention, wherever it sits
+        options['attention_stages'] = (True, ) * stages
+        if kind in ('BAM', 'NL'):
+            options['stage_attention'] = dict(stages=(True, ) * stages)
     model = randomize(tiny_backbone(f'{kind}ResNet', 18, stages=stages,
-                                    attention_stages=flags))
+                                    **options))
     errors = export_and_compare(model, str(tmp_path / 'm.onnx'), dynamo)
     assert max(errors.values()) < TOLERANCE, errors
 

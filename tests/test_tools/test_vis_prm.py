@@ -1,6 +1,8 @@
 """tools/analysis_tools/vis_prm.py: the query points it draws are the argmax
 positions of the groups' channel sums, its gate is PRM's, and the pictures
 are written at the image's size."""
+import os.path as osp
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,56 @@ def test_the_maps_drawn_are_the_references_intermediates(
         for key in ('query_index', 'query_rc', 'position_weight', 'gate'):
             torch.testing.assert_close(maps[key], getattr(parts, key)[0],
                                        rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('kind', ['sge', 'cbam'])
+def test_sge_and_cbam_gates_are_drawn_and_are_what_the_module_applies(
+        tmp_path, kind):
+    """An SGE or CBAM demo detector (attention parameters drawn away from
+    their constant-gate initialization): one gate picture per stage, and
+    the gate drawn is the one the module multiplies by."""
+    import cv2
+    from mmdet.apis import init_detector
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+
+    from prm_det.models.layers.sge import sge_gate
+    config = CONFIG.replace('retinanet_prm_r18', f'retinanet_{kind}_r18')
+    torch.manual_seed(0)
+    detector = MODELS.build(Config.fromfile(config).model)
+    with torch.no_grad():
+        for name, p in detector.backbone.named_parameters():
+            if f'.{kind}.' in name:
+                p.add_(torch.randn_like(p))
+    checkpoint = str(tmp_path / 'random.pth')
+    torch.save({'meta': {}, 'state_dict': detector.state_dict()}, checkpoint)
+    image = str(tmp_path / 'image.png')
+    rng = np.random.default_rng(0)
+    cv2.imwrite(image, rng.integers(0, 255, IMAGE_HW + (3, ), np.uint8))
+    tool = tool_module('analysis_tools/vis_prm.py')
+    rows = tool.main([config, checkpoint, image, '--out-dir',
+                      str(tmp_path / 'out')])
+    assert [r['block'] for r in rows] == [
+        'layer1.1', 'layer2.1', 'layer3.1', 'layer4.1']
+    assert (tmp_path / 'out' / 'grid.png').is_file()
+    model = init_detector(config, checkpoint, device='cpu')
+    for row in rows:
+        assert osp.isfile(row['files']['gate']) and row['kind'] == kind.upper()
+        module = getattr(dict(model.backbone.named_modules())[row['block']],
+                         kind)
+        x = torch.from_numpy(row['features'])[None]
+        gate = torch.from_numpy(row['gate_groups'])
+        with torch.no_grad():
+            expected = module(x)
+            if kind == 'sge':
+                torch.testing.assert_close(
+                    gate, sge_gate(x, module.weight, module.bias,
+                                   module.groups)[0])
+                c, h, w = row['features'].shape
+                gated = (x.view(len(gate), -1, h, w) * gate[:, None])
+                gated = gated.view(1, c, h, w)
+            else:
+                channel = module.channel_gate(x)[:, :, None, None]
+                gated = x * channel * gate[None]
+        torch.testing.assert_close(gated, expected, rtol=1e-4, atol=1e-5)
+        assert float(gate.std()) > 0

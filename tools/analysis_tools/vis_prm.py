@@ -1,5 +1,6 @@
 """Draw what PRM attends to on an image: the PRM paper's figure of query
-points, positional masks and attention, for a trained detector.
+points, positional masks and attention, for a trained detector; and the
+spatial attention maps of SGE and CBAM backbones.
 
     python tools/analysis_tools/vis_prm.py CONFIG CHECKPOINT IMAGE
         --out-dir DIR [--blocks layer1.2 layer4.2 ...] [--device cpu]
@@ -21,6 +22,13 @@ and ``grid.png``, one row per block. The PRM input is taken with a forward
 pre-hook on the block's ``prm`` module during mmdet's inference; the maps are
 computed from it by :mod:`prm_det.ops.reference` itself (the reference
 returns its intermediates).
+
+SGE and CBAM blocks (``SGEResNet``, ``CBAMResNet``: the block's ``sge`` or
+``cbam`` module) get ``<block>_gate.png`` alone: SGE's gate
+sigmoid(weight * N(S) + bias) averaged over its groups, CBAM's spatial gate
+(after its channel gate), each computed by the module's own functions
+(:func:`prm_det.models.layers.sge.sge_gate`, ``CBAM.spatial_gate``); their
+grid rows show the image, no query points and no D.
 """
 import argparse
 import os
@@ -39,7 +47,12 @@ if osp.isdir(osp.join(_ROOT, 'prm_det')):
     sys.path.insert(0, _ROOT)
 
 import prm_det  # noqa: E402,F401  (registers the backbones)
+from prm_det.models.layers import CBAM, PRM, SGE  # noqa: E402
+from prm_det.models.layers.sge import sge_gate  # noqa: E402
 from prm_det.ops import PRMParams, prm_reference_of  # noqa: E402
+
+# the block attributes whose modules have maps to draw, in the order looked up
+SPATIAL_ATTENTION = ('prm', 'sge', 'cbam')
 
 QUERY_COLOR = (255, 0, 0)  # RGB, with a white ring: visible on red too
 RING_COLOR = (255, 255, 255)
@@ -66,37 +79,63 @@ def prm_maps(x: Tensor, prm: nn.Module) -> Dict[str, Tensor]:
                 gate=parts.gate[0])
 
 
+def gate_maps(x: Tensor, module: nn.Module) -> Dict[str, Tensor]:
+    """The gate of an SGE or CBAM module on its input ``x`` [1, c, h, w]:
+    ``gate`` [g, h, w] (SGE: one map a group; CBAM: its one spatial map)."""
+    if isinstance(module, SGE):
+        return dict(gate=sge_gate(x, module.weight, module.bias,
+                                  module.groups)[0])
+    if isinstance(module, CBAM):
+        gated = x * module.channel_gate(x)[:, :, None, None]
+        return dict(gate=module.spatial_gate(gated)[0])
+    raise TypeError(f'no maps to draw for {type(module).__name__}')
+
+
+def attention_of(block: nn.Module) -> Optional[str]:
+    """The attribute of ``block``'s spatial attention module, or None."""
+    for name in SPATIAL_ATTENTION:
+        if isinstance(getattr(block, name, None), (PRM, SGE, CBAM)):
+            return name
+    return None
+
+
 def default_blocks(backbone: nn.Module) -> List[str]:
-    """The last block with a PRM of every stage, e.g. ['layer1.2', ...]."""
+    """The last block with a PRM (or SGE, CBAM) of every stage, e.g.
+    ['layer1.2', ...]."""
     blocks = []
     for layer_name in backbone.res_layers:
         layer = getattr(backbone, layer_name)
-        with_prm = [i for i, block in enumerate(layer)
-                    if isinstance(getattr(block, 'prm', None), nn.Module)]
-        if with_prm:
-            blocks.append(f'{layer_name}.{with_prm[-1]}')
+        with_maps = [i for i, block in enumerate(layer)
+                     if attention_of(block) is not None]
+        if with_maps:
+            blocks.append(f'{layer_name}.{with_maps[-1]}')
     if not blocks:
-        raise ValueError('the backbone has no PRM module (no block has a '
-                         '`prm` attribute): use a PRMResNet config')
+        raise ValueError('the backbone has no PRM, SGE or CBAM module (no '
+                         'block has a `prm`, `sge` or `cbam` attribute): use '
+                         'a PRMResNet, SGEResNet or CBAMResNet config')
     return blocks
 
 
 def capture_prm_inputs(backbone: nn.Module, blocks: Sequence[str]):
-    """Forward pre-hooks on ``<block>.prm``; returns (captured dict,
-    handles)."""
+    """Forward pre-hooks on each block's PRM (or SGE, CBAM); returns
+    (captured inputs by block, handles, attention modules by block)."""
     modules = dict(backbone.named_modules())
-    captured, handles = {}, []
+    captured, handles, attention = {}, [], {}
     for block in blocks:
-        prm = modules.get(f'{block}.prm')
-        if prm is None:
+        name = attention_of(modules[block]) if block in modules else None
+        if name is None:
+            with_maps = sorted(
+                b for b, m in modules.items() if b.count('.') == 1
+                and b.startswith('layer') and attention_of(m) is not None)
             raise ValueError(
-                f'no PRM at backbone.{block}.prm; blocks with a PRM: '
-                f'{sorted(n[:-4] for n in modules if n.endswith(".prm"))}')
+                f'no PRM, SGE or CBAM at backbone.{block}; blocks with '
+                f'one: {with_maps}')
+        attention[block] = getattr(modules[block], name)
 
         def hook(module, inputs, block=block):
             captured[block] = inputs[0].detach()
-        handles.append(prm.register_forward_pre_hook(hook))
-    return captured, handles
+        handles.append(attention[block].register_forward_pre_hook(hook))
+    return captured, handles, attention
 
 
 def to_image(feature_map: np.ndarray, meta: dict,
@@ -221,7 +260,7 @@ def visualize(model: nn.Module, image_path: str, out_dir: str,
     backbone = model.backbone
     blocks = list(blocks or default_blocks(backbone))
     image_rgb = mmcv.imread(image_path, channel_order='rgb')
-    captured, handles = capture_prm_inputs(backbone, blocks)
+    captured, handles, attention = capture_prm_inputs(backbone, blocks)
     try:
         result = inference_detector(model, image_path)
     finally:
@@ -230,27 +269,31 @@ def visualize(model: nn.Module, image_path: str, out_dir: str,
     missing = [b for b in blocks if b not in captured]
     if missing:
         raise RuntimeError(
-            f'the PRM modules of {missing} were never called during the '
-            f'forward pass (the block ran a fused path that bypasses the '
+            f'the attention modules of {missing} were never called during '
+            f'the forward pass (the block ran a fused path that bypasses the '
             f'module, so its forward pre-hook did not fire)')
     meta = result.metainfo
     os.makedirs(out_dir, exist_ok=True)
-    modules = dict(backbone.named_modules())
     rows = []
     for block in blocks:
         x = captured[block].float()
+        module = attention[block]
+        name = block.replace('.', '_')
+        if not isinstance(module, PRM):
+            rows.append(_gate_row(block, name, x, module, image_rgb, meta,
+                                  out_dir))
+            continue
         with torch.no_grad():
-            maps = prm_maps(x, modules[f'{block}.prm'])
+            maps = prm_maps(x, module)
         feature_hw = x.shape[2:]
         points = query_points_xy(maps['query_rc'].numpy(), feature_hw, meta)
-        row = dict(block=block, features=x[0].numpy(),
+        row = dict(block=block, kind='PRM', features=x[0].numpy(),
                    query_index=maps['query_index'].numpy(),
                    query_rc=maps['query_rc'].numpy(), query_xy=points,
                    position_weight_groups=maps['position_weight'].numpy(),
                    gate_groups=maps['gate'].numpy())
         row['position_weight'] = row['position_weight_groups'].mean(0)
         row['gate'] = row['gate_groups'].mean(0)
-        name = block.replace('.', '_')
         row['files'] = dict(
             queries=osp.join(out_dir, f'{name}_queries.png'),
             position_weight=osp.join(out_dir, f'{name}_position_weight.png'),
@@ -268,6 +311,24 @@ def visualize(model: nn.Module, image_path: str, out_dir: str,
     return rows
 
 
+def _gate_row(block: str, name: str, x: Tensor, module: nn.Module,
+              image_rgb: np.ndarray, meta: dict, out_dir: str) -> dict:
+    """An SGE or CBAM block's row: its gate map, drawn."""
+    with torch.no_grad():
+        gate_groups = gate_maps(x, module)['gate'].numpy()
+    kind = type(module).__name__
+    row = dict(block=block, kind=kind, features=x[0].numpy(),
+               gate_groups=gate_groups, gate=gate_groups.mean(0),
+               query_xy=np.zeros((0, 2)),
+               files=dict(gate=osp.join(out_dir, f'{name}_gate.png')))
+    what = (f'SGE gate, mean of {len(gate_groups)} groups' if kind == 'SGE'
+            else 'CBAM spatial gate')
+    save_panel(row['files']['gate'],
+               to_image(row['gate'], meta, image_rgb.shape[:2]),
+               f'{block}: {what}')
+    return row
+
+
 GRID_CELL_INCHES, GRID_DPI = 3, 100
 
 
@@ -279,11 +340,15 @@ def write_grid(rows: List[dict], image_rgb: np.ndarray, meta: dict,
         len(rows), 3, squeeze=False,
         figsize=(3 * GRID_CELL_INCHES, len(rows) * GRID_CELL_INCHES))
     for ax_row, row in zip(axes, rows):
+        prm = row['kind'] == 'PRM'
         ax_row[0].imshow(draw_queries(image_rgb, row['query_xy']))
-        ax_row[0].set_title(f'{row["block"]}: ' + describe_queries(
-            row['query_xy'], image_rgb.shape), fontsize=7, wrap=True)
+        ax_row[0].set_title(f'{row["block"]}: ' + (describe_queries(
+            row['query_xy'], image_rgb.shape) if prm else row['kind']),
+            fontsize=7, wrap=True)
         for ax, key, title in ((ax_row[1], 'position_weight', 'D'),
                                (ax_row[2], 'gate', 'gate')):
+            if key not in row:  # SGE and CBAM have no D
+                continue
             shown = ax.imshow(to_image(row[key], meta, image_rgb.shape[:2]),
                               cmap='viridis')
             fig.colorbar(shown, ax=ax, fraction=0.046)
@@ -300,7 +365,8 @@ def parse_args(argv=None):
 
     from prm_det.engine import TRUST_ENV
     parser = argparse.ArgumentParser(
-        description='Draw PRM query points, position weights and gates')
+        description='Draw PRM query points, position weights and gates '
+        '(SGE and CBAM: their gates)')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file or URL')
     parser.add_argument('image', help='image file')
@@ -308,7 +374,7 @@ def parse_args(argv=None):
                         help='where the PNGs go')
     parser.add_argument('--blocks', nargs='+',
                         help='backbone blocks such as layer3.5 (default: the '
-                        'last PRM block of each stage)')
+                        'last PRM, SGE or CBAM block of each stage)')
     parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
     parser.add_argument(
         '--trust-checkpoint', action='store_true',
@@ -347,9 +413,10 @@ def main(argv=None) -> List[dict]:
         sys.exit(f'[vis_prm] error: {error}')
     rows = visualize(model, args.image, args.out_dir, args.blocks)
     for row in rows:
-        print(f'[vis_prm] {row["block"]}: {len(row["query_xy"])} query '
-              f'points on a {row["features"].shape[1]}x'
-              f'{row["features"].shape[2]} map -> '
+        what = (f'{len(row["query_xy"])} query points' if row['kind'] ==
+                'PRM' else f'{row["kind"]} gate')
+        print(f'[vis_prm] {row["block"]}: {what} on a '
+              f'{row["features"].shape[1]}x{row["features"].shape[2]} map -> '
               f'{", ".join(row["files"].values())}')
     print(f'[vis_prm] grid: {osp.join(args.out_dir, "grid.png")}')
     return rows

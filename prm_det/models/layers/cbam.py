@@ -94,13 +94,20 @@ class CBAM(nn.Module):
         """[b, c] -> [b, c]: the MLP both pooled vectors share."""
         return self.channel_fc2(F.relu(self.channel_fc1(pooled)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        logits = (self.channel_mlp(x.mean((2, 3))) +
-                  self.channel_mlp(x.amax((2, 3))))       # [b, c]
-        x = x * torch.sigmoid(logits).to(x.dtype)[:, :, None, None]
+    def channel_gate(self, x: Tensor) -> Tensor:
+        """The channel gate of ``x`` [b, c, h, w]: [b, c]."""
+        return torch.sigmoid(self.channel_mlp(x.mean((2, 3))) +
+                             self.channel_mlp(x.amax((2, 3))))
+
+    def spatial_gate(self, x: Tensor) -> Tensor:
+        """The spatial gate of the channel-gated map ``x``: [b, 1, h, w]
+        (what ``tools/analysis_tools/vis_prm.py`` draws)."""
         pooled = torch.stack((x.amax(1), x.mean(1)), 1)   # [b, 2, h, w]
-        spatial = self.spatial_norm(self.spatial_conv(pooled))  # [b, 1, h, w]
-        return x * torch.sigmoid(spatial).to(x.dtype)
+        return torch.sigmoid(self.spatial_norm(self.spatial_conv(pooled)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.channel_gate(x).to(x.dtype)[:, :, None, None]
+        return x * self.spatial_gate(x).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f'in_channels={self.in_channels}'

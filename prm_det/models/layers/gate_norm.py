@@ -22,9 +22,8 @@ class _OneValueFallback:
     """Mixin over a torch BatchNorm class: the rule above."""
 
     def forward(self, x: Tensor) -> Tensor:
-        one_value_per_channel = x.numel() <= x.shape[1]
-        if (self.training and one_value_per_channel
-                and self.running_mean is not None):
+        if (self.training and self.running_mean is not None
+                and x.numel() <= x.shape[1]):  # one value per channel
             return F.batch_norm(x, self.running_mean, self.running_var,
                                 self.weight, self.bias, False, 0.0, self.eps)
         return super().forward(x)

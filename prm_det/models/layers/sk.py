@@ -81,6 +81,6 @@ class SelectiveKernel(nn.Module):
             grouped.mean((2, 3), keepdim=True)                # [b, c, 1, 1]
         hidden = F.relu(self.squeeze_norm(self.squeeze_conv(pooled)))
         logits = self.select_conv(hidden)                     # [b, 2c, 1, 1]
-        weights = torch.softmax(
-            logits.reshape(len(logits), 2, self.out_channels, 1, 1), 1).to(dense.dtype)
+        weights = torch.softmax(logits.unflatten(1, (2, self.out_channels)),
+                                1).to(dense.dtype)          # [b, 2, c, 1, 1]
         return dense * weights[:, 0] + grouped * weights[:, 1]
