@@ -95,7 +95,9 @@ def test_unknown_attention_name_raises_value_error():
 
 @pytest.mark.parametrize('plugin,abbr', [
     (dict(type='PRM'), 'prm'), (dict(type='SE'), 'se'),
-    (dict(type='ContextBlock', ratio=1. / 16), 'context_block')])
+    (dict(type='ContextBlock', ratio=1. / 16), 'context_block'),
+    (dict(type='GE'), 'ge'), (dict(type='SGE'), 'sge'),
+    (dict(type='CBAM'), 'cbam'), (dict(type='BAM'), 'bam')])
 def test_plugins_go_into_plain_mmdet_resnet(plugin, abbr):
     model = ResNet(depth=50, plugins=[
         dict(cfg=plugin, position='after_conv3')])

@@ -234,3 +234,55 @@ def test_leftover_initializer_settings_are_named_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r'also has layer, std.*'
                        r'init_cfg\._delete_=True'):
         model.init_weights()
+
+
+@pytest.mark.parametrize('type_', ['GEResNet', 'SGEResNet', 'CBAMResNet',
+                                   'BAMResNet', 'SKResNet', 'NLResNet'])
+def test_resnet_weights_start_the_other_attentions_with_only_them_fresh(
+        type_, tmp_path):
+    """ImageNet ResNet weights (a plain ResNet-50's tensors) fill every
+    tensor but the attention's; the attention keeps its own (official)
+    initialization, and without ``allow_partial`` the load stops naming it
+    (GE has no tensors: its load is complete as it is)."""
+    narrow = dict(depth=50, base_channels=16, attention=None)
+    if type_ == 'SGEResNet':
+        narrow['attention'] = dict(type='SGE', groups=4)
+    if type_ == 'SKResNet':
+        narrow['sk'] = dict(groups=4)
+    plain = MODELS.build(dict(type='ResNet', depth=50, base_channels=16))
+    with torch.no_grad():
+        for tensor in plain.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor))
+    source = plain.state_dict()
+    path = tmp_path / 'resnet50.pth'
+    torch.save(dict(source, **{'fc.weight': torch.randn(1000, 512)}), path)
+    cfg = dict(narrow, type=type_, init_cfg=pretrained(path))
+    if type_ == 'GEResNet':
+        model = MODELS.build(cfg)
+        model.init_weights()
+        assert_equal_weights(model, source)
+        return
+    with pytest.raises(PretrainedLoadIncomplete, match='allow_partial'):
+        MODELS.build(cfg).init_weights()
+    model = MODELS.build(
+        dict(cfg, init_cfg=pretrained(path, allow_partial='attention')))
+    model.init_weights()
+    attention = model.attention_tensor_names()
+    assert attention
+    assert set(model.state_dict()) - set(attention) == set(source)
+    assert_equal_weights(model, source, skip=attention)
+    # the tensors the initialization sets to values (zeros, ones: those
+    # equal in two fresh builds under other seeds) have them
+    fresh = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        built = MODELS.build(dict(cfg, init_cfg=None))
+        built.init_weights()  # the backbone's own init, then the modules'
+        fresh.append(built.state_dict())
+    state = model.state_dict()
+    fixed = [name for name in attention
+             if torch.equal(fresh[0][name], fresh[1][name])]
+    assert fixed
+    for name in fixed:
+        assert torch.equal(state[name], fresh[0][name]), name

@@ -164,3 +164,25 @@ def test_config_writes_kill_safe_checkpoints_and_times_out_a_stalled_rank(
     # the other CheckpointHook settings still come from mmdet's config
     assert hook.interval == 1
     assert HOOKS.build(dict(hook)).__class__.__name__ == hook.type
+
+
+@pytest.mark.parametrize('backbone', sorted(set(EXPECTED_BACKBONE.values())))
+def test_one_line_swaps_each_backbone_into_an_mmdet_zoo_config(
+        backbone, tmp_path):
+    """A user's pipeline: a config over mmdet's own Mask R-CNN that imports
+    prm_det and changes the backbone's ``type`` (and, here, downloads no
+    ImageNet weights) trains a step with finite losses."""
+    from mmdet.testing import demo_mm_inputs
+    path = tmp_path / 'my_mask_rcnn.py'
+    path.write_text(
+        "_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'\n"
+        "custom_imports = dict(imports=['prm_det'])\n"
+        f"model = dict(backbone=dict(type='{backbone}', init_cfg=None))\n")
+    model = MODELS.build(load_config(str(path)).model)
+    assert type(model.backbone).__name__ == backbone
+    packed = demo_mm_inputs(2, [[3, 64, 96], [3, 96, 64]], num_items=[2, 1],
+                            with_mask=True)
+    data = model.data_preprocessor(packed, True)
+    losses = model(**data, mode='loss')
+    total = sum(sum(v) if isinstance(v, list) else v for v in losses.values())
+    assert torch.isfinite(total)
