@@ -87,6 +87,18 @@ def test_gc_is_mmcv_context_block_ratio_sixteen():
     torch.testing.assert_close(gc(x), x)
 
 
+def test_gc_stays_zero_initialized_inside_a_backbone():
+    """The backbone's own init (Kaiming over every conv) runs first; GC's
+    last conv is then zero again, so a fresh GC adds nothing (it was
+    Kaiming-initialized in GCResNet before)."""
+    model = MODELS.build(dict(type='GCResNet', depth=50, base_channels=16))
+    model.init_weights()
+    for name, module in model.named_modules():
+        if name.endswith('context_block'):
+            assert (module.channel_add_conv[-1].weight == 0).all(), name
+            assert (module.channel_add_conv[-1].bias == 0).all(), name
+
+
 def test_unknown_attention_name_raises_value_error():
     with pytest.raises(ValueError, match="one of \\['bam', 'cbam', 'gc', "
                        "'ge', 'prm', 'se', 'sge'\\]"):

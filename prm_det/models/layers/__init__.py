@@ -2,6 +2,7 @@ from .bam import BAM
 from .cbam import CBAM
 from .factory import ATTENTION_TYPES, attention_cfg, build_attention
 from .gate_norm import GateBatchNorm1d, GateBatchNorm2d
+from .gc import GC
 from .ge import GE
 from .prm import PRM
 from .se import SE
@@ -9,7 +10,7 @@ from .sge import SGE
 from .sk import SelectiveKernel
 
 __all__ = [
-    'PRM', 'SE', 'GE', 'SGE', 'CBAM', 'BAM', 'SelectiveKernel',
+    'PRM', 'SE', 'GC', 'GE', 'SGE', 'CBAM', 'BAM', 'SelectiveKernel',
     'GateBatchNorm1d', 'GateBatchNorm2d', 'ATTENTION_TYPES', 'attention_cfg',
     'build_attention'
 ]

@@ -5,13 +5,13 @@ from mmcv.cnn import ContextBlock, NonLocal2d  # noqa: F401  (registers them)
 from mmdet.registry import MODELS
 from torch import nn
 
-# Short names and their defaults. GC is mmcv's ContextBlock as GCNet uses it:
-# ratio 1/16, attention pooling, channel_add fusion.
+# Short names and their defaults. GC is mmcv's ContextBlock as GCNet uses it
+# (ratio 1/16, attention pooling, channel_add fusion), its last conv kept
+# zero-initialized in a backbone (layers/gc.py).
 ATTENTION_TYPES = {
     'prm': dict(type='PRM'),
     'se': dict(type='SE'),
-    'gc': dict(type='ContextBlock', ratio=1. / 16, pooling_type='att',
-               fusion_types=('channel_add', )),
+    'gc': dict(type='GC'),
     'ge': dict(type='GE'),
     'sge': dict(type='SGE'),
     'cbam': dict(type='CBAM'),
