@@ -55,6 +55,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from .backbones.pretrained import compare_state_dicts
 from .official_names import OFFICIAL_NAMES, rename_official
 
 KINDS = ('se', 'sge', 'cbam', 'bam', 'sk')
@@ -348,19 +349,20 @@ def check_against_backbone(state_dict: Dict[str, torch.Tensor], kind: str,
     same shapes, and has no other key."""
     name = f'{BACKBONES[kind]}-{depth}'
     target = build_backbone(kind, depth).state_dict()
+    report = compare_state_dicts(
+        {k: v.shape for k, v in target.items()}, state_dict)
+    # every tensor, num_batches_tracked too (convert() fills it)
     missing = [k for k in target if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in target]
     mismatched = [
         f'{k}: {tuple(state_dict[k].shape)} here, {tuple(target[k].shape)} '
-        f'in {name}' for k in target
-        if k in state_dict and state_dict[k].shape != target[k].shape]
+        f'in {name}' for k in report.mismatched]
     problems = []
     if missing:
         problems.append(f'{len(missing)} {name} tensors not filled: '
                         f'{_some(missing)}')
-    if unexpected:
-        problems.append(f'{len(unexpected)} keys {name} does not have: '
-                        f'{_some(unexpected)}')
+    if report.unexpected:
+        problems.append(f'{len(report.unexpected)} keys {name} does not '
+                        f'have: {_some(report.unexpected)}')
     if mismatched:
         problems.append(
             f'{len(mismatched)} shapes differ (prm_det\'s {NAMES[kind]} has '

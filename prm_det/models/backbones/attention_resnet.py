@@ -42,14 +42,16 @@ class PluginBasicBlock(BasicBlock):
         self.plugin_names = Bottleneck.make_block_plugins(
             self, planes, [plugin['cfg'] for plugin in plugins or []])
 
+    def forward_conv1(self, x):
+        """The first 3x3 step: conv1, norm1, ReLU (SK joins a grouped
+        branch)."""
+        return self.relu(self.norm1(self.conv1(x)))
+
     def forward(self, x):
 
         def _inner_forward(x):
             identity = x
-            out = self.conv1(x)
-            out = self.norm1(out)
-            out = self.relu(out)
-            out = self.conv2(out)
+            out = self.conv2(self.forward_conv1(x))
             if self.downsample is not None:
                 identity = self.downsample(x)
             return _block_tail(self, self.plugin_names, out, self.norm2,
@@ -111,6 +113,10 @@ class AttentionBottleneck(Bottleneck):
     """mmdet's Bottleneck whose 'after_conv3' plugins end with the shortcut
     add and ReLU (fused into PRM when PRM is the last plugin)."""
 
+    def forward_conv2(self, out):
+        """The 3x3 step: conv2, norm2, ReLU (SK joins a grouped branch)."""
+        return self.relu(self.norm2(self.conv2(out)))
+
     def forward(self, x):
 
         def _inner_forward(x):
@@ -120,9 +126,7 @@ class AttentionBottleneck(Bottleneck):
             out = self.relu(out)
             if self.with_plugins:
                 out = self.forward_plugin(out, self.after_conv1_plugin_names)
-            out = self.conv2(out)
-            out = self.norm2(out)
-            out = self.relu(out)
+            out = self.forward_conv2(out)
             if self.with_plugins:
                 out = self.forward_plugin(out, self.after_conv2_plugin_names)
             out = self.conv3(out)

@@ -11,12 +11,11 @@ unit is placed the same way, on the block's first 3x3 conv (the strided one
 followed by norm and ReLU, the position of a Bottleneck's conv2), so every
 mmdet depth builds.
 """
-import torch.utils.checkpoint as cp
 
 from ..layers.sk import SelectiveKernel
 from ..registry import register_model
 from .attention_resnet import (AttentionBottleneck, AttentionResNet,
-                               PluginBasicBlock, _block_tail, _is_scratch)
+                               PluginBasicBlock)
 
 SK_DEFAULTS = dict(groups=32, ratio=1. / 16)
 
@@ -34,27 +33,9 @@ class SKBottleneck(AttentionBottleneck):
                                   conv_cfg=self.conv_cfg,
                                   norm_cfg=self.norm_cfg, **sk)
 
-    def forward(self, x):
-
-        def _inner_forward(x):
-            identity = x
-            out = self.relu(self.norm1(self.conv1(x)))
-            if self.with_plugins:
-                out = self.forward_plugin(out, self.after_conv1_plugin_names)
-            dense = self.relu(self.norm2(self.conv2(out)))
-            out = self.sk(out, dense)
-            if self.with_plugins:
-                out = self.forward_plugin(out, self.after_conv2_plugin_names)
-            out = self.conv3(out)
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            names = self.after_conv3_plugin_names if self.with_plugins else []
-            return _block_tail(self, names, out, self.norm3, identity,
-                               self.relu, _is_scratch(self.conv3))
-
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        return _inner_forward(x)
+    def forward_conv2(self, out):
+        dense = super().forward_conv2(out)
+        return self.sk(out, dense)
 
 
 class SKBasicBlock(PluginBasicBlock):
@@ -72,20 +53,8 @@ class SKBasicBlock(PluginBasicBlock):
                                   dilation=dilation, conv_cfg=conv_cfg,
                                   norm_cfg=norm_cfg, **sk)
 
-    def forward(self, x):
-
-        def _inner_forward(x):
-            identity = x
-            dense = self.relu(self.norm1(self.conv1(x)))
-            out = self.conv2(self.sk(x, dense))
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            return _block_tail(self, self.plugin_names, out, self.norm2,
-                               identity, self.relu, _is_scratch(self.conv2))
-
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        return _inner_forward(x)
+    def forward_conv1(self, x):
+        return self.sk(x, super().forward_conv1(x))
 
 
 @register_model
