@@ -135,10 +135,10 @@ if [ "$with_cuda" = 0 ]; then
   "${pip[@]}" "$(pin triton)"
 fi
 
-step "installing $(pin mmdet), $(pin mmpretrain), $(pin pycocotools), $(pin pytest), $(pin ruff), $(pin onnx), $(pin onnxruntime) and $(pin onnxscript)" \
+step "installing $(pin mmdet), $(pin mmpretrain), $(pin pycocotools), $(pin pytest), $(pin ruff), $(pin onnx), $(pin onnxruntime), $(pin onnxscript) and $(pin safetensors)" \
   "make PyPI reachable; mmdet 3.3.0 needs mmcv>=2.0.0rc4,<2.2.0, mmpretrain 1.2.0 mmcv<2.4.0"
 "${pip[@]}" "$(pin mmdet)" "$(pin mmpretrain)" "$(pin pycocotools)" "$(pin pytest)" "$(pin ruff)" \
-  "$(pin onnx)" "$(pin onnxruntime)" "$(pin onnxscript)"
+  "$(pin onnx)" "$(pin onnxruntime)" "$(pin onnxscript)" "$(pin safetensors)"
 
 step "installing prm_det (editable)" "see pip's message above; pyproject.toml must be valid"
 "${pip[@]}" --no-deps --no-build-isolation -e .

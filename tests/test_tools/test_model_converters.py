@@ -366,6 +366,23 @@ def test_attention_converter_takes_the_se_converters_layouts(
     load_checkpoint(build('se', 50), str(dst), strict=True)
 
 
+def test_timms_safetensors_weights_convert_as_its_pth(tmp_path):
+    """timm's hub weights are a model.safetensors: the same tensors as its
+    .pth, the same converted file."""
+    from safetensors.torch import save_file
+    tool = tool_module(ATTENTION)
+    source = timm_state_dict(50)
+    src = tmp_path / 'model.safetensors'
+    save_file({k: v.contiguous() for k, v in source.items()}, str(src))
+    result = tool.main([str(src), str(tmp_path / 'out.pth')])
+    assert (result.kind, result.source) == ('se', 'timm')
+    from mmengine.runner import load_checkpoint
+    model = build('se', 50)
+    load_checkpoint(model, str(tmp_path / 'out.pth'), strict=True)
+    torch.testing.assert_close(model.layer1[0].se.conv1.conv.weight,
+                               source['layer1.0.se.fc1.weight'])
+
+
 def unrecognized(tool, tmp_path, state_dict):
     """The ConversionError main raises for ``state_dict`` in a file; nothing
     is saved."""
