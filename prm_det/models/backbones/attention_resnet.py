@@ -178,12 +178,19 @@ class AttentionResNet(CheckedPretrainedMixin, ResNet):
 
     Args:
         depth (int): 18, 34, 50, 101 or 152.
-        attention (str | dict | None): 'prm', 'se', 'gc', a plugin config
-            dict such as ``dict(type='PRM', groups=32)``, or a dict without
-            ``type`` that updates the class default's options. Defaults to
-            the class's own attention.
+        attention (str | dict | None): A short name ('prm', 'se', 'gc',
+            'ge', 'sge', 'cbam', 'bam'), a plugin config dict such as
+            ``dict(type='PRM', groups=32)``, or a dict without ``type``
+            that updates the class default's options. Defaults to the
+            class's own attention.
         attention_stages (Sequence[bool] | None): Which stages carry the
             attention, one flag per stage. Defaults to the class's own.
+        stage_attention (dict | None): A module between blocks (BAM,
+            non-local): ``cfg`` (its config), ``stages`` (one flag per
+            stage) and ``position`` ('after_stage': on the stage's output;
+            'before_last_block': on the input of its last block). A dict
+            without ``cfg`` updates the class default's. Defaults to the
+            class's own (none for most).
         **kwargs: Every argument of mmdet's ``ResNet`` (out_indices,
             frozen_stages, norm_cfg, norm_eval, style, with_cp, dcn, plugins,
             init_cfg, ...). Extra ``plugins`` go in before the attention.
