@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prm_det.ops.gate_tail import NormalizedMap
+
 from ..registry import register_model
+from .fused_tail import FusedGateTail
 from .gate_norm import GateBatchNorm2d
 
 
@@ -42,7 +45,7 @@ def reduced_channels(module: str, in_channels: int, ratio: float) -> int:
 
 
 @register_model
-class CBAM(nn.Module):
+class CBAM(FusedGateTail, nn.Module):
     """CBAM with ``in_channels`` first.
 
     Official parameter names map to these (see ``OFFICIAL_NAMES``):
@@ -108,6 +111,29 @@ class CBAM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x * self.channel_gate(x).to(x.dtype)[:, :, None, None]
         return x * self.spatial_gate(x).to(x.dtype)
+
+    def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
+        """The block's output: the max over positions of the normalized
+        map is the norm of c's max or min (by the sign of the norm's
+        scale); the spatial gate's channel mean is a matmul of c, its
+        channel max one reduction of the channel-gated map."""
+        c = nmap.c
+        b, ch, h, w = c.shape
+        acc = nmap.alpha.dtype
+        flat = c.flatten(2)
+        highest = torch.where(nmap.alpha >= 0, flat.amax(-1).to(acc),
+                              flat.amin(-1).to(acc))
+        channel = torch.sigmoid(
+            self.channel_mlp(nmap.channel_mean()) +
+            self.channel_mlp(highest * nmap.alpha + nmap.beta)).to(acc)
+        scale, shift = nmap.channel_affine(channel)        # x * channel
+        mean = (torch.matmul(scale.to(c.dtype)[:, None], flat).to(acc) +
+                shift.sum(1)[:, None, None]) / ch            # [b, 1, hw]
+        gated = torch.addcmul(shift[..., None], flat.to(acc), scale[..., None])
+        pooled = torch.cat((gated.max(1, keepdim=True)[0], mean), 1)
+        spatial = torch.sigmoid(self.spatial_norm(self.spatial_conv(
+            pooled.view(b, 2, h, w).to(c.dtype))))
+        return nmap.finish(identity, channel_scale=channel, gate=spatial)
 
     def extra_repr(self) -> str:
         return f'in_channels={self.in_channels}'

@@ -15,13 +15,18 @@ tensors and names are ``ContextBlock``'s (``context_block.*``).
 """
 from typing import Sequence
 
+import torch
 from mmcv.cnn import ContextBlock
+from torch import Tensor
+
+from prm_det.ops.gate_tail import NormalizedMap
 
 from ..registry import register_model
+from .fused_tail import FusedGateTail
 
 
 @register_model
-class GC(ContextBlock):
+class GC(FusedGateTail, ContextBlock):
     """mmcv's ``ContextBlock`` keeping its initialization in a backbone.
 
     Args:
@@ -42,3 +47,35 @@ class GC(ContextBlock):
     def init_weights(self) -> None:
         """mmcv's initialization (run again after a backbone's own)."""
         self.reset_parameters()
+
+    def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
+        """The block's output: the attention pooling's logits and context
+        are matmuls of the conv's output (the norm folded into the mask's
+        weights, and out of the context: the softmax weights sum to 1)."""
+        if self.pooling_type == 'att':
+            context = self._attention_context(nmap)
+        else:
+            context = nmap.channel_mean()
+        context = context[:, :, None, None]
+        scale = shift = None
+        if self.channel_mul_conv is not None:
+            scale = torch.sigmoid(self.channel_mul_conv(context)).flatten(1)
+        if self.channel_add_conv is not None:
+            shift = self.channel_add_conv(context).flatten(1)
+        return nmap.finish(identity, channel_scale=scale,
+                           channel_shift=shift)
+
+    def _attention_context(self, nmap: NormalizedMap) -> Tensor:
+        """sum over positions of softmax(conv_mask(x)) * x, [b, C]."""
+        c = nmap.c
+        flat = c.flatten(2)                                   # [b, C, hw]
+        acc = nmap.alpha.dtype
+        mask_weight = self.conv_mask.weight.flatten().to(acc)
+        weight = (mask_weight * nmap.alpha).to(c.dtype)
+        offset = (mask_weight * nmap.beta).sum()
+        if self.conv_mask.bias is not None:
+            offset = offset + self.conv_mask.bias.to(acc)
+        logits = torch.matmul(weight[None, None], flat)       # [b, 1, hw]
+        attention = torch.softmax(logits.to(acc) + offset, dim=-1)
+        pooled = torch.matmul(flat, attention.to(c.dtype).transpose(1, 2))
+        return pooled.flatten(1).to(acc) * nmap.alpha + nmap.beta

@@ -14,11 +14,14 @@ input's dtype.
 import torch
 from torch import Tensor, nn
 
+from prm_det.ops.gate_tail import NormalizedMap
+
 from ..registry import register_model
+from .fused_tail import FusedGateTail
 
 
 @register_model
-class GE(nn.Module):
+class GE(FusedGateTail, nn.Module):
     """Parameter-free gather-excite over the whole map.
 
     Args:
@@ -36,6 +39,12 @@ class GE(nn.Module):
         context = x.mean((2, 3), keepdim=True,
                          dtype=torch.promote_types(x.dtype, torch.float32))
         return x * torch.sigmoid(context).to(x.dtype)     # [b, c, 1, 1] gate
+
+    def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
+        """The block's output: the gather is the normalized map's channel
+        mean."""
+        return nmap.finish(identity,
+                           channel_scale=torch.sigmoid(nmap.channel_mean()))
 
     def extra_repr(self) -> str:
         return f'in_channels={self.in_channels}'

@@ -9,12 +9,16 @@ sigmoid, channel-wise scale). It is wrapped here only to give it the plugin
 contract: ``in_channels`` first, a ratio in the timm sense, ``_abbr_ = 'se'``.
 """
 from mmdet.models.layers import SELayer
+from torch import Tensor
+
+from prm_det.ops.gate_tail import NormalizedMap
 
 from ..registry import register_model
+from .fused_tail import FusedGateTail
 
 
 @register_model
-class SE(SELayer):
+class SE(FusedGateTail, SELayer):
     """Squeeze-and-excitation with ``in_channels`` first.
 
     Args:
@@ -34,3 +38,10 @@ class SE(SELayer):
                 f'channel, got ratio={ratio} for in_channels={in_channels}')
         # SELayer's ratio divides: hidden = int(channels / ratio).
         super().__init__(in_channels, ratio=1. / ratio, **kwargs)
+
+    def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
+        """The block's output: the squeeze is the normalized map's channel
+        mean, the excitation this module's two convs."""
+        squeeze = nmap.channel_mean()[:, :, None, None]
+        excite = self.conv2(self.conv1(squeeze))
+        return nmap.finish(identity, channel_scale=excite.flatten(1))

@@ -23,9 +23,11 @@ the squared deviations; the output has the input's dtype.
 import torch
 from torch import Tensor, nn
 
+from prm_det.ops.gate_tail import NormalizedMap
 from prm_det.ops.reference import NORM_EPS, normalize_over_positions
 
 from ..registry import register_model
+from .fused_tail import FusedGateTail
 
 
 def sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
@@ -43,7 +45,7 @@ def sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
 
 
 @register_model
-class SGE(nn.Module):
+class SGE(FusedGateTail, nn.Module):
     """Spatial Group-wise Enhance with ``in_channels`` first.
 
     Parameter names, shapes and initial values are the official code's
@@ -79,6 +81,25 @@ class SGE(nn.Module):
         gated = x.reshape(b, self.groups, c // self.groups, h, w) * \
             gate.to(x.dtype)[:, :, None]                   # [b, g, c/g, h, w]
         return gated.reshape(b, c, h, w)
+
+    def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
+        """The block's output: the similarities with the group means are
+        one batched matmul of the conv's output (the norm folded into the
+        means)."""
+        c = nmap.c
+        b, ch, h, w = c.shape
+        groups, acc = self.groups, nmap.alpha.dtype
+        context = nmap.channel_mean()                        # [b, C]
+        weight = (context * nmap.alpha).to(c.dtype)
+        offset = (context * nmap.beta).view(b, groups, -1).sum(-1)
+        grouped = c.unflatten(1, (groups, ch // groups)).flatten(3)
+        similarity = torch.matmul(weight.view(b, groups, 1, -1),
+                                  grouped).squeeze(2)      # [b, g, hw]
+        similarity = similarity.to(acc) + offset[..., None]
+        normalized = normalize_over_positions(similarity, NORM_EPS)
+        gate = torch.sigmoid(normalized * self.weight.view(1, groups, 1).to(
+            acc) + self.bias.view(1, groups, 1).to(acc))
+        return nmap.finish(identity, gate=gate.view(b, groups, h, w))
 
     def extra_repr(self) -> str:
         return f'in_channels={self.in_channels}, groups={self.groups}'

@@ -1,0 +1,357 @@
+"""The gate block tail: any attention that sits between a residual block's
+last norm and its add, run in the passes its math needs.
+
+Every attention of the backbones (SE, GE, GC, SGE, CBAM, and PRM, which has
+its own op, :mod:`.functions`) does the same thing to the normalized map
+``x = bn(c)``: small reductions of it, a small computation on them (the
+module's own layers), and one elementwise pass that gates ``x`` and adds the
+shortcut. Written as modules, that pass sequence is BatchNorm (read c, write
+x), the reductions (read x), the gate (read x, write x * g), the add and the
+ReLU (two more passes), and backward keeps ``x`` and ``x * g`` besides the
+conv's output. Here it is two ops around the module's small layers:
+
+1. :func:`channel_moments` (``prm_det::gate_moments``): one read of ``c``
+   giving, per (sample, channel), its mean and the sum of squared
+   deviations from it. BatchNorm's batch statistics follow from them
+   (:func:`normalize`, small tensors, Chan's combination), and so does the
+   channel mean of ``x``, an affine function of ``c``'s.
+2. the module's layers on those [b, C] tensors (and, for the gates per
+   position, the reductions that are matmuls: GC's attention logits and
+   context, SGE's similarities, CBAM's channel mean; standard ops);
+3. :func:`gate_tail` (``prm_det::gate_tail``): one pass
+   ``y = relu((c * scale + shift) * gate + identity)``, where BatchNorm and
+   the channel gate are folded into ``scale`` and ``shift`` per (sample,
+   channel) and ``gate`` is an optional gate per (sample, group, position).
+   Backward is one pass (every gradient, the per-channel sums among them);
+   it saves ``c``, ``y`` (the ReLU's mask) and the small tensors: what a
+   plain block keeps.
+
+BatchNorm's dependence on the batch statistics and the gate's on the
+reductions reach ``c`` through autograd of the small tensors and the
+moments op's backward (one affine pass, ``grad_mean / hw + 2 grad_m2 (c -
+mean)``).
+
+A gate plugs in as its small layers between :func:`normalize` and
+:meth:`NormalizedMap.finish` (see ``SE.gate_tail`` and the others in
+:mod:`prm_det.models.layers`); no kernel is written per gate.
+
+Backends, chosen by :func:`prm_det.ops.backends.select` as for PRM: ``cpu``
+(the C++ kernels, ``csrc/gate_tail_cpu.cpp``: float32/float64, contiguous
+maps) and ``torch`` (torch ops, any device, dtype and layout: what CUDA and
+channels_last maps run). ``reference`` and exporting take the modules'
+readable forward (the caller's :func:`tail_backend` returns None).
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .contract import BatchNorm, PRMOptions
+
+# the names the ops take for their backends
+CPU, TORCH = 'cpu', 'torch'
+_ANY = PRMOptions(groups=1)  # the backend choice is PRM's, by device
+
+
+def accumulation_dtype(c: Tensor) -> torch.dtype:
+    return torch.promote_types(c.dtype, torch.float32)
+
+
+def _cpu_kernel_takes(c: Tensor, *others: Optional[Tensor]) -> bool:
+    return (backends.cpu.check(c) is None and c.is_contiguous() and all(
+        t is None or (t.is_contiguous() and t.dtype == c.dtype)
+        for t in others))
+
+
+def tail_backend(c: Tensor, identity: Optional[Tensor] = None) -> Optional[str]:
+    """The backend the gate tail runs on for ``c``: 'cpu' (the C++ kernels:
+    a contiguous float32/float64 CPU map), 'torch' (anything else: CUDA,
+    half precision, channels_last), or None where the modules run as they
+    are (the 'reference' backend, exporting, an empty batch)."""
+    if c.numel() == 0:
+        return None
+    backend = backends.select(c, _ANY)
+    if backend is None:
+        return None
+    if backends.name_of(backend) == CPU and _cpu_kernel_takes(c, identity):
+        return CPU
+    return TORCH
+
+
+# --- prm_det::gate_moments -------------------------------------------------
+
+
+@torch.library.custom_op('prm_det::gate_moments', mutates_args=())
+def _gate_moments(c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """Per (sample, channel) of ``c`` [b, C, h, w]: the mean and the sum of
+    squared deviations from it, [b, C] each, in the accumulation dtype."""
+    if backend == CPU:
+        mean, m2 = torch.ops.prm_det.gate_moments_cpu(c)
+        return mean, m2
+    var, mean = torch.var_mean(c.to(accumulation_dtype(c)), dim=(2, 3),
+                               correction=0)
+    return mean, var * (c.shape[2] * c.shape[3])
+
+
+@_gate_moments.register_fake
+def _(c, backend):
+    acc = accumulation_dtype(c)
+    return (c.new_empty(c.shape[:2], dtype=acc),
+            c.new_empty(c.shape[:2], dtype=acc))
+
+
+def _moments_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _moments_backward(ctx, grad_mean, grad_m2):
+    c, mean = ctx.saved_tensors
+    hw = c.shape[2] * c.shape[3]
+    if grad_mean is None:
+        grad_mean = torch.zeros_like(mean)
+    if grad_m2 is None:
+        grad_m2 = torch.zeros_like(mean)
+    slope = 2 * grad_m2
+    offset = grad_mean / hw - slope * mean
+    grad = torch.addcmul(offset[..., None, None], c, slope[..., None, None])
+    return grad.to(c.dtype), None
+
+
+_gate_moments.register_autograd(_moments_backward, setup_context=_moments_setup)
+
+
+def channel_moments(c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """``c``'s mean and sum of squared deviations per (sample, channel)."""
+    return _gate_moments(c, backend)
+
+
+# --- prm_det::gate_tail ----------------------------------------------------
+
+
+def _grouped(t: Tensor, groups: int) -> Tensor:
+    """[b, C, h, w] as [b, groups, C / groups, h, w] (a view)."""
+    b, ch, h, w = t.shape
+    return t.view(b, groups, ch // groups, h, w) if t.is_contiguous() else \
+        t.reshape(b, groups, ch // groups, h, w)
+
+
+def _tail_torch(c, identity, scale, shift, gate, relu):
+    x = torch.addcmul(shift[..., None, None], c, scale[..., None, None])
+    if gate is not None:
+        x = (_grouped(x, gate.shape[1]) * gate[:, :, None]).flatten(1, 2)
+    if identity is not None:
+        x = x.add_(identity)
+    if relu:
+        x = x.relu_()
+    return x.to(c.dtype)
+
+
+def _tail_backward_torch(grad_y, c, y, scale, shift, gate, has_identity):
+    acc = scale.dtype
+    masked = grad_y if y is None else torch.ops.aten.threshold_backward(grad_y, y, 0)
+    grad_identity = masked if has_identity else None
+    gy = masked.to(acc)
+    if gate is None:
+        gx = gy
+        grad_gate = None
+    else:
+        groups = gate.shape[1]
+        x = torch.addcmul(shift[..., None, None], c, scale[..., None, None])
+        grad_gate = (_grouped(gy, groups) * _grouped(x, groups)).sum(2)
+        gx = (_grouped(gy, groups) * gate[:, :, None]).flatten(1, 2)
+    grad_shift = gx.sum((2, 3))
+    grad_scale = torch.einsum('bchw,bchw->bc', gx, c.to(acc))
+    grad_c = (gx * scale[..., None, None]).to(c.dtype)
+    return grad_c, grad_identity, grad_scale, grad_shift, grad_gate
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op('prm_det::gate_tail', mutates_args=())
+def _gate_tail(c: Tensor, identity: Optional[Tensor], scale: Tensor,
+               shift: Tensor, gate: Optional[Tensor], relu: bool,
+               backend: str) -> Tensor:
+    """``act((c * scale + shift) * gate + identity)``: ``scale``, ``shift``
+    [b, C]; ``gate`` [b, G, h, w] (G divides C), each optional but scale."""
+    if backend == CPU:
+        return torch.ops.prm_det.gate_tail_forward_cpu(
+            c, identity, scale.contiguous(), shift.contiguous(),
+            None if gate is None else gate.contiguous(), relu)
+    return _tail_torch(c, identity, scale, shift, gate, relu).contiguous(
+        memory_format=_format_of(c))
+
+
+def _format_of(c: Tensor) -> torch.memory_format:
+    if not c.is_contiguous() and c.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@_gate_tail.register_fake
+def _(c, identity, scale, shift, gate, relu, backend):
+    return torch.empty_like(c, memory_format=_format_of(c))
+
+
+@torch.library.custom_op('prm_det::gate_tail_backward', mutates_args=())
+def _gate_tail_backward(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
+                        scale: Tensor, shift: Tensor, gate: Optional[Tensor],
+                        has_identity: bool,
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor,
+                                               Tensor, Tensor]:
+    """Every gradient of :func:`gate_tail` in one call: c, identity (empty
+    where it is ``grad_y`` itself: no ReLU, or no identity), scale, shift,
+    gate (empty without one). ``y`` is the output where the ReLU was fused
+    (its mask), else None."""
+    if backend == CPU:
+        grads = torch.ops.prm_det.gate_tail_backward_cpu(
+            grad_y.contiguous(), c, y, scale.contiguous(),
+            shift.contiguous(), None if gate is None else gate.contiguous(),
+            has_identity)
+    else:
+        grads = _tail_backward_torch(grad_y, c, y, scale, shift, gate,
+                                     has_identity)
+    grad_c, grad_identity, grad_scale, grad_shift, grad_gate = grads
+    if grad_identity is None or y is None or not has_identity:
+        grad_identity = _empty(grad_y)
+    elif grad_identity is grad_y:  # outputs may not alias inputs
+        grad_identity = grad_identity.clone()
+    return (grad_c.contiguous(memory_format=_format_of(c)), grad_identity,
+            grad_scale, grad_shift,
+            _empty(scale) if grad_gate is None else grad_gate)
+
+
+@_gate_tail_backward.register_fake
+def _(grad_y, c, y, scale, shift, gate, has_identity, backend):
+    fmt = _format_of(c)
+    return (torch.empty_like(c, memory_format=fmt),
+            torch.empty_like(grad_y, memory_format=fmt)
+            if has_identity and y is not None else _empty(grad_y),
+            torch.empty_like(scale), torch.empty_like(shift),
+            _empty(scale) if gate is None else torch.empty_like(gate))
+
+
+def _tail_setup(ctx, inputs, output):
+    c, identity, scale, shift, gate, relu, backend = inputs
+    ctx.save_for_backward(c, output if relu else None, scale, shift, gate)
+    ctx.has_identity = identity is not None
+    ctx.backend = backend
+
+
+def _tail_backward(ctx, grad_y):
+    c, y, scale, shift, gate = ctx.saved_tensors
+    grad_c, grad_identity, grad_scale, grad_shift, grad_gate = \
+        _gate_tail_backward(grad_y, c, y, scale, shift, gate,
+                            ctx.has_identity, ctx.backend)
+    if not ctx.has_identity:
+        grad_identity = None
+    elif y is None:
+        grad_identity = grad_y
+    return (grad_c, grad_identity, grad_scale, grad_shift,
+            None if gate is None else grad_gate, None, None)
+
+
+_gate_tail.register_autograd(_tail_backward, setup_context=_tail_setup)
+
+
+def gate_tail(c: Tensor, scale: Tensor, shift: Tensor, backend: str,
+              identity: Optional[Tensor] = None,
+              gate: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``relu((c * scale + shift) * gate + identity)`` in one pass each way
+    (the custom op ``prm_det::gate_tail``).
+
+    Args:
+        c (Tensor): [b, C, h, w], the block's last conv output.
+        scale, shift (Tensor): [b, C], accumulation dtype (float32 for
+            half maps): BatchNorm and any channel gate folded together.
+        backend (str): 'cpu' or 'torch' (:func:`tail_backend`).
+        identity (Tensor, optional): the shortcut, ``c``'s shape.
+        gate (Tensor, optional): [b, G, h, w] in the accumulation dtype, one
+            value per (sample, group of C / G channels, position).
+        relu (bool): apply the block's ReLU. Defaults to True.
+    """
+    if identity is not None and identity.dtype != c.dtype:
+        identity = identity.to(c.dtype)  # autocast: the map's dtype wins
+    return _gate_tail(c, identity, scale, shift, gate, relu, backend)
+
+
+# --- BatchNorm from the moments, and the map it normalizes -----------------
+
+
+class NormalizedMap(NamedTuple):
+    """``x = bn(c)`` without ``x``: ``c``, BatchNorm as a per-channel affine
+    (``x = c * alpha + beta``, [C] each) and ``c``'s mean per (sample,
+    channel) [b, C]; what a gate's small layers read, and
+    :meth:`finish` applies."""
+    c: Tensor
+    alpha: Tensor
+    beta: Tensor
+    sample_mean: Tensor
+    backend: str
+
+    def channel_mean(self) -> Tensor:
+        """The mean of ``x`` over the positions, [b, C]."""
+        return self.sample_mean * self.alpha + self.beta
+
+    def channel_affine(self, channel_scale: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor]:
+        """(scale, shift) [b, C] with ``c * scale + shift = x * channel_scale``
+        (the channel-gated map)."""
+        b = self.c.shape[0]
+        scale = self.alpha.expand(b, -1)
+        shift = self.beta.expand(b, -1)
+        if channel_scale is not None:
+            scale, shift = scale * channel_scale, shift * channel_scale
+        return scale, shift
+
+    def finish(self, identity: Optional[Tensor],
+               channel_scale: Optional[Tensor] = None,
+               channel_shift: Optional[Tensor] = None,
+               gate: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+        """``relu((x * channel_scale + channel_shift) * gate + identity)``:
+        the block's output. ``channel_scale``/``channel_shift`` [b, C],
+        ``gate`` [b, G, h, w]; each optional."""
+        acc = self.alpha.dtype
+        scale, shift = self.channel_affine(
+            None if channel_scale is None else channel_scale.to(acc))
+        if channel_shift is not None:
+            shift = shift + channel_shift.to(acc)
+        return gate_tail(self.c, scale.contiguous(), shift.contiguous(),
+                         self.backend, identity=identity,
+                         gate=None if gate is None else gate.to(acc),
+                         relu=relu)
+
+
+def normalize(c: Tensor, norm: BatchNorm, backend: str) -> NormalizedMap:
+    """BatchNorm of ``c`` as :class:`NormalizedMap`, from one read of ``c``;
+    in training the running statistics are updated as
+    ``F.batch_norm`` does (unbiased variance, ``norm.momentum``)."""
+    sample_mean, m2 = channel_moments(c, backend)
+    acc = sample_mean.dtype
+    if norm.training:
+        b, hw = c.shape[0], c.shape[2] * c.shape[3]
+        mean = sample_mean.mean(0)
+        # Chan et al.: the batch's sum of squared deviations from the
+        # per-sample ones, without cancellation
+        total_m2 = m2.sum(0) + hw * (sample_mean - mean).square().sum(0)
+        count = b * hw
+        var = total_m2 / count
+        if norm.running_mean is not None:
+            with torch.no_grad():
+                norm.running_mean.mul_(1 - norm.momentum).add_(
+                    mean.to(norm.running_mean.dtype), alpha=norm.momentum)
+                norm.running_var.mul_(1 - norm.momentum).add_(
+                    (total_m2 / max(count - 1, 1)).to(
+                        norm.running_var.dtype), alpha=norm.momentum)
+    else:
+        mean, var = norm.running_mean.to(acc), norm.running_var.to(acc)
+    alpha = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        alpha = alpha * norm.weight.to(acc)
+    beta = -mean * alpha
+    if norm.bias is not None:
+        beta = beta + norm.bias.to(acc)
+    return NormalizedMap(c, alpha, beta, sample_mean, backend)
