@@ -15,6 +15,7 @@ import torch
 from helpers import tiny_backbone
 from torch._dynamo.backends.debugging import aot_eager
 
+from prm_det.models.layers.fused_tail import FusedGateTail
 from prm_det.ops import backends, use_backend
 
 # (b, 3, h, w), no two equal sizes (Dynamo would otherwise specialize
@@ -112,7 +113,9 @@ def check_inference(model, sizes, rtol=1e-4, atol=1e-5):
 
 def prm_calls(graphs, op='block_tail'):
     """How many calls of the custom op ``op`` the graphs hold."""
-    return sum(gm.code.count(f'torch.ops.prm_det.{op}(') for gm in graphs)
+    return sum(gm.code.count(f'torch.ops.prm_det.{op}(') +
+               gm.code.count(f'torch.ops.prm_det.{op}.default(')
+               for gm in graphs)
 
 
 @pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)
@@ -207,3 +210,44 @@ def test_torch_export_of_the_backbone_follows_the_input_size():
             x = torch.randn(size)
             for got, want in zip(exported(x), model(x)):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+GATE_TAIL_TYPES = ['SEResNet', 'GEResNet', 'GCResNet', 'SGEResNet',
+                   'CBAMResNet']
+
+
+@pytest.mark.parametrize('type_', [
+    pytest.param(t, marks=() if t == 'CBAMResNet' else pytest.mark.slow)
+    for t in GATE_TAIL_TYPES])  # the fast tier: CBAM's, both gate kinds
+def test_gate_tail_resnets_compile_whole(type_):
+    """The gate attentions' fused tails (prm_det::gate_moments and
+    prm_det::gate_tail, on the CPU kernel) inside one graph, every block's
+    tail one gate_tail node, dynamic sizes, eager's results."""
+    torch.manual_seed(0)
+    sizes = [(2, 3, 24, 40), (2, 3, 40, 16)]
+    model = tiny_backbone(type_, stages=2)
+    blocks = sum(isinstance(m, FusedGateTail) for m in model.modules())
+    assert blocks >= 2
+    assert prm_calls(check_train_steps(model, sizes), 'gate_tail') == blocks
+    assert prm_calls(check_inference(model, sizes), 'gate_tail') == blocks
+
+
+def test_gate_tail_compiles_whole_on_the_torch_backend():
+    torch.manual_seed(0)
+    with use_backend('torch'):
+        check_train_steps(tiny_backbone('CBAMResNet', stages=2),
+                          [(2, 3, 24, 40), (2, 3, 40, 16)])
+
+
+@pytest.mark.parametrize('type_', GATE_TAIL_TYPES)
+def test_torch_export_of_gate_tail_backbones_is_standard_ops(type_):
+    """Exporting takes the modules (standard ATen ops), not the tail ops."""
+    torch.manual_seed(0)
+    model = tiny_backbone(type_, stages=1)
+    model.eval()
+    program = torch.export.export(model, (torch.randn(1, 3, 32, 48), ))
+    assert 'prm_det' not in str(program.graph)
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        for got, want in zip(program.module()(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
