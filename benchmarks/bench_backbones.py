@@ -6,9 +6,12 @@
         [--no-detector] [--only VARIANT ...] [--out FILE.md]
         [--default-malloc]
 
-Measures plain ResNet-50 (mmdet's ``ResNet``), SE-, GC- and PRM-ResNet-50
-(PRM on the backend chosen for the device: the compiled kernel on CPU, the
-Triton kernels on CUDA), PRM-ResNet-50 forced onto the ``torch`` backend
+Measures plain ResNet-50 (mmdet's ``ResNet``), SE-, GE-, GC-, SGE-, CBAM-
+and PRM-ResNet-50 (on the backend chosen for the device: the compiled
+kernels on CPU, the Triton kernels (PRM) or torch ops (the gate tails) on
+CUDA), SE, GC and CBAM as modules one after another (the gate tail's
+'reference' backend: what they cost before the fused tail), PRM-ResNet-50
+forced onto the ``torch`` backend
 (``prm_det.ops.use_backend('torch')``) and with the readable reference PRM,
 for a training step (forward + backward, all stages trainable, BN in train
 mode) and for inference (eval, no_grad), at each input size and precision;
@@ -63,14 +66,24 @@ from mmdet.utils import register_all_modules  # noqa: E402
 BACKBONES = {
     'ResNet-50': dict(type='ResNet'),
     'SE-ResNet-50': dict(type='SEResNet'),
+    'GE-ResNet-50': dict(type='GEResNet'),
     'GC-ResNet-50': dict(type='GCResNet'),
+    'SGE-ResNet-50': dict(type='SGEResNet'),
+    'CBAM-ResNet-50': dict(type='CBAMResNet'),
     'PRM-ResNet-50': dict(type='PRMResNet'),
+    'SE-ResNet-50 (modules)': dict(type='SEResNet'),
+    'GC-ResNet-50 (modules)': dict(type='GCResNet'),
+    'CBAM-ResNet-50 (modules)': dict(type='CBAMResNet'),
     'PRM-ResNet-50 (torch backend)': dict(type='PRMResNet'),
     'PRM-ResNet-50 (reference PRM)': dict(
         type='PRMResNet', attention=dict(reference=True)),
 }
-# variants that run the same model in another mode
-CONTEXTS = {'PRM-ResNet-50 (torch backend)': lambda: use_backend('torch')}
+# variants that run the same model in another mode: the gate attentions as
+# modules one after another ('reference': the fused tail's readable form)
+CONTEXTS = {'PRM-ResNet-50 (torch backend)': lambda: use_backend('torch'),
+            'SE-ResNet-50 (modules)': lambda: use_backend('reference'),
+            'GC-ResNet-50 (modules)': lambda: use_backend('reference'),
+            'CBAM-ResNet-50 (modules)': lambda: use_backend('reference')}
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 DEFAULT_SIZES = {'cpu': ['2x224x224', '1x512x832'],
                  'cuda': ['2x800x1216', '32x224x224']}
@@ -104,7 +117,8 @@ def backend_name(module) -> str:
 
 @contextlib.contextmanager
 def recording_backends(chosen: set):
-    """Records the name of every backend the PRM op chooses inside."""
+    """Records the name of every backend the PRM op and the gate tails
+    choose inside."""
     select = prm_backends.select
 
     def recording(c, options):
@@ -130,7 +144,8 @@ def build_backbone(cfg, device):
     model.init_weights()
     with torch.no_grad():  # move attention away from its identity-like init
         for name, p in model.named_parameters():
-            if any(k in name for k in ('.prm.', '.se.', '.context_block.')):
+            if any(k in name for k in ('.prm.', '.se.', '.context_block.',
+                                       '.sge.', '.cbam.')):
                 p.add_(torch.randn_like(p) * 0.1)
     return model.to(device)
 
@@ -236,7 +251,7 @@ def detector_step_fns(device, size):
 
 
 def fmt_table(rows, baseline='ResNet-50'):
-    lines = ['| task | input | precision | backbone | PRM backend (maps) '
+    lines = ['| task | input | precision | backbone | backend (maps) '
              '| median ms | vs ResNet-50 | memory MiB | vs ResNet-50 |',
              '|---|---|---|---|---|---|---|---|---|']
     # time ratio: the median of per-repetition ratios (see interleaved_medians)
