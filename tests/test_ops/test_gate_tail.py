@@ -219,3 +219,39 @@ def test_reference_backend_and_export_run_the_modules():
     with use_backend('reference'):
         assert tail_backend(c) is None
     assert tail_backend(c[:0]) is None
+
+
+@pytest.mark.parametrize('type_', ['SEResNet', 'GEResNet', 'GCResNet',
+                                   'SGEResNet', 'CBAMResNet'])
+def test_backbones_fused_equal_the_modules(type_):
+    """A whole (tiny) backbone in float64: every block's tail fused (the
+    default backend) against the modules one after another ('reference'):
+    outputs, every parameter's gradient, every buffer."""
+    from helpers import tiny_backbone
+    torch.manual_seed(0)
+    model = tiny_backbone(type_, stages=2).double()
+    for name, p in model.named_parameters():  # the gates off their init
+        if not name.startswith(('conv1', 'bn1')):
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * 0.1)
+    model.train()
+    modules = copy.deepcopy(model)
+    x = torch.randn(2, 3, 40, 24, dtype=torch.float64)
+    calls = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: calls.append(t.grad_fn) or t, lambda t: t):
+        outs = model(x)
+    assert any('gate_tail' in type(f).__name__ for f in calls)
+    sum(o.square().mean() for o in outs).backward()
+    with use_backend('reference'):
+        expected = modules(x)
+        sum(o.square().mean() for o in expected).backward()
+    for got, want in zip(outs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    for (name, p), (_, q) in zip(model.named_parameters(),
+                                 modules.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10,
+                                   msg=name)
+    for (name, b), (_, b0) in zip(model.named_buffers(),
+                                  modules.named_buffers()):
+        torch.testing.assert_close(b, b0, rtol=1e-9, atol=1e-12, msg=name)
