@@ -136,10 +136,20 @@ def _grouped(t: Tensor, groups: int) -> Tensor:
         t.reshape(b, groups, ch // groups, h, w)
 
 
-def _tail_torch(c, identity, scale, shift, gate, relu):
+def _gate_values(gate, gate_affine):
+    """The gate [b, G, h, w]: ``gate`` itself, or with ``gate_affine``
+    [b, G, 2], ``sigmoid(gate * affine[..., 0] + affine[..., 1])``."""
+    if gate_affine is None:
+        return gate
+    return torch.sigmoid(torch.addcmul(gate_affine[..., 1, None, None], gate,
+                                       gate_affine[..., 0, None, None]))
+
+
+def _tail_torch(c, identity, scale, shift, gate, gate_affine, relu):
     x = torch.addcmul(shift[..., None, None], c, scale[..., None, None])
     if gate is not None:
-        x = (_grouped(x, gate.shape[1]) * gate[:, :, None]).flatten(1, 2)
+        values = _gate_values(gate, gate_affine)
+        x = (_grouped(x, gate.shape[1]) * values[:, :, None]).flatten(1, 2)
     if identity is not None:
         x = x.add_(identity)
     if relu:
@@ -147,41 +157,57 @@ def _tail_torch(c, identity, scale, shift, gate, relu):
     return x.to(c.dtype)
 
 
-def _tail_backward_torch(grad_y, c, y, scale, shift, gate, has_identity):
+def _tail_backward_torch(grad_y, c, y, scale, shift, gate, gate_affine,
+                         has_identity):
     acc = scale.dtype
-    masked = grad_y if y is None else torch.ops.aten.threshold_backward(grad_y, y, 0)
+    masked = grad_y if y is None else torch.ops.aten.threshold_backward(
+        grad_y, y, 0)
     grad_identity = masked if has_identity else None
     gy = masked.to(acc)
+    grad_gate = grad_affine = None
     if gate is None:
         gx = gy
-        grad_gate = None
     else:
         groups = gate.shape[1]
+        values = _gate_values(gate, gate_affine)
         x = torch.addcmul(shift[..., None, None], c, scale[..., None, None])
         grad_gate = (_grouped(gy, groups) * _grouped(x, groups)).sum(2)
-        gx = (_grouped(gy, groups) * gate[:, :, None]).flatten(1, 2)
+        gx = (_grouped(gy, groups) * values[:, :, None]).flatten(1, 2)
+        if gate_affine is not None:  # through the sigmoid and the affine
+            dz = grad_gate * values * (1 - values)
+            grad_gate = dz * gate_affine[..., 0, None, None]
+            grad_affine = torch.stack(((dz * gate).sum((2, 3)),
+                                       dz.sum((2, 3))), -1)
     grad_shift = gx.sum((2, 3))
     grad_scale = torch.einsum('bchw,bchw->bc', gx, c.to(acc))
     grad_c = (gx * scale[..., None, None]).to(c.dtype)
-    return grad_c, grad_identity, grad_scale, grad_shift, grad_gate
+    return (grad_c, grad_identity, grad_scale, grad_shift, grad_gate,
+            grad_affine)
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op('prm_det::gate_tail', mutates_args=())
 def _gate_tail(c: Tensor, identity: Optional[Tensor], scale: Tensor,
-               shift: Tensor, gate: Optional[Tensor], relu: bool,
+               shift: Tensor, gate: Optional[Tensor],
+               gate_affine: Optional[Tensor], relu: bool,
                backend: str) -> Tensor:
     """``act((c * scale + shift) * gate + identity)``: ``scale``, ``shift``
-    [b, C]; ``gate`` [b, G, h, w] (G divides C), each optional but scale."""
+    [b, C]; ``gate`` [b, G, h, w] (G divides C), or its logits with
+    ``gate_affine`` [b, G, 2] (the gate ``sigmoid(gate * gate_affine[...,
+    0] + gate_affine[..., 1])``)."""
     if backend == CPU:
         return torch.ops.prm_det.gate_tail_forward_cpu(
             c, identity, scale.contiguous(), shift.contiguous(),
-            None if gate is None else gate.contiguous(), relu)
-    return _tail_torch(c, identity, scale, shift, gate, relu).contiguous(
-        memory_format=_format_of(c))
+            _contiguous(gate), _contiguous(gate_affine), relu)
+    return _tail_torch(c, identity, scale, shift, gate, gate_affine,
+                       relu).contiguous(memory_format=_format_of(c))
 
 
 def _format_of(c: Tensor) -> torch.memory_format:
@@ -192,74 +218,94 @@ def _format_of(c: Tensor) -> torch.memory_format:
 
 
 @_gate_tail.register_fake
-def _(c, identity, scale, shift, gate, relu, backend):
+def _(c, identity, scale, shift, gate, gate_affine, relu, backend):
     return torch.empty_like(c, memory_format=_format_of(c))
 
 
 @torch.library.custom_op('prm_det::gate_tail_backward', mutates_args=())
 def _gate_tail_backward(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
                         scale: Tensor, shift: Tensor, gate: Optional[Tensor],
-                        has_identity: bool,
+                        gate_affine: Optional[Tensor], has_identity: bool,
                         backend: str) -> Tuple[Tensor, Tensor, Tensor,
-                                               Tensor, Tensor]:
+                                               Tensor, Tensor, Tensor]:
     """Every gradient of :func:`gate_tail` in one call: c, identity (empty
     where it is ``grad_y`` itself: no ReLU, or no identity), scale, shift,
-    gate (empty without one). ``y`` is the output where the ReLU was fused
-    (its mask), else None."""
+    gate and gate_affine (empty without them). ``y`` is the output where
+    the ReLU was fused (its mask), else None."""
     if backend == CPU:
         grads = torch.ops.prm_det.gate_tail_backward_cpu(
             grad_y.contiguous(), c, y, scale.contiguous(),
-            shift.contiguous(), None if gate is None else gate.contiguous(),
+            shift.contiguous(), _contiguous(gate), _contiguous(gate_affine),
             has_identity)
     else:
         grads = _tail_backward_torch(grad_y, c, y, scale, shift, gate,
-                                     has_identity)
-    grad_c, grad_identity, grad_scale, grad_shift, grad_gate = grads
+                                     gate_affine, has_identity)
+    (grad_c, grad_identity, grad_scale, grad_shift, grad_gate,
+     grad_affine) = grads
     if grad_identity is None or y is None or not has_identity:
         grad_identity = _empty(grad_y)
     elif grad_identity is grad_y:  # outputs may not alias inputs
         grad_identity = grad_identity.clone()
     return (grad_c.contiguous(memory_format=_format_of(c)), grad_identity,
             grad_scale, grad_shift,
-            _empty(scale) if grad_gate is None else grad_gate)
+            _empty(scale) if gate is None else grad_gate,
+            _empty(scale) if gate_affine is None else grad_affine)
 
 
 @_gate_tail_backward.register_fake
-def _(grad_y, c, y, scale, shift, gate, has_identity, backend):
+def _(grad_y, c, y, scale, shift, gate, gate_affine, has_identity, backend):
     fmt = _format_of(c)
     return (torch.empty_like(c, memory_format=fmt),
             torch.empty_like(grad_y, memory_format=fmt)
             if has_identity and y is not None else _empty(grad_y),
             torch.empty_like(scale), torch.empty_like(shift),
-            _empty(scale) if gate is None else torch.empty_like(gate))
+            _empty(scale) if gate is None else torch.empty_like(gate),
+            _empty(scale) if gate_affine is None else
+            torch.empty_like(gate_affine))
 
 
 def _tail_setup(ctx, inputs, output):
-    c, identity, scale, shift, gate, relu, backend = inputs
-    ctx.save_for_backward(c, output if relu else None, scale, shift, gate)
+    c, identity, scale, shift, gate, gate_affine, relu, backend = inputs
+    ctx.save_for_backward(c, output if relu else None, scale, shift, gate,
+                          gate_affine)
     ctx.has_identity = identity is not None
     ctx.backend = backend
 
 
 def _tail_backward(ctx, grad_y):
-    c, y, scale, shift, gate = ctx.saved_tensors
-    grad_c, grad_identity, grad_scale, grad_shift, grad_gate = \
-        _gate_tail_backward(grad_y, c, y, scale, shift, gate,
-                            ctx.has_identity, ctx.backend)
+    c, y, scale, shift, gate, gate_affine = ctx.saved_tensors
+    (grad_c, grad_identity, grad_scale, grad_shift, grad_gate,
+     grad_affine) = _gate_tail_backward(grad_y, c, y, scale, shift, gate,
+                                        gate_affine, ctx.has_identity,
+                                        ctx.backend)
     if not ctx.has_identity:
         grad_identity = None
     elif y is None:
         grad_identity = grad_y
     return (grad_c, grad_identity, grad_scale, grad_shift,
-            None if gate is None else grad_gate, None, None)
+            None if gate is None else grad_gate,
+            None if gate_affine is None else grad_affine, None, None)
 
 
 _gate_tail.register_autograd(_tail_backward, setup_context=_tail_setup)
 
 
+class GateLogits(NamedTuple):
+    """A gate per (sample, group, position) given by its logits: the gate is
+    ``sigmoid(values * scale + shift)``, ``values`` [b, G, h, w], ``scale``
+    and ``shift`` [b, G] (SGE's and PRM's form: a normalization and the
+    group's weight and bias). The op keeps ``values`` for backward, not the
+    gate."""
+    values: Tensor
+    scale: Tensor
+    shift: Tensor
+
+
 def gate_tail(c: Tensor, scale: Tensor, shift: Tensor, backend: str,
               identity: Optional[Tensor] = None,
-              gate: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+              gate: Optional[Tensor] = None,
+              gate_logits: Optional[GateLogits] = None,
+              relu: bool = True) -> Tensor:
     """``relu((c * scale + shift) * gate + identity)`` in one pass each way
     (the custom op ``prm_det::gate_tail``).
 
@@ -271,11 +317,20 @@ def gate_tail(c: Tensor, scale: Tensor, shift: Tensor, backend: str,
         identity (Tensor, optional): the shortcut, ``c``'s shape.
         gate (Tensor, optional): [b, G, h, w] in the accumulation dtype, one
             value per (sample, group of C / G channels, position).
+        gate_logits (GateLogits, optional): the gate as logits (instead of
+            ``gate``).
         relu (bool): apply the block's ReLU. Defaults to True.
     """
     if identity is not None and identity.dtype != c.dtype:
         identity = identity.to(c.dtype)  # autocast: the map's dtype wins
-    return _gate_tail(c, identity, scale, shift, gate, relu, backend)
+    gate_affine = None
+    if gate_logits is not None:
+        if gate is not None:
+            raise ValueError('gate_tail: give gate or gate_logits, not both')
+        gate = gate_logits.values
+        gate_affine = torch.stack((gate_logits.scale, gate_logits.shift), -1)
+    return _gate_tail(c, identity, scale, shift, gate, gate_affine, relu,
+                      backend)
 
 
 # --- BatchNorm from the moments, and the map it normalizes -----------------
@@ -310,10 +365,12 @@ class NormalizedMap(NamedTuple):
     def finish(self, identity: Optional[Tensor],
                channel_scale: Optional[Tensor] = None,
                channel_shift: Optional[Tensor] = None,
-               gate: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+               gate: Optional[Tensor] = None,
+               gate_logits: Optional[GateLogits] = None,
+               relu: bool = True) -> Tensor:
         """``relu((x * channel_scale + channel_shift) * gate + identity)``:
         the block's output. ``channel_scale``/``channel_shift`` [b, C],
-        ``gate`` [b, G, h, w]; each optional."""
+        ``gate`` [b, G, h, w] (or ``gate_logits``); each optional."""
         acc = self.alpha.dtype
         scale, shift = self.channel_affine(
             None if channel_scale is None else channel_scale.to(acc))
@@ -322,6 +379,8 @@ class NormalizedMap(NamedTuple):
         return gate_tail(self.c, scale.contiguous(), shift.contiguous(),
                          self.backend, identity=identity,
                          gate=None if gate is None else gate.to(acc),
+                         gate_logits=None if gate_logits is None else
+                         GateLogits(*(t.to(acc) for t in gate_logits)),
                          relu=relu)
 
 

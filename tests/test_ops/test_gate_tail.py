@@ -13,8 +13,8 @@ from torch import nn
 import prm_det  # noqa: F401
 from prm_det.models.layers import CBAM, GC, GE, SE, SGE
 from prm_det.ops import use_backend
-from prm_det.ops.gate_tail import (channel_moments, gate_tail, normalize,
-                                   tail_backend)
+from prm_det.ops.gate_tail import (GateLogits, channel_moments, gate_tail,
+                                   normalize, tail_backend)
 
 GATES = {
     'se': lambda ch: SE(ch, ratio=1 / 4),
@@ -144,15 +144,20 @@ def test_ops_gradcheck(backend):
 
     c, identity = rand(2, 4, 3, 5), rand(2, 4, 3, 5)
     scale, shift, gate = rand(2, 4), rand(2, 4), rand(2, 2, 3, 5)
+    gate_scale, gate_shift = rand(2, 2), rand(2, 2)
     torch.autograd.gradcheck(
         lambda c: channel_moments(c, backend), (c, ))
-    for with_gate in (False, True):
+    for gate_kind in (None, 'values', 'logits'):
         for with_identity in (False, True):
-            torch.autograd.gradcheck(
-                lambda c, i, s, t, g: gate_tail(
+            def tail(c, i, s, t, g, gs, gt):
+                return gate_tail(
                     c, s, t, backend, identity=i if with_identity else None,
-                    gate=g if with_gate else None, relu=True),
-                (c, identity, scale, shift, gate))
+                    gate=g if gate_kind == 'values' else None,
+                    gate_logits=GateLogits(g, gs, gt)
+                    if gate_kind == 'logits' else None, relu=True)
+
+            torch.autograd.gradcheck(tail, (c, identity, scale, shift, gate,
+                                            gate_scale, gate_shift))
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -165,12 +170,14 @@ def test_ops_opcheck(backend):
     scale = torch.randn(2, 4, generator=gen, requires_grad=True)
     shift = torch.randn(2, 4, generator=gen, requires_grad=True)
     gate = torch.rand(2, 2, 3, 5, generator=gen, requires_grad=True)
+    affine = torch.randn(2, 2, 2, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.prm_det.gate_moments.default,
                           (c, backend))
-    torch.library.opcheck(torch.ops.prm_det.gate_tail.default,
-                          (c, identity, scale, shift, gate, True, backend))
-    torch.library.opcheck(torch.ops.prm_det.gate_tail.default,
-                          (c, None, scale, shift, None, False, backend))
+    for args in ((c, identity, scale, shift, gate, None, True),
+                 (c, identity, scale, shift, gate, affine, True),
+                 (c, None, scale, shift, None, None, False)):
+        torch.library.opcheck(torch.ops.prm_det.gate_tail.default,
+                              (*args, backend))
 
 
 @pytest.mark.parametrize('offset,spread', [(20.0, 3.0), (1000.0, 0.01)])

@@ -75,7 +75,9 @@ class GC(FusedGateTail, ContextBlock):
         offset = (mask_weight * nmap.beta).sum()
         if self.conv_mask.bias is not None:
             offset = offset + self.conv_mask.bias.to(acc)
-        logits = torch.matmul(weight[None, None], flat)       # [b, 1, hw]
+        # bmm over the batch (a broadcast matmul would fold c into a
+        # transposed [b * hw, C] copy, and keep it for backward)
+        logits = torch.bmm(weight.expand(c.shape[0], 1, -1), flat)  # [b,1,hw]
         attention = torch.softmax(logits.to(acc) + offset, dim=-1)
         pooled = torch.matmul(flat, attention.to(c.dtype).transpose(1, 2))
         return pooled.flatten(1).to(acc) * nmap.alpha + nmap.beta

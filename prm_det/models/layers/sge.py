@@ -23,8 +23,9 @@ the squared deviations; the output has the input's dtype.
 import torch
 from torch import Tensor, nn
 
-from prm_det.ops.gate_tail import NormalizedMap
-from prm_det.ops.reference import NORM_EPS, normalize_over_positions
+from prm_det.ops.gate_tail import GateLogits, NormalizedMap
+from prm_det.ops.reference import (_TINY_VAR, NORM_EPS,
+                                  normalize_over_positions)
 
 from ..registry import register_model
 from .fused_tail import FusedGateTail
@@ -96,10 +97,16 @@ class SGE(FusedGateTail, nn.Module):
         similarity = torch.matmul(weight.view(b, groups, 1, -1),
                                   grouped).squeeze(2)      # [b, g, hw]
         similarity = similarity.to(acc) + offset[..., None]
-        normalized = normalize_over_positions(similarity, NORM_EPS)
-        gate = torch.sigmoid(normalized * self.weight.view(1, groups, 1).to(
-            acc) + self.bias.view(1, groups, 1).to(acc))
-        return nmap.finish(identity, gate=gate.view(b, groups, h, w))
+        # the gate sigmoid(N(S) * weight + bias) as logits S with a per
+        # (sample, group) affine: the op keeps S, not the gate
+        positions = h * w
+        var, mean = torch.var_mean(similarity, dim=-1, correction=0)
+        var = var * (positions / max(positions - 1, 1))  # unbiased; 0 at P=1
+        std = var.clamp_min(_TINY_VAR).sqrt()
+        gain = self.weight.view(1, groups).to(acc) / (std + NORM_EPS)
+        shift = self.bias.view(1, groups).to(acc) - mean * gain
+        return nmap.finish(identity, gate_logits=GateLogits(
+            similarity.view(b, groups, h, w), gain, shift))
 
     def extra_repr(self) -> str:
         return f'in_channels={self.in_channels}, groups={self.groups}'

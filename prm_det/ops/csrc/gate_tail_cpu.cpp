@@ -6,13 +6,17 @@
 //
 //   gate_moments_cpu: per (sample, channel) plane, its mean and sum of
 //     squared deviations (two sweeps of a plane while it sits in cache);
-//   gate_tail_forward_cpu: the output, one plane at a time;
+//   gate_tail_forward_cpu: the output, one plane at a time; with a gate, a
+//     (sample, group, chunk of positions) at a time, the chunk's gate made
+//     once for the group's channels (the sigmoid of its logits, with
+//     gate_affine);
 //   gate_tail_backward_cpu: every gradient: the map's, the shortcut's (the
 //     ReLU-masked output gradient), scale's and shift's (sums per plane)
 //     and the gate's (sums over a group's channels per position). Tasks are
 //     (sample, group, chunk of positions), so that a task owns its part of
-//     the gate's gradient; the per-plane sums of the chunks are added in a
-//     fixed order after (the same bits every run).
+//     the gate's gradient (or its logits' and the per-(sample, group)
+//     affine's, through the sigmoid); the per-plane sums of the chunks are
+//     added in a fixed order after (the same bits every run).
 //
 // Contiguous float32 / float64 maps; scale, shift and gate in the map's
 // dtype. Sums in double.
@@ -24,6 +28,8 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#include "vec_math.h"
 
 namespace prm_det {
 namespace {
@@ -107,13 +113,14 @@ std::tuple<at::Tensor, at::Tensor> gate_moments_cpu(const at::Tensor& c) {
   return {mean, m2};
 }
 
-// the pointers of a tail: c, the shortcut and gate (null when absent),
-// scale and shift
+// the pointers of a tail: c, the shortcut, gate and gate_affine (null when
+// absent), scale and shift
 template <typename T>
 struct TailArgs {
   const T* c;
   const T* identity;
   const T* gate;
+  const T* gate_affine;  // [b, G, 2]: gate = sigmoid(gate * a0 + a1)
   const T* scale;
   const T* shift;
   int64_t B, C, P, groups, cg;  // groups: of the gate (0 without one)
@@ -123,11 +130,14 @@ template <typename T>
 TailArgs<T> tail_args(const at::Tensor& c,
                       const c10::optional<at::Tensor>& identity,
                       const at::Tensor& scale, const at::Tensor& shift,
-                      const c10::optional<at::Tensor>& gate, int64_t groups) {
+                      const c10::optional<at::Tensor>& gate,
+                      const c10::optional<at::Tensor>& gate_affine,
+                      int64_t groups) {
   const int64_t C = c.size(1);
   return {c.data_ptr<T>(),
           identity.has_value() ? identity->data_ptr<T>() : nullptr,
           groups ? gate->data_ptr<T>() : nullptr,
+          gate_affine.has_value() ? gate_affine->data_ptr<T>() : nullptr,
           scale.data_ptr<T>(),
           shift.data_ptr<T>(),
           c.size(0),
@@ -137,35 +147,85 @@ TailArgs<T> tail_args(const at::Tensor& c,
           groups ? C / groups : 1};
 }
 
+// positions per task of the gated passes: all of a plane when there are
+// enough (sample, group) tasks to share the threads, otherwise chunks of at
+// least kMinChunk positions
+constexpr int64_t kMinChunk = 1024;
+
+int64_t chunk_length(int64_t tasks, int64_t P) {
+  const int64_t wanted = 4 * at::get_num_threads();
+  if (tasks >= wanted || P <= kMinChunk) return std::max<int64_t>(P, 1);
+  const int64_t per_task = (wanted + tasks - 1) / tasks;
+  return std::max<int64_t>(kMinChunk, (P + per_task - 1) / per_task);
+}
+
+// the gate of (sample, group) bg at positions k0..k0+n into out
+template <typename T>
+void gate_row(const TailArgs<T>& a, int64_t bg, int64_t k0, int64_t n,
+              T* __restrict__ out) {
+  const T* __restrict__ src = a.gate + bg * a.P + k0;
+  if (!a.gate_affine) {
+    std::copy(src, src + n, out);
+    return;
+  }
+  const T s = a.gate_affine[bg * 2], t = a.gate_affine[bg * 2 + 1];
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = sigmoid(src[k] * s + t);
+}
+
+template <typename T>
+inline void apply_row(const T* __restrict__ row, const T* __restrict__ g,
+                      const T* __restrict__ ir, T* __restrict__ o, T s, T t,
+                      T lo, int64_t n) {
+  if (g && ir) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k)
+      o[k] = std::max((row[k] * s + t) * g[k] + ir[k], lo);
+  } else if (g) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k)
+      o[k] = std::max((row[k] * s + t) * g[k], lo);
+  } else if (ir) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k)
+      o[k] = std::max(row[k] * s + t + ir[k], lo);
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) o[k] = std::max(row[k] * s + t, lo);
+  }
+}
+
 template <typename T>
 void tail_forward_kernel(const TailArgs<T>& a, bool relu, T* out) {
   const T lo = relu ? T(0) : -std::numeric_limits<T>::infinity();
   const int64_t P = a.P;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1));
-  at::parallel_for(0, a.B * a.C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T s = a.scale[i], t = a.shift[i];
-      const T* __restrict__ row = a.c + i * P;
-      T* __restrict__ o = out + i * P;
-      const T* __restrict__ gr =
-          a.gate ? a.gate + ((i / a.C) * a.groups + (i % a.C) / a.cg) * P
-                 : nullptr;
-      const T* __restrict__ ir = a.identity ? a.identity + i * P : nullptr;
-      if (gr && ir) {
-#pragma omp simd
-        for (int64_t k = 0; k < P; ++k)
-          o[k] = std::max((row[k] * s + t) * gr[k] + ir[k], lo);
-      } else if (gr) {
-#pragma omp simd
-        for (int64_t k = 0; k < P; ++k)
-          o[k] = std::max((row[k] * s + t) * gr[k], lo);
-      } else if (ir) {
-#pragma omp simd
-        for (int64_t k = 0; k < P; ++k)
-          o[k] = std::max(row[k] * s + t + ir[k], lo);
-      } else {
-#pragma omp simd
-        for (int64_t k = 0; k < P; ++k) o[k] = std::max(row[k] * s + t, lo);
+  if (!a.gate) {  // a plane at a time
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1));
+    at::parallel_for(0, a.B * a.C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        apply_row<T>(a.c + i * P, nullptr,
+                     a.identity ? a.identity + i * P : nullptr, out + i * P,
+                     a.scale[i], a.shift[i], lo, P);
+    });
+    return;
+  }
+  // a (sample, group, chunk) at a time: the gate's chunk made once for the
+  // group's channels
+  const int64_t len = chunk_length(a.B * a.groups, P);
+  const int64_t chunks = (P + len - 1) / len;
+  at::parallel_for(0, a.B * a.groups * chunks, 1, [&](int64_t begin,
+                                                      int64_t end) {
+    std::vector<T> g(static_cast<size_t>(len));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % chunks, bg = task / chunks;
+      const int64_t k0 = chunk * len, n = std::min(len, P - k0);
+      const int64_t b = bg / a.groups, grp = bg % a.groups;
+      gate_row(a, bg, k0, n, g.data());
+      for (int64_t j = 0; j < a.cg; ++j) {
+        const int64_t i = b * a.C + grp * a.cg + j, off = i * P + k0;
+        apply_row<T>(a.c + off, g.data(),
+                     a.identity ? a.identity + off : nullptr, out + off,
+                     a.scale[i], a.shift[i], lo, n);
       }
     }
   });
@@ -176,6 +236,7 @@ at::Tensor gate_tail_forward_cpu(const at::Tensor& c,
                                  const at::Tensor& scale,
                                  const at::Tensor& shift,
                                  const c10::optional<at::Tensor>& gate,
+                                 const c10::optional<at::Tensor>& gate_affine,
                                  bool relu) {
   check_c(c);
   const int64_t B = c.size(0), C = c.size(1);
@@ -183,36 +244,32 @@ at::Tensor gate_tail_forward_cpu(const at::Tensor& c,
   check_small(shift, c, {B, C}, "shift");
   if (identity.has_value()) check_map(*identity, c, "identity");
   const int64_t groups = gate_groups(gate, c);
+  if (gate_affine.has_value()) {
+    TORCH_CHECK(groups > 0, "prm_det gate tail: gate_affine without a gate");
+    check_small(*gate_affine, c, {B, groups, 2}, "gate_affine");
+  }
   at::Tensor y = at::empty_like(c);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gate_tail_forward_cpu", [&] {
     tail_forward_kernel<scalar_t>(
-        tail_args<scalar_t>(c, identity, scale, shift, gate, groups), relu,
-        y.data_ptr<scalar_t>());
+        tail_args<scalar_t>(c, identity, scale, shift, gate, gate_affine,
+                            groups),
+        relu, y.data_ptr<scalar_t>());
   });
   return y;
 }
 
-// positions per backward task: all of a plane when there are enough
-// (sample, group) tasks to share the threads, otherwise chunks of at least
-// kMinChunk positions
-constexpr int64_t kMinChunk = 1024;
-
-int64_t chunk_length(int64_t tasks, int64_t P) {
-  const int64_t wanted = 4 * at::get_num_threads();
-  if (tasks >= wanted || P <= kMinChunk) return std::max<int64_t>(P, 1);
-  const int64_t per_task = (wanted + tasks - 1) / tasks;
-  return std::max<int64_t>(kMinChunk, (P + per_task - 1) / per_task);
-}
-
 // what backward writes: the map's gradient, the masked output gradient
-// (null: not asked for), the gate's (null without a gate) and the per
-// (plane, chunk) sums of gx * c and gx, gx = masked gradient * gate
+// (null: not asked for), the gate's (null without a gate), the per (plane,
+// chunk) sums of gx * c and gx (gx = masked gradient * gate) and the per
+// (sample, group, chunk) sums of dz * logits and dz (dz: the gradient of
+// the gate's logit, with gate_affine)
 template <typename T>
 struct TailGrads {
   T* c;
   T* masked;
   T* gate;
   double* partial;
+  double* partial_affine;
 };
 
 template <typename T>
@@ -224,14 +281,18 @@ void tail_backward_kernel(const TailArgs<T>& a, const T* grad_y, const T* y,
   at::parallel_for(0, a.B * groups * chunks, 1, [&](int64_t begin,
                                                     int64_t end) {
     std::vector<T> dy(static_cast<size_t>(len));
+    std::vector<T> g(a.gate ? static_cast<size_t>(len) : 0);
     std::vector<double> gate_acc(a.gate ? static_cast<size_t>(len) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % chunks, bg = task / chunks;
       const int64_t k0 = chunk * len, n = std::min(len, P - k0);
       const int64_t b = bg / groups, grp = bg % groups;
-      const T* __restrict__ gr = a.gate ? a.gate + bg * P + k0 : nullptr;
+      T* __restrict__ gr = a.gate ? g.data() : nullptr;
       double* __restrict__ acc = gate_acc.data();
-      if (gr) std::fill(acc, acc + n, 0.0);
+      if (gr) {
+        gate_row(a, bg, k0, n, gr);
+        std::fill(acc, acc + n, 0.0);
+      }
       for (int64_t j = 0; j < cg; ++j) {
         const int64_t i = b * a.C + grp * cg + j;  // the plane
         const int64_t off = i * P + k0;
@@ -270,19 +331,50 @@ void tail_backward_kernel(const TailArgs<T>& a, const T* grad_y, const T* y,
         out.partial[(i * chunks + chunk) * 2] = sum_gxc;
         out.partial[(i * chunks + chunk) * 2 + 1] = sum_gx;
       }
-      if (out.gate) {
-        T* __restrict__ ggr = out.gate + bg * P + k0;
+      if (!out.gate) continue;
+      T* __restrict__ ggr = out.gate + bg * P + k0;
+      if (!a.gate_affine) {
         for (int64_t k = 0; k < n; ++k) ggr[k] = T(acc[k]);
+        continue;
       }
+      // through the sigmoid and the affine: dz = d gate * g (1 - g)
+      const T* __restrict__ logits = a.gate + bg * P + k0;
+      const double scale_g = double(a.gate_affine[bg * 2]);
+      double sum_dz = 0, sum_dz_logit = 0;
+#pragma omp simd reduction(+ : sum_dz, sum_dz_logit)
+      for (int64_t k = 0; k < n; ++k) {
+        const double dz = acc[k] * double(gr[k]) * (1.0 - double(gr[k]));
+        ggr[k] = T(dz * scale_g);
+        sum_dz += dz;
+        sum_dz_logit += dz * double(logits[k]);
+      }
+      out.partial_affine[(bg * chunks + chunk) * 2] = sum_dz_logit;
+      out.partial_affine[(bg * chunks + chunk) * 2 + 1] = sum_dz;
     }
   });
+}
+
+// the chunks' sums, in order: out[r * 2 + q] = sum over chunks of
+// partial[(r * chunks + chunk) * 2 + q]
+template <typename T>
+void sum_chunks(const std::vector<double>& partial, int64_t rows,
+                int64_t chunks, T* first, T* second, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double s0 = 0, s1 = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      s0 += partial[(r * chunks + chunk) * 2];
+      s1 += partial[(r * chunks + chunk) * 2 + 1];
+    }
+    first[r * stride] = T(s0);
+    second[r * stride] = T(s1);
+  }
 }
 
 std::vector<at::Tensor> gate_tail_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& c,
     const c10::optional<at::Tensor>& y, const at::Tensor& scale,
     const at::Tensor& shift, const c10::optional<at::Tensor>& gate,
-    bool has_identity) {
+    const c10::optional<at::Tensor>& gate_affine, bool has_identity) {
   check_c(c);
   check_map(grad_y, c, "grad_y");
   if (y.has_value()) check_map(*y, c, "y");
@@ -290,39 +382,45 @@ std::vector<at::Tensor> gate_tail_backward_cpu(
   check_small(scale, c, {B, C}, "scale");
   check_small(shift, c, {B, C}, "shift");
   const int64_t groups = gate_groups(gate, c);
+  if (gate_affine.has_value()) {
+    TORCH_CHECK(groups > 0, "prm_det gate tail: gate_affine without a gate");
+    check_small(*gate_affine, c, {B, groups, 2}, "gate_affine");
+  }
   const int64_t len = chunk_length(B * (groups ? groups : C), P);
   const int64_t chunks = P > 0 ? (P + len - 1) / len : 1;
   const bool write_masked = has_identity && y.has_value();
+  const auto none = at::empty({0}, c.options());
   at::Tensor grad_c = at::empty_like(c);
-  at::Tensor masked =
-      write_masked ? at::empty_like(c) : at::empty({0}, c.options());
-  at::Tensor grad_gate =
-      groups ? at::empty_like(*gate) : at::empty({0}, c.options());
+  at::Tensor masked = write_masked ? at::empty_like(c) : none;
+  at::Tensor grad_gate = groups ? at::empty_like(*gate) : none;
+  at::Tensor grad_affine =
+      gate_affine.has_value() ? at::empty_like(*gate_affine) : none;
   // zeros: a task whose chunk is empty (P == 0) writes no sums
   std::vector<double> partial(static_cast<size_t>(B * C * chunks * 2), 0.0);
+  std::vector<double> partial_affine(
+      static_cast<size_t>(gate_affine.has_value() ? B * groups * chunks * 2
+                                                  : 0),
+      0.0);
   at::Tensor grad_scale = at::empty_like(scale);
   at::Tensor grad_shift = at::empty_like(shift);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gate_tail_backward_cpu", [&] {
     using T = scalar_t;
     tail_backward_kernel<T>(
-        tail_args<T>(c, c10::nullopt, scale, shift, gate, groups),
+        tail_args<T>(c, c10::nullopt, scale, shift, gate, gate_affine,
+                     groups),
         grad_y.data_ptr<T>(), y.has_value() ? y->data_ptr<T>() : nullptr,
         {grad_c.data_ptr<T>(), write_masked ? masked.data_ptr<T>() : nullptr,
-         groups ? grad_gate.data_ptr<T>() : nullptr, partial.data()},
+         groups ? grad_gate.data_ptr<T>() : nullptr, partial.data(),
+         partial_affine.data()},
         len, chunks);
-    T* gs = grad_scale.data_ptr<T>();
-    T* gt = grad_shift.data_ptr<T>();
-    for (int64_t i = 0; i < B * C; ++i) {  // the chunks' sums, in order
-      double sum_s = 0, sum_t = 0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        sum_s += partial[(i * chunks + chunk) * 2];
-        sum_t += partial[(i * chunks + chunk) * 2 + 1];
-      }
-      gs[i] = T(sum_s);
-      gt[i] = T(sum_t);
+    sum_chunks<T>(partial, B * C, chunks, grad_scale.data_ptr<T>(),
+                  grad_shift.data_ptr<T>(), 1);
+    if (gate_affine.has_value()) {
+      T* ga = grad_affine.data_ptr<T>();
+      sum_chunks<T>(partial_affine, B * groups, chunks, ga, ga + 1, 2);
     }
   });
-  return {grad_c, masked, grad_scale, grad_shift, grad_gate};
+  return {grad_c, masked, grad_scale, grad_shift, grad_gate, grad_affine};
 }
 
 }  // namespace
@@ -331,10 +429,12 @@ TORCH_LIBRARY_FRAGMENT(prm_det, m) {
   m.def("gate_moments_cpu(Tensor c) -> (Tensor, Tensor)");
   m.def(
       "gate_tail_forward_cpu(Tensor c, Tensor? identity, Tensor scale, "
-      "Tensor shift, Tensor? gate, bool relu) -> Tensor");
+      "Tensor shift, Tensor? gate, Tensor? gate_affine, bool relu) "
+      "-> Tensor");
   m.def(
       "gate_tail_backward_cpu(Tensor grad_y, Tensor c, Tensor? y, "
-      "Tensor scale, Tensor shift, Tensor? gate, bool has_identity) "
+      "Tensor scale, Tensor shift, Tensor? gate, Tensor? gate_affine, "
+      "bool has_identity) "
       "-> Tensor[]");
 }
 
