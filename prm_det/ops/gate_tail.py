@@ -37,9 +37,11 @@ A gate plugs in as its small layers between :func:`normalize` and
 
 Backends, chosen by :func:`prm_det.ops.backends.select` as for PRM: ``cpu``
 (the C++ kernels, ``csrc/gate_tail_cpu.cpp``: float32/float64, contiguous
-maps) and ``torch`` (torch ops, any device, dtype and layout: what CUDA and
-channels_last maps run). ``reference`` and exporting take the modules'
-readable forward (the caller's :func:`tail_backend` returns None).
+maps), ``triton`` (:mod:`.backends.gate_triton`: CUDA maps of any float
+dtype, contiguous or channels_last; CPU maps through Triton's interpreter)
+and ``torch`` (torch ops, any device, dtype and layout). ``reference`` and
+exporting take the modules' readable forward (the caller's
+:func:`tail_backend` returns None).
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -47,15 +49,21 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .contract import BatchNorm, PRMOptions
+from .backends import gate_triton
+from .contract import BatchNorm, KernelsBroken, PRMOptions
 
 # the names the ops take for their backends
-CPU, TORCH = 'cpu', 'torch'
+CPU, TRITON, TORCH = 'cpu', 'triton', 'torch'
 _ANY = PRMOptions(groups=1)  # the backend choice is PRM's, by device
 
 
 def accumulation_dtype(c: Tensor) -> torch.dtype:
     return torch.promote_types(c.dtype, torch.float32)
+
+
+def _cpu_ops():
+    """The C++ kernels' ops (built and loaded at the first call)."""
+    return backends.cpu._ops()
 
 
 def _cpu_kernel_takes(c: Tensor, *others: Optional[Tensor]) -> bool:
@@ -66,17 +74,19 @@ def _cpu_kernel_takes(c: Tensor, *others: Optional[Tensor]) -> bool:
 
 def tail_backend(c: Tensor, identity: Optional[Tensor] = None) -> Optional[str]:
     """The backend the gate tail runs on for ``c``: 'cpu' (the C++ kernels:
-    a contiguous float32/float64 CPU map), 'torch' (anything else: CUDA,
-    half precision, channels_last), or None where the modules run as they
+    a contiguous float32/float64 CPU map), 'triton' (where PRM's choice is
+    Triton: CUDA maps), 'torch' (anything else: half precision or
+    channels_last on CPU), or None where the modules run as they
     are (the 'reference' backend, exporting, an empty batch)."""
     if c.numel() == 0:
         return None
     backend = backends.select(c, _ANY)
     if backend is None:
         return None
-    if backends.name_of(backend) == CPU and _cpu_kernel_takes(c, identity):
+    name = backends.name_of(backend)
+    if name == CPU and _cpu_kernel_takes(c, identity):
         return CPU
-    return TORCH
+    return TRITON if name == TRITON else TORCH
 
 
 # --- prm_det::gate_moments -------------------------------------------------
@@ -87,8 +97,13 @@ def _gate_moments(c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """Per (sample, channel) of ``c`` [b, C, h, w]: the mean and the sum of
     squared deviations from it, [b, C] each, in the accumulation dtype."""
     if backend == CPU:
-        mean, m2 = torch.ops.prm_det.gate_moments_cpu(c)
+        mean, m2 = _cpu_ops().gate_moments_cpu(c)
         return mean, m2
+    if backend == TRITON:
+        try:
+            return gate_triton.moments(c)
+        except KernelsBroken:  # warned: torch ops from now on
+            pass
     var, mean = torch.var_mean(c.to(accumulation_dtype(c)), dim=(2, 3),
                                correction=0)
     return mean, var * (c.shape[2] * c.shape[3])
@@ -203,9 +218,16 @@ def _gate_tail(c: Tensor, identity: Optional[Tensor], scale: Tensor,
     ``gate_affine`` [b, G, 2] (the gate ``sigmoid(gate * gate_affine[...,
     0] + gate_affine[..., 1])``)."""
     if backend == CPU:
-        return torch.ops.prm_det.gate_tail_forward_cpu(
+        return _cpu_ops().gate_tail_forward_cpu(
             c, identity, scale.contiguous(), shift.contiguous(),
             _contiguous(gate), _contiguous(gate_affine), relu)
+    if backend == TRITON:
+        try:
+            return gate_triton.tail_forward(
+                c, identity, scale, shift, gate, gate_affine,
+                relu).contiguous(memory_format=_format_of(c))
+        except KernelsBroken:  # warned: torch ops from now on
+            pass
     return _tail_torch(c, identity, scale, shift, gate, gate_affine,
                        relu).contiguous(memory_format=_format_of(c))
 
@@ -233,13 +255,22 @@ def _gate_tail_backward(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
     gate and gate_affine (empty without them). ``y`` is the output where
     the ReLU was fused (its mask), else None."""
     if backend == CPU:
-        grads = torch.ops.prm_det.gate_tail_backward_cpu(
+        grads = _cpu_ops().gate_tail_backward_cpu(
             grad_y.contiguous(), c, y, scale.contiguous(),
             shift.contiguous(), _contiguous(gate), _contiguous(gate_affine),
             has_identity)
     else:
-        grads = _tail_backward_torch(grad_y, c, y, scale, shift, gate,
-                                     gate_affine, has_identity)
+        grads = None
+        if backend == TRITON:
+            try:
+                grads = gate_triton.tail_backward(
+                    grad_y, c, y, scale, shift, gate, gate_affine,
+                    has_identity)
+            except KernelsBroken:  # warned: torch ops from now on
+                pass
+        if grads is None:
+            grads = _tail_backward_torch(grad_y, c, y, scale, shift, gate,
+                                         gate_affine, has_identity)
     (grad_c, grad_identity, grad_scale, grad_shift, grad_gate,
      grad_affine) = grads
     if grad_identity is None or y is None or not has_identity:

@@ -282,3 +282,31 @@ def test_only_tritons_compile_and_resource_errors_fall_back(monkeypatch,
         backends.forward('triton', c, None, identity, True, params,
                          PRMOptions(groups=2))
     assert triton_backend.broken_reason() is None
+
+
+def test_gate_tail_triton_that_cannot_launch_runs_on_torch(kernels_that_fail):
+    """A gate tail kernel Triton cannot fit: one warning, the call's result
+    from torch ops (the same as the modules'), later tails on torch ops
+    without launching."""
+    from prm_det.models.layers import SE
+    from prm_det.ops.gate_tail import tail_backend
+    kernels_that_fail['failing'].add('tail_fwd_kernel')
+    torch.manual_seed(0)
+    se, norm = SE(8, ratio=1 / 4), torch.nn.BatchNorm2d(8)
+    c, identity = torch.randn(2, 8, 6, 5), torch.randn(2, 8, 6, 5)
+    with torch.no_grad():
+        want = torch.relu(se(norm(c)) + identity)
+    norm.num_batches_tracked.zero_()
+    norm.running_mean.zero_()
+    norm.running_var.fill_(1)
+    with use_backend('triton'), torch.no_grad():
+        assert tail_backend(c) == 'triton'
+        with pytest.warns(RuntimeWarning, match='OutOfResources'):
+            got = se.forward_norm_residual(c, norm, identity)
+        torch.testing.assert_close(got, want)
+        launched = len(kernels_that_fail['launched'])
+        assert tail_backend(c) == 'torch'  # the stand-in from now on
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            se.forward_norm_residual(c, norm, identity)
+    assert len(kernels_that_fail['launched']) == launched
