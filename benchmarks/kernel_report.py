@@ -28,8 +28,10 @@ each input map once and writing each output once: forward c and identity
 in, y out; backward dL/dy, y (the ReLU's mask) and c in, dL/dc and
 dL/didentity out; inference c and identity in, y out.
 
-``--check`` exits 1 when a launch spills or keeps fewer than
-``--min-warps`` (8) warps resident per SM;
+``--check`` exits 1 when a launch spills, or moves at least ``--min-mb``
+(8 MB: about 3 us of an H100's 3.35 TB/s, a launch's own latency; a
+smaller launch costs its latency whatever its occupancy) and keeps fewer
+than ``--min-warps`` (8) warps resident per SM;
 ``tests/test_benchmarks/test_kernel_report.py`` runs it so.
 """
 import argparse
@@ -80,7 +82,26 @@ MAPS = {
                        (('gx_ptr', None), ('gid_ptr', 'WRITE_ID'))),
     'bn_backward_kernel': ((('gx_ptr', None), ('c_ptr', None)),
                            (('gx_ptr', None), )),
+    # the gate tails (prm_det/ops/backends/gate_triton_kernels.py)
+    'moments_kernel': ((('c_ptr', None), ), ()),
+    'tail_fwd_kernel': ((('c_ptr', None), ('id_ptr', 'HAS_ID'),
+                         ('gate_ptr', 'HAS_GATE')), (('y_ptr', None), )),
+    'tail_bwd_kernel': ((('gy_ptr', None), ('y_ptr', 'HAS_Y'),
+                         ('c_ptr', None), ('gate_ptr', 'HAS_GATE')),
+                        (('gc_ptr', None), ('masked_ptr', 'WRITE_MASKED'),
+                         ('dgate_ptr', 'HAS_GATE'))),
+    'gate_grad_kernel': ((('dgate_ptr', None), ('gate_ptr', 'HAS_AFFINE')),
+                         (('ggate_ptr', None), )),
 }
+# the tails: PRM's op, and the gate tail with each kind of gate (SE, GE and
+# GC: per channel only; SGE: 64 groups' gates per position, as logits;
+# CBAM: one gate per position)
+TAILS = ('prm', 'se', 'sge', 'cbam')
+# maps the op must move at least, per block tail: PRM's (above) and the
+# gate tail's (train: moments c; forward c, identity, y; backward dL/dy, y,
+# c, dL/dc, dL/didentity; inference: moments and forward)
+MINIMUM_MAPS = {'prm': {'train': 8, 'inference': 3},
+                'gate': {'train': 9, 'inference': 4}}
 COMBINED = {  # partials every program of a pair reads: scratch argument
     'fwd_stats_kernel': ('sum_ptr', 'best_ptr', 'idx_ptr'),
     'fwd_out_kernel': ('sum_ptr', 'best_ptr', 'idx_ptr', 's_ptr'),
@@ -157,6 +178,33 @@ def record_tail(shape, dtype, task, sms=triton_plan.SMS_ON_CPU,
                           params, out.state, options, True)
             triton_backend.backward(make(shape, dtype=dtype, device=device),
                                     saved, Needs(True, True, True))
+    return launches
+
+
+def record_gate_tail(shape, dtype, task, tail):
+    """The launches of one gate tail (recorded, not run): the moments, the
+    forward and, for 'train', the backward, with tail 'se' (no gate),
+    'sge' (64 groups, gate logits) or 'cbam' (one gate per position)."""
+    from prm_det.ops.backends import gate_triton
+    b, ch, h, w = shape
+    c, identity = torch.empty(shape, dtype=dtype), torch.empty(shape,
+                                                               dtype=dtype)
+    acc = torch.promote_types(dtype, torch.float32)
+    scale, shift = torch.empty(b, ch, dtype=acc), torch.empty(b, ch,
+                                                              dtype=acc)
+    gate = affine = None
+    if tail == 'sge':
+        gate = torch.empty(b, GROUPS, h, w, dtype=acc)
+        affine = torch.empty(b, GROUPS, 2, dtype=acc)
+    elif tail == 'cbam':
+        gate = torch.empty(b, 1, h, w, dtype=acc)
+    with record_launches() as launches:
+        gate_triton.moments(c)
+        y = gate_triton.tail_forward(c, identity, scale, shift, gate, affine,
+                                     True)
+        if task == 'train':
+            gate_triton.tail_backward(torch.empty_like(c), c, y, scale,
+                                      shift, gate, affine, True)
     return launches
 
 
@@ -267,20 +315,23 @@ def resident_warps(programs, warps, facts, target):
 
 # -- the report ----------------------------------------------------------------
 
-def report(size, dtype_name, target, memo):
+def report(size, dtype_name, target, memo, tail='prm'):
     """Rows (one per launch of one block tail per stage and task) and the
-    totals of a whole PRM-ResNet-50."""
+    totals of a whole attention ResNet-50 (PRM's op, or a gate tail)."""
     batch, height, width = size
     dtype = DTYPES[dtype_name]
     rows = []
     totals = {}
+    maps = MINIMUM_MAPS['prm' if tail == 'prm' else 'gate']
     for stage, shape, blocks in stage_shapes(batch, height, width):
         map_bytes = math.prod(shape) * dtype.itemsize
-        minimum = {'train': 8 * map_bytes, 'inference': 3 * map_bytes}
+        minimum = {task: n * map_bytes for task, n in maps.items()}
         for task in ('train', 'inference'):
             moved = 0
-            for launch in record_tail(shape, dtype, task,
-                                      TARGETS[target][1]):
+            launches = (record_tail(shape, dtype, task, TARGETS[target][1])
+                        if tail == 'prm' else
+                        record_gate_tail(shape, dtype, task, tail))
+            for launch in launches:
                 facts = compiled_facts(launch, target, memo)
                 programs = math.prod(launch.grid)
                 read, written = _bytes(launch)
@@ -303,10 +354,11 @@ def _mb(n):
     return f'{n / 1e6:,.1f}'
 
 
-def markdown(size, dtype_name, target, rows, totals):
+def markdown(size, dtype_name, target, rows, totals, tail='prm'):
     b, h, w = size
     lines = [f'### {b}x3x{h}x{w}, {dtype_name}, {target} '
-             f'({TARGETS[target][1]} SMs)', '',
+             f'({TARGETS[target][1]} SMs)'
+             + ('' if tail == 'prm' else f', {tail} gate tail'), '',
              '| stage map | task | kernel | grid | warps | registers | '
              'spilled bytes | shared bytes | warps resident / SM | '
              'MB read | MB written |',
@@ -317,7 +369,8 @@ def markdown(size, dtype_name, target, rows, totals):
             f"{r['warps']} | {r['registers']} | {r['spills']} | "
             f"{r['shared']} | {r['resident']:.1f} | {_mb(r['read'])} | "
             f"{_mb(r['written'])} |")
-    lines += ['', '| whole PRM-ResNet-50 (16 block tails) | MB moved | '
+    net = 'PRM-ResNet-50' if tail == 'prm' else f'{tail.upper()}-ResNet-50'
+    lines += ['', f'| whole {net} (16 block tails) | MB moved | '
               'minimum MB | ratio |', '|---|---|---|---|']
     for task, (moved, minimum) in totals.items():
         name = ('training step (forward + backward)' if task == 'train'
@@ -343,6 +396,13 @@ def main(argv=None):
                         help='exit 1 if a launch spills or keeps fewer '
                         'than --min-warps warps resident per SM')
     parser.add_argument('--min-warps', type=float, default=8.0)
+    parser.add_argument('--min-mb', type=float, default=8.0,
+                        help='launches moving less are exempt from '
+                        '--min-warps')
+    parser.add_argument('--tails', nargs='+', default=['prm'],
+                        choices=TAILS, help="PRM's op (default), or the "
+                        'gate tail with SE\'s (GE, GC), SGE\'s or CBAM\'s '
+                        'gate')
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes]
     memo = {}
@@ -350,16 +410,21 @@ def main(argv=None):
     for target in args.targets:
         for size in sizes:
             for dtype_name in args.dtypes:
-                rows, totals = report(size, dtype_name, target, memo)
-                text = markdown(size, dtype_name, target, rows, totals)
-                print(text, flush=True)
-                sections.append(text)
-                for r in rows:
-                    r.update(target=target, dtype=dtype_name,
-                             size='x'.join(map(str, size)))
-                    everything.append(r)
-                    if r['spills'] or r['resident'] < args.min_warps:
-                        failures.append(r)
+                for tail in args.tails:
+                    rows, totals = report(size, dtype_name, target, memo,
+                                          tail)
+                    text = markdown(size, dtype_name, target, rows, totals,
+                                    tail)
+                    print(text, flush=True)
+                    sections.append(text)
+                    for r in rows:
+                        r.update(target=target, dtype=dtype_name, tail=tail,
+                                 size='x'.join(map(str, size)))
+                        everything.append(r)
+                        moved_mb = (r['read'] + r['written']) / 1e6
+                        if r['spills'] or (r['resident'] < args.min_warps
+                                           and moved_mb >= args.min_mb):
+                            failures.append(r)
     command = ' '.join(['python benchmarks/kernel_report.py'] +
                        (sys.argv[1:] if argv is None else list(argv)))
     header = ('# PRM Triton kernels compiled offline (kernel_report.py)\n\n'
@@ -375,7 +440,8 @@ def main(argv=None):
         with open(args.json, 'w') as f:
             json.dump(everything, f, indent=1)
     for r in failures:
-        print(f"FAIL {r['target']} {r['size']} {r['dtype']} {r['shape']} "
+        print(f"FAIL {r['target']} {r['size']} {r['dtype']} {r['tail']} "
+              f"{r['shape']} "
               f"{r['task']} {r['kernel']}: {r['spills']} bytes spilled, "
               f"{r['resident']:.1f} warps resident per SM", file=sys.stderr)
     if args.check and failures:

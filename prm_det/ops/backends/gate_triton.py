@@ -65,11 +65,25 @@ def moments(c: Tensor) -> Tuple[Tensor, Tensor]:
     return _run(c, launch)
 
 
+PROGRAMS_PER_SM = 4  # the channel split aims at this many programs
+
+
 def _gate_args(c: Tensor, gate: Optional[Tensor],
                gate_affine: Optional[Tensor]) -> dict:
-    groups = c.shape[1] if gate is None else gate.shape[1]
-    return dict(groups=groups, cg=c.shape[1] // groups,
-                HAS_GATE=gate is not None, HAS_AFFINE=gate_affine is not None)
+    """The kernels' gate arguments, and the grid: (sample, group) pairs x
+    position splits x channel splits, the channels split only as far as it
+    takes to give every SM ``PROGRAMS_PER_SM`` programs."""
+    b, ch, h, w = c.shape
+    groups = ch if gate is None else gate.shape[1]
+    cg = ch // groups
+    splits = triton_cdiv(h * w, BLOCK_P)
+    wanted = PROGRAMS_PER_SM * tb.sm_count(c.device)
+    csplits = min(cg, triton_cdiv(wanted, b * groups * splits))
+    ch_chunk = triton_cdiv(cg, csplits)
+    csplits = triton_cdiv(cg, ch_chunk)
+    return dict(groups=groups, cg=cg, ch_chunk=ch_chunk,
+                HAS_GATE=gate is not None, HAS_AFFINE=gate_affine is not None,
+                grid=(b * groups, splits, csplits))
 
 
 def tail_forward(c: Tensor, identity: Optional[Tensor], scale: Tensor,
@@ -82,12 +96,12 @@ def tail_forward(c: Tensor, identity: Optional[Tensor], scale: Tensor,
     gate = None if gate is None else gate.contiguous()
     gate_affine = None if gate_affine is None else gate_affine.contiguous()
     args = _gate_args(c, gate, gate_affine)
+    grid = args.pop('grid')
 
     def launch():
-        tb._launch(_kernels().tail_fwd_kernel,
-                   (b * args['groups'], triton_cdiv(h * w, BLOCK_P)),
-                   NUM_WARPS, c_ptr=c, id_ptr=identity if identity is not
-                   None else c, scale_ptr=scale.contiguous(),
+        tb._launch(_kernels().tail_fwd_kernel, grid, NUM_WARPS, c_ptr=c,
+                   id_ptr=identity if identity is not None else c,
+                   scale_ptr=scale.contiguous(),
                    shift_ptr=shift.contiguous(),
                    gate_ptr=gate if gate is not None else scale,
                    affine_ptr=gate_affine if gate_affine is not None else
@@ -113,18 +127,23 @@ def tail_backward(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
     gate = None if gate is None else gate.contiguous()
     gate_affine = None if gate_affine is None else gate_affine.contiguous()
     args = _gate_args(c, gate, gate_affine)
+    grid = args.pop('grid')
+    pairs, csplits = grid[0], grid[2]
     acc = tb._acc(c)
     grad_c = torch.empty_like(c)
     write_masked = has_identity and y is not None
     masked = torch.empty_like(grad_y) if write_masked else None
     grad_gate = None if gate is None else torch.empty_like(gate)
     partial = torch.empty(b * ch, splits, 2, dtype=acc, device=c.device)
+    d_gate = (None if gate is None else torch.empty(
+        csplits, pairs, num_positions, dtype=acc, device=c.device))
     partial_affine = (None if gate_affine is None else torch.empty(
-        b * args['groups'], splits, 2, dtype=acc, device=c.device))
+        pairs, splits, 2, dtype=acc, device=c.device))
 
     def launch():
-        tb._launch(_kernels().tail_bwd_kernel, (b * args['groups'], splits),
-                   NUM_WARPS, gy_ptr=grad_y, c_ptr=c,
+        kernels = _kernels()
+        tb._launch(kernels.tail_bwd_kernel, grid, NUM_WARPS, gy_ptr=grad_y,
+                   c_ptr=c,
                    y_ptr=y if y is not None else c,
                    scale_ptr=scale.contiguous(),
                    shift_ptr=shift.contiguous(),
@@ -132,13 +151,21 @@ def tail_backward(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
                    affine_ptr=gate_affine if gate_affine is not None else
                    scale, gc_ptr=grad_c,
                    masked_ptr=masked if masked is not None else grad_c,
-                   ggate_ptr=grad_gate if grad_gate is not None else scale,
-                   part_ptr=partial,
-                   part_affine_ptr=partial_affine if partial_affine is not
-                   None else partial, C=ch, P=num_positions, splits=splits,
+                   dgate_ptr=d_gate if d_gate is not None else partial,
+                   part_ptr=partial, C=ch, P=num_positions, splits=splits,
                    s_b=strides[0], s_c=strides[1], s_p=strides[2],
                    HAS_Y=y is not None, WRITE_MASKED=write_masked,
                    BLOCK_P=BLOCK_P, ACC=tb._tl_acc(c), **args)
+        if gate is not None:
+            tb._launch(kernels.gate_grad_kernel, (pairs, splits), NUM_WARPS,
+                       dgate_ptr=d_gate, gate_ptr=gate,
+                       affine_ptr=gate_affine if gate_affine is not None
+                       else gate, ggate_ptr=grad_gate,
+                       part_affine_ptr=partial_affine if partial_affine is
+                       not None else partial, P=num_positions,
+                       csplits=csplits, splits=splits,
+                       HAS_AFFINE=gate_affine is not None, BLOCK_P=BLOCK_P,
+                       ACC=tb._tl_acc(c))
 
     _run(c, launch)
     sums = partial.sum(1).view(b, ch, 2)  # the splits, in a fixed order

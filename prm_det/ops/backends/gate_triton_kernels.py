@@ -8,12 +8,16 @@
                      of the group in turn (the gate, or the sigmoid of its
                      logits, made once)
     tail_bwd_kernel  every gradient for the same tile: the map's and the
-                     shortcut's written, the gate's (or its logits') summed
-                     over the group's channels in registers, and per split
-                     of the positions the partial sums of scale's, shift's
-                     and the gate affine's gradients (the launcher adds the
-                     splits in a fixed order: no atomics, the same bits
-                     every run)
+                     shortcut's written, the gate's summed over the
+                     program's channels in registers, and per split of the
+                     positions the partial sums of scale's and shift's
+    gate_grad_kernel the gate's gradient: the channel splits' partials
+                     added, through the sigmoid and the affine for logits
+
+A (sample, group)'s channels may be split over programs too (grid axis 2):
+where pairs and position splits alone leave SMs idle (CBAM's one gate for
+every channel). Every cross-program sum is two-level, partials added in a
+fixed order (no atomics: the same bits every run).
 
 Maps are read in their own dtype and accumulated in ``ACC`` (float32, or
 float64 for float64 maps); positions are addressed ``p * stride_p``, which
@@ -64,8 +68,17 @@ def _gate_values(gate_ptr, affine_ptr, pair, offs, mask, P,
 
 
 @triton.jit
+def _channel_range(cg, ch_chunk):
+    """The channels of the group this program takes: axis 2 splits them
+    (where the (sample, group) pairs and position splits alone would leave
+    SMs idle: CBAM's one gate for all channels)."""
+    first = tl.program_id(2) * ch_chunk
+    return first, tl.minimum(first + ch_chunk, cg)
+
+
+@triton.jit
 def tail_fwd_kernel(c_ptr, id_ptr, scale_ptr, shift_ptr, gate_ptr, affine_ptr,
-                    y_ptr, C, P, groups, cg, s_b, s_c, s_p,
+                    y_ptr, C, P, groups, cg, ch_chunk, s_b, s_c, s_p,
                     HAS_ID: tl.constexpr, HAS_GATE: tl.constexpr,
                     HAS_AFFINE: tl.constexpr, RELU: tl.constexpr,
                     BLOCK_P: tl.constexpr, ACC: tl.constexpr):
@@ -76,7 +89,8 @@ def tail_fwd_kernel(c_ptr, id_ptr, scale_ptr, shift_ptr, gate_ptr, affine_ptr,
     if HAS_GATE:
         g, _ = _gate_values(gate_ptr, affine_ptr, pair, offs, mask, P,
                             HAS_AFFINE, ACC)
-    for j in range(0, cg):
+    first, last = _channel_range(cg, ch_chunk)
+    for j in range(first, last):
         ch = (pair % groups) * cg + j
         ptrs = b * s_b + ch * s_c + offs * s_p
         x = tl.load(c_ptr + ptrs, mask=mask, other=0.0).to(ACC)
@@ -93,21 +107,25 @@ def tail_fwd_kernel(c_ptr, id_ptr, scale_ptr, shift_ptr, gate_ptr, affine_ptr,
 
 @triton.jit
 def tail_bwd_kernel(gy_ptr, c_ptr, y_ptr, scale_ptr, shift_ptr, gate_ptr,
-                    affine_ptr, gc_ptr, masked_ptr, ggate_ptr, part_ptr,
-                    part_affine_ptr, C, P, groups, cg, splits, s_b, s_c, s_p,
+                    affine_ptr, gc_ptr, masked_ptr, dgate_ptr, part_ptr, C, P,
+                    groups, cg, ch_chunk, splits, s_b, s_c, s_p,
                     HAS_Y: tl.constexpr, WRITE_MASKED: tl.constexpr,
                     HAS_GATE: tl.constexpr, HAS_AFFINE: tl.constexpr,
                     BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """The map's gradients; per channel and split, the partial sums of
+    scale's and shift's; per channel split, dL/dgate summed over its
+    channels ([channel splits, pairs, P]: gate_grad_kernel adds them)."""
     pair = tl.program_id(0)
     split = tl.program_id(1)
     b = pair // groups
     offs = split * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = offs < P
     if HAS_GATE:
-        g, logits = _gate_values(gate_ptr, affine_ptr, pair, offs, mask, P,
-                                 HAS_AFFINE, ACC)
+        g, _ = _gate_values(gate_ptr, affine_ptr, pair, offs, mask, P,
+                            HAS_AFFINE, ACC)
         d_gate = tl.zeros([BLOCK_P], dtype=ACC)
-    for j in range(0, cg):
+    first, last = _channel_range(cg, ch_chunk)
+    for j in range(first, last):
         ch = (pair % groups) * cg + j
         ptrs = b * s_b + ch * s_c + offs * s_p
         d = tl.load(gy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
@@ -131,14 +149,38 @@ def tail_bwd_kernel(gy_ptr, c_ptr, y_ptr, scale_ptr, shift_ptr, gate_ptr,
         tl.store(part_ptr + row, tl.sum(gx * x, 0))
         tl.store(part_ptr + row + 1, tl.sum(gx, 0))
     if HAS_GATE:
-        if HAS_AFFINE:  # through the sigmoid and the affine
-            dz = tl.where(mask, d_gate * g * (1.0 - g), 0.0)
-            a = tl.load(affine_ptr + pair * 2).to(ACC)
-            tl.store(ggate_ptr + pair * P + offs,
-                     (dz * a).to(ggate_ptr.dtype.element_ty), mask=mask)
-            row = (pair * splits + split) * 2
-            tl.store(part_affine_ptr + row, tl.sum(dz * logits, 0))
-            tl.store(part_affine_ptr + row + 1, tl.sum(dz, 0))
-        else:
-            tl.store(ggate_ptr + pair * P + offs,
-                     d_gate.to(ggate_ptr.dtype.element_ty), mask=mask)
+        npairs = tl.num_programs(0)
+        tl.store(dgate_ptr + (tl.program_id(2) * npairs + pair) * P + offs,
+                 d_gate, mask=mask)
+
+
+@triton.jit
+def gate_grad_kernel(dgate_ptr, gate_ptr, affine_ptr, ggate_ptr,
+                     part_affine_ptr, P, csplits, splits,
+                     HAS_AFFINE: tl.constexpr, BLOCK_P: tl.constexpr,
+                     ACC: tl.constexpr):
+    """dL/dgate (the channel splits' partials added in order), through the
+    sigmoid and the affine with gate_affine: dL/dlogits and, per split,
+    the affine's partial sums."""
+    pair = tl.program_id(0)
+    split = tl.program_id(1)
+    npairs = tl.num_programs(0)
+    offs = split * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = offs < P
+    d_gate = tl.zeros([BLOCK_P], dtype=ACC)
+    for k in range(0, csplits):
+        d_gate += tl.load(dgate_ptr + (k * npairs + pair) * P + offs,
+                          mask=mask, other=0.0)
+    if HAS_AFFINE:
+        g, logits = _gate_values(gate_ptr, affine_ptr, pair, offs, mask, P,
+                                 HAS_AFFINE, ACC)
+        dz = tl.where(mask, d_gate * g * (1.0 - g), 0.0)
+        a = tl.load(affine_ptr + pair * 2).to(ACC)
+        tl.store(ggate_ptr + pair * P + offs,
+                 (dz * a).to(ggate_ptr.dtype.element_ty), mask=mask)
+        row = (pair * splits + split) * 2
+        tl.store(part_affine_ptr + row, tl.sum(dz * logits, 0))
+        tl.store(part_affine_ptr + row + 1, tl.sum(dz, 0))
+    else:
+        tl.store(ggate_ptr + pair * P + offs,
+                 d_gate.to(ggate_ptr.dtype.element_ty), mask=mask)
