@@ -266,3 +266,26 @@ def test_backbones_fused_equal_the_modules(type_):
     for (name, b), (_, b0) in zip(model.named_buffers(),
                                   modules.named_buffers()):
         torch.testing.assert_close(b, b0, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize('kind', ['se', 'sge', 'cbam'])
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_triton_reads_half_precision_maps(kind, dtype):
+    """float16 and bfloat16 maps on the Triton kernels (what a CUDA
+    autocast run gives them): the map's dtype out, float32 inside, equal
+    to the modules on the same values in float32 to half precision's
+    tolerance, gradients included."""
+    (gate, norm), (gate0, norm0) = _pair(kind, 16, dtype=torch.float32)
+    c, identity, grad = _inputs((2, 16, 6, 5), dtype=torch.float32)
+    c_half, id_half = c.to(dtype), identity.to(dtype)
+    with use_backend('triton'):
+        assert tail_backend(c_half, id_half) == 'triton'
+        got = _run(_fused, gate, norm, c_half, id_half, grad.to(dtype))
+    want = _run(_unfused, gate0, norm0, c_half.float(), id_half.float(),
+                grad)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    for g, w in zip((got[0], got[1], *got[3].values()),
+                    (want[0], want[1], *want[3].values())):
+        err = (g.float() - w).norm() / w.norm().clamp_min(1e-6)
+        assert err < tol, err

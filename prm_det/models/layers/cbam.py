@@ -132,7 +132,7 @@ class CBAM(FusedGateTail, nn.Module):
         gated = torch.addcmul(shift[..., None], flat.to(acc), scale[..., None])
         pooled = torch.cat((gated.max(1, keepdim=True)[0], mean), 1)
         spatial = torch.sigmoid(self.spatial_norm(self.spatial_conv(
-            pooled.view(b, 2, h, w).to(c.dtype))))
+            pooled.view(b, 2, h, w))))
         return nmap.finish(identity, channel_scale=channel, gate=spatial)
 
     def extra_repr(self) -> str:
