@@ -186,3 +186,32 @@ def test_one_line_swaps_each_backbone_into_an_mmdet_zoo_config(
     losses = model(**data, mode='loss')
     total = sum(sum(v) if isinstance(v, list) else v for v in losses.values())
     assert torch.isfinite(total)
+
+
+@pytest.mark.parametrize('name', ['retinanet_se_r50', 'retinanet_ge_r50',
+                                  'retinanet_gc_r50', 'retinanet_sge_r50',
+                                  'retinanet_cbam_r50',
+                                  'cascade_rcnn_cbam_r50'])
+def test_detection_configs_run_the_fused_gate_tail_by_default(
+        name, monkeypatch):
+    """The configs' attention ResNets run every attention block's tail on
+    the gate tail op (prm_det::gate_tail), with no option to set: frozen
+    stage 1 included."""
+    from prm_det.models.layers.fused_tail import FusedGateTail
+    from prm_det.ops import gate_tail
+    calls = []
+    op = gate_tail._gate_tail
+
+    def counting(*args):
+        calls.append(args[-1])  # the backend
+        return op(*args)
+
+    monkeypatch.setattr(gate_tail, '_gate_tail', counting)
+    _, model = build_detector(osp.join(CONFIG_DIR, f'{name}.py'))
+    backbone = model.backbone
+    backbone.train()  # (mmdet's ResNet.train() returns None)
+    attention_blocks = sum(isinstance(m, FusedGateTail)
+                           for m in backbone.modules())
+    backbone(torch.randn(2, 3, 64, 64))
+    assert attention_blocks >= 12
+    assert calls == ['cpu'] * attention_blocks
