@@ -200,13 +200,13 @@ def test_detection_configs_run_the_fused_gate_tail_by_default(
     from prm_det.models.layers.fused_tail import FusedGateTail
     from prm_det.ops import gate_tail
     calls = []
-    op = gate_tail._gate_tail
+    op = gate_tail._tail_impl  # what eager mode calls
 
     def counting(*args):
         calls.append(args[-1])  # the backend
         return op(*args)
 
-    monkeypatch.setattr(gate_tail, '_gate_tail', counting)
+    monkeypatch.setattr(gate_tail, '_tail_impl', counting)
     _, model = build_detector(osp.join(CONFIG_DIR, f'{name}.py'))
     backbone = model.backbone
     backbone.train()  # (mmdet's ResNet.train() returns None)
