@@ -178,6 +178,130 @@ def channel_moments(c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     return _moments_impl(c, backend)
 
 
+# --- prm_det::gate_position_pool -----------------------------------------
+
+
+def _pool_impl(c: Tensor, scale: Tensor, shift: Tensor, groups: int,
+               backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per (sample, group of C / groups channels, position) of ``c * scale
+    + shift`` ([b, C, h, w] with [b, C] scale and shift; never written on
+    the cpu kernel): the mean and the max over the group's channels,
+    [b, groups, h * w] each, and the channel of the max within the group
+    (int64)."""
+    if backend == CPU:
+        mean, best, index = _cpu_ops().gate_position_pool_cpu(
+            c, scale.contiguous(), shift.contiguous(), groups)
+        return mean, best, index
+    b, ch = c.shape[:2]
+    gated = torch.addcmul(shift[..., None], c.flatten(2).to(scale.dtype),
+                          scale[..., None]).view(b, groups, ch // groups, -1)
+    best, index = gated.max(2)
+    return gated.mean(2), best, index
+
+
+def _pool_grads(c: Tensor, scale: Tensor, grad_mean: Tensor,
+                grad_max: Tensor, index: Tensor,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dL/dc, dL/dscale, dL/dshift) of :func:`_pool_impl`."""
+    if backend == CPU:
+        grad_c, grad_scale, grad_shift = \
+            _cpu_ops().gate_position_pool_backward_cpu(
+                c, scale.contiguous(), grad_mean.contiguous(),
+                grad_max.contiguous(), index)
+        return grad_c, grad_scale, grad_shift
+    b, ch = c.shape[:2]
+    groups = index.shape[1]
+    weight = (grad_mean / (ch // groups))[:, :, None].expand(
+        -1, -1, ch // groups, -1).clone()             # [b, G, C / G, hw]
+    weight.scatter_add_(2, index[:, :, None], grad_max[:, :, None])
+    weight = weight.view(b, ch, -1)
+    grad_c = (weight * scale[..., None]).view(c.shape).to(c.dtype)
+    grad_scale = (weight * c.flatten(2).to(scale.dtype)).sum(-1)
+    return (grad_c.contiguous(memory_format=_format_of(c)), grad_scale,
+            weight.sum(-1))
+
+
+_gate_position_pool_backward = torch.library.custom_op(
+    'prm_det::gate_position_pool_backward', mutates_args=())(_pool_grads)
+
+
+@_gate_position_pool_backward.register_fake
+def _(c, scale, grad_mean, grad_max, index, backend):
+    return (torch.empty_like(c, memory_format=_format_of(c)),
+            torch.empty_like(scale), torch.empty_like(scale))
+
+
+_gate_position_pool = torch.library.custom_op(
+    'prm_det::gate_position_pool', mutates_args=())(_pool_impl)
+
+
+@_gate_position_pool.register_fake
+def _(c, scale, shift, groups, backend):
+    shape = (c.shape[0], groups, c.shape[2] * c.shape[3])
+    return (c.new_empty(shape, dtype=scale.dtype),
+            c.new_empty(shape, dtype=scale.dtype),
+            c.new_empty(shape, dtype=torch.int64))
+
+
+def _pool_setup(ctx, inputs, output):
+    c, scale, _, _, backend = inputs
+    ctx.save_for_backward(c, scale, output[2])
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[2])
+
+
+def _pool_backward(ctx, grad_mean, grad_max, _,
+                   run_backward=_gate_position_pool_backward):
+    """The inputs' gradients from ``run_backward`` (the backward op, what
+    torch.compile traces, or its implementation in eager mode)."""
+    c, scale, index = ctx.saved_tensors
+    if grad_mean is None:
+        grad_mean = torch.zeros_like(index, dtype=scale.dtype)
+    if grad_max is None:
+        grad_max = torch.zeros_like(index, dtype=scale.dtype)
+    grad_c, grad_scale, grad_shift = run_backward(
+        c, scale, grad_mean, grad_max, index, ctx.backend)
+    return grad_c, grad_scale, grad_shift, None, None
+
+
+_gate_position_pool.register_autograd(_pool_backward,
+                                      setup_context=_pool_setup)
+
+
+class _PoolFunction(torch.autograd.Function):
+    """Eager mode's route through ``prm_det::gate_position_pool`` (see
+    :class:`_MomentsFunction`)."""
+
+    @staticmethod
+    def forward(ctx, c, scale, shift, groups, backend):
+        inputs = (c, scale, shift, groups, backend)
+        output = _pool_impl(*inputs)
+        _pool_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_max, grad_index):
+        return _pool_backward(ctx, grad_mean, grad_max, grad_index,
+                              _pool_grads)
+
+
+def position_pool(c: Tensor, scale: Tensor, shift: Tensor, backend: str,
+                  groups: int = 1) -> Tuple[Tensor, Tensor]:
+    """The mean and the max over each group's channels of ``c * scale +
+    shift`` per position, [b, groups, h * w] each, from one read of ``c``
+    (CBAM's spatial pooling of its channel-gated map, SGE's similarities,
+    GC's attention logits). The max's gradient goes to the first channel
+    holding it. The Triton backend runs it on torch ops."""
+    args = (c, scale, shift, groups, CPU if backend == CPU else TORCH)
+    if torch.compiler.is_compiling():
+        mean, best, _ = _gate_position_pool(*args)
+    elif _needs_grad(c, scale, shift):
+        mean, best, _ = _PoolFunction.apply(*args)
+    else:
+        mean, best, _ = _pool_impl(*args)
+    return mean, best
+
+
 # --- prm_det::gate_tail ----------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import prm_det  # noqa: F401
 from prm_det.models.layers import CBAM, GC, GE, SE, SGE
 from prm_det.ops import use_backend
 from prm_det.ops.gate_tail import (GateLogits, channel_moments, gate_tail,
-                                   normalize, tail_backend)
+                                   normalize, position_pool, tail_backend)
 
 GATES = {
     'se': lambda ch: SE(ch, ratio=1 / 4),
@@ -150,6 +150,10 @@ def test_ops_gradcheck(backend):
     gate_scale, gate_shift = rand(2, 2), rand(2, 2)
     torch.autograd.gradcheck(
         lambda c: channel_moments(c, backend), (c, ), fast_mode=fast)
+    for groups in (1, 2):  # (distinct values: no ties for the max)
+        torch.autograd.gradcheck(
+            lambda c, s, t: position_pool(c, s, t, backend, groups=groups),
+            (c, scale, shift), fast_mode=fast)
     for gate_kind in (None, 'values', 'logits'):
         for with_identity in (False, True):
             def tail(c, i, s, t, g, gs, gt):
@@ -177,6 +181,8 @@ def test_ops_opcheck(backend):
     affine = torch.randn(2, 2, 2, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.prm_det.gate_moments.default,
                           (c, backend))
+    torch.library.opcheck(torch.ops.prm_det.gate_position_pool.default,
+                          (c, scale, shift, 2, backend))
     for args in ((c, identity, scale, shift, gate, None, True),
                  (c, identity, scale, shift, gate, affine, True),
                  (c, None, scale, shift, None, None, False)):

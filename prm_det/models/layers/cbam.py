@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prm_det.ops.gate_tail import NormalizedMap
+from prm_det.ops.gate_tail import NormalizedMap, position_pool
 
 from ..registry import register_model
 from .fused_tail import FusedGateTail
@@ -115,24 +115,20 @@ class CBAM(FusedGateTail, nn.Module):
     def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
         """The block's output: the max over positions of the normalized
         map is the norm of c's max or min (by the sign of the norm's
-        scale); the spatial gate's channel mean is a matmul of c, its
-        channel max one reduction of the channel-gated map."""
+        scale); the spatial gate pools the channel-gated map per position
+        from c in one pass (``position_pool``), without writing it."""
         c = nmap.c
         b, ch, h, w = c.shape
         acc = nmap.alpha.dtype
-        flat = c.flatten(2)
-        highest = torch.where(nmap.alpha >= 0, flat.amax(-1).to(acc),
-                              flat.amin(-1).to(acc))
+        lowest, highest = c.flatten(2).aminmax(dim=-1)
+        extreme = torch.where(nmap.alpha >= 0, highest, lowest).to(acc)
         channel = torch.sigmoid(
             self.channel_mlp(nmap.channel_mean()) +
-            self.channel_mlp(highest * nmap.alpha + nmap.beta)).to(acc)
+            self.channel_mlp(extreme * nmap.alpha + nmap.beta)).to(acc)
         scale, shift = nmap.channel_affine(channel)        # x * channel
-        mean = (torch.matmul(scale.to(c.dtype)[:, None], flat).to(acc) +
-                shift.sum(1)[:, None, None]) / ch            # [b, 1, hw]
-        gated = torch.addcmul(shift[..., None], flat.to(acc), scale[..., None])
-        pooled = torch.cat((gated.max(1, keepdim=True)[0], mean), 1)
-        spatial = torch.sigmoid(self.spatial_norm(self.spatial_conv(
-            pooled.view(b, 2, h, w))))
+        mean, best = position_pool(c, scale, shift, nmap.backend)
+        pooled = torch.cat((best, mean), 1).view(b, 2, h, w)
+        spatial = torch.sigmoid(self.spatial_norm(self.spatial_conv(pooled)))
         return nmap.finish(identity, channel_scale=channel, gate=spatial)
 
     def extra_repr(self) -> str:

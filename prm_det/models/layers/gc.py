@@ -19,10 +19,10 @@ import torch
 from mmcv.cnn import ContextBlock
 from torch import Tensor
 
-from prm_det.ops.gate_tail import NormalizedMap
+from prm_det.ops.gate_tail import NormalizedMap, position_pool
 
 from ..registry import register_model
-from .fused_tail import FusedGateTail
+from .fused_tail import FusedGateTail, on_vectors
 
 
 @register_model
@@ -50,34 +50,35 @@ class GC(FusedGateTail, ContextBlock):
 
     def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
         """The block's output: the attention pooling's logits and context
-        are matmuls of the conv's output (the norm folded into the mask's
+        come from the conv's output (the norm folded into the mask's
         weights, and out of the context: the softmax weights sum to 1)."""
         if self.pooling_type == 'att':
             context = self._attention_context(nmap)
         else:
             context = nmap.channel_mean()
-        context = context[:, :, None, None]
         scale = shift = None
         if self.channel_mul_conv is not None:
-            scale = torch.sigmoid(self.channel_mul_conv(context)).flatten(1)
+            scale = torch.sigmoid(on_vectors(self.channel_mul_conv, context))
         if self.channel_add_conv is not None:
-            shift = self.channel_add_conv(context).flatten(1)
+            shift = on_vectors(self.channel_add_conv, context)
         return nmap.finish(identity, channel_scale=scale,
                            channel_shift=shift)
 
     def _attention_context(self, nmap: NormalizedMap) -> Tensor:
-        """sum over positions of softmax(conv_mask(x)) * x, [b, C]."""
+        """sum over positions of softmax(conv_mask(x)) * x, [b, C]: the
+        logits pooled from c in one pass (the norm folded into the mask's
+        weights), the context one matmul."""
         c = nmap.c
-        flat = c.flatten(2)                                   # [b, C, hw]
+        b, ch = c.shape[:2]
         acc = nmap.alpha.dtype
         mask_weight = self.conv_mask.weight.flatten().to(acc)
-        weight = (mask_weight * nmap.alpha).to(c.dtype)
-        offset = (mask_weight * nmap.beta).sum()
+        scale = (mask_weight * nmap.alpha).expand(b, -1)
+        shift = (mask_weight * nmap.beta).expand(b, -1)
+        mean, _ = position_pool(c, scale, shift, nmap.backend)
+        logits = mean * ch                                    # [b, 1, hw]
         if self.conv_mask.bias is not None:
-            offset = offset + self.conv_mask.bias.to(acc)
-        # bmm over the batch (a broadcast matmul would fold c into a
-        # transposed [b * hw, C] copy, and keep it for backward)
-        logits = torch.bmm(weight.expand(c.shape[0], 1, -1), flat)  # [b,1,hw]
-        attention = torch.softmax(logits.to(acc) + offset, dim=-1)
-        pooled = torch.matmul(flat, attention.to(c.dtype).transpose(1, 2))
+            logits = logits + self.conv_mask.bias.to(acc)
+        attention = torch.softmax(logits, dim=-1)
+        pooled = torch.matmul(c.flatten(2), attention.to(c.dtype).transpose(
+            1, 2))                                            # [b, C, 1]
         return pooled.flatten(1).to(acc) * nmap.alpha + nmap.beta

@@ -8,14 +8,13 @@ pool, 1x1 conv c -> c/r with bias, ReLU, 1x1 conv c/r -> c with bias,
 sigmoid, channel-wise scale). It is wrapped here only to give it the plugin
 contract: ``in_channels`` first, a ratio in the timm sense, ``_abbr_ = 'se'``.
 """
-import torch.nn.functional as F
 from mmdet.models.layers import SELayer
-from torch import Tensor, nn
+from torch import Tensor
 
 from prm_det.ops.gate_tail import NormalizedMap
 
 from ..registry import register_model
-from .fused_tail import FusedGateTail
+from .fused_tail import FusedGateTail, on_vectors
 
 
 @register_model
@@ -42,22 +41,7 @@ class SE(FusedGateTail, SELayer):
 
     def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
         """The block's output: the squeeze is the normalized map's channel
-        mean, the excitation this module's two convs, applied to [b, C]
-        vectors as the matrix products they are."""
-        excite = _on_vectors(self.conv2, _on_vectors(
-            self.conv1, nmap.channel_mean()))
+        mean, the excitation this module's two convs on [b, C] vectors."""
+        excite = on_vectors(self.conv2, on_vectors(self.conv1,
+                                                   nmap.channel_mean()))
         return nmap.finish(identity, channel_scale=excite)
-
-
-def _on_vectors(layer, x: Tensor) -> Tensor:
-    """mmcv's ``ConvModule`` (a 1x1 conv and an activation, SELayer's) on
-    [b, C] vectors: ``F.linear`` with the conv's weights (what the conv
-    computes on a 1x1 map, without a convolution's set-up: ~90 us each on
-    CPU, 10% of a tail at stage 4); the module itself where it has a norm
-    or a conv that is not a plain 1x1 ``nn.Conv2d``."""
-    conv = layer.conv
-    if (layer.with_norm or type(conv) is not nn.Conv2d
-            or conv.kernel_size != (1, 1) or conv.groups != 1):
-        return layer(x[:, :, None, None]).flatten(1)
-    x = F.linear(x.to(conv.weight.dtype), conv.weight.flatten(1), conv.bias)
-    return layer.activate(x) if layer.with_activation else x

@@ -23,7 +23,7 @@ the squared deviations; the output has the input's dtype.
 import torch
 from torch import Tensor, nn
 
-from prm_det.ops.gate_tail import GateLogits, NormalizedMap
+from prm_det.ops.gate_tail import GateLogits, NormalizedMap, position_pool
 from prm_det.ops.reference import (_TINY_VAR, NORM_EPS,
                                   normalize_over_positions)
 
@@ -85,18 +85,17 @@ class SGE(FusedGateTail, nn.Module):
 
     def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
         """The block's output: the similarities with the group means are
-        one batched matmul of the conv's output (the norm folded into the
+        pooled from the conv's output in one pass (the norm folded into the
         means)."""
         c = nmap.c
         b, ch, h, w = c.shape
         groups, acc = self.groups, nmap.alpha.dtype
         context = nmap.channel_mean()                        # [b, C]
-        weight = (context * nmap.alpha).to(c.dtype)
-        offset = (context * nmap.beta).view(b, groups, -1).sum(-1)
-        grouped = c.unflatten(1, (groups, ch // groups)).flatten(3)
-        similarity = torch.matmul(weight.view(b, groups, 1, -1),
-                                  grouped).squeeze(2)      # [b, g, hw]
-        similarity = similarity.to(acc) + offset[..., None]
+        # S = sum over the group's channels of x * context: per position,
+        # from one read of c (c * alpha * context + beta * context)
+        mean, _ = position_pool(c, context * nmap.alpha, context * nmap.beta,
+                                nmap.backend, groups=groups)
+        similarity = mean * (ch // groups)                  # [b, g, hw]
         # the gate sigmoid(N(S) * weight + bias) as logits S with a per
         # (sample, group) affine: the op keeps S, not the gate
         positions = h * w

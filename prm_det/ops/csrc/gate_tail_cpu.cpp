@@ -10,6 +10,10 @@
 //     (sample, group, chunk of positions) at a time, the chunk's gate made
 //     once for the group's channels (the sigmoid of its logits, with
 //     gate_affine);
+//   gate_position_pool_cpu (and its backward): per (sample, group,
+//     position), the mean and max over the group's channels of c * scale +
+//     shift (CBAM's spatial pooling, SGE's similarities, GC's attention
+//     logits: the channel-gated map is never written);
 //   gate_tail_backward_cpu: every gradient: the map's, the shortcut's (the
 //     ReLU-masked output gradient), scale's and shift's (sums per plane)
 //     and the gate's (sums over a group's channels per position). Tasks are
@@ -423,9 +427,158 @@ std::vector<at::Tensor> gate_tail_backward_cpu(
   return {grad_c, masked, grad_scale, grad_shift, grad_gate, grad_affine};
 }
 
+// Per (sample, group of C / G channels, position), over the group's
+// channels of (c * scale + shift) (a channel-gated map, never written): the
+// mean, the max and the first channel holding it (CBAM's spatial pooling,
+// SGE's similarities, GC's attention logits). Tasks are (sample, group,
+// chunk of positions); the chunk's running sums and maxima stay in cache
+// across the group's channels.
+template <typename T>
+void position_pool_kernel(const T* c, const T* scale, const T* shift,
+                          int64_t B, int64_t C, int64_t P, int64_t groups,
+                          T* mean, T* best, int64_t* index) {
+  const int64_t cg = C / groups;
+  const int64_t len = chunk_length(B * groups, P);
+  const int64_t chunks = (P + len - 1) / len;
+  at::parallel_for(0, B * groups * chunks, 1, [&](int64_t begin,
+                                                  int64_t end) {
+    std::vector<double> sum(static_cast<size_t>(len));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bg = task / chunks, k0 = (task % chunks) * len;
+      const int64_t n = std::min(len, P - k0);
+      const int64_t first = (bg / groups) * C + (bg % groups) * cg;
+      T* __restrict__ mx = best + bg * P + k0;
+      int64_t* __restrict__ ix = index + bg * P + k0;
+      double* __restrict__ acc = sum.data();
+      for (int64_t j = 0; j < cg; ++j) {
+        const int64_t i = first + j;  // the plane
+        const T s = scale[i], t = shift[i];
+        const T* __restrict__ row = c + i * P + k0;
+        if (j == 0) {
+          for (int64_t k = 0; k < n; ++k) {
+            const T v = row[k] * s + t;
+            acc[k] = double(v);
+            mx[k] = v;
+            ix[k] = 0;
+          }
+          continue;
+        }
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) {
+          const T v = row[k] * s + t;
+          acc[k] += double(v);
+          const bool higher = v > mx[k];
+          mx[k] = higher ? v : mx[k];
+          ix[k] = higher ? j : ix[k];
+        }
+      }
+      T* __restrict__ mr = mean + bg * P + k0;
+      for (int64_t k = 0; k < n; ++k) mr[k] = T(acc[k] / double(cg));
+    }
+  });
+}
+
+std::vector<at::Tensor> gate_position_pool_cpu(const at::Tensor& c,
+                                               const at::Tensor& scale,
+                                               const at::Tensor& shift,
+                                               int64_t groups) {
+  check_c(c);
+  const int64_t B = c.size(0), C = c.size(1), P = c.size(2) * c.size(3);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "prm_det gate tail: groups (",
+              groups, ") must divide the channels (", C, ")");
+  check_small(scale, c, {B, C}, "scale");
+  check_small(shift, c, {B, C}, "shift");
+  at::Tensor mean = at::empty({B, groups, P}, c.options());
+  at::Tensor best = at::empty({B, groups, P}, c.options());
+  at::Tensor index =
+      at::empty({B, groups, P}, c.options().dtype(at::kLong));
+  if (P > 0 && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gate_position_pool_cpu",
+                               [&] {
+      position_pool_kernel<scalar_t>(
+          c.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+          shift.data_ptr<scalar_t>(), B, C, P, groups,
+          mean.data_ptr<scalar_t>(), best.data_ptr<scalar_t>(),
+          index.data_ptr<int64_t>());
+    });
+  }
+  return {mean, best, index};
+}
+
+// Its backward: with w = grad_mean / (C / G) + (channel == index) *
+// grad_max per (group, position), dL/dc = scale * w (written), dL/dscale =
+// sum_p c w and dL/dshift = sum_p w per (sample, channel).
+template <typename T>
+void position_pool_backward_kernel(const T* c, const T* scale,
+                                   const T* grad_mean, const T* grad_max,
+                                   const int64_t* index, int64_t B, int64_t C,
+                                   int64_t P, int64_t groups, T* grad_c,
+                                   T* grad_scale, T* grad_shift) {
+  const int64_t cg = C / groups;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1));
+  const double inv_cg = 1.0 / double(cg);
+  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / C, ch = i % C, j = ch % cg;
+      const int64_t bg = b * groups + ch / cg;
+      const T s = scale[i];
+      const T* __restrict__ row = c + i * P;
+      const T* __restrict__ gm = grad_mean + bg * P;
+      const T* __restrict__ gx = grad_max + bg * P;
+      const int64_t* __restrict__ ix = index + bg * P;
+      T* __restrict__ out = grad_c + i * P;
+      double sum_w = 0, sum_wc = 0;
+#pragma omp simd reduction(+ : sum_w, sum_wc)
+      for (int64_t k = 0; k < P; ++k) {
+        const T w = T(gm[k] * inv_cg) + (ix[k] == j ? gx[k] : T(0));
+        out[k] = w * s;
+        sum_w += double(w);
+        sum_wc += double(w) * double(row[k]);
+      }
+      grad_scale[i] = T(sum_wc);
+      grad_shift[i] = T(sum_w);
+    }
+  });
+}
+
+std::vector<at::Tensor> gate_position_pool_backward_cpu(
+    const at::Tensor& c, const at::Tensor& scale, const at::Tensor& grad_mean,
+    const at::Tensor& grad_max, const at::Tensor& index) {
+  check_c(c);
+  const int64_t B = c.size(0), C = c.size(1), P = c.size(2) * c.size(3);
+  const int64_t groups = index.dim() == 3 ? index.size(1) : 0;
+  TORCH_CHECK(groups > 0 && C % groups == 0 &&
+                  index.sizes() == at::IntArrayRef({B, groups, P}) &&
+                  index.scalar_type() == at::kLong && index.is_contiguous(),
+              "prm_det gate tail: index must be a contiguous int64 "
+              "[b, G, P] tensor, G dividing the channels");
+  check_small(scale, c, {B, C}, "scale");
+  check_small(grad_mean, c, {B, groups, P}, "grad_mean");
+  check_small(grad_max, c, {B, groups, P}, "grad_max");
+  at::Tensor grad_c = at::empty_like(c);
+  at::Tensor grad_scale = at::empty_like(scale);
+  at::Tensor grad_shift = at::empty_like(scale);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gate_position_pool_backward",
+                             [&] {
+    position_pool_backward_kernel<scalar_t>(
+        c.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+        grad_mean.data_ptr<scalar_t>(), grad_max.data_ptr<scalar_t>(),
+        index.data_ptr<int64_t>(), B, C, P, groups,
+        grad_c.data_ptr<scalar_t>(), grad_scale.data_ptr<scalar_t>(),
+        grad_shift.data_ptr<scalar_t>());
+  });
+  return {grad_c, grad_scale, grad_shift};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(prm_det, m) {
+  m.def(
+      "gate_position_pool_cpu(Tensor c, Tensor scale, Tensor shift, "
+      "int groups) -> Tensor[]");
+  m.def(
+      "gate_position_pool_backward_cpu(Tensor c, Tensor scale, "
+      "Tensor grad_mean, Tensor grad_max, Tensor index) -> Tensor[]");
   m.def("gate_moments_cpu(Tensor c) -> (Tensor, Tensor)");
   m.def(
       "gate_tail_forward_cpu(Tensor c, Tensor? identity, Tensor scale, "
@@ -442,6 +595,8 @@ TORCH_LIBRARY_IMPL(prm_det, CPU, m) {
   m.impl("gate_moments_cpu", &gate_moments_cpu);
   m.impl("gate_tail_forward_cpu", &gate_tail_forward_cpu);
   m.impl("gate_tail_backward_cpu", &gate_tail_backward_cpu);
+  m.impl("gate_position_pool_cpu", &gate_position_pool_cpu);
+  m.impl("gate_position_pool_backward_cpu", &gate_position_pool_backward_cpu);
 }
 
 }  // namespace prm_det
