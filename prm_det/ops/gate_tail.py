@@ -92,32 +92,61 @@ def tail_backend(c: Tensor, identity: Optional[Tensor] = None) -> Optional[str]:
 # --- prm_det::gate_moments -------------------------------------------------
 
 
-def _moments_impl(c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """Per (sample, channel) of ``c`` [b, C, h, w]: the mean and the sum of
-    squared deviations from it, [b, C] each, in the accumulation dtype."""
+class Moments(NamedTuple):
+    """Per (sample, channel) of a map, [b, C] each: the mean and the sum of
+    squared deviations from it; with extrema, the max and min over the
+    positions (empty [0, C] otherwise)."""
+    mean: Tensor
+    m2: Tensor
+    best: Tensor
+    lowest: Tensor
+
+
+def _moments_impl(c: Tensor, with_extrema: bool, backend: str
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:class:`Moments` of ``c`` [b, C, h, w] in the accumulation dtype,
+    then the flat positions of the max and min (int64, empty without
+    extrema): one read of ``c`` on the cpu kernel."""
     if backend == CPU:
-        mean, m2 = _cpu_ops().gate_moments_cpu(c)
-        return mean, m2
+        return tuple(_cpu_ops().gate_moments_cpu(c, with_extrema))
+    acc = accumulation_dtype(c)
+    mean = None
     if backend == TRITON:
         try:
-            return gate_triton.moments(c)
+            mean, m2 = gate_triton.moments(c)
         except KernelsBroken:  # warned: torch ops from now on
             pass
-    var, mean = torch.var_mean(c.to(accumulation_dtype(c)), dim=(2, 3),
-                               correction=0)
-    return mean, var * (c.shape[2] * c.shape[3])
+    flat = c.flatten(2).to(acc)
+    if mean is None:
+        var, mean = torch.var_mean(flat, dim=-1, correction=0)
+        m2 = var * flat.shape[-1]
+    if not with_extrema:
+        none = mean.new_empty(0, c.shape[1])
+        index = none.to(torch.int64)
+        return mean, m2, none, none.clone(), index, index.clone()
+    best, arg_best = flat.max(-1)
+    lowest, arg_lowest = flat.min(-1)
+    return mean, m2, best, lowest, arg_best, arg_lowest
 
 
-def _moments_grad(c: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
-                  grad_m2: Optional[Tensor]) -> Tensor:
-    """dL/dc = grad_mean / hw + 2 grad_m2 (c - mean): one affine pass."""
+def _moments_grad(c: Tensor, mean: Tensor, arg_best: Tensor,
+                  arg_lowest: Tensor, grad_mean: Optional[Tensor],
+                  grad_m2: Optional[Tensor], grad_best: Optional[Tensor],
+                  grad_lowest: Optional[Tensor]) -> Tensor:
+    """dL/dc = grad_mean / hw + 2 grad_m2 (c - mean) (one affine pass),
+    plus the extrema's gradients at their positions."""
     hw = c.shape[2] * c.shape[3]
     slope = 2 * grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
     offset = -slope * mean
     if grad_mean is not None:
         offset = offset + grad_mean / hw
-    grad = torch.addcmul(offset[..., None, None], c, slope[..., None, None])
-    return grad.to(c.dtype)
+    grad = torch.addcmul(offset[..., None, None], c,
+                         slope[..., None, None]).to(c.dtype)
+    flat = grad.flatten(2)  # a view: contiguous and channels_last alike
+    for index, g in ((arg_best, grad_best), (arg_lowest, grad_lowest)):
+        if g is not None and index.numel():
+            flat.scatter_add_(2, index[..., None], g[..., None].to(c.dtype))
+    return grad
 
 
 _gate_moments = torch.library.custom_op(
@@ -125,19 +154,27 @@ _gate_moments = torch.library.custom_op(
 
 
 @_gate_moments.register_fake
-def _(c, backend):
+def _(c, with_extrema, backend):
     acc = accumulation_dtype(c)
-    return (c.new_empty(c.shape[:2], dtype=acc),
-            c.new_empty(c.shape[:2], dtype=acc))
+    rows = c.shape[0] if with_extrema else 0
+    shape, kept = c.shape[:2], (rows, c.shape[1])
+    return (c.new_empty(shape, dtype=acc), c.new_empty(shape, dtype=acc),
+            c.new_empty(kept, dtype=acc), c.new_empty(kept, dtype=acc),
+            c.new_empty(kept, dtype=torch.int64),
+            c.new_empty(kept, dtype=torch.int64))
 
 
 def _moments_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
+    mean, _, _, _, arg_best, arg_lowest = output
+    ctx.save_for_backward(inputs[0], mean, arg_best, arg_lowest)
+    ctx.mark_non_differentiable(arg_best, arg_lowest)
 
 
-def _moments_backward(ctx, grad_mean, grad_m2):
-    c, mean = ctx.saved_tensors
-    return _moments_grad(c, mean, grad_mean, grad_m2), None
+def _moments_backward(ctx, grad_mean, grad_m2, grad_best, grad_lowest,
+                      *unused):
+    c, mean, arg_best, arg_lowest = ctx.saved_tensors
+    return _moments_grad(c, mean, arg_best, arg_lowest, grad_mean, grad_m2,
+                         grad_best, grad_lowest), None, None
 
 
 _gate_moments.register_autograd(_moments_backward, setup_context=_moments_setup)
@@ -152,14 +189,14 @@ class _MomentsFunction(torch.autograd.Function):
     ops, against 1.10x as modules). torch.compile traces the ops."""
 
     @staticmethod
-    def forward(ctx, c, backend):
-        mean, m2 = _moments_impl(c, backend)
-        _moments_setup(ctx, (c, backend), (mean, m2))
-        return mean, m2
+    def forward(ctx, c, with_extrema, backend):
+        output = _moments_impl(c, with_extrema, backend)
+        _moments_setup(ctx, (c, with_extrema, backend), output)
+        return output
 
     @staticmethod
-    def backward(ctx, grad_mean, grad_m2):
-        return _moments_backward(ctx, grad_mean, grad_m2)
+    def backward(ctx, *grads):
+        return _moments_backward(ctx, *grads)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -167,34 +204,41 @@ def _needs_grad(*tensors) -> bool:
         t is not None and t.requires_grad for t in tensors)
 
 
-def channel_moments(c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """``c``'s mean and sum of squared deviations per (sample, channel):
-    the custom op under torch.compile, its implementation and autograd
-    directly in eager mode."""
+def channel_moments(c: Tensor, backend: str,
+                    with_extrema: bool = False) -> Moments:
+    """``c``'s :class:`Moments` per (sample, channel), from one read of
+    ``c``: the custom op under torch.compile, its implementation and
+    autograd directly in eager mode. The extrema's gradients go to the
+    first position holding each (a NaN wins, as in torch)."""
     if torch.compiler.is_compiling():
-        return _gate_moments(c, backend)
-    if _needs_grad(c):
-        return _MomentsFunction.apply(c, backend)
-    return _moments_impl(c, backend)
+        output = _gate_moments(c, with_extrema, backend)
+    elif _needs_grad(c):
+        output = _MomentsFunction.apply(c, with_extrema, backend)
+    else:
+        output = _moments_impl(c, with_extrema, backend)
+    return Moments(*output[:4])
 
 
 # --- prm_det::gate_position_pool -----------------------------------------
 
 
 def _pool_impl(c: Tensor, scale: Tensor, shift: Tensor, groups: int,
-               backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+               with_max: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Per (sample, group of C / groups channels, position) of ``c * scale
     + shift`` ([b, C, h, w] with [b, C] scale and shift; never written on
-    the cpu kernel): the mean and the max over the group's channels,
-    [b, groups, h * w] each, and the channel of the max within the group
-    (int64)."""
+    the cpu kernel): the mean over the group's channels [b, groups, h * w]
+    and, ``with_max``, the max and the channel holding it within the group
+    (int64; both empty otherwise)."""
     if backend == CPU:
         mean, best, index = _cpu_ops().gate_position_pool_cpu(
-            c, scale.contiguous(), shift.contiguous(), groups)
+            c, scale.contiguous(), shift.contiguous(), groups, with_max)
         return mean, best, index
     b, ch = c.shape[:2]
     gated = torch.addcmul(shift[..., None], c.flatten(2).to(scale.dtype),
                           scale[..., None]).view(b, groups, ch // groups, -1)
+    if not with_max:
+        return (gated.mean(2), scale.new_empty(0, groups, gated.shape[-1]),
+                c.new_empty(0, groups, gated.shape[-1], dtype=torch.int64))
     best, index = gated.max(2)
     return gated.mean(2), best, index
 
@@ -210,10 +254,11 @@ def _pool_grads(c: Tensor, scale: Tensor, grad_mean: Tensor,
                 grad_max.contiguous(), index)
         return grad_c, grad_scale, grad_shift
     b, ch = c.shape[:2]
-    groups = index.shape[1]
+    groups = grad_mean.shape[1]
     weight = (grad_mean / (ch // groups))[:, :, None].expand(
         -1, -1, ch // groups, -1).clone()             # [b, G, C / G, hw]
-    weight.scatter_add_(2, index[:, :, None], grad_max[:, :, None])
+    if index.numel():
+        weight.scatter_add_(2, index[:, :, None], grad_max[:, :, None])
     weight = weight.view(b, ch, -1)
     grad_c = (weight * scale[..., None]).view(c.shape).to(c.dtype)
     grad_scale = (weight * c.flatten(2).to(scale.dtype)).sum(-1)
@@ -236,17 +281,18 @@ _gate_position_pool = torch.library.custom_op(
 
 
 @_gate_position_pool.register_fake
-def _(c, scale, shift, groups, backend):
+def _(c, scale, shift, groups, with_max, backend):
     shape = (c.shape[0], groups, c.shape[2] * c.shape[3])
+    kept = shape if with_max else (0, *shape[1:])
     return (c.new_empty(shape, dtype=scale.dtype),
-            c.new_empty(shape, dtype=scale.dtype),
-            c.new_empty(shape, dtype=torch.int64))
+            c.new_empty(kept, dtype=scale.dtype),
+            c.new_empty(kept, dtype=torch.int64))
 
 
 def _pool_setup(ctx, inputs, output):
-    c, scale, _, _, backend = inputs
+    c, scale, _, _, _, backend = inputs
     ctx.save_for_backward(c, scale, output[2])
-    ctx.backend = backend
+    ctx.backend, ctx.groups = backend, inputs[3]
     ctx.mark_non_differentiable(output[2])
 
 
@@ -256,12 +302,13 @@ def _pool_backward(ctx, grad_mean, grad_max, _,
     torch.compile traces, or its implementation in eager mode)."""
     c, scale, index = ctx.saved_tensors
     if grad_mean is None:
-        grad_mean = torch.zeros_like(index, dtype=scale.dtype)
-    if grad_max is None:
+        grad_mean = scale.new_zeros(c.shape[0], ctx.groups,
+                                    c.shape[2] * c.shape[3])
+    if grad_max is None or not index.numel():
         grad_max = torch.zeros_like(index, dtype=scale.dtype)
     grad_c, grad_scale, grad_shift = run_backward(
         c, scale, grad_mean, grad_max, index, ctx.backend)
-    return grad_c, grad_scale, grad_shift, None, None
+    return grad_c, grad_scale, grad_shift, None, None, None
 
 
 _gate_position_pool.register_autograd(_pool_backward,
@@ -273,8 +320,8 @@ class _PoolFunction(torch.autograd.Function):
     :class:`_MomentsFunction`)."""
 
     @staticmethod
-    def forward(ctx, c, scale, shift, groups, backend):
-        inputs = (c, scale, shift, groups, backend)
+    def forward(ctx, c, scale, shift, groups, with_max, backend):
+        inputs = (c, scale, shift, groups, with_max, backend)
         output = _pool_impl(*inputs)
         _pool_setup(ctx, inputs, output)
         return output
@@ -286,20 +333,24 @@ class _PoolFunction(torch.autograd.Function):
 
 
 def position_pool(c: Tensor, scale: Tensor, shift: Tensor, backend: str,
-                  groups: int = 1) -> Tuple[Tensor, Tensor]:
-    """The mean and the max over each group's channels of ``c * scale +
-    shift`` per position, [b, groups, h * w] each, from one read of ``c``
-    (CBAM's spatial pooling of its channel-gated map, SGE's similarities,
-    GC's attention logits). The max's gradient goes to the first channel
-    holding it. The Triton backend runs it on torch ops."""
-    args = (c, scale, shift, groups, CPU if backend == CPU else TORCH)
+                  groups: int = 1, with_max: bool = False
+                  ) -> Tuple[Tensor, Optional[Tensor]]:
+    """The mean (and ``with_max`` the max, else None) over each group's
+    channels of ``c * scale + shift`` per position, [b, groups, h * w]
+    each, from one read of ``c`` (CBAM's spatial pooling of its
+    channel-gated map, SGE's similarities, GC's attention logits). The
+    max's gradient goes to the first channel holding it (its index, int64,
+    is kept for backward: only with the max). The Triton backend runs it
+    on torch ops."""
+    args = (c, scale, shift, groups, with_max,
+            CPU if backend == CPU else TORCH)
     if torch.compiler.is_compiling():
         mean, best, _ = _gate_position_pool(*args)
     elif _needs_grad(c, scale, shift):
         mean, best, _ = _PoolFunction.apply(*args)
     else:
         mean, best, _ = _pool_impl(*args)
-    return mean, best
+    return mean, best if with_max else None
 
 
 # --- prm_det::gate_tail ----------------------------------------------------
@@ -566,12 +617,22 @@ class NormalizedMap(NamedTuple):
     c: Tensor
     alpha: Tensor
     beta: Tensor
-    sample_mean: Tensor
+    moments: Moments
     backend: str
 
     def channel_mean(self) -> Tensor:
         """The mean of ``x`` over the positions, [b, C]."""
-        return self.sample_mean * self.alpha + self.beta
+        return self.moments.mean * self.alpha + self.beta
+
+    def channel_max(self) -> Tensor:
+        """The max of ``x`` over the positions, [b, C]: c's max or min by
+        the sign of the norm's scale (``normalize(with_extrema=True)``)."""
+        if not self.moments.best.numel() and self.c.shape[0]:
+            raise RuntimeError('channel_max: normalize the map with '
+                               'with_extrema=True')
+        extreme = torch.where(self.alpha >= 0, self.moments.best,
+                              self.moments.lowest)
+        return extreme * self.alpha + self.beta
 
     def channel_affine(self, channel_scale: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor]:
@@ -606,11 +667,14 @@ class NormalizedMap(NamedTuple):
                          relu=relu)
 
 
-def normalize(c: Tensor, norm: BatchNorm, backend: str) -> NormalizedMap:
-    """BatchNorm of ``c`` as :class:`NormalizedMap`, from one read of ``c``;
-    in training the running statistics are updated as
-    ``F.batch_norm`` does (unbiased variance, ``norm.momentum``)."""
-    sample_mean, m2 = channel_moments(c, backend)
+def normalize(c: Tensor, norm: BatchNorm, backend: str,
+              with_extrema: bool = False) -> NormalizedMap:
+    """BatchNorm of ``c`` as :class:`NormalizedMap`, from one read of ``c``
+    (which also gives the extrema per channel when asked); in training the
+    running statistics are updated as ``F.batch_norm`` does (unbiased
+    variance, ``norm.momentum``)."""
+    moments = channel_moments(c, backend, with_extrema)
+    sample_mean, m2 = moments.mean, moments.m2
     acc = sample_mean.dtype
     if norm.training:
         b, hw = c.shape[0], c.shape[2] * c.shape[3]
@@ -635,4 +699,4 @@ def normalize(c: Tensor, norm: BatchNorm, backend: str) -> NormalizedMap:
     beta = -mean * alpha
     if norm.bias is not None:
         beta = beta + norm.bias.to(acc)
-    return NormalizedMap(c, alpha, beta, sample_mean, backend)
+    return NormalizedMap(c, alpha, beta, moments, backend)

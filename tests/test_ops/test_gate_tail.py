@@ -148,12 +148,17 @@ def test_ops_gradcheck(backend):
     c, identity = rand(2, 4, 3, 5), rand(2, 4, 3, 5)
     scale, shift, gate = rand(2, 4), rand(2, 4), rand(2, 2, 3, 5)
     gate_scale, gate_shift = rand(2, 2), rand(2, 2)
-    torch.autograd.gradcheck(
-        lambda c: channel_moments(c, backend), (c, ), fast_mode=fast)
-    for groups in (1, 2):  # (distinct values: no ties for the max)
+    for extrema in (False, True):  # (distinct values: no ties)
         torch.autograd.gradcheck(
-            lambda c, s, t: position_pool(c, s, t, backend, groups=groups),
-            (c, scale, shift), fast_mode=fast)
+            lambda c: tuple(t for t in channel_moments(c, backend, extrema)
+                            if t.numel()), (c, ), fast_mode=fast)
+    for groups in (1, 2):  # (distinct values: no ties for the max)
+        for with_max in (False, True):
+            torch.autograd.gradcheck(
+                lambda c, s, t: [p for p in position_pool(
+                    c, s, t, backend, groups=groups, with_max=with_max)
+                    if p is not None],
+                (c, scale, shift), fast_mode=fast)
     for gate_kind in (None, 'values', 'logits'):
         for with_identity in (False, True):
             def tail(c, i, s, t, g, gs, gt):
@@ -179,10 +184,12 @@ def test_ops_opcheck(backend):
     shift = torch.randn(2, 4, generator=gen, requires_grad=True)
     gate = torch.rand(2, 2, 3, 5, generator=gen, requires_grad=True)
     affine = torch.randn(2, 2, 2, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.prm_det.gate_moments.default,
-                          (c, backend))
-    torch.library.opcheck(torch.ops.prm_det.gate_position_pool.default,
-                          (c, scale, shift, 2, backend))
+    for extrema in (False, True):
+        torch.library.opcheck(torch.ops.prm_det.gate_moments.default,
+                              (c, extrema, backend))
+    for with_max in (False, True):
+        torch.library.opcheck(torch.ops.prm_det.gate_position_pool.default,
+                              (c, scale, shift, 2, with_max, backend))
     for args in ((c, identity, scale, shift, gate, None, True),
                  (c, identity, scale, shift, gate, affine, True),
                  (c, None, scale, shift, None, None, False)):
@@ -296,3 +303,25 @@ def test_triton_reads_half_precision_maps(kind, dtype):
                     (want[0], want[1], *want[3].values())):
         err = (g.float() - w).norm() / w.norm().clamp_min(1e-6)
         assert err < tol, err
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('kind', ['se', 'sge', 'cbam', 'gc'])
+def test_nan_and_inf_propagate_as_the_modules(kind, backend):
+    """A NaN in the map and an Inf in the shortcut reach the output and the
+    gradient where the modules put them (eval: the norm's running
+    statistics keep a NaN local to its sample): the fused ReLU, pooling
+    maxima and reductions do not drop them."""
+    (gate, norm), (gate0, norm0) = _pair(kind, 8)
+    for module in (gate, norm, gate0, norm0):
+        module.eval()
+    c, identity, grad = _inputs((2, 8, 5, 6))
+    c[0, 3, 2, 2] = float('nan')
+    identity[1, 5, 0, 4] = float('inf')
+    with use_backend(backend):
+        y, gc, gi, _, _ = _run(_fused, gate, norm, c, identity, grad)
+    y0, gc0, gi0, _, _ = _run(_unfused, gate0, norm0, c, identity, grad)
+    assert torch.isnan(y0).any() and torch.isinf(y0).any()
+    for got, want in ((y, y0), (gc, gc0), (gi, gi0)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(torch.isinf(got), torch.isinf(want))

@@ -112,21 +112,23 @@ class CBAM(FusedGateTail, nn.Module):
         x = x * self.channel_gate(x).to(x.dtype)[:, :, None, None]
         return x * self.spatial_gate(x).to(x.dtype)
 
+    tail_extrema = True  # the channel gate reads the max over positions
+
     def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
         """The block's output: the max over positions of the normalized
-        map is the norm of c's max or min (by the sign of the norm's
-        scale); the spatial gate pools the channel-gated map per position
-        from c in one pass (``position_pool``), without writing it."""
+        map comes with the norm's statistics (c's max or min, by the sign
+        of the norm's scale); the spatial gate pools the channel-gated map
+        per position from c in one pass (``position_pool``), without
+        writing it."""
         c = nmap.c
         b, ch, h, w = c.shape
         acc = nmap.alpha.dtype
-        lowest, highest = c.flatten(2).aminmax(dim=-1)
-        extreme = torch.where(nmap.alpha >= 0, highest, lowest).to(acc)
         channel = torch.sigmoid(
             self.channel_mlp(nmap.channel_mean()) +
-            self.channel_mlp(extreme * nmap.alpha + nmap.beta)).to(acc)
+            self.channel_mlp(nmap.channel_max())).to(acc)
         scale, shift = nmap.channel_affine(channel)        # x * channel
-        mean, best = position_pool(c, scale, shift, nmap.backend)
+        mean, best = position_pool(c, scale, shift, nmap.backend,
+                                   with_max=True)
         pooled = torch.cat((best, mean), 1).view(b, 2, h, w)
         spatial = torch.sigmoid(self.spatial_norm(self.spatial_conv(pooled)))
         return nmap.finish(identity, channel_scale=channel, gate=spatial)

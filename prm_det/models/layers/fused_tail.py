@@ -22,7 +22,11 @@ from .prm import batch_norm_of
 
 class FusedGateTail:
     """Mixin: ``forward_norm_residual`` through the gate tail ops; the
-    class defines ``gate_tail(nmap, identity) -> Tensor``."""
+    class defines ``gate_tail(nmap, identity) -> Tensor`` and, if it reads
+    :meth:`~prm_det.ops.gate_tail.NormalizedMap.channel_max`,
+    ``tail_extrema = True``."""
+
+    tail_extrema = False
 
     def gate_tail(self, nmap: NormalizedMap, identity: Tensor) -> Tensor:
         raise NotImplementedError
@@ -36,7 +40,9 @@ class FusedGateTail:
         bn = None if backend is None else batch_norm_of(norm, c)
         if bn is None:
             return torch.relu(self(norm(c)) + identity)
-        return self.gate_tail(normalize(c, bn, backend), identity)
+        return self.gate_tail(
+            normalize(c, bn, backend, with_extrema=self.tail_extrema),
+            identity)
 
 
 # elementwise layers: the same on [b, C] vectors as on [b, C, 1, 1] maps

@@ -101,7 +101,8 @@ def tail_fwd_kernel(c_ptr, id_ptr, scale_ptr, shift_ptr, gate_ptr, affine_ptr,
         if HAS_ID:
             out += tl.load(id_ptr + ptrs, mask=mask, other=0.0).to(ACC)
         if RELU:
-            out = tl.maximum(out, 0.0)
+            # a NaN stays NaN, as in torch.relu (maximum drops it)
+            out = tl.maximum(out, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(y_ptr + ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 

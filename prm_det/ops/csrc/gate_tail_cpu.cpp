@@ -79,17 +79,17 @@ int64_t gate_groups(const c10::optional<at::Tensor>& gate,
   return groups;
 }
 
-template <typename scalar_t>
-void moments_kernel(const at::Tensor& c, at::Tensor& mean, at::Tensor& m2,
-                    int64_t planes, int64_t P) {
-  const scalar_t* x = c.data_ptr<scalar_t>();
-  scalar_t* out_mean = mean.data_ptr<scalar_t>();
-  scalar_t* out_m2 = m2.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(
-                                                 P, 1));
+// Per (sample, channel) plane: the mean and M2 (two sweeps while the plane
+// sits in cache) and, when asked (best non-null), the max and min with the
+// first position holding each (a NaN wins, as in torch's max and min).
+template <typename T>
+void moments_kernel(const T* x, int64_t planes, int64_t P, T* out_mean,
+                    T* out_m2, T* best, T* lowest, int64_t* arg_best,
+                    int64_t* arg_lowest) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1));
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* __restrict__ row = x + i * P;
+      const T* __restrict__ row = x + i * P;
       double sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t k = 0; k < P; ++k) sum += double(row[k]);
@@ -100,21 +100,53 @@ void moments_kernel(const at::Tensor& c, at::Tensor& mean, at::Tensor& m2,
         const double d = double(row[k]) - m;
         dev += d * d;
       }
-      out_mean[i] = scalar_t(m);
-      out_m2[i] = scalar_t(dev);
+      out_mean[i] = T(m);
+      out_m2[i] = T(dev);
+      if (!best || P == 0) continue;
+      T hi = row[0], lo = row[0];
+      int64_t at_hi = 0, at_lo = 0;
+      for (int64_t k = 1; k < P; ++k) {
+        const T v = row[k];
+        if (hi != hi) break;  // a NaN: both are it (first NaN)
+        if (v > hi || v != v) {
+          hi = v;
+          at_hi = k;
+        }
+        if (v < lo || v != v) {
+          lo = v;
+          at_lo = k;
+        }
+      }
+      best[i] = hi;
+      lowest[i] = lo;
+      arg_best[i] = at_hi;
+      arg_lowest[i] = at_lo;
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> gate_moments_cpu(const at::Tensor& c) {
+std::vector<at::Tensor> gate_moments_cpu(const at::Tensor& c,
+                                         bool with_extrema) {
   check_c(c);
-  const int64_t planes = c.size(0) * c.size(1), P = c.size(2) * c.size(3);
-  at::Tensor mean = at::empty({c.size(0), c.size(1)}, c.options());
+  const int64_t B = c.size(0), C = c.size(1), P = c.size(2) * c.size(3);
+  at::Tensor mean = at::empty({B, C}, c.options());
   at::Tensor m2 = at::empty_like(mean);
+  const int64_t rows = with_extrema ? B : 0;  // empty: not asked for
+  at::Tensor best = at::empty({rows, C}, c.options());
+  at::Tensor lowest = at::empty({rows, C}, c.options());
+  at::Tensor arg_best = at::empty({rows, C}, c.options().dtype(at::kLong));
+  at::Tensor arg_lowest = at::empty({rows, C}, c.options().dtype(at::kLong));
+  const bool extrema = with_extrema && B * C > 0;
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gate_moments_cpu", [&] {
-    moments_kernel<scalar_t>(c, mean, m2, planes, P);
+    moments_kernel<scalar_t>(
+        c.data_ptr<scalar_t>(), B * C, P, mean.data_ptr<scalar_t>(),
+        m2.data_ptr<scalar_t>(),
+        extrema ? best.data_ptr<scalar_t>() : nullptr,
+        extrema ? lowest.data_ptr<scalar_t>() : nullptr,
+        extrema ? arg_best.data_ptr<int64_t>() : nullptr,
+        extrema ? arg_lowest.data_ptr<int64_t>() : nullptr);
   });
-  return {mean, m2};
+  return {mean, m2, best, lowest, arg_best, arg_lowest};
 }
 
 // the pointers of a tail: c, the shortcut, gate and gate_affine (null when
@@ -437,6 +469,7 @@ template <typename T>
 void position_pool_kernel(const T* c, const T* scale, const T* shift,
                           int64_t B, int64_t C, int64_t P, int64_t groups,
                           T* mean, T* best, int64_t* index) {
+  // best and index null: the mean alone
   const int64_t cg = C / groups;
   const int64_t len = chunk_length(B * groups, P);
   const int64_t chunks = (P + len - 1) / len;
@@ -447,13 +480,19 @@ void position_pool_kernel(const T* c, const T* scale, const T* shift,
       const int64_t bg = task / chunks, k0 = (task % chunks) * len;
       const int64_t n = std::min(len, P - k0);
       const int64_t first = (bg / groups) * C + (bg % groups) * cg;
-      T* __restrict__ mx = best + bg * P + k0;
-      int64_t* __restrict__ ix = index + bg * P + k0;
+      T* __restrict__ mx = best ? best + bg * P + k0 : nullptr;
+      int64_t* __restrict__ ix = index ? index + bg * P + k0 : nullptr;
       double* __restrict__ acc = sum.data();
       for (int64_t j = 0; j < cg; ++j) {
         const int64_t i = first + j;  // the plane
         const T s = scale[i], t = shift[i];
         const T* __restrict__ row = c + i * P + k0;
+        if (!mx) {
+          if (j == 0) std::fill(acc, acc + n, 0.0);
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) acc[k] += double(row[k] * s + t);
+          continue;
+        }
         if (j == 0) {
           for (int64_t k = 0; k < n; ++k) {
             const T v = row[k] * s + t;
@@ -467,7 +506,7 @@ void position_pool_kernel(const T* c, const T* scale, const T* shift,
         for (int64_t k = 0; k < n; ++k) {
           const T v = row[k] * s + t;
           acc[k] += double(v);
-          const bool higher = v > mx[k];
+          const bool higher = v > mx[k] || v != v;  // a NaN wins, as in torch
           mx[k] = higher ? v : mx[k];
           ix[k] = higher ? j : ix[k];
         }
@@ -481,7 +520,8 @@ void position_pool_kernel(const T* c, const T* scale, const T* shift,
 std::vector<at::Tensor> gate_position_pool_cpu(const at::Tensor& c,
                                                const at::Tensor& scale,
                                                const at::Tensor& shift,
-                                               int64_t groups) {
+                                               int64_t groups,
+                                               bool with_max) {
   check_c(c);
   const int64_t B = c.size(0), C = c.size(1), P = c.size(2) * c.size(3);
   TORCH_CHECK(groups > 0 && C % groups == 0, "prm_det gate tail: groups (",
@@ -489,17 +529,19 @@ std::vector<at::Tensor> gate_position_pool_cpu(const at::Tensor& c,
   check_small(scale, c, {B, C}, "scale");
   check_small(shift, c, {B, C}, "shift");
   at::Tensor mean = at::empty({B, groups, P}, c.options());
-  at::Tensor best = at::empty({B, groups, P}, c.options());
-  at::Tensor index =
-      at::empty({B, groups, P}, c.options().dtype(at::kLong));
+  const int64_t kept = with_max ? B * groups * P : 0;  // empty: no max
+  at::Tensor best = at::empty({with_max ? B : 0, groups, P}, c.options());
+  at::Tensor index = at::empty({with_max ? B : 0, groups, P},
+                               c.options().dtype(at::kLong));
   if (P > 0 && C > 0) {
     AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gate_position_pool_cpu",
                                [&] {
       position_pool_kernel<scalar_t>(
           c.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
           shift.data_ptr<scalar_t>(), B, C, P, groups,
-          mean.data_ptr<scalar_t>(), best.data_ptr<scalar_t>(),
-          index.data_ptr<int64_t>());
+          mean.data_ptr<scalar_t>(),
+          kept ? best.data_ptr<scalar_t>() : nullptr,
+          kept ? index.data_ptr<int64_t>() : nullptr);
     });
   }
   return {mean, best, index};
@@ -524,16 +566,26 @@ void position_pool_backward_kernel(const T* c, const T* scale,
       const T s = scale[i];
       const T* __restrict__ row = c + i * P;
       const T* __restrict__ gm = grad_mean + bg * P;
-      const T* __restrict__ gx = grad_max + bg * P;
-      const int64_t* __restrict__ ix = index + bg * P;
       T* __restrict__ out = grad_c + i * P;
       double sum_w = 0, sum_wc = 0;
+      if (!index) {  // the mean alone
 #pragma omp simd reduction(+ : sum_w, sum_wc)
-      for (int64_t k = 0; k < P; ++k) {
-        const T w = T(gm[k] * inv_cg) + (ix[k] == j ? gx[k] : T(0));
-        out[k] = w * s;
-        sum_w += double(w);
-        sum_wc += double(w) * double(row[k]);
+        for (int64_t k = 0; k < P; ++k) {
+          const T w = T(gm[k] * inv_cg);
+          out[k] = w * s;
+          sum_w += double(w);
+          sum_wc += double(w) * double(row[k]);
+        }
+      } else {
+        const T* __restrict__ gx = grad_max + bg * P;
+        const int64_t* __restrict__ ix = index + bg * P;
+#pragma omp simd reduction(+ : sum_w, sum_wc)
+        for (int64_t k = 0; k < P; ++k) {
+          const T w = T(gm[k] * inv_cg) + (ix[k] == j ? gx[k] : T(0));
+          out[k] = w * s;
+          sum_w += double(w);
+          sum_wc += double(w) * double(row[k]);
+        }
       }
       grad_scale[i] = T(sum_wc);
       grad_shift[i] = T(sum_w);
@@ -546,15 +598,20 @@ std::vector<at::Tensor> gate_position_pool_backward_cpu(
     const at::Tensor& grad_max, const at::Tensor& index) {
   check_c(c);
   const int64_t B = c.size(0), C = c.size(1), P = c.size(2) * c.size(3);
-  const int64_t groups = index.dim() == 3 ? index.size(1) : 0;
-  TORCH_CHECK(groups > 0 && C % groups == 0 &&
-                  index.sizes() == at::IntArrayRef({B, groups, P}) &&
-                  index.scalar_type() == at::kLong && index.is_contiguous(),
-              "prm_det gate tail: index must be a contiguous int64 "
-              "[b, G, P] tensor, G dividing the channels");
+  const int64_t groups = grad_mean.dim() == 3 ? grad_mean.size(1) : 0;
+  TORCH_CHECK(groups > 0 && C % groups == 0,
+              "prm_det gate tail: grad_mean must be [b, G, P], G dividing "
+              "the channels, got ", grad_mean.sizes());
   check_small(scale, c, {B, C}, "scale");
   check_small(grad_mean, c, {B, groups, P}, "grad_mean");
-  check_small(grad_max, c, {B, groups, P}, "grad_max");
+  const bool with_max = index.numel() > 0;  // empty: the mean alone
+  if (with_max) {
+    TORCH_CHECK(index.sizes() == at::IntArrayRef({B, groups, P}) &&
+                    index.scalar_type() == at::kLong && index.is_contiguous(),
+                "prm_det gate tail: index must be a contiguous int64 "
+                "[b, G, P] tensor");
+    check_small(grad_max, c, {B, groups, P}, "grad_max");
+  }
   at::Tensor grad_c = at::empty_like(c);
   at::Tensor grad_scale = at::empty_like(scale);
   at::Tensor grad_shift = at::empty_like(scale);
@@ -562,8 +619,9 @@ std::vector<at::Tensor> gate_position_pool_backward_cpu(
                              [&] {
     position_pool_backward_kernel<scalar_t>(
         c.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-        grad_mean.data_ptr<scalar_t>(), grad_max.data_ptr<scalar_t>(),
-        index.data_ptr<int64_t>(), B, C, P, groups,
+        grad_mean.data_ptr<scalar_t>(),
+        with_max ? grad_max.data_ptr<scalar_t>() : nullptr,
+        with_max ? index.data_ptr<int64_t>() : nullptr, B, C, P, groups,
         grad_c.data_ptr<scalar_t>(), grad_scale.data_ptr<scalar_t>(),
         grad_shift.data_ptr<scalar_t>());
   });
@@ -575,11 +633,11 @@ std::vector<at::Tensor> gate_position_pool_backward_cpu(
 TORCH_LIBRARY_FRAGMENT(prm_det, m) {
   m.def(
       "gate_position_pool_cpu(Tensor c, Tensor scale, Tensor shift, "
-      "int groups) -> Tensor[]");
+      "int groups, bool with_max) -> Tensor[]");
   m.def(
       "gate_position_pool_backward_cpu(Tensor c, Tensor scale, "
       "Tensor grad_mean, Tensor grad_max, Tensor index) -> Tensor[]");
-  m.def("gate_moments_cpu(Tensor c) -> (Tensor, Tensor)");
+  m.def("gate_moments_cpu(Tensor c, bool with_extrema) -> Tensor[]");
   m.def(
       "gate_tail_forward_cpu(Tensor c, Tensor? identity, Tensor scale, "
       "Tensor shift, Tensor? gate, Tensor? gate_affine, bool relu) "
