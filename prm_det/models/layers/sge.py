@@ -23,7 +23,8 @@ the squared deviations; the output has the input's dtype.
 import torch
 from torch import Tensor, nn
 
-from prm_det.ops.gate_tail import GateLogits, NormalizedMap, position_pool
+from prm_det.ops.gate_tail import (GateLogits, NormalizedMap,
+                                   channel_moments, position_pool)
 from prm_det.ops.reference import (_TINY_VAR, NORM_EPS,
                                   normalize_over_positions)
 
@@ -98,14 +99,17 @@ class SGE(FusedGateTail, nn.Module):
         similarity = mean * (ch // groups)                  # [b, g, hw]
         # the gate sigmoid(N(S) * weight + bias) as logits S with a per
         # (sample, group) affine: the op keeps S, not the gate
-        positions = h * w
-        var, mean = torch.var_mean(similarity, dim=-1, correction=0)
-        var = var * (positions / max(positions - 1, 1))  # unbiased; 0 at P=1
+        # S's mean and M2 over the positions: the moments op again (one
+        # read, an affine backward that keeps nothing new)
+        similarity = similarity.view(b, groups, h, w)
+        stats = channel_moments(similarity, nmap.backend)
+        var = stats.m2 / max(h * w - 1, 1)  # unbiased; 0 at one position
+        mean = stats.mean
         std = var.clamp_min(_TINY_VAR).sqrt()
         gain = self.weight.view(1, groups).to(acc) / (std + NORM_EPS)
         shift = self.bias.view(1, groups).to(acc) - mean * gain
-        return nmap.finish(identity, gate_logits=GateLogits(
-            similarity.view(b, groups, h, w), gain, shift))
+        return nmap.finish(identity,
+                           gate_logits=GateLogits(similarity, gain, shift))
 
     def extra_repr(self) -> str:
         return f'in_channels={self.in_channels}, groups={self.groups}'

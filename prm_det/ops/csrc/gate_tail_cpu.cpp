@@ -79,9 +79,20 @@ int64_t gate_groups(const c10::optional<at::Tensor>& gate,
   return groups;
 }
 
+// The first position of a plane holding `value` (a NaN: the first NaN).
+template <typename T>
+int64_t first_at(const T* row, int64_t P, T value) {
+  const bool nan = value != value;
+  for (int64_t k = 0; k < P; ++k)
+    if (nan ? row[k] != row[k] : row[k] == value) return k;
+  return 0;
+}
+
 // Per (sample, channel) plane: the mean and M2 (two sweeps while the plane
-// sits in cache) and, when asked (best non-null), the max and min with the
-// first position holding each (a NaN wins, as in torch's max and min).
+// sits in cache, in the map's dtype from the plane's first value, so a
+// mean far from the spread cancels nothing) and, when asked (best
+// non-null), the max and min with the first position holding each (a NaN
+// wins both, as in torch's max and min).
 template <typename T>
 void moments_kernel(const T* x, int64_t planes, int64_t P, T* out_mean,
                     T* out_m2, T* best, T* lowest, int64_t* arg_best,
@@ -90,32 +101,43 @@ void moments_kernel(const T* x, int64_t planes, int64_t P, T* out_mean,
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* __restrict__ row = x + i * P;
-      double sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < P; ++k) sum += double(row[k]);
-      const double m = P > 0 ? sum / P : 0.0;
-      double dev = 0;
+      if (P == 0) {
+        out_mean[i] = out_m2[i] = T(0);
+        continue;
+      }
+      const T first = row[0];
+      T shifted = 0;
+#pragma omp simd reduction(+ : shifted)
+      for (int64_t k = 0; k < P; ++k) shifted += row[k] - first;
+      const T m = first + shifted / T(P);
+      T dev = 0;
 #pragma omp simd reduction(+ : dev)
       for (int64_t k = 0; k < P; ++k) {
-        const double d = double(row[k]) - m;
+        const T d = row[k] - m;
         dev += d * d;
       }
-      out_mean[i] = T(m);
-      out_m2[i] = T(dev);
-      if (!best || P == 0) continue;
-      T hi = row[0], lo = row[0];
-      int64_t at_hi = 0, at_lo = 0;
-      for (int64_t k = 1; k < P; ++k) {
-        const T v = row[k];
-        if (hi != hi) break;  // a NaN: both are it (first NaN)
-        if (v > hi || v != v) {
-          hi = v;
-          at_hi = k;
+      out_mean[i] = m;
+      out_m2[i] = dev;
+      if (!best) continue;
+      T hi = first, lo = first;
+      if (m != m) {  // a NaN (or inf - inf) in the plane
+        const int64_t k = first_at(row, P, std::numeric_limits<T>::quiet_NaN());
+        if (row[k] != row[k]) {
+          best[i] = lowest[i] = row[k];
+          arg_best[i] = arg_lowest[i] = k;
+          continue;
         }
-        if (v < lo || v != v) {
-          lo = v;
-          at_lo = k;
-        }
+      }
+#pragma omp simd reduction(max : hi) reduction(min : lo)
+      for (int64_t k = 0; k < P; ++k) {
+        hi = row[k] > hi ? row[k] : hi;
+        lo = row[k] < lo ? row[k] : lo;
+      }
+      int64_t at_hi = P, at_lo = P;  // the first positions holding them
+#pragma omp simd reduction(min : at_hi, at_lo)
+      for (int64_t k = 0; k < P; ++k) {
+        at_hi = row[k] == hi ? std::min(at_hi, k) : at_hi;
+        at_lo = row[k] == lo ? std::min(at_lo, k) : at_lo;
       }
       best[i] = hi;
       lowest[i] = lo;
