@@ -22,8 +22,10 @@ def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
-    for name in ('ResNet-50', 'SE-ResNet-50', 'GC-ResNet-50',
-                 'PRM-ResNet-50', 'PRM-ResNet-50 (torch backend)',
+    for name in ('ResNet-50', 'SE-ResNet-50', 'GE-ResNet-50', 'GC-ResNet-50',
+                 'SGE-ResNet-50', 'CBAM-ResNet-50', 'PRM-ResNet-50',
+                 'SE-ResNet-50 (modules)', 'GC-ResNet-50 (modules)',
+                 'CBAM-ResNet-50 (modules)', 'PRM-ResNet-50 (torch backend)',
                  'PRM-ResNet-50 (reference PRM)'):
         assert f'| {name} |' in table
     assert '| train step | 1x3x64x64 | fp32 | ResNet-50 | - |' in table
@@ -34,6 +36,10 @@ def test_benchmark_script_reports_all_variants_with_ratios(tmp_path):
         assert f'{row} | {default} (float32) |' in table
         assert f'{row} (torch backend) | torch (float32) |' in table
         assert f'{row} (reference PRM) | reference (float32) |' in table
+        # the gate tails on the op's backend, or as modules
+        gate = f'| {task} | 1x3x64x64 | fp32 | CBAM-ResNet-50'
+        assert f'{gate} | {default} (float32) |' in table
+        assert f'{gate} (modules) | reference (float32) |' in table
     assert '1.000x' in table and 'Machine:' in table
     assert 'medians of 1 interleaved runs, 2 for inference' in table
     if platform.libc_ver()[0] == 'glibc':  # re-ran itself with malloc tuned
