@@ -8,16 +8,20 @@ module's own layers), and one elementwise pass that gates ``x`` and adds the
 shortcut. Written as modules, that pass sequence is BatchNorm (read c, write
 x), the reductions (read x), the gate (read x, write x * g), the add and the
 ReLU (two more passes), and backward keeps ``x`` and ``x * g`` besides the
-conv's output. Here it is two ops around the module's small layers:
+conv's output. Here it is a few ops around the module's small layers:
 
 1. :func:`channel_moments` (``prm_det::gate_moments``): one read of ``c``
    giving, per (sample, channel), its mean and the sum of squared
-   deviations from it. BatchNorm's batch statistics follow from them
-   (:func:`normalize`, small tensors, Chan's combination), and so does the
-   channel mean of ``x``, an affine function of ``c``'s.
-2. the module's layers on those [b, C] tensors (and, for the gates per
-   position, the reductions that are matmuls: GC's attention logits and
-   context, SGE's similarities, CBAM's channel mean; standard ops);
+   deviations from it (and, asked, its max and min). BatchNorm's batch
+   statistics follow from them (:func:`normalize`, small tensors, Chan's
+   combination), and so do the channel mean and max of ``x``, affine
+   functions of ``c``'s.
+2. the module's layers on those [b, C] tensors; for the gates per
+   position, :func:`position_pool` (``prm_det::gate_position_pool``): the
+   mean (and max) over a group's channels of the channel-gated map
+   ``c * scale + shift`` per position, from one read of ``c`` that never
+   writes the gated map (CBAM's spatial pooling, SGE's similarities, GC's
+   attention logits);
 3. :func:`gate_tail` (``prm_det::gate_tail``): one pass
    ``y = relu((c * scale + shift) * gate + identity)``, where BatchNorm and
    the channel gate are folded into ``scale`` and ``shift`` per (sample,
