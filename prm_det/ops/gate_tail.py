@@ -53,16 +53,14 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .functions import _needs_grad
+from .library import accumulation_dtype, memory_format_of
 from .backends import gate_triton
 from .contract import BatchNorm, KernelsBroken, PRMOptions
 
 # the names the ops take for their backends
 CPU, TRITON, TORCH = 'cpu', 'triton', 'torch'
 _ANY = PRMOptions(groups=1)  # the backend choice is PRM's, by device
-
-
-def accumulation_dtype(c: Tensor) -> torch.dtype:
-    return torch.promote_types(c.dtype, torch.float32)
 
 
 def _cpu_ops():
@@ -203,11 +201,6 @@ class _MomentsFunction(torch.autograd.Function):
         return _moments_backward(ctx, *grads)
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
-
-
 def channel_moments(c: Tensor, backend: str,
                     with_extrema: bool = False) -> Moments:
     """``c``'s :class:`Moments` per (sample, channel), from one read of
@@ -266,7 +259,7 @@ def _pool_grads(c: Tensor, scale: Tensor, grad_mean: Tensor,
     weight = weight.view(b, ch, -1)
     grad_c = (weight * scale[..., None]).view(c.shape).to(c.dtype)
     grad_scale = (weight * c.flatten(2).to(scale.dtype)).sum(-1)
-    return (grad_c.contiguous(memory_format=_format_of(c)), grad_scale,
+    return (grad_c.contiguous(memory_format=memory_format_of(c)), grad_scale,
             weight.sum(-1))
 
 
@@ -276,7 +269,7 @@ _gate_position_pool_backward = torch.library.custom_op(
 
 @_gate_position_pool_backward.register_fake
 def _(c, scale, grad_mean, grad_max, index, backend):
-    return (torch.empty_like(c, memory_format=_format_of(c)),
+    return (torch.empty_like(c, memory_format=memory_format_of(c)),
             torch.empty_like(scale), torch.empty_like(scale))
 
 
@@ -440,18 +433,11 @@ def _tail_impl(c: Tensor, identity: Optional[Tensor], scale: Tensor,
         try:
             return gate_triton.tail_forward(
                 c, identity, scale, shift, gate, gate_affine,
-                relu).contiguous(memory_format=_format_of(c))
+                relu).contiguous(memory_format=memory_format_of(c))
         except KernelsBroken:  # warned: torch ops from now on
             pass
     return _tail_torch(c, identity, scale, shift, gate, gate_affine,
-                       relu).contiguous(memory_format=_format_of(c))
-
-
-def _format_of(c: Tensor) -> torch.memory_format:
-    if not c.is_contiguous() and c.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+                       relu).contiguous(memory_format=memory_format_of(c))
 
 
 _gate_tail = torch.library.custom_op('prm_det::gate_tail',
@@ -460,7 +446,7 @@ _gate_tail = torch.library.custom_op('prm_det::gate_tail',
 
 @_gate_tail.register_fake
 def _(c, identity, scale, shift, gate, gate_affine, relu, backend):
-    return torch.empty_like(c, memory_format=_format_of(c))
+    return torch.empty_like(c, memory_format=memory_format_of(c))
 
 
 def _tail_backward_impl(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
@@ -495,7 +481,7 @@ def _tail_backward_impl(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
         grad_identity = _empty(grad_y)
     elif grad_identity is grad_y:  # outputs may not alias inputs
         grad_identity = grad_identity.clone()
-    return (grad_c.contiguous(memory_format=_format_of(c)), grad_identity,
+    return (grad_c.contiguous(memory_format=memory_format_of(c)), grad_identity,
             grad_scale, grad_shift,
             _empty(scale) if gate is None else grad_gate,
             _empty(scale) if gate_affine is None else grad_affine)
@@ -507,7 +493,7 @@ _gate_tail_backward = torch.library.custom_op(
 
 @_gate_tail_backward.register_fake
 def _(grad_y, c, y, scale, shift, gate, gate_affine, has_identity, backend):
-    fmt = _format_of(c)
+    fmt = memory_format_of(c)
     return (torch.empty_like(c, memory_format=fmt),
             torch.empty_like(grad_y, memory_format=fmt)
             if has_identity and y is not None else _empty(grad_y),
