@@ -11,6 +11,7 @@ the kernel built from an installed wheel is tested in test_wheel.py.
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -95,7 +96,9 @@ def fresh(wheel, tmp_path_factory):
     steps['pkg_resources_after'] = has_pkg_resources(python, env)
     pip('install', '--no-deps', 'openmim', python=python)
     pip('install', *MIM_REQUIREMENTS, python=python)
-    return steps
+    yield steps
+    # gigabytes of packages: gone with the module, not at the session's end
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_with_current_setuptools_the_tools_name_the_one_line_fix(fresh):

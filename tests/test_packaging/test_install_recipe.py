@@ -15,6 +15,7 @@ given to pip as ``PIP_FIND_LINKS``); without it the recipe compiles mmcv
 import os
 import os.path as osp
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -96,7 +97,9 @@ def recipe(tmp_path_factory):
     steps['site'] = Path(python_says(
         python, 'import sysconfig; print(sysconfig.get_paths()["purelib"])',
         user, env))
-    return steps
+    yield steps
+    # gigabytes of packages: gone with the module, not at the session's end
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_recipe_runs_with_current_pip(recipe):

@@ -11,6 +11,7 @@ import os
 import os.path as osp
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -76,7 +77,10 @@ def trained(folders, tmp_path_factory):
                     osp.join(REPO, 'configs', 'pretrain', f'{name}.py'),
                     '--work-dir', work] + classifier_options(folders), work)
         runs[name] = (work, ok(proc))
-    return runs
+    yield runs
+    # a checkpoint per epoch per classifier: gone with the module
+    for work, _ in runs.values():
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def docs_block(section='## Single node, multi-node'):
