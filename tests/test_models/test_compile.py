@@ -136,7 +136,7 @@ def test_prm_sees_an_export_under_torch_export_only():
     torch.compiler.is_exporting() to True: asking it sent every compiled
     PRM to the composition.)"""
     def branch(x):
-        return x + 1 if backends._exporting() else x - 1
+        return x + 1 if backends.exporting() else x - 1
 
     class Branch(torch.nn.Module):
         def forward(self, x):

@@ -63,7 +63,7 @@ def chosen_backends(monkeypatch):
 
     def recording(c, options):
         backend = select(c, options)
-        chosen.append((ops.backends._exporting(), backend))
+        chosen.append((ops.backends.exporting(), backend))
         return backend
 
     monkeypatch.setattr(ops.backends, 'select', recording)

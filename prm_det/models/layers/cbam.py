@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from prm_det.ops.gate_tail import NormalizedMap, position_pool
 
 from ..registry import register_model
+from .channel_pool import channel_max_mean
 from .fused_tail import FusedGateTail
 from .gate_norm import GateBatchNorm2d
 
@@ -105,7 +106,7 @@ class CBAM(FusedGateTail, nn.Module):
     def spatial_gate(self, x: Tensor) -> Tensor:
         """The spatial gate of the channel-gated map ``x``: [b, 1, h, w]
         (what ``tools/analysis_tools/vis_prm.py`` draws)."""
-        pooled = torch.stack((x.amax(1), x.mean(1)), 1)   # [b, 2, h, w]
+        pooled = channel_max_mean(x, self.in_channels)    # [b, 2, h, w]
         return torch.sigmoid(self.spatial_norm(self.spatial_conv(pooled)))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -80,7 +80,10 @@ def name_of(backend) -> str:
     return backend.NAME
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
+    """Whether the model is being traced for export (ONNX through either
+    exporter, ``torch.export``, ``torch.jit.trace``): the readable forms
+    run then."""
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or torch_export_in_progress())
 
@@ -129,7 +132,7 @@ def select(c: Tensor, options: PRMOptions):
     backend for ``c``'s device and dtype."""
     name = options.backend or (_forced[-1] if _forced else _env_choice())
     if name is None:
-        if options.mode != 'dotproduct' or _exporting():
+        if options.mode != 'dotproduct' or exporting():
             return None
         return _default(c)
     if name == 'reference' or options.mode != 'dotproduct':
