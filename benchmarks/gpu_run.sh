@@ -15,7 +15,9 @@
 #      reference (golden vectors, odd and detection-sized maps, fp64 / fp32 /
 #      bf16 / fp16, BatchNorm train and eval, channels_last, NaN, no host
 #      sync, a PRM-ResNet-50 in fp32 and bf16 autocast) and deterministic
-#      (forward + backward twice at a detection stage map: the same bits).
+#      (forward + backward twice at a detection stage map: the same bits);
+#      the gate tails (SE, GE, GC, SGE, CBAM) against their modules, fp64 /
+#      fp32, train and eval, bf16 autocast.
 #   1b. kernel_bandwidth.py at 2x800x1216, fp32 and bf16: every kernel of a
 #      block tail timed alone, its achieved bandwidth against the bytes
 #      kernel_report.py counts and against the measured copy bandwidth.
@@ -23,7 +25,8 @@
 #      2x256x200x304): plain tail, PRM on triton and torch, the copy
 #      bandwidth and the PRM tail's bandwidth limit; fp32, bf16, fp16.
 #   3. bench_backbones.py --device cuda --no-detector, fp32 / bf16 / fp16
-#      autocast, at 2x800x1216 and 32x224x224.
+#      autocast, at 2x800x1216 and 32x224x224: every attention ResNet-50
+#      (fused tails and modules) against ResNet-50.
 #   4. bench_compile.py: PRM-ResNet-50 and ResNet-50 training steps in
 #      eager mode and captured in CUDA graphs (torch.compile's
 #      reduce-overhead), the replay checked against eager first.
