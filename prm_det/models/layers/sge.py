@@ -39,12 +39,7 @@ def sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
     stats = x.to(torch.promote_types(x.dtype, torch.float32))
     stats = stats.reshape(b, groups, c // groups, h * w)
     context = stats.mean(-1, keepdim=True)                 # [b, g, c/g, 1]
-    # the dot product with the group's mean per position as one product,
-    # kept in float32 under autocast (ONNX Runtime takes several passes'
-    # time to sum over the group's channels)
-    with torch.autocast(x.device.type, enabled=False):
-        similarity = torch.matmul(context.transpose(2, 3), stats)
-    similarity = similarity.squeeze(2)                     # [b, g, hw]
+    similarity = (stats * context).sum(2)                  # [b, g, hw]
     normalized = normalize_over_positions(similarity, NORM_EPS)
     gate = torch.sigmoid(normalized * weight.reshape(1, groups, 1) +
                          bias.reshape(1, groups, 1))
