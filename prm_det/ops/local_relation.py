@@ -119,8 +119,10 @@ def local_relation_reference(query: Tensor, key: Tensor, value: Tensor,
                              prior: Tensor, kernel_size: int,
                              stride: int = 1,
                              method: str = 'squared_difference') -> Tensor:
-    """The readable form: every window unfolded ([b, C, k*k, Ho*Wo])."""
-    check_inputs(query, key, value, prior, kernel_size, stride, method)
+    """The readable form: every window unfolded ([b, C, k*k, Ho*Wo]); the
+    route taken while exporting."""
+    if not torch.jit.is_tracing():  # a trace holds sizes as tensors
+        check_inputs(query, key, value, prior, kernel_size, stride, method)
     dtype = _compute_dtype(value)
     q, k_, v, p = (t.to(dtype) for t in (query, key, value, prior))
     b, channels, h, w = v.shape
