@@ -218,7 +218,13 @@ def test_backward_keeps_inputs_output_and_lse_only(backend):
     assert max(saved) <= value_size
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+def test_half_precision_cpu_maps_take_the_torch_backend():
+    value = torch.randn(1, 4, 5, 5, dtype=torch.bfloat16)
+    assert relation_backend(value) == 'torch'  # the C++ kernels: fp32/64
+    assert relation_backend(value.float()) == 'cpu'
+
+
+@pytest.mark.parametrize('backend', ['torch', 'triton'])
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_half_precision_finite_and_close(backend, dtype):
     inputs = make(2, 2, 4, 6, 7, 7, 1, seed=2)
