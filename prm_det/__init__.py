@@ -5,7 +5,8 @@ with) for MMDetection 3.x.
 ``SGE``, ``CBAM``, ``BAM``; GC and non-local are mmcv's ``ContextBlock`` and
 ``NonLocal2d``) and the backbones (``PRMResNet``, ``SEResNet``,
 ``GCResNet``, ``GEResNet``, ``SGEResNet``, ``CBAMResNet``, ``BAMResNet``,
-``SKResNet``, ``NLResNet``, ``AttentionResNet``) into mmdet's ``MODELS``
+``SKResNet``, ``NLResNet``, ``AttentionResNet``; ``LRResNet``, LR-Net's
+local relation layers in place of the convs) into mmdet's ``MODELS``
 registry, a model
 wrapper for distributed CPU training and the ``prm_det::`` config scope.
 It changes none of mmengine's checkpoint loaders: prm_det's, which load

@@ -60,6 +60,8 @@ def tiny_backbone(type_, depth=18, width=16, stages=4, groups=4, **kwargs):
         cfg['attention'] = dict(groups=groups)
     if type_ == 'SKResNet':
         cfg['sk'] = dict(groups=groups)
+    if type_ == 'LRResNet':  # local relation layers of 4 channels a group
+        cfg['local_relation'] = dict(channels_per_group=groups)
     if stages != 4:
         cfg.update(num_stages=stages, strides=(1, 2, 2, 2)[:stages],
                    dilations=(1, ) * stages,

@@ -1,4 +1,5 @@
-"""GE, SGE, CBAM, BAM, SK and non-local where the official code fails:
+"""GE, SGE, CBAM, BAM, SK, non-local and LR-Net's local relation layers
+where the official code fails (or, LR-Net, where there is none):
 1x1 maps, batch 1, maps that are not square, float16/bfloat16 autocast,
 options that cannot work; and the hooks users put on them."""
 import pytest
@@ -9,7 +10,7 @@ from mmdet.registry import MODELS
 from prm_det.models.layers import BAM, CBAM, SGE, GateBatchNorm1d
 
 NEW = ['GEResNet', 'SGEResNet', 'CBAMResNet', 'SKResNet', 'BAMResNet',
-       'NLResNet']
+       'NLResNet', 'LRResNet']
 
 
 def finite_step(model, x):
@@ -175,6 +176,30 @@ def test_a_gate_norm_on_one_value_uses_its_running_statistics():
     (dict(type='NLResNet', depth=50,
           stage_attention=dict(position='after_block')),
      'stage_attention.position must be one of'),
+    (dict(type='LRResNet', depth=50,
+          local_relation=dict(channels_per_group=48)),
+     r"channels_per_group=48 must divide the stem's stem_channels=64; "
+     r'pick one of \[1, 2, 4, 8, 16, 32, 64\]'),
+    (dict(type='LRResNet', depth=18, base_channels=36, stem_channels=64),
+     r'channels_per_group=8 must divide base_channels=36; pick one of '
+     r'\[1, 2, 3, 4, 6, 9, 12, 18, 36\]'),
+    (dict(type='LRResNet', depth=50, local_relation=dict(kernel_size=6)),
+     'local_relation.kernel_size must be a positive odd int .* got 6'),
+    (dict(type='LRResNet', depth=50,
+          local_relation=dict(similarity='cosine')),
+     'local_relation.similarity must be one of'),
+    (dict(type='LRResNet', depth=50, local_relation=dict(groups=8)),
+     r'local_relation takes \[.*channels_per_group.*\], got \[.groups.\]'),
+    (dict(type='LRResNet', depth=50, width_multiplier=0),
+     'width_multiplier must be a positive number'),
+    (dict(type='LRResNet', depth=50, dilations=(1, 1, 2, 2)),
+     'no dilation; dilations must all be 1'),
+    (dict(type='LRResNet', depth=50, deep_stem=True),
+     'choose one .lr_stem=False for the deep stem.'),
+    (dict(type='LRResNet', depth=50,
+          dcn=dict(type='DCN', deform_groups=1),
+          stage_with_dcn=(False, True, True, True)),
+     'dcn has no 3x3 conv to deform'),
 ])
 def test_options_that_cannot_work_stop_the_build_naming_them(cfg, match):
     with pytest.raises(ValueError, match=match):

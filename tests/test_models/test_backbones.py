@@ -1,5 +1,6 @@
 """prm_det's ResNets (PRM, SE, GC, GE, SGE, CBAM, SK in the blocks; BAM and
-non-local between them): mmdet's ResNet with attention."""
+non-local between them; LR-Net's local relation layers in place of the
+spatial convs): mmdet's ResNet with attention."""
 import pytest
 import torch
 from helpers import tiny_backbone
@@ -17,7 +18,9 @@ ABBR = dict(PRMResNet='prm', SEResNet='se', GCResNet='context_block',
 # attention between blocks: its attributes on the backbone
 STAGE_ATTENTION = dict(BAMResNet=('bam1', 'bam2', 'bam3'),
                        NLResNet=('nonlocal_block3', ))
-BACKBONES = list(ABBR) + list(STAGE_ATTENTION)
+# local relation layers in place of the spatial convs (LR-Net)
+IN_PLACE_OF_CONVS = ['LRResNet']
+BACKBONES = list(ABBR) + list(STAGE_ATTENTION) + IN_PLACE_OF_CONVS
 
 
 @pytest.mark.parametrize('type_', BACKBONES)

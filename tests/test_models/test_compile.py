@@ -161,7 +161,7 @@ def test_prm_compiles_whole_on_the_other_backends(name):
 @pytest.mark.slow  # Inductor; the fast tier compiles PRM once (torch backend)
 @pytest.mark.parametrize('type_', ['SEResNet', 'GCResNet', 'GEResNet',
                                    'SGEResNet', 'CBAMResNet', 'BAMResNet',
-                                   'SKResNet', 'NLResNet'])
+                                   'SKResNet', 'NLResNet', 'LRResNet'])
 def test_other_attention_resnets_compile_whole(type_):
     torch.manual_seed(0)
     sizes = [(2, 3, 24, 40), (2, 3, 40, 16)]

@@ -17,8 +17,9 @@ CONFIGS = sorted(glob.glob(osp.join(CONFIG_DIR, '*.py')) + glob.glob(
 EXPECTED_BACKBONE = {'prm': 'PRMResNet', 'se': 'SEResNet', 'gc': 'GCResNet',
                      'ge': 'GEResNet', 'sge': 'SGEResNet',
                      'cbam': 'CBAMResNet', 'bam': 'BAMResNet',
-                     'sk': 'SKResNet', 'nl': 'NLResNet'}
-NEW_R50 = ('ge_r50', 'sge_r50', 'cbam_r50', 'bam_r50', 'sk_r50', 'nl_r50')
+                     'sk': 'SKResNet', 'nl': 'NLResNet', 'lr': 'LRResNet'}
+NEW_R50 = ('ge_r50', 'sge_r50', 'cbam_r50', 'bam_r50', 'sk_r50', 'nl_r50',
+           'lr_r50')
 
 
 def expected_backbone(path):
@@ -62,7 +63,15 @@ def test_config_loads_builds_and_has_the_backbone_its_name_says(path):
     assert model.backbone.depth == depth
     kind = 'CascadeRCNN' if name.startswith('cascade') else 'RetinaNet'
     assert type(model).__name__ == kind
-    if 'r18' not in name:
+    if 'r18' not in name and expected_backbone(path) == 'LRResNet':
+        # no ResNet weights fit LR-Net: its own ImageNet classifier's,
+        # every tensor (configs/pretrain/lr_resnet50_8xb32_in1k.py)
+        src = load_config(path).model.backbone.init_cfg
+        assert src.type == 'Pretrained'
+        assert src.checkpoint == (f'work_dirs/lr_resnet{depth}_8xb32_in1k/'
+                                  f'epoch_100.pth')
+        assert not src.get('allow_partial', False)
+    elif 'r18' not in name:
         # the real configs start from ImageNet weights, as mmdet's do; the
         # attention alone may be missing from them
         src = load_config(path).model.backbone.init_cfg
@@ -76,13 +85,13 @@ def test_config_loads_builds_and_has_the_backbone_its_name_says(path):
 def test_demo_shapes_configs_differ_only_in_the_backbone():
     """configs/demo/*_shapes.py is the backbone comparison of
     tools/analysis_tools/compare_backbones.py: the PRM demo and the same
-    detector, recipe and schedule with mmdet's ResNet and the eight other
-    attentions."""
+    detector, recipe and schedule with mmdet's ResNet, the eight other
+    attentions and LR-Net's local relation layers."""
     paths = sorted(glob.glob(osp.join(CONFIG_DIR, 'demo', '*_shapes.py')))
     assert [osp.basename(p) for p in paths] == [
         f'retinanet_{a}r18_shapes.py' for a in (
-            'bam_', 'cbam_', 'gc_', 'ge_', 'nl_', 'prm_', '', 'se_', 'sge_',
-            'sk_')]
+            'bam_', 'cbam_', 'gc_', 'ge_', 'lr_', 'nl_', 'prm_', '', 'se_',
+            'sge_', 'sk_')]
     prm = load_config(osp.join(CONFIG_DIR, 'demo',
                                'retinanet_prm_r18_shapes.py'))
     for path in paths:
@@ -131,6 +140,8 @@ def test_trainable_parameters_match_paper_table4(config, millions):
     ('cascade_rcnn_cbam_r50', 71_676_322),
     ('cascade_rcnn_bam_r50', 69_510_128), ('cascade_rcnn_sk_r50', 69_760_718),
     ('cascade_rcnn_nl_r50', 71_269_134),
+    # LR-ResNet-50's stem (1x1 conv and local relation) and stage 1 frozen
+    ('retinanet_lr_r50', 35_586_456), ('cascade_rcnn_lr_r50', 67_012_530),
 ])
 def test_trainable_parameters_of_the_other_attentions(config, count):
     _, model = build_detector(osp.join(CONFIG_DIR, config + '.py'))

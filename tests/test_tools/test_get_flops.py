@@ -1,5 +1,6 @@
-"""tools/analysis_tools/get_flops.py counts PRM's, SE's and GC's own
-operations and parameters, and nothing else changes."""
+"""tools/analysis_tools/get_flops.py counts PRM's, SE's, GC's and LR-Net's
+local relation layers' own operations and parameters, and nothing else
+changes."""
 import pytest
 import torch
 from helpers import tool_module
@@ -50,6 +51,32 @@ def se_flops(b, c, h, w):
     hidden = c // 16
     return (b * c * h * w + b * c * hidden + b * hidden + b * hidden * c +
             b * c + b * c * h * w)
+
+
+def local_relation_flops(b, c, out_c, h, w, k, stride, per_group,
+                         similarity):
+    """A LocalRelation2d's operations on a [b, c, h, w] map, as the tool
+    counts them: its 1x1 convs and prior network (multiply-adds), and for
+    every output position, group and window offset (all k * k) the logit
+    phi(q, k) + prior, its softmax, and per channel one multiply-add of the
+    weighted sum."""
+    groups, taps = c // per_group, k * k
+    hidden = max(groups // 2, 1)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    out = b * ho * wo
+    logit = {'squared_difference': 3,  # q - k, its square, prior - that
+             'absolute_difference': 3, 'dot_product': 2}[similarity]
+    steps = {
+        'query 1x1 conv at the output positions': out * c * groups,
+        'key 1x1 conv': b * h * w * c * groups,
+        'prior network: 2 -> hidden, ReLU, hidden -> groups': (
+            taps * 2 * hidden + taps * hidden + taps * hidden * groups),
+        'logits': logit * out * groups * taps,
+        'softmax over the window': out * groups * taps,
+        'weighted sums': out * c * taps,
+        'final 1x1 conv': out * c * out_c,
+    }
+    return sum(steps.values())
 
 
 class One(nn.Module):
@@ -177,3 +204,69 @@ def test_a_small_models_attention_share_is_given_in_its_own_unit():
         attention_modules={'PRM': 8}, attention_flops={'PRM': 1_234_567}))
     assert ('PRM (8 modules, every op counted): 1,234,567 FLOPs (1.235 '
             'MFLOPs, 0.06% of the model), params 2,072') in text
+
+
+@pytest.mark.parametrize('stride,similarity', [
+    (1, 'squared_difference'), (2, 'squared_difference'),
+    (2, 'dot_product'), (1, 'absolute_difference')])
+def test_local_relation_operations_equal_the_analytic_count(stride,
+                                                            similarity):
+    from prm_det.models.layers import LocalRelation2d
+    tool = tool_module(GET_FLOPS)
+    b, c, out_c, h, w, k = 2, 16, 24, 7, 5, 5
+    model = One(LocalRelation2d(c, out_c, k, stride=stride,
+                                channels_per_group=4, similarity=similarity))
+    complexity = tool.count_flops(model.eval(), (torch.randn(b, c, h, w), ))
+    expected = local_relation_flops(b, c, out_c, h, w, k, stride, 4,
+                                    similarity)
+    assert complexity.attention_flops == {'LR': expected}
+    assert complexity.flops == expected
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('similarity', ['squared_difference', 'dot_product',
+                                        'absolute_difference'])
+def test_the_counted_local_relation_is_the_op(stride, similarity):
+    """What the tool traces computes what the op does (float64)."""
+    from prm_det.ops.local_relation_op import local_relation
+    tool = tool_module(GET_FLOPS)
+    generator = torch.Generator().manual_seed(0)
+    h, w = 9, 6
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    args = [torch.randn(*shape, generator=generator, dtype=torch.float64)
+            for shape in ((2, 3, ho, wo), (2, 3, h, w), (2, 12, h, w),
+                          (3, 5, 5))]
+    torch.testing.assert_close(
+        tool.counted_local_relation(*args, 5, stride, similarity),
+        local_relation(*args, 5, stride, similarity), rtol=1e-12,
+        atol=1e-12)
+
+
+def test_an_lr_resnet_counts_its_layers_and_keeps_the_op():
+    """LR-ResNet: every local relation layer counted (the stem's and each
+    block's), and afterwards the layers run the fused op again."""
+    from prm_det.models.layers import local_relation as layer_module
+    from prm_det.ops import local_relation_op
+    tool = tool_module(GET_FLOPS)
+    model = MODELS.build(dict(type='LRResNet', depth=26, base_channels=16,
+                              local_relation=dict(kernel_size=3)))
+    model.eval()
+    x = torch.randn(1, 3, 32, 48)
+    complexity = tool.count_flops(model, (x, ))
+    assert layer_module.local_relation is local_relation_op.local_relation
+    # the stem's layer: 16 channels of 32x48 to 16x24 (stride 2, 8 a group)
+    stem = local_relation_flops(1, 16, 16, 32, 48, 3, 2, 8,
+                                'squared_difference')
+    blocks = 0
+    size = (8, 12)
+    for stage in range(4):
+        width = (24, 48, 104, 200)[stage]  # 16 * 2**s * 1.5625, rounded
+        for index in range(2):
+            stride = 2 if stage and not index else 1
+            blocks += local_relation_flops(1, width, width, *size, 3,
+                                           stride, 8, 'squared_difference')
+            size = tuple((s - 1) // stride + 1 for s in size)
+    assert complexity.attention_flops == {'LR': stem + blocks}
+    assert tool.parameter_counts(model)['LR'] == sum(
+        p.numel() for m in model.modules()
+        if type(m).__name__ == 'LocalRelation2d' for p in m.parameters())

@@ -10,8 +10,8 @@ skips every other op. That misses what attention modules compute with other
 ops, and a fused custom op entirely (PRM's fast path), so a PRM detector
 counts like a plain one; the PRM paper's counter missed them the same way
 (239.32 GMac for RetinaNet with and without PRM). Here, inside the attention
-modules (PRM, SE, GC, GE, SGE, CBAM, BAM, SK's selective unit and mmcv's
-NonLocal2d) every op counts:
+modules (PRM, SE, GC, GE, SGE, CBAM, BAM, SK's selective unit, mmcv's
+NonLocal2d and LR-Net's local relation layer) every op counts:
 
 * PRM runs as its definition (``prm_det.ops.reference.prm_reference``, plain
   torch ops) while it is traced, not as the fused kernel;
@@ -19,6 +19,15 @@ NonLocal2d) every op counts:
   counts one per output element and each reduction one per input element
   (sum, mean, argmax, softmax's exp, ...); outside them mmengine's rules stay
   as they are, so the rest of the network counts as in mmdet's tool.
+* LR-Net's local relation layers (``LocalRelation2d``) are attention
+  modules too: their 1x1 convs and prior network count as convs, and the
+  fused ``prm_det::local_relation`` op runs as :func:`counted_local_relation`
+  while traced, the same math in ops the counter sees: for every output
+  position, group and window offset (all k * k, the map's border included)
+  the logit phi(q, k) + prior (squared difference: a subtraction, a product
+  and the prior's subtraction, 3; absolute difference 3; dot product 2), its
+  softmax (1), and per channel the weighted sum over the window, one
+  multiply-add per channel and offset (a matmul).
 
 Input: ``--shape H W`` (or one size for a square) traces one random image of
 that size, as mmdet 2.x's tool did; for two-stage detectors the RPN then
@@ -123,17 +132,73 @@ class ReferencePRM(nn.Module):
         return prm_reference_of(x, params, self.options)
 
 
+def counted_local_relation(query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, prior: torch.Tensor,
+                           kernel_size: int, stride: int = 1,
+                           method: str = 'squared_difference'
+                           ) -> torch.Tensor:
+    """``prm_det::local_relation`` (:mod:`prm_det.ops.local_relation`)
+    written for the counter: the logits phi(q, k) + prior in elementwise
+    ops, the softmax, and the weighted sums over each window as a matmul
+    (one multiply-add per channel and offset); unfold, reshapes and the
+    border mask are not arithmetic. Same result as the op."""
+    import torch.nn.functional as F
+
+    from prm_det.ops.local_relation import check_inputs, output_size
+    check_inputs(query, key, value, prior, kernel_size, stride, method)
+    b, channels, h, w = value.shape
+    groups, taps = key.shape[1], kernel_size * kernel_size
+    size = output_size(h, stride) * output_size(w, stride)
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        return F.unfold(t, kernel_size, padding=kernel_size // 2,
+                        stride=stride).view(t.shape[0], t.shape[1], taps,
+                                            size)
+
+    q = query.reshape(b, groups, 1, size)
+    k = windows(key)
+    p = prior.reshape(1, groups, taps, 1)
+    if method == 'squared_difference':
+        d = q - k
+        logits = p - d * d
+    elif method == 'dot_product':
+        logits = q * k + p
+    else:  # 'absolute_difference' (check_inputs refused anything else)
+        logits = p - (q - k).abs()
+    inside = windows(torch.ones(1, 1, h, w, dtype=value.dtype,
+                                device=value.device)) > 0
+    weights = torch.softmax(logits.masked_fill(~inside, float('-inf')), 2)
+    values = windows(value).view(b, groups, channels // groups, taps, size)
+    out = torch.matmul(values.permute(0, 1, 4, 2, 3),       # [b, G, P, m, t]
+                       weights.permute(0, 1, 3, 2)[..., None])  # [.., t, 1]
+    return out.reshape(b, groups, size, channels // groups).permute(
+        0, 1, 3, 2).reshape(b, channels, output_size(h, stride),
+                            output_size(w, stride))
+
+
+@contextlib.contextmanager
+def relation_counted():
+    """Within the block every ``LocalRelation2d`` aggregates with
+    :func:`counted_local_relation` instead of the fused op."""
+    from unittest import mock
+
+    from prm_det.models.layers import local_relation as layer_module
+    with mock.patch.object(layer_module, 'local_relation',
+                           counted_local_relation):
+        yield
+
+
 def attention_types() -> Dict[str, tuple]:
     """Attention module classes by the name the report uses."""
     from mmcv.cnn import ContextBlock, NonLocal2d
     from mmdet.models.layers import SELayer
 
     from prm_det.models.layers import (BAM, CBAM, GE, PRM, SGE,
-                                       SelectiveKernel)
+                                       LocalRelation2d, SelectiveKernel)
     return {'PRM': (PRM, ReferencePRM), 'SE': (SELayer, ),
             'GC': (ContextBlock, ), 'GE': (GE, ), 'SGE': (SGE, ),
             'CBAM': (CBAM, ), 'BAM': (BAM, ), 'SK': (SelectiveKernel, ),
-            'NL': (NonLocal2d, )}
+            'NL': (NonLocal2d, ), 'LR': (LocalRelation2d, )}
 
 
 def attention_modules(model: nn.Module) -> Dict[str, str]:
@@ -170,7 +235,7 @@ class Complexity(NamedTuple):
 def count_flops(model: nn.Module, inputs: Tuple) -> Complexity:
     """FLOPs of ``model(*inputs)`` (one multiply-add = one FLOP), with every
     op inside attention modules counted; see the module docstring."""
-    with prm_as_defined(model), torch.no_grad():
+    with prm_as_defined(model), relation_counted(), torch.no_grad():
         analyzer = FlopAnalyzer(model, inputs)
         analyzer.set_op_handle(**ATTENTION_OP_HANDLES)
         analyzer.unsupported_ops_warnings(False)

@@ -46,7 +46,8 @@ class LocalRelation2d(nn.Module):
 
     Args:
         in_channels (int): Input channels (the aggregated value's).
-        out_channels (int): Output channels (the final 1x1 conv's).
+        out_channels (int, optional): Output channels (the final 1x1
+            conv's). Defaults to ``in_channels``.
         kernel_size (int): Window side, odd. Defaults to 7 (the paper's).
         stride (int): Output stride. Defaults to 1.
         channels_per_group (int): m, input channels sharing one aggregation
@@ -59,7 +60,7 @@ class LocalRelation2d(nn.Module):
             follows in the blocks).
     """
 
-    def __init__(self, in_channels: int, out_channels: int,
+    def __init__(self, in_channels: int, out_channels=None,
                  kernel_size: int = 7, stride: int = 1,
                  channels_per_group: int = 8,
                  similarity: str = 'squared_difference',
@@ -79,6 +80,7 @@ class LocalRelation2d(nn.Module):
         if stride < 1:
             raise ValueError(f'LocalRelation2d: stride must be >= 1, got '
                              f'{stride}')
+        out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = kernel_size, stride
         self.groups = in_channels // channels_per_group
