@@ -77,13 +77,17 @@ BACKBONES = {
     'PRM-ResNet-50 (torch backend)': dict(type='PRMResNet'),
     'PRM-ResNet-50 (reference PRM)': dict(
         type='PRMResNet', attention=dict(reference=True)),
+    'LR-ResNet-50': dict(type='LRResNet'),
+    'LR-ResNet-50 (unfold)': dict(type='LRResNet'),
 }
 # variants that run the same model in another mode: the gate attentions as
 # modules one after another ('reference': the fused tail's readable form)
 CONTEXTS = {'PRM-ResNet-50 (torch backend)': lambda: use_backend('torch'),
             'SE-ResNet-50 (modules)': lambda: use_backend('reference'),
             'GC-ResNet-50 (modules)': lambda: use_backend('reference'),
-            'CBAM-ResNet-50 (modules)': lambda: use_backend('reference')}
+            'CBAM-ResNet-50 (modules)': lambda: use_backend('reference'),
+            # the local relation aggregation's readable form (F.unfold)
+            'LR-ResNet-50 (unfold)': lambda: use_backend('reference')}
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 DEFAULT_SIZES = {'cpu': ['2x224x224', '1x512x832'],
                  'cuda': ['2x800x1216', '32x224x224']}

@@ -4,7 +4,7 @@ resident per SM and the bytes each launch moves.
 
     python benchmarks/kernel_report.py [--sizes 2x3x800x1216 ...]
         [--dtypes fp32 bf16 fp16] [--targets sm_90a sm_80]
-        [--out FILE.md] [--json FILE.json] [--check]
+        [--out FILE.md] [--json FILE.json] [--check] [--local-relation]
 
 For each input size the PRM-ResNet-50 block tails (``relu(prm(bn(c)) +
 identity)``, 64 heads; stages of 3, 4, 6 and 3 blocks at strides 4 to 32)
@@ -27,6 +27,13 @@ a (sample, group) reads all of them). The op's minimum traffic is reading
 each input map once and writing each output once: forward c and identity
 in, y out; backward dL/dy, y (the ReLU's mask) and c in, dL/dc and
 dL/didentity out; inference c and identity in, y out.
+
+``--local-relation`` reports the LR-Net aggregation's kernels
+(``local_relation_triton``) instead: forward and backward of each local
+relation layer of an LR-ResNet-50 (``LR_LAYERS``: k = 7, 8 channels a
+group, strides 1 and 2), with the same columns; a launch's bytes are the
+maps it reads and writes once (its k x k window's re-reads are the
+cache's).
 
 ``--check`` exits 1 when a launch spills, or moves at least ``--min-mb``
 (8 MB: about 3 us of an H100's 3.35 TB/s, a launch's own latency; a
@@ -92,6 +99,17 @@ MAPS = {
                          ('dgate_ptr', 'HAS_GATE'))),
     'gate_grad_kernel': ((('dgate_ptr', None), ('gate_ptr', 'HAS_AFFINE')),
                          (('ggate_ptr', None), )),
+    # the local relation aggregation (local_relation_triton_kernels.py)
+    'lr_fwd_kernel': ((('q_ptr', None), ('k_ptr', None), ('v_ptr', None)),
+                      (('out_ptr', None), ('lse_ptr', None))),
+    'lr_bwd_query_kernel': ((('go_ptr', None), ('q_ptr', None),
+                             ('k_ptr', None), ('v_ptr', None),
+                             ('lse_ptr', None), ('dsum_ptr', None)),
+                            (('gq_ptr', None), ('part_ptr', None))),
+    'lr_bwd_kv_kernel': ((('go_ptr', None), ('q_ptr', None), ('k_ptr', None),
+                          ('v_ptr', None), ('lse_ptr', None),
+                          ('dsum_ptr', None)),
+                         (('gk_ptr', None), ('gv_ptr', None))),
 }
 # the tails: PRM's op, and the gate tail with each kind of gate (SE, GE and
 # GC: per channel only; SGE: 64 groups' gates per position, as logits;
@@ -206,6 +224,97 @@ def record_gate_tail(shape, dtype, task, tail):
             gate_triton.tail_backward(torch.empty_like(c), c, y, scale,
                                       shift, gate, affine, True)
     return launches
+
+
+# LR-ResNet-50's local relation layers (docs/lr_net_facts.md): (layer,
+# channels, the input map's stride from the image, the layer's stride); m =
+# 8 channels a group (G = C / 8), k = 7, the paper's squared difference. The
+# stem's 1x1 (3 -> 64) + stride-2 LR layer; each stage's first block strides
+# in its LR layer (key and value at the previous stage's resolution). The
+# bottleneck widths 100/200/400/800 hold no whole number of 8-channel groups
+# at 100: stage 1 is counted at 104 (13 groups).
+LR_LAYERS = (('stem', 64, 1, 2), ('stage 1', 104, 4, 1),
+             ('stage 2, first', 200, 4, 2), ('stage 2', 200, 8, 1),
+             ('stage 3, first', 400, 8, 2), ('stage 3', 400, 16, 1),
+             ('stage 4, first', 800, 16, 2), ('stage 4', 800, 32, 1))
+LR_M = 8
+LR_K = 7
+LR_METHOD = 'squared_difference'
+
+
+def record_local_relation(shape, stride, dtype):
+    """The launches of one local relation layer on value ``shape`` at
+    ``stride`` (recorded, not run): [(task, launch)], task 'forward' (the
+    same in training and inference) or 'backward'."""
+    from prm_det.ops.backends import local_relation_triton
+    from prm_det.ops.local_relation import output_size
+    b, ch, h, w = shape
+    groups = ch // LR_M
+    value = torch.empty(shape, dtype=dtype)
+    key = torch.empty(b, groups, h, w, dtype=dtype)
+    query = torch.empty(b, groups, output_size(h, stride),
+                        output_size(w, stride), dtype=dtype)
+    prior = torch.empty(groups, LR_K, LR_K, dtype=dtype)
+    with record_launches() as forward:
+        out, lse = local_relation_triton.forward(query, key, value, prior,
+                                                 LR_K, stride, LR_METHOD)
+    with record_launches() as backward:
+        local_relation_triton.backward(torch.empty_like(out), query, key,
+                                       value, prior, out, lse, LR_K, stride,
+                                       LR_METHOD)
+    return ([('forward', launch) for launch in forward]
+            + [('backward', launch) for launch in backward])
+
+
+def lr_shapes(batch, height, width):
+    """(layer, value map [b, C, h, w], stride) of LR-ResNet-50's local
+    relation layers."""
+    return [(name, (batch, channels, math.ceil(height / at),
+                    math.ceil(width / at)), stride)
+            for name, channels, at, stride in LR_LAYERS]
+
+
+def report_local_relation(size, dtype_name, target, memo):
+    """Rows: one per launch of each of LR-ResNet-50's layer shapes."""
+    from prm_det.ops.local_relation import output_size
+    dtype = DTYPES[dtype_name]
+    rows = []
+    for layer, shape, stride in lr_shapes(*size):
+        b, ch, h, w = shape
+        out_shape = (b, ch, output_size(h, stride), output_size(w, stride))
+        for task, launch in record_local_relation(shape, stride, dtype):
+            facts = compiled_facts(launch, target, memo)
+            programs = math.prod(launch.grid)
+            read, written = _bytes(launch)
+            rows.append(dict(
+                layer=layer, shape='x'.join(map(str, shape)),
+                out='x'.join(map(str, out_shape)), stride=stride, task=task,
+                kernel=launch.name.replace('_kernel', ''),
+                grid='x'.join(map(str, launch.grid)), programs=programs,
+                warps=launch.num_warps, **facts,
+                resident=resident_warps(programs, launch.num_warps, facts,
+                                        target),
+                read=read, written=written))
+    return rows
+
+
+def markdown_local_relation(size, dtype_name, target, rows):
+    b, h, w = size
+    lines = [f'### {b}x3x{h}x{w}, {dtype_name}, {target} '
+             f'({TARGETS[target][1]} SMs), LR-ResNet-50 local relation '
+             f'layers (k = {LR_K}, m = {LR_M}, {LR_METHOD})', '',
+             '| layer | value map | stride | output map | task | kernel | '
+             'grid | warps | registers | spilled bytes | shared bytes | '
+             'warps resident / SM | MB read | MB written |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['shape']} | {r['stride']} | {r['out']} | "
+            f"{r['task']} | {r['kernel']} | {r['grid']} | {r['warps']} | "
+            f"{r['registers']} | {r['spills']} | {r['shared']} | "
+            f"{r['resident']:.1f} | {_mb(r['read'])} | "
+            f"{_mb(r['written'])} |")
+    return '\n'.join(lines) + '\n'
 
 
 def _bytes(launch):
@@ -403,6 +512,9 @@ def main(argv=None):
                         choices=TAILS, help="PRM's op (default), or the "
                         'gate tail with SE\'s (GE, GC), SGE\'s or CBAM\'s '
                         'gate')
+    parser.add_argument('--local-relation', action='store_true',
+                        help="LR-ResNet-50's local relation layers (the "
+                        'LR-Net aggregation kernels) instead of the tails')
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes]
     memo = {}
@@ -410,6 +522,24 @@ def main(argv=None):
     for target in args.targets:
         for size in sizes:
             for dtype_name in args.dtypes:
+                if args.local_relation:
+                    rows = report_local_relation(size, dtype_name, target,
+                                                 memo)
+                    text = markdown_local_relation(size, dtype_name, target,
+                                                   rows)
+                    print(text, flush=True)
+                    sections.append(text)
+                    for r in rows:
+                        r.update(target=target, dtype=dtype_name,
+                                 tail='local_relation',
+                                 size='x'.join(map(str, size)),
+                                 task=f"{r['task']} stride {r['stride']}")
+                        everything.append(r)
+                        moved_mb = (r['read'] + r['written']) / 1e6
+                        if r['spills'] or (r['resident'] < args.min_warps
+                                           and moved_mb >= args.min_mb):
+                            failures.append(r)
+                    continue
                 for tail in args.tails:
                     rows, totals = report(size, dtype_name, target, memo,
                                           tail)
@@ -427,12 +557,21 @@ def main(argv=None):
                             failures.append(r)
     command = ' '.join(['python benchmarks/kernel_report.py'] +
                        (sys.argv[1:] if argv is None else list(argv)))
-    header = ('# PRM Triton kernels compiled offline (kernel_report.py)\n\n'
+    title = ('LR-Net local relation Triton kernels' if args.local_relation
+             else 'PRM Triton kernels')
+    header = (f'# {title} compiled offline (kernel_report.py)\n\n'
               f'`{command}`\n\n'
               f'triton {_triton_version()}, torch {torch.__version__}; '
-              f'{len(memo)} distinct kernels compiled. Grids as the backend '
-              'plans them for the target\'s SMs (sm_90a: an H100/H200\'s '
-              '132, as it plans for CPU tensors; sm_80: an A100\'s 108).\n')
+              f'{len(memo)} distinct kernels compiled. ' + (
+                  'Grids as the launcher makes them (blocks of 128 output '
+                  'or input positions x (sample, group) pairs x channel '
+                  'blocks (and residue classes mod the stride, backward); '
+                  'the same for every GPU). Layers: LR_LAYERS in the '
+                  'script; MB: each map a launch reads or writes, once.\n'
+                  if args.local_relation else
+                  'Grids as the backend plans them for the target\'s SMs '
+                  '(sm_90a: an H100/H200\'s 132, as it plans for CPU '
+                  'tensors; sm_80: an A100\'s 108).\n'))
     if args.out:
         with open(args.out, 'w') as f:
             f.write(header + '\n' + '\n'.join(sections))

@@ -66,17 +66,19 @@ def _similarity_grads(q, k, METHOD: tl.constexpr):
     return dq, dk
 
 
-# The sizes are not specialized on (Triton would on a multiple of 16): a
-# 16-divisible map width makes the output positions' loads 4-wide vectors,
-# 4 positions a thread in the [channels, positions] tiles but 1 in the
+# The map sizes are not specialized on (Triton would on a multiple of 16): a
+# 16-divisible width makes the output positions' loads 4-wide vectors, 4
+# positions a thread in the [channels, positions] tiles but 1 in the
 # position vectors, and every offset then converts between the two layouts
-# through shared memory (and spills on sm_80). Unspecialized, a thread holds
-# one position and all of its BLOCK_M channels (the window's loads are
-# shifted by each offset and could not be vectors anyway).
-_SIZES = ('G', 'm', 'H', 'W', 'Ho', 'Wo', 'Hs', 'Ws', 'nchunks')
+# through shared memory (and spilled on sm_80). Unspecialized, a thread
+# holds one position and all of its BLOCK_M channels (the window's loads
+# are shifted by each offset and could not be vectors anyway). The input-
+# centric kernel's nchunks stays specialized (1: one channel block, 56
+# registers instead of 79-95).
+_SIZES = ('G', 'm', 'H', 'W', 'Ho', 'Wo')
 
 
-@triton.jit(do_not_specialize=_SIZES[:6])
+@triton.jit(do_not_specialize=_SIZES)
 def lr_fwd_kernel(q_ptr, k_ptr, v_ptr, prior_ptr, out_ptr, lse_ptr, G, m, H,
                   W, Ho, Wo, K: tl.constexpr, STRIDE: tl.constexpr,
                   METHOD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -144,7 +146,7 @@ def lr_fwd_kernel(q_ptr, k_ptr, v_ptr, prior_ptr, out_ptr, lse_ptr, G, m, H,
                  mask=mask)
 
 
-@triton.jit(do_not_specialize=_SIZES[:6])
+@triton.jit(do_not_specialize=_SIZES)
 def lr_bwd_query_kernel(go_ptr, q_ptr, k_ptr, v_ptr, prior_ptr, lse_ptr,
                         dsum_ptr, gq_ptr, part_ptr, G, m, H, W, Ho, Wo,
                         K: tl.constexpr, STRIDE: tl.constexpr,
@@ -217,7 +219,7 @@ def lr_bwd_query_kernel(go_ptr, q_ptr, k_ptr, v_ptr, prior_ptr, lse_ptr,
              mask=mask)
 
 
-@triton.jit(do_not_specialize=_SIZES[:6])
+@triton.jit(do_not_specialize=_SIZES)
 def lr_bwd_kv_kernel(go_ptr, q_ptr, k_ptr, v_ptr, prior_ptr, lse_ptr,
                      dsum_ptr, gk_ptr, gv_ptr, G, m, H, W, Ho, Wo, Hs, Ws,
                      nchunks, K: tl.constexpr, STRIDE: tl.constexpr,
