@@ -130,8 +130,11 @@ def test_reference_gradcheck():
         inputs)
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
-@pytest.mark.parametrize('method', SIMILARITIES)
+# (the interpreter takes 20 s a gradcheck: one similarity there, every
+# similarity's gradients are held to the reference above on every backend)
+@pytest.mark.parametrize('backend,method', [
+    (b, m) for b in BACKENDS for m in SIMILARITIES
+    if b != 'triton' or m == 'squared_difference'])
 def test_op_gradcheck(backend, method):
     inputs = [t.requires_grad_() for t in make(1, 2, 2, 4, 5, 3, 2, seed=4)]
     with use_backend(backend):
