@@ -17,7 +17,8 @@
 #      sync, a PRM-ResNet-50 in fp32 and bf16 autocast) and deterministic
 #      (forward + backward twice at a detection stage map: the same bits);
 #      the gate tails (SE, GE, GC, SGE, CBAM) against their modules, fp64 /
-#      fp32, train and eval, bf16 autocast.
+#      fp32, train and eval, bf16 autocast; the local relation op (LR-Net)
+#      against its reference at LR-ResNet-50's detection stage sizes.
 #   1b. kernel_bandwidth.py at 2x800x1216, fp32 and bf16: every kernel of a
 #      block tail timed alone, its achieved bandwidth against the bytes
 #      kernel_report.py counts and against the measured copy bandwidth.
@@ -26,7 +27,7 @@
 #      bandwidth and the PRM tail's bandwidth limit; fp32, bf16, fp16.
 #   3. bench_backbones.py --device cuda --no-detector, fp32 / bf16 / fp16
 #      autocast, at 2x800x1216 and 32x224x224: every attention ResNet-50
-#      (fused tails and modules) against ResNet-50.
+#      (fused tails and modules) and LR-ResNet-50 against ResNet-50.
 #   4. bench_compile.py: PRM-ResNet-50 and ResNet-50 training steps in
 #      eager mode and captured in CUDA graphs (torch.compile's
 #      reduce-overhead), the replay checked against eager first.
