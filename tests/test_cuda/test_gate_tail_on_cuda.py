@@ -11,24 +11,17 @@ runs this file. ``PRM_DET_CUDA_TESTS_ON_CPU=1`` runs it on CPU tensors
 through the interpreter, the detection size left out.
 """
 import copy
-import os
 
 import pytest
 import torch
+from cuda_device import DEVICE, on_the_device
 from torch import nn
 
 from prm_det.models.layers import CBAM, GC, GE, SE, SGE
 from prm_det.ops import use_backend
 from prm_det.ops.gate_tail import tail_backend
 
-if torch.cuda.is_available():
-    DEVICE = 'cuda'
-elif os.environ.get('PRM_DET_CUDA_TESTS_ON_CPU') == '1':
-    DEVICE = 'cpu'  # conftest set TRITON_INTERPRET=1
-else:
-    DEVICE = None
-pytestmark = pytest.mark.skipif(
-    DEVICE is None, reason='needs a CUDA GPU (benchmarks/gpu_run.sh)')
+pytestmark = on_the_device
 
 GATES = {
     'se': lambda ch: SE(ch),

@@ -9,23 +9,16 @@ Triton's interpreter on CPU tensors. Skipped without CUDA;
 ``benchmarks/gpu_run.sh`` runs this file. ``PRM_DET_CUDA_TESTS_ON_CPU=1``
 runs it on CPU tensors through the interpreter, detection sizes left out.
 """
-import os
 
 import pytest
 import torch
+from cuda_device import DEVICE, on_the_device
 
 from prm_det.ops import use_backend
 from prm_det.ops.local_relation import local_relation_reference
 from prm_det.ops.local_relation_op import local_relation, relation_backend
 
-if torch.cuda.is_available():
-    DEVICE = 'cuda'
-elif os.environ.get('PRM_DET_CUDA_TESTS_ON_CPU') == '1':
-    DEVICE = 'cpu'  # conftest set TRITON_INTERPRET=1
-else:
-    DEVICE = None
-pytestmark = pytest.mark.skipif(
-    DEVICE is None, reason='needs a CUDA GPU (benchmarks/gpu_run.sh)')
+pytestmark = on_the_device
 
 # (b, groups, m, h, w, stride): an odd map; LR-ResNet-50 at 2x800x1216,
 # stage 1 and stage 2's first (strided) block

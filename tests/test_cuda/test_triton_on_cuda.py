@@ -11,24 +11,15 @@ through the interpreter, detection-sized cases left out.
 """
 import contextlib
 import copy
-import os
 
 import pytest
 import torch
+from cuda_device import DEVICE, needs_cuda, on_the_device
 
 from prm_det.ops import (BatchNorm, PRMOptions, PRMParams, prm_block_tail,
                          use_backend)
 
-if torch.cuda.is_available():
-    DEVICE = 'cuda'
-elif os.environ.get('PRM_DET_CUDA_TESTS_ON_CPU') == '1':
-    DEVICE = 'cpu'  # conftest set TRITON_INTERPRET=1
-else:
-    DEVICE = None
-pytestmark = pytest.mark.skipif(
-    DEVICE is None, reason='needs a CUDA GPU (benchmarks/gpu_run.sh)')
-needs_cuda = pytest.mark.skipif(DEVICE != 'cuda',
-                                reason='detection sizes: CUDA only')
+pytestmark = on_the_device
 
 NAMES = ('weight', 'bias', 'one', 'zero', 'theta', 'scale')
 ORACLE_FACTOR = 30  # see assert_same

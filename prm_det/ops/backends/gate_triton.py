@@ -38,15 +38,6 @@ def _like(t: Optional[Tensor], c: Tensor) -> Optional[Tensor]:
     return torch.empty_like(c, dtype=t.dtype).copy_(t)
 
 
-def _run(c: Tensor, launch):
-    """``launch()``, turning Triton's compile and fit errors into
-    KernelsBroken (warned once)."""
-    tb._check_not_broken()
-    try:
-        return launch()
-    except tb._launch_errors() as exc:
-        raise tb._give_up(exc, c) from exc
-
 
 def moments(c: Tensor) -> Tuple[Tensor, Tensor]:
     c, strides = _position_strides(c)
@@ -62,7 +53,7 @@ def moments(c: Tensor) -> Tuple[Tensor, Tensor]:
                    BLOCK_P=BLOCK_P, ACC=tb._tl_acc(c))
         return mean, m2
 
-    return _run(c, launch)
+    return tb.run_guarded(c, launch)
 
 
 PROGRAMS_PER_SM = 4  # the channel split aims at this many programs
@@ -111,7 +102,7 @@ def tail_forward(c: Tensor, identity: Optional[Tensor], scale: Tensor,
                    ACC=tb._tl_acc(c), **args)
         return y
 
-    return _run(c, launch)
+    return tb.run_guarded(c, launch)
 
 
 def tail_backward(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
@@ -167,7 +158,7 @@ def tail_backward(grad_y: Tensor, c: Tensor, y: Optional[Tensor],
                        HAS_AFFINE=gate_affine is not None, BLOCK_P=BLOCK_P,
                        ACC=tb._tl_acc(c))
 
-    _run(c, launch)
+    tb.run_guarded(c, launch)
     sums = partial.sum(1).view(b, ch, 2)  # the splits, in a fixed order
     grad_affine = None
     if partial_affine is not None:

@@ -42,15 +42,6 @@ def _kernels():
     return local_relation_triton_kernels
 
 
-def _run(c: Tensor, launch):
-    """``launch()``, turning Triton's compile and fit errors into
-    KernelsBroken (warned once)."""
-    tb._check_not_broken()
-    try:
-        return launch()
-    except tb._launch_errors() as exc:
-        raise tb._give_up(exc, c) from exc
-
 
 def _cdiv(n: int, block: int) -> int:
     return -(-n // block)
@@ -99,7 +90,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, prior: Tensor,
                    out_ptr=out, lse_ptr=lse, **sizes, **consts)
         return out, lse
 
-    return _run(value, launch)
+    return tb.run_guarded(value, launch)
 
 
 def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
@@ -144,7 +135,7 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                    gk_ptr=grad_k, gv_ptr=grad_v, **sizes, Hs=rows, Ws=cols,
                    nchunks=chunks, ONE_CHUNK=chunks == 1, **consts)
 
-    _run(value, launch)
+    tb.run_guarded(value, launch)
     # the programs' partials, added in a fixed order
     grad_prior = partial.sum((0, 2)).view(groups, kernel_size, kernel_size)
     return grad_q, grad_k, grad_v, grad_prior.to(prior.dtype)

@@ -471,3 +471,14 @@ def _backward(grad_y: Tensor, saved: Saved, needs: Needs) -> Gradients:
                         for g, p in zip(grad_params, params))
     return Gradients(grad_c if needs.c else None, grad_identity,
                      grad_bn_weight, grad_bn_bias, grad_params)
+
+
+def run_guarded(c, launch):
+    """``launch()``, turning Triton's compile and fit errors into
+    KernelsBroken (warned once): the gate tails' and the local relation
+    op's launchers, which then fall back to torch ops."""
+    _check_not_broken()
+    try:
+        return launch()
+    except _launch_errors() as exc:
+        raise _give_up(exc, c) from exc
