@@ -14,7 +14,10 @@ input position (i * stride, j * stride):
     out[c, i, j] = sum_d w[g(c), d] * value[c, (i, j) * stride + d]
 
 with phi one of ``SIMILARITIES``: 'squared_difference' -(q - k)^2 (the
-paper's default), 'dot_product' q * k, 'absolute_difference' -|q - k|.
+paper's default), 'dot_product' q * k, 'absolute_difference' -|q - k|
+(the authors' operator's methods 5, 0 and 2; its ``scale`` on phi defaults
+to 1 and is not a setting here: the learned key and query embeddings carry
+any scale; docs/lr_net_facts.md has the operator's source facts).
 Ho = (H - 1) // stride + 1 (a k x k conv's size with padding k // 2).
 
 Offsets outside the map are left out of the softmax (the authors' operator

@@ -147,14 +147,54 @@ struct Geometry {
 
 // ---------------------------------------------------------------- forward
 
-// One offset's logits along a row (columns lo..hi), with the running max.
-template <Similarity M, bool Unit, typename T>
-void tap_logits(const T* __restrict__ q, const T* __restrict__ krow,
-                int64_t s, int64_t dx, T p, int64_t lo, int64_t hi,
-                T* __restrict__ logit, T* __restrict__ peak) {
+// A row of an input plane regrouped for a stride: its s phases (the input
+// columns x = s * u + p for phase p), each padded with P zeros on both
+// sides, so that an offset's input column s * j + dx of every output
+// column j lies at one unit-stride pointer: phase (dx mod s), u = j +
+// floor(dx / s). Columns outside the map read zeros (an out-of-map
+// offset's weight is 0 there: 0 * 0 adds nothing).
+struct Phases {
+  int64_t s, P, L;
+  std::vector<int64_t> off;  // per column offset dj: its pointer's offset
+  explicit Phases(const Geometry& g)
+      : s(g.s), P((g.r + g.s - 1) / g.s), L(g.Wo + 2 * ((g.r + g.s - 1) / g.s)) {
+    for (int64_t dj = 0; dj < g.k; ++dj) {
+      const int64_t dx = dj - g.r;
+      const int64_t fl = dx >= 0 ? dx / s : -((-dx + s - 1) / s);
+      off.push_back((dx - fl * s) * L + P + fl);
+    }
+  }
+  int64_t size() const { return s * L; }
+};
+
+template <typename T>
+void fill_phases(const Phases& ph, const T* __restrict__ row, int64_t W,
+                 T* __restrict__ buf) {
+  const int64_t s = ph.s, P = ph.P, L = ph.L;
+  for (int64_t p = 0; p < s; ++p) {
+    T* __restrict__ b = buf + p * L;
+    const int64_t n = W > p ? std::min(L - P, (W - p + s - 1) / s) : 0;
+    std::fill(b, b + P, T(0));
+    if (s == 1) {
+      std::copy(row, row + n, b + P);
+    } else {
+      const T* __restrict__ src = row + p;
+#pragma omp simd
+      for (int64_t u = 0; u < n; ++u) b[P + u] = src[u * s];
+    }
+    std::fill(b + P + n, b + L, T(0));
+  }
+}
+
+// One offset's logits along a row (columns lo..hi), with the running max;
+// krow: the offset's key columns at unit stride (Phases).
+template <Similarity M, typename T>
+void tap_logits(const T* __restrict__ q, const T* __restrict__ krow, T p,
+                int64_t lo, int64_t hi, T* __restrict__ logit,
+                T* __restrict__ peak) {
 #pragma omp simd
   for (int64_t j = lo; j < hi; ++j) {
-    const T l = phi<M>(q[j], krow[(Unit ? j : j * s) + dx]) + p;
+    const T l = phi<M>(q[j], krow[j]) + p;
     logit[j] = l;
     const T best = peak[j];
     peak[j] = (l > best || l != l) ? l : best;  // NaN wins and stays
@@ -162,10 +202,13 @@ void tap_logits(const T* __restrict__ q, const T* __restrict__ krow,
 }
 
 // One offset's weights exp(logit - max) along a row, over its logits, and
-// their sum.
+// their sum; 0 outside lo..hi (the offset's out-of-map columns).
 template <typename T>
-void tap_exp(const T* __restrict__ peak, int64_t lo, int64_t hi,
+void tap_exp(const T* __restrict__ peak, int64_t lo, int64_t hi, int64_t Wo,
              T* __restrict__ w, double* __restrict__ total) {
+  // (an offset reaching no column of a small map: lo = hi, maybe > Wo)
+  std::fill(w, w + std::min(lo, Wo), T(0));
+  std::fill(w + std::min(hi, Wo), w + Wo, T(0));
   // two loops: GCC leaves a loop with both exp_poly and a float -> double
   // conversion scalar ("control flow in loop")
 #pragma omp simd
@@ -174,12 +217,18 @@ void tap_exp(const T* __restrict__ peak, int64_t lo, int64_t hi,
   for (int64_t j = lo; j < hi; ++j) total[j] += double(w[j]);
 }
 
-template <bool Unit, typename T>
+// the output: the weighted sum times 1 / the softmax's sum (float: a
+// product with the reciprocal; double: the quotient)
+inline float scale_out(float a, float inv, double) { return a * inv; }
+inline double scale_out(double a, double, double tot) { return a / tot; }
+
+template <typename T>
 void forward_kernel(const Geometry& g, Similarity method, const T* query,
                     const T* key, const T* value, const T* prior, T* out,
                     T* lse) {
   const int64_t Wo = g.Wo, taps = g.taps;
-  const int64_t s = Unit ? 1 : g.s;
+  const int64_t s = g.s;
+  const Phases ph(g);
   // rows per task chunk: about 64k multiply-adds of weighted sums each
   const int64_t work = std::max<int64_t>(1, g.m * taps * Wo);
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
@@ -187,8 +236,10 @@ void forward_kernel(const Geometry& g, Similarity method, const T* query,
                                                   int64_t end) {
     std::vector<T> weights(static_cast<size_t>(taps * Wo));
     std::vector<T> peak(static_cast<size_t>(Wo));
+    std::vector<T> inv(static_cast<size_t>(Wo));
     std::vector<double> total(static_cast<size_t>(Wo));
-    std::vector<double> acc(static_cast<size_t>(Wo));
+    std::vector<T> acc(static_cast<size_t>(Wo));
+    std::vector<T> rowbuf(static_cast<size_t>(ph.size()));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task % g.Ho, bg = task / g.Ho;
       const int64_t b = bg / g.G, grp = bg % g.G;
@@ -196,27 +247,29 @@ void forward_kernel(const Geometry& g, Similarity method, const T* query,
       const T* __restrict__ q = query + (bg * g.Ho + i) * Wo;
       const T* __restrict__ pr = prior + grp * taps;
       T* __restrict__ pk = peak.data();
+      T* __restrict__ rb = rowbuf.data();
       double* __restrict__ tot = total.data();
       std::fill(pk, pk + Wo, -std::numeric_limits<T>::infinity());
       // pass 1: logits and their max
       for (int64_t di = di_lo; di < di_hi; ++di) {
-        const T* krow = key + (bg * g.H + i * s + di - g.r) * g.W;
+        fill_phases(ph, key + (bg * g.H + i * s + di - g.r) * g.W, g.W, rb);
         for (int64_t dj = 0; dj < g.k; ++dj) {
-          const int64_t t = di * g.k + dj, dx = dj - g.r;
+          const int64_t t = di * g.k + dj;
           const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
+          const T* krow = rb + ph.off[dj];
           T* lt = weights.data() + t * Wo;
           switch (method) {
             case Similarity::kSquaredDifference:
-              tap_logits<Similarity::kSquaredDifference, Unit>(
-                  q, krow, s, dx, pr[t], lo, hi, lt, pk);
+              tap_logits<Similarity::kSquaredDifference>(q, krow, pr[t], lo,
+                                                         hi, lt, pk);
               break;
             case Similarity::kDotProduct:
-              tap_logits<Similarity::kDotProduct, Unit>(q, krow, s, dx,
-                                                        pr[t], lo, hi, lt, pk);
+              tap_logits<Similarity::kDotProduct>(q, krow, pr[t], lo, hi, lt,
+                                                  pk);
               break;
             case Similarity::kAbsoluteDifference:
-              tap_logits<Similarity::kAbsoluteDifference, Unit>(
-                  q, krow, s, dx, pr[t], lo, hi, lt, pk);
+              tap_logits<Similarity::kAbsoluteDifference>(q, krow, pr[t], lo,
+                                                          hi, lt, pk);
               break;
           }
         }
@@ -225,33 +278,35 @@ void forward_kernel(const Geometry& g, Similarity method, const T* query,
       std::fill(tot, tot + Wo, 0.0);
       for (int64_t di = di_lo; di < di_hi; ++di) {
         for (int64_t dj = 0; dj < g.k; ++dj) {
-          tap_exp(pk, g.col_lo[dj], g.col_hi[dj],
+          tap_exp(pk, g.col_lo[dj], g.col_hi[dj], Wo,
                   weights.data() + (di * g.k + dj) * Wo, tot);
         }
       }
       T* __restrict__ lr = lse + (bg * g.Ho + i) * Wo;
-      for (int64_t j = 0; j < Wo; ++j)
+      T* __restrict__ iv = inv.data();
+      for (int64_t j = 0; j < Wo; ++j) {
         lr[j] = T(double(pk[j]) + std::log(tot[j]));
-      // pass 3: each channel's weighted sum
+        iv[j] = T(1.0 / tot[j]);
+      }
+      // pass 3: each channel's weighted sum (in the dtype: at most k * k
+      // terms), every offset over the whole row (0 weights off the map)
       for (int64_t c = 0; c < g.m; ++c) {
         const int64_t plane = b * g.C + grp * g.m + c;
         const T* vplane = value + plane * g.H * g.W;
-        double* __restrict__ a = acc.data();
-        std::fill(a, a + Wo, 0.0);
+        T* __restrict__ a = acc.data();
+        std::fill(a, a + Wo, T(0));
         for (int64_t di = di_lo; di < di_hi; ++di) {
-          const T* __restrict__ vrow = vplane + (i * s + di - g.r) * g.W;
+          fill_phases(ph, vplane + (i * s + di - g.r) * g.W, g.W, rb);
           for (int64_t dj = 0; dj < g.k; ++dj) {
             const T* __restrict__ wt = weights.data() + (di * g.k + dj) * Wo;
-            const int64_t dx = dj - g.r;
-            const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
+            const T* __restrict__ vrow = rb + ph.off[dj];
 #pragma omp simd
-            for (int64_t j = lo; j < hi; ++j)
-              a[j] += double(wt[j]) * double(vrow[(Unit ? j : j * s) + dx]);
+            for (int64_t j = 0; j < Wo; ++j) a[j] += wt[j] * vrow[j];
           }
         }
         T* __restrict__ orow = out + (plane * g.Ho + i) * Wo;
 #pragma omp simd
-        for (int64_t j = 0; j < Wo; ++j) orow[j] = T(a[j] / tot[j]);
+        for (int64_t j = 0; j < Wo; ++j) orow[j] = scale_out(a[j], iv[j], tot[j]);
       }
     }
   });
@@ -467,8 +522,7 @@ std::tuple<at::Tensor, at::Tensor> local_relation_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "local_relation_forward",
                              [&] {
     using T = scalar_t;
-    auto run = g.s == 1 ? forward_kernel<true, T> : forward_kernel<false, T>;
-    run(g, sim, query.data_ptr<T>(), key.data_ptr<T>(), value.data_ptr<T>(),
+    forward_kernel<T>(g, sim, query.data_ptr<T>(), key.data_ptr<T>(), value.data_ptr<T>(),
         prior.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<T>());
   });
   return {out, lse};
