@@ -14,12 +14,20 @@
 // them. An offset reaches the same range of output columns on every row
 // (and a range of rows), so the in-map test is a loop bound, not a mask.
 //
-//   local_relation_forward_cpu: tasks are (sample, group, output row).
-//     Three passes over the row's window: the logits and their running max
-//     (NaN wins, as torch.maximum), the weights exp(logit - max) and their
-//     sum, then each channel's weighted sum. Returns the output and the
-//     log-sum-exp max + log(sum) per position, which backward recomputes
-//     the weights from.
+// An input row is read regrouped for the stride (Phases: its s phases of
+// columns s * u + p, padded with zeros), so that every offset's columns are
+// at unit stride (no strided loads).
+//
+//   local_relation_forward_cpu: tasks are (sample, group, output row);
+//     a thread's consecutive rows keep their regrouped window rows in a
+//     ring (each input row regrouped once per chunk). Rows are padded to
+//     whole vector blocks: an offset's out-of-map columns get weight 0 (a
+//     mask, no scalar remainders). Three passes over the row's window: the
+//     logits and their running max over the in-map offsets (NaN wins, as
+//     torch.maximum), the weights exp(logit - max) and their sum, then the
+//     channels' weighted sums, several channels at a time with their sums
+//     in registers. Returns the output and the log-sum-exp max + log(sum)
+//     per position, which backward recomputes the weights from.
 //   local_relation_backward_cpu: tasks are (sample, group) planes, so a
 //     task owns its planes of every gradient but the prior's (no atomics).
 //     Per output row: the weights w_d = exp(logit_d - lse); D = sum over
@@ -28,14 +36,17 @@
 //     (scattered into the task's planes); then dlogit_d = w_d (dw_d - D)
 //     feeds grad_query (a row at a time), grad_key(d) (scattered) and the
 //     task's partial sums of the prior's gradient, which are added over
-//     the samples in a fixed order after.
+//     the samples in a fixed order after. With a stride, the task's value
+//     and key planes are regrouped (Phases) once, and the value's and the
+//     key's gradients summed in that layout, then written back.
 //
 // Contiguous float32 / float64 CPU tensors, all of one dtype; logits and
-// weights in that dtype (float exp: vec_math.h's polynomial), the sums of
-// the softmax, of the output's weighted values, of D, dw, the query's
-// gradient and the prior's in double; the key's and the value's gradients
-// (at most k * k terms each) accumulate in the dtype, as on the torch
-// backend. The same bits every run, at any thread count.
+// weights in that dtype (float exp: vec_math.h's polynomial), and so are
+// the sums with few terms, as on the torch backend: the softmax's and the
+// output's weighted values (at most k * k terms), dw (m terms), the key's
+// and the value's gradients (at most k * k terms each); D, the query's
+// gradient and the prior's sum in double. The same bits every run, at any
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -156,8 +167,9 @@ struct Geometry {
 struct Phases {
   int64_t s, P, L;
   std::vector<int64_t> off;  // per column offset dj: its pointer's offset
-  explicit Phases(const Geometry& g)
-      : s(g.s), P((g.r + g.s - 1) / g.s), L(g.Wo + 2 * ((g.r + g.s - 1) / g.s)) {
+  // Wp: the row's width padded (a multiple of the vector blocks)
+  Phases(const Geometry& g, int64_t Wp)
+      : s(g.s), P((g.r + g.s - 1) / g.s), L(Wp + 2 * ((g.r + g.s - 1) / g.s)) {
     for (int64_t dj = 0; dj < g.k; ++dj) {
       const int64_t dx = dj - g.r;
       const int64_t fl = dx >= 0 ? dx / s : -((-dx + s - 1) / s);
@@ -177,6 +189,10 @@ void fill_phases(const Phases& ph, const T* __restrict__ row, int64_t W,
     std::fill(b, b + P, T(0));
     if (s == 1) {
       std::copy(row, row + n, b + P);
+    } else if (s == 2) {  // a constant stride: shuffles, not gathers
+      const T* __restrict__ src = row + p;
+#pragma omp simd
+      for (int64_t u = 0; u < n; ++u) b[P + u] = src[2 * u];
     } else {
       const T* __restrict__ src = row + p;
 #pragma omp simd
@@ -186,41 +202,100 @@ void fill_phases(const Phases& ph, const T* __restrict__ row, int64_t W,
   }
 }
 
-// One offset's logits along a row (columns lo..hi), with the running max;
-// krow: the offset's key columns at unit stride (Phases).
+// One offset's logits along the padded row, with the running max over
+// its in-map columns (valid: 1 there, 0 elsewhere; a whole row of vector
+// blocks, no scalar remainder); krow: the offset's key columns at unit
+// stride (Phases), q: the query's row padded with zeros.
 template <Similarity M, typename T>
 void tap_logits(const T* __restrict__ q, const T* __restrict__ krow, T p,
-                int64_t lo, int64_t hi, T* __restrict__ logit,
+                const T* __restrict__ valid, int64_t Wp, T* __restrict__ logit,
                 T* __restrict__ peak) {
 #pragma omp simd
-  for (int64_t j = lo; j < hi; ++j) {
+  for (int64_t j = 0; j < Wp; ++j) {
     const T l = phi<M>(q[j], krow[j]) + p;
     logit[j] = l;
     const T best = peak[j];
-    peak[j] = (l > best || l != l) ? l : best;  // NaN wins and stays
+    // NaN wins and stays
+    peak[j] = (valid[j] != T(0) && (l > best || l != l)) ? l : best;
   }
 }
 
-// One offset's weights exp(logit - max) along a row, over its logits, and
-// their sum; 0 outside lo..hi (the offset's out-of-map columns).
+// One offset's weights exp(logit - max) along the padded row, 0 outside
+// its in-map columns, and their sum (in the dtype: at most k * k terms in
+// [0, 1]).
 template <typename T>
-void tap_exp(const T* __restrict__ peak, int64_t lo, int64_t hi, int64_t Wo,
-             T* __restrict__ w, double* __restrict__ total) {
-  // (an offset reaching no column of a small map: lo = hi, maybe > Wo)
-  std::fill(w, w + std::min(lo, Wo), T(0));
-  std::fill(w + std::min(hi, Wo), w + Wo, T(0));
-  // two loops: GCC leaves a loop with both exp_poly and a float -> double
-  // conversion scalar ("control flow in loop")
+void tap_exp(const T* __restrict__ peak, const T* __restrict__ valid,
+             int64_t Wp, T* __restrict__ w, T* __restrict__ total) {
 #pragma omp simd
-  for (int64_t j = lo; j < hi; ++j) w[j] = weight_exp(T(w[j] - peak[j]));
-#pragma omp simd
-  for (int64_t j = lo; j < hi; ++j) total[j] += double(w[j]);
+  for (int64_t j = 0; j < Wp; ++j) {
+    const T e = weight_exp(T(w[j] - peak[j]));
+    const T x = valid[j] != T(0) ? e : T(0);
+    w[j] = x;
+    total[j] += x;
+  }
 }
 
 // the output: the weighted sum times 1 / the softmax's sum (float: a
 // product with the reciprocal; double: the quotient)
-inline float scale_out(float a, float inv, double) { return a * inv; }
+inline float scale_out(float a, float inv, float) { return a * inv; }
 inline double scale_out(double a, double, double tot) { return a / tot; }
+
+// GCC / Clang vectors of 64 bytes (lowered to the ISA's registers), loaded
+// and stored at any alignment
+template <typename T> struct VecOf;
+template <> struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64), aligned(4)));
+  static constexpr int64_t kLanes = 16;
+};
+template <> struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64), aligned(8)));
+  static constexpr int64_t kLanes = 8;
+};
+
+// channels per pass over a row's weights: their sums' vectors stay in
+// registers (32 of them on AVX-512, 16 narrower ones on AVX2)
+#if defined(__AVX512F__)
+constexpr int kChannelBlock = 8;
+#else
+constexpr int kChannelBlock = 4;
+#endif
+
+// The output row i of NC channels from plane `first` on: per vector block
+// of columns, the channels' sums stay in registers over a window row's
+// offsets (the same order of terms as one channel at a time).
+template <int NC, typename T>
+void weighted_sums(const Geometry& g, const Phases& ph, int64_t Wp,
+                   int64_t first, int64_t i, int64_t di_lo,
+                   int64_t di_hi, const T* __restrict__ weights,
+                   const T* __restrict__ iv, const T* __restrict__ tot,
+                   const T* const* rows, T* __restrict__ acc, T* out) {
+  using vec = typename VecOf<T>::type;
+  constexpr int64_t V = VecOf<T>::kLanes;
+  const int64_t Wo = g.Wo;
+  std::fill(acc, acc + NC * Wp, T(0));
+  for (int64_t di = di_lo; di < di_hi; ++di) {
+    const T* rb[NC];  // the channels' window row di (Phases)
+    for (int c = 0; c < NC; ++c) rb[c] = rows[c * g.k + di];
+    const T* wrow = weights + di * g.k * Wp;
+    for (int64_t jb = 0; jb < Wp; jb += V) {
+      vec a[NC];
+      for (int c = 0; c < NC; ++c) a[c] = *reinterpret_cast<const vec*>(acc + c * Wp + jb);
+      for (int64_t dj = 0; dj < g.k; ++dj) {
+        const vec w = *reinterpret_cast<const vec*>(wrow + dj * Wp + jb);
+        const int64_t o = ph.off[dj] + jb;
+        for (int c = 0; c < NC; ++c)
+          a[c] += w * *reinterpret_cast<const vec*>(rb[c] + o);
+      }
+      for (int c = 0; c < NC; ++c) *reinterpret_cast<vec*>(acc + c * Wp + jb) = a[c];
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    const T* __restrict__ a = acc + c * Wp;
+    T* __restrict__ orow = out + ((first + c) * g.Ho + i) * Wo;
+#pragma omp simd
+    for (int64_t j = 0; j < Wo; ++j) orow[j] = scale_out(a[j], iv[j], tot[j]);
+  }
+}
 
 template <typename T>
 void forward_kernel(const Geometry& g, Similarity method, const T* query,
@@ -228,86 +303,116 @@ void forward_kernel(const Geometry& g, Similarity method, const T* query,
                     T* lse) {
   const int64_t Wo = g.Wo, taps = g.taps;
   const int64_t s = g.s;
-  const Phases ph(g);
+  // rows padded to whole vector blocks (0 weights and values there)
+  constexpr int64_t V = VecOf<T>::kLanes;
+  const int64_t Wp = (Wo + V - 1) / V * V;
+  const Phases ph(g, Wp);
+  // per column offset dj: 1 on its in-map output columns, 0 elsewhere
+  std::vector<T> valid(static_cast<size_t>(g.k * Wp), T(0));
+  for (int64_t dj = 0; dj < g.k; ++dj)
+    for (int64_t j = g.col_lo[dj]; j < std::min(g.col_hi[dj], Wo); ++j)
+      valid[dj * Wp + j] = T(1);
   // rows per task chunk: about 64k multiply-adds of weighted sums each
   const int64_t work = std::max<int64_t>(1, g.m * taps * Wo);
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
   at::parallel_for(0, g.B * g.G * g.Ho, grain, [&](int64_t begin,
                                                   int64_t end) {
-    std::vector<T> weights(static_cast<size_t>(taps * Wo));
-    std::vector<T> peak(static_cast<size_t>(Wo));
+    std::vector<T> weights(static_cast<size_t>(taps * Wp));
+    std::vector<T> peak(static_cast<size_t>(Wp));
+    std::vector<T> qpad(static_cast<size_t>(Wp), T(0));
     std::vector<T> inv(static_cast<size_t>(Wo));
-    std::vector<double> total(static_cast<size_t>(Wo));
-    std::vector<T> acc(static_cast<size_t>(Wo));
-    std::vector<T> rowbuf(static_cast<size_t>(ph.size()));
+    std::vector<T> total(static_cast<size_t>(Wp));
+    std::vector<T> acc(static_cast<size_t>(kChannelBlock * Wp));
+    // a ring of each plane's window rows (the value's m channels, then
+    // the key), input row y in slot y % k: consecutive output rows of a
+    // task chunk share their input rows, regrouped once
+    const int64_t len = ph.size();
+    std::vector<T> ring(static_cast<size_t>((g.m + 1) * g.k * len));
+    std::vector<int64_t> tag(static_cast<size_t>((g.m + 1) * g.k), -1);
+    std::vector<const T*> rows(static_cast<size_t>((g.m + 1) * g.k));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task % g.Ho, bg = task / g.Ho;
       const int64_t b = bg / g.G, grp = bg % g.G;
       const int64_t di_lo = g.row_lo(i), di_hi = g.row_hi(i);
-      const T* __restrict__ q = query + (bg * g.Ho + i) * Wo;
+      T* __restrict__ q = qpad.data();  // (zeros past Wo)
+      std::copy(query + (bg * g.Ho + i) * Wo, query + (bg * g.Ho + i + 1) * Wo,
+                q);
       const T* __restrict__ pr = prior + grp * taps;
       T* __restrict__ pk = peak.data();
-      T* __restrict__ rb = rowbuf.data();
-      double* __restrict__ tot = total.data();
-      std::fill(pk, pk + Wo, -std::numeric_limits<T>::infinity());
+      // plane c's input row y (c = m: the key's) regrouped
+      auto window_row = [&](int64_t c, int64_t y) -> const T* {
+        const int64_t slot = c * g.k + y % g.k, id = bg * g.H + y;
+        T* buf = ring.data() + slot * len;
+        if (tag[slot] != id) {
+          const T* src = c < g.m ? value + (b * g.C + grp * g.m + c) * g.H * g.W
+                                 : key + bg * g.H * g.W;
+          fill_phases(ph, src + y * g.W, g.W, buf);
+          tag[slot] = id;
+        }
+        return buf;
+      };
+      T* __restrict__ tot = total.data();
+      std::fill(pk, pk + Wp, -std::numeric_limits<T>::infinity());
       // pass 1: logits and their max
       for (int64_t di = di_lo; di < di_hi; ++di) {
-        fill_phases(ph, key + (bg * g.H + i * s + di - g.r) * g.W, g.W, rb);
+        const T* rb = window_row(g.m, i * s + di - g.r);
         for (int64_t dj = 0; dj < g.k; ++dj) {
           const int64_t t = di * g.k + dj;
-          const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
+          const T* vd = valid.data() + dj * Wp;
           const T* krow = rb + ph.off[dj];
-          T* lt = weights.data() + t * Wo;
+          T* lt = weights.data() + t * Wp;
           switch (method) {
             case Similarity::kSquaredDifference:
-              tap_logits<Similarity::kSquaredDifference>(q, krow, pr[t], lo,
-                                                         hi, lt, pk);
+              tap_logits<Similarity::kSquaredDifference>(q, krow, pr[t], vd,
+                                                         Wp, lt, pk);
               break;
             case Similarity::kDotProduct:
-              tap_logits<Similarity::kDotProduct>(q, krow, pr[t], lo, hi, lt,
-                                                  pk);
+              tap_logits<Similarity::kDotProduct>(q, krow, pr[t], vd, Wp,
+                                                  lt, pk);
               break;
             case Similarity::kAbsoluteDifference:
-              tap_logits<Similarity::kAbsoluteDifference>(q, krow, pr[t], lo,
-                                                          hi, lt, pk);
+              tap_logits<Similarity::kAbsoluteDifference>(q, krow, pr[t], vd,
+                                                          Wp, lt, pk);
               break;
           }
         }
       }
       // pass 2: the weights exp(logit - max) and their sum
-      std::fill(tot, tot + Wo, 0.0);
+      std::fill(tot, tot + Wp, T(0));
       for (int64_t di = di_lo; di < di_hi; ++di) {
         for (int64_t dj = 0; dj < g.k; ++dj) {
-          tap_exp(pk, g.col_lo[dj], g.col_hi[dj], Wo,
-                  weights.data() + (di * g.k + dj) * Wo, tot);
+          tap_exp(pk, valid.data() + dj * Wp, Wp,
+                  weights.data() + (di * g.k + dj) * Wp, tot);
         }
       }
       T* __restrict__ lr = lse + (bg * g.Ho + i) * Wo;
       T* __restrict__ iv = inv.data();
       for (int64_t j = 0; j < Wo; ++j) {
-        lr[j] = T(double(pk[j]) + std::log(tot[j]));
-        iv[j] = T(1.0 / tot[j]);
+        lr[j] = T(double(pk[j]) + std::log(double(tot[j])));
+        iv[j] = T(1.0 / double(tot[j]));
       }
       // pass 3: each channel's weighted sum (in the dtype: at most k * k
-      // terms), every offset over the whole row (0 weights off the map)
-      for (int64_t c = 0; c < g.m; ++c) {
-        const int64_t plane = b * g.C + grp * g.m + c;
-        const T* vplane = value + plane * g.H * g.W;
-        T* __restrict__ a = acc.data();
-        std::fill(a, a + Wo, T(0));
-        for (int64_t di = di_lo; di < di_hi; ++di) {
-          fill_phases(ph, vplane + (i * s + di - g.r) * g.W, g.W, rb);
-          for (int64_t dj = 0; dj < g.k; ++dj) {
-            const T* __restrict__ wt = weights.data() + (di * g.k + dj) * Wo;
-            const T* __restrict__ vrow = rb + ph.off[dj];
-#pragma omp simd
-            for (int64_t j = 0; j < Wo; ++j) a[j] += wt[j] * vrow[j];
-          }
-        }
-        T* __restrict__ orow = out + (plane * g.Ho + i) * Wo;
-#pragma omp simd
-        for (int64_t j = 0; j < Wo; ++j) orow[j] = scale_out(a[j], iv[j], tot[j]);
-      }
+      // terms), every offset over the whole padded row (0 weights off the
+      // map), kChannelBlock channels at a time (then 4, then one at a time)
+      for (int64_t c = 0; c < g.m; ++c)
+        for (int64_t di = di_lo; di < di_hi; ++di)
+          rows[c * g.k + di] = window_row(c, i * s + di - g.r);
+      int64_t c = 0;
+      for (; c + kChannelBlock <= g.m; c += kChannelBlock)
+        weighted_sums<kChannelBlock>(g, ph, Wp, b * g.C + grp * g.m + c, i,
+                              di_lo, di_hi, weights.data(), iv, tot,
+                              rows.data() + c * g.k,
+                              acc.data(), out);
+      for (; c + 4 <= g.m; c += 4)
+        weighted_sums<4>(g, ph, Wp, b * g.C + grp * g.m + c, i,
+                              di_lo, di_hi, weights.data(), iv, tot,
+                              rows.data() + c * g.k,
+                              acc.data(), out);
+      for (; c < g.m; ++c)
+        weighted_sums<1>(g, ph, Wp, b * g.C + grp * g.m + c, i,
+                         di_lo, di_hi, weights.data(), iv, tot,
+                         rows.data() + c * g.k,
+                         acc.data(), out);
     }
   });
 }
@@ -331,14 +436,14 @@ void tap_weights(const T* __restrict__ q, const T* __restrict__ krow,
 template <Similarity M, bool Unit, typename T>
 double tap_logit_grads(const T* __restrict__ q, const T* __restrict__ krow,
                        int64_t s, int64_t dx, const T* __restrict__ w,
-                       const double* __restrict__ dw,
+                       const T* __restrict__ dw,
                        const double* __restrict__ D, int64_t lo, int64_t hi,
                        double* __restrict__ gq, T* __restrict__ gkrow) {
   double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = lo; j < hi; ++j) {
     const int64_t x = (Unit ? j : j * s) + dx;
-    const double dl = double(w[j]) * (dw[j] - D[j]);
+    const double dl = double(w[j]) * (double(dw[j]) - D[j]);
     sum += dl;
     gq[j] += dl * double(phi_grad_query<M>(q[j], krow[x]));
     gkrow[x] += T(dl * double(phi_grad_key<M>(q[j], krow[x])));
@@ -353,9 +458,21 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
                      T* grad_key, T* grad_value, double* prior_partial) {
   const int64_t Wo = g.Wo, taps = g.taps, HW = g.H * g.W;
   const int64_t s = Unit ? 1 : g.s;
+  // a stride: the task's value and key planes, and its gradients' sums,
+  // regrouped a row at a time (Phases), so every offset's columns are at
+  // unit stride; the sums go back to the map at the end (each element the
+  // same terms in the same order)
+  const Phases ph(g, Wo);
+  const int64_t len = ph.size(), plen = Unit ? 0 : g.H * len;
   at::parallel_for(0, g.B * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> vph(static_cast<size_t>(g.m * plen));
+    std::vector<T> gvph(static_cast<size_t>(g.m * plen));
+    std::vector<T> kph(static_cast<size_t>(plen));
+    std::vector<T> gkph(static_cast<size_t>(plen));
     std::vector<T> weights(static_cast<size_t>(taps * Wo));
-    std::vector<double> dweights(static_cast<size_t>(taps * Wo));
+    // dw_d: a sum over the group's m channels, in the dtype (as the torch
+    // backend)
+    std::vector<T> dweights(static_cast<size_t>(taps * Wo));
     std::vector<double> d_total(static_cast<size_t>(Wo));
     std::vector<double> gq(static_cast<size_t>(Wo));
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -369,6 +486,22 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
       const T* __restrict__ pr = prior + grp * taps;
       double* __restrict__ pp = prior_partial + bg * taps;
       std::fill(pp, pp + taps, 0.0);
+      if (!Unit) {
+        for (int64_t y = 0; y < g.H; ++y) {
+          fill_phases(ph, kplane + y * g.W, g.W, kph.data() + y * len);
+          for (int64_t c = 0; c < g.m; ++c)
+            fill_phases(ph, value + (first + c) * HW + y * g.W, g.W,
+                        vph.data() + c * plen + y * len);
+        }
+        std::fill(gvph.begin(), gvph.end(), T(0));
+        std::fill(gkph.begin(), gkph.end(), T(0));
+      }
+      // input row y's offset dj: the pointer its output columns j index
+      // (plane: the map's, or with a stride the regrouped rows)
+      auto at = [&](auto* plane, auto* regrouped, int64_t y, int64_t dj) {
+        return Unit ? plane + y * g.W + (dj - g.r)
+                    : regrouped + y * len + ph.off[dj];
+      };
       for (int64_t i = 0; i < g.Ho; ++i) {
         const int64_t di_lo = g.row_lo(i), di_hi = g.row_hi(i);
         const int64_t row = (bg * g.Ho + i) * Wo;
@@ -376,28 +509,29 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
         const T* __restrict__ lr = lse + row;
         // the weights
         for (int64_t di = di_lo; di < di_hi; ++di) {
-          const T* krow = kplane + (i * s + di - g.r) * g.W;
+          const int64_t y = i * s + di - g.r;
           for (int64_t dj = 0; dj < g.k; ++dj) {
-            const int64_t t = di * g.k + dj, dx = dj - g.r;
+            const int64_t t = di * g.k + dj;
             const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
+            const T* kb = at(kplane, kph.data(), y, dj);
             T* w = weights.data() + t * Wo;
             switch (method) {
               case Similarity::kSquaredDifference:
-                tap_weights<Similarity::kSquaredDifference, Unit>(
-                    q, krow, s, dx, pr[t], lr, lo, hi, w);
+                tap_weights<Similarity::kSquaredDifference, true>(
+                    q, kb, 1, 0, pr[t], lr, lo, hi, w);
                 break;
               case Similarity::kDotProduct:
-                tap_weights<Similarity::kDotProduct, Unit>(q, krow, s, dx,
+                tap_weights<Similarity::kDotProduct, true>(q, kb, 1, 0,
                                                            pr[t], lr, lo, hi,
                                                            w);
                 break;
               case Similarity::kAbsoluteDifference:
-                tap_weights<Similarity::kAbsoluteDifference, Unit>(
-                    q, krow, s, dx, pr[t], lr, lo, hi, w);
+                tap_weights<Similarity::kAbsoluteDifference, true>(
+                    q, kb, 1, 0, pr[t], lr, lo, hi, w);
                 break;
             }
             std::fill(dweights.data() + t * Wo + lo,
-                      dweights.data() + t * Wo + hi, 0.0);
+                      dweights.data() + t * Wo + hi, T(0));
           }
         }
         // D = sum_c grad_out * out; dw_d and grad_value, a channel at a time
@@ -411,19 +545,20 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
           for (int64_t j = 0; j < Wo; ++j)
             D[j] += double(go[j]) * double(orow[j]);
           for (int64_t di = di_lo; di < di_hi; ++di) {
-            const int64_t in_row = (plane * g.H + i * s + di - g.r) * g.W;
-            const T* __restrict__ vrow = value + in_row;
-            T* __restrict__ gvrow = grad_value + in_row;
+            const int64_t y = i * s + di - g.r;
             for (int64_t dj = 0; dj < g.k; ++dj) {
-              const int64_t t = di * g.k + dj, dx = dj - g.r;
+              const int64_t t = di * g.k + dj;
               const T* __restrict__ w = weights.data() + t * Wo;
-              double* __restrict__ dw = dweights.data() + t * Wo;
+              T* __restrict__ dw = dweights.data() + t * Wo;
+              const T* __restrict__ vb =
+                  at(value + plane * HW, vph.data() + c * plen, y, dj);
+              T* __restrict__ gvb =
+                  at(grad_value + plane * HW, gvph.data() + c * plen, y, dj);
               const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
 #pragma omp simd
               for (int64_t j = lo; j < hi; ++j) {
-                const int64_t x = (Unit ? j : j * s) + dx;
-                dw[j] += double(go[j]) * double(vrow[x]);
-                gvrow[x] += w[j] * go[j];
+                dw[j] += go[j] * vb[j];
+                gvb[j] += w[j] * go[j];
               }
             }
           }
@@ -433,27 +568,27 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
         double* __restrict__ gqr = gq.data();
         std::fill(gqr, gqr + Wo, 0.0);
         for (int64_t di = di_lo; di < di_hi; ++di) {
-          const int64_t in_row = (i * s + di - g.r) * g.W;
-          const T* krow = kplane + in_row;
-          T* gkrow = gkplane + in_row;
+          const int64_t y = i * s + di - g.r;
           for (int64_t dj = 0; dj < g.k; ++dj) {
-            const int64_t t = di * g.k + dj, dx = dj - g.r;
+            const int64_t t = di * g.k + dj;
+            const T* kb = at(kplane, kph.data(), y, dj);
+            T* gkb = at(gkplane, gkph.data(), y, dj);
             const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
             const T* w = weights.data() + t * Wo;
-            const double* dw = dweights.data() + t * Wo;
+            const T* dw = dweights.data() + t * Wo;
             double sum = 0;
             switch (method) {
               case Similarity::kSquaredDifference:
-                sum = tap_logit_grads<Similarity::kSquaredDifference, Unit>(
-                    q, krow, s, dx, w, dw, D, lo, hi, gqr, gkrow);
+                sum = tap_logit_grads<Similarity::kSquaredDifference, true>(
+                    q, kb, 1, 0, w, dw, D, lo, hi, gqr, gkb);
                 break;
               case Similarity::kDotProduct:
-                sum = tap_logit_grads<Similarity::kDotProduct, Unit>(
-                    q, krow, s, dx, w, dw, D, lo, hi, gqr, gkrow);
+                sum = tap_logit_grads<Similarity::kDotProduct, true>(
+                    q, kb, 1, 0, w, dw, D, lo, hi, gqr, gkb);
                 break;
               case Similarity::kAbsoluteDifference:
-                sum = tap_logit_grads<Similarity::kAbsoluteDifference, Unit>(
-                    q, krow, s, dx, w, dw, D, lo, hi, gqr, gkrow);
+                sum = tap_logit_grads<Similarity::kAbsoluteDifference, true>(
+                    q, kb, 1, 0, w, dw, D, lo, hi, gqr, gkb);
                 break;
             }
             pp[t] += sum;
@@ -461,6 +596,19 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
         }
         T* __restrict__ gqrow = grad_query + row;
         for (int64_t j = 0; j < Wo; ++j) gqrow[j] = T(gqr[j]);
+      }
+      if (!Unit) {  // the regrouped sums back to the map
+        for (int64_t y = 0; y < g.H; ++y) {
+          for (int64_t c = 0; c <= g.m; ++c) {
+            const T* src = c < g.m ? gvph.data() + c * plen + y * len
+                                   : gkph.data() + y * len;
+            T* dst = (c < g.m ? grad_value + (first + c) * HW : gkplane) +
+                     y * g.W;
+            for (int64_t p = 0; p < ph.s; ++p)
+              for (int64_t u = 0; p + u * ph.s < g.W; ++u)
+                dst[p + u * ph.s] = src[p * ph.L + ph.P + u];
+          }
+        }
       }
     }
   });
