@@ -7,13 +7,12 @@ take about ten passes' time (1x256x128x128, one thread: 17 ms, against
 1.7 ms for the same max as a tree of elementwise ``Max`` over channel
 slices and 0.3 ms for the mean as a ``MatMul`` with a 1/c row; measured
 with ``benchmarks/bench_onnx.py``'s runtime, see
-``benchmarks/results/onnx_cpu_2core.md``). While a model is exported the
-tree and the product are what is traced; otherwise ``amax``/``mean``.
+``benchmarks/results/onnx_cpu_2core.md``). While a model is exported to
+ONNX (either exporter) the tree and the product are what is traced;
+otherwise ``amax``/``mean`` (FLOP counting and other traces included).
 """
 import torch
 from torch import Tensor
-
-from prm_det.ops.backends import exporting
 
 # the most slices one level of the max tree takes
 _TREE_WIDTH = 16
@@ -49,7 +48,7 @@ def channel_max_mean(x: Tensor, channels: int) -> Tensor:
     """[b, 2, h, w]: the max and the mean over the ``channels`` channels of
     ``x`` [b, channels, h, w] (CBAM's spatial pooling, in that order). The
     count comes as an int: a trace holds ``x``'s sizes as tensors."""
-    if exporting():
+    if torch.onnx.is_in_onnx_export():
         return torch.cat((_channel_max_tree(x, channels),
                           _channel_mean_product(x, channels)), 1)
     return torch.stack((x.amax(1), x.mean(1)), 1)
