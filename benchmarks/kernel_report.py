@@ -100,8 +100,10 @@ MAPS = {
     'gate_grad_kernel': ((('dgate_ptr', None), ('gate_ptr', 'HAS_AFFINE')),
                          (('ggate_ptr', None), )),
     # the local relation aggregation (local_relation_triton_kernels.py)
-    'lr_fwd_kernel': ((('q_ptr', None), ('k_ptr', None), ('v_ptr', None)),
-                      (('out_ptr', None), ('lse_ptr', None))),
+    'lr_fwd_kernel': ((('q_ptr', None), ('k_ptr', None), ('v_ptr', None),
+                       ('lse_ptr', 'RECOMPUTE'), ('go_ptr', 'RECOMPUTE')),
+                      (('out_ptr', None), ('lse_ptr', '!RECOMPUTE'),
+                       ('dsum_ptr', 'RECOMPUTE'))),
     'lr_bwd_query_kernel': ((('go_ptr', None), ('q_ptr', None),
                              ('k_ptr', None), ('v_ptr', None),
                              ('lse_ptr', None), ('dsum_ptr', None)),
@@ -321,9 +323,12 @@ def _bytes(launch):
     reads, writes = MAPS[launch.name]
     args = launch.args
 
+    def on(flag):  # a constexpr that turns the map on ('!': off)
+        return (flag is None or (not args[flag[1:]] if flag[0] == '!'
+                                 else args[flag]))
+
     def total(entries):
-        return sum(args[name].nbytes for name, flag in entries
-                   if flag is None or args[flag])
+        return sum(args[name].nbytes for name, flag in entries if on(flag))
     read = total(reads)
     splits = args.get('splits', 1)
     for name in COMBINED.get(launch.name, ()):

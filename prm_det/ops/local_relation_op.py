@@ -2,9 +2,11 @@
 op (the math: :mod:`.local_relation`).
 
 Forward returns the output and the log-sum-exp of each window; autograd
-saves the inputs, the output and that log-sum-exp (1/m of the value's
-size) and the backward op recomputes each offset's weight from them, so
-nothing of k * k times the map's size is made or kept on any backend:
+saves the inputs and that log-sum-exp (1/m of the value's size), and the
+backward op recomputes each offset's weight from them, and the output on
+the way (it returns it: :mod:`.local_relation_layer` gives it to the
+layer's final 1x1 conv, so that no one keeps the output for backward).
+Nothing of k * k times the map's size is made or kept on any backend:
 
 - ``cpu``: the C++ kernels (``csrc/local_relation_cpu.cpp``), float32 and
   float64 CPU maps;
@@ -85,10 +87,12 @@ def _(query, key, value, prior, kernel_size, stride, method, backend):
 
 
 def _backward_impl(grad_out: Tensor, query: Tensor, key: Tensor,
-                   value: Tensor, prior: Tensor, out: Tensor, lse: Tensor,
-                   kernel_size: int, stride: int, method: str,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (grad_out.contiguous(), query, key, value, prior, out, lse,
+                   value: Tensor, prior: Tensor, lse: Tensor,
+                   kernel_size: int, stride: int, method: str, backend: str
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad query, grad key, grad value, grad prior, the output
+    recomputed)."""
+    args = (grad_out.contiguous(), query, key, value, prior, lse,
             kernel_size, stride, method)
     if backend == TRITON:
         try:
@@ -103,22 +107,23 @@ _local_relation_backward = torch.library.custom_op(
 
 
 @_local_relation_backward.register_fake
-def _(grad_out, query, key, value, prior, out, lse, kernel_size, stride,
-      method, backend):
-    return tuple(torch.empty_like(t) for t in (query, key, value, prior))
+def _(grad_out, query, key, value, prior, lse, kernel_size, stride, method,
+      backend):
+    return (*(torch.empty_like(t) for t in (query, key, value, prior)),
+            torch.empty_like(grad_out, dtype=value.dtype))
 
 
 def _setup(ctx, inputs, output):
     query, key, value, prior, kernel_size, stride, method, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, prior, out, lse)
+    _out, lse = output
+    ctx.save_for_backward(query, key, value, prior, lse)
     ctx.settings = (kernel_size, stride, method, backend)
 
 
 def _backward(ctx, grad_out, _grad_lse, run_backward=_local_relation_backward):
-    query, key, value, prior, out, lse = ctx.saved_tensors
-    grads = run_backward(grad_out, query, key, value, prior, out, lse,
-                         *ctx.settings)
+    query, key, value, prior, lse = ctx.saved_tensors
+    *grads, _out = run_backward(grad_out, query, key, value, prior, lse,
+                                *ctx.settings)
     return (*grads, None, None, None, None)
 
 

@@ -84,8 +84,9 @@ def _reference(inputs, grad_out, k, s, method):
 
 def _run(backend, inputs, grad_out, k, s, method):
     out, lse = backend.forward(*inputs, k, s, method)
-    grads = backend.backward(grad_out, *inputs, out, lse, k, s, method)
-    return out, lse, grads
+    *grads, again = backend.backward(grad_out, *inputs, lse, k, s, method)
+    torch.testing.assert_close(again, out, equal_nan=True)  # recomputed
+    return out, lse, tuple(grads)
 
 
 def _check(case, dtype, tol, ref_tol):
@@ -139,16 +140,15 @@ def test_half_inputs_are_computed_in_float32(case, dtype):
     """float16/bfloat16 maps: out in their dtype, the log-sum-exp in
     float32, each gradient in its input's dtype; finite, as the torch
     backend's (the same float32 arithmetic: backward given the same saved
-    out and lse, since D = sum dout * out, rounded out, feeds gradients
-    that cancel) and close to float32's."""
+    lse) and close to float32's."""
     k, s, method = case[5:]
     inputs = _inputs(case, dtype)
     grad_out = _grad_out(case, dtype)
     out, lse = lr.forward(*inputs, k, s, method)
     t_out, t_lse = torch_backend.forward(*inputs, k, s, method)
-    grads = lr.backward(grad_out, *inputs, t_out, t_lse, k, s, method)
-    t_grads = torch_backend.backward(grad_out, *inputs, t_out, t_lse, k, s,
-                                     method)
+    grads = lr.backward(grad_out, *inputs, t_lse, k, s, method)[:4]
+    t_grads = torch_backend.backward(grad_out, *inputs, t_lse, k, s,
+                                     method)[:4]
     f_out, f_lse, f_grads = _run(torch_backend, [t.float() for t in inputs],
                                  grad_out.float(), k, s, method)
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -253,10 +253,11 @@ def test_nothing_of_k_squared_times_a_map_is_allocated(recorded, stride):
     case = (1, 16, 2, 64, 48, 7, stride, SQ)
     inputs = _inputs(case, torch.float32)
     out, lse = lr.forward(*inputs, 7, stride, SQ)
-    lr.backward(_grad_out(case, torch.float32), *inputs, out, lse, 7,
-                stride, SQ)
+    lr.backward(_grad_out(case, torch.float32), *inputs, lse, 7, stride, SQ)
     assert [name for name, _, _ in recorded] == [
-        'lr_fwd_kernel', 'lr_bwd_query_kernel', 'lr_bwd_kv_kernel']
+        'lr_fwd_kernel', 'lr_fwd_kernel', 'lr_bwd_query_kernel',
+        'lr_bwd_kv_kernel']  # forward; backward: the output recomputed...
+    assert not recorded[0][2]['RECOMPUTE'] and recorded[1][2]['RECOMPUTE']
     value = inputs[2]
     for name, grid, args in recorded:
         for arg, t in args.items():
@@ -264,10 +265,10 @@ def test_nothing_of_k_squared_times_a_map_is_allocated(recorded, stride):
                 assert t.numel() <= value.numel(), (name, arg)
     ho, wo = output_size(64, stride), output_size(48, stride)
     blocks = -(-ho * wo // lr.BLOCK_P)
-    assert recorded[0][1] == (blocks, 2, 1)
-    assert recorded[1][1] == (blocks, 2)
+    assert recorded[0][1] == recorded[1][1] == (blocks, 2, 1)
+    assert recorded[2][1] == (blocks, 2)
     rows, cols = -(-64 // stride), -(-48 // stride)
-    assert recorded[2][1] == (-(-rows * cols // lr.BLOCK_P), 2,
+    assert recorded[3][1] == (-(-rows * cols // lr.BLOCK_P), 2,
                               stride * stride)
 
 
@@ -292,7 +293,7 @@ def test_a_kernel_triton_cannot_fit_raises_kernels_broken(monkeypatch,
     assert 'OutOfResources' in triton_backend.broken_reason()
     out, lse = torch_backend.forward(*inputs, 3, 1, SQ)
     with pytest.raises(KernelsBroken):  # no second warning
-        lr.backward(torch.ones_like(out), *inputs, out, lse, 3, 1, SQ)
+        lr.backward(torch.ones_like(out), *inputs, lse, 3, 1, SQ)
 
 
 def test_a_launcher_bug_is_raised_not_hidden(monkeypatch, not_broken):

@@ -3,7 +3,7 @@
 :mod:`.cpu`): contiguous float32 / float64 CPU tensors, all of one dtype
 (the caller casts). The same contract as :mod:`.local_relation_torch`:
 forward returns the output and the log-sum-exp of each window, backward
-recomputes the weights from it; nothing of k * k times the map's size is
+recomputes the weights (and the output) from it; nothing of k * k times the map's size is
 made, and the results are the same bits every run."""
 from typing import Tuple
 
@@ -26,14 +26,11 @@ def forward(query: Tensor, key: Tensor, value: Tensor, prior: Tensor,
 
 
 def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
-             prior: Tensor, out: Tensor, lse: Tensor, kernel_size: int,
-             stride: int, method: str
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad query, grad key, grad value, grad prior), in the inputs'
-    dtype."""
-    grad_query, grad_key, grad_value, grad_prior = (
-        cpu._ops().local_relation_backward_cpu(
-            grad_out.contiguous(), query.contiguous(), key.contiguous(),
-            value.contiguous(), prior.contiguous(), out.contiguous(),
-            lse.contiguous(), kernel_size, stride, method))
-    return grad_query, grad_key, grad_value, grad_prior
+             prior: Tensor, lse: Tensor, kernel_size: int, stride: int,
+             method: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad query, grad key, grad value, grad prior, the output
+    recomputed), in the inputs' dtype."""
+    return tuple(cpu._ops().local_relation_backward_cpu(
+        grad_out.contiguous(), query.contiguous(), key.contiguous(),
+        value.contiguous(), prior.contiguous(), lse.contiguous(),
+        kernel_size, stride, method))

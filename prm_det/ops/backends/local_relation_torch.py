@@ -7,9 +7,11 @@ size); the second adds exp(logit - max) and exp(logit - max) * value into
 the output, then divides. For offset d only the output positions whose
 input position (i, j) * stride + d lies inside the map take part: a
 rectangle of strided views, no padding and no mask. Saved for backward:
-the inputs, the output and the log-sum-exp per (sample, group, position).
+the inputs and the log-sum-exp per (sample, group, position).
 
-Backward recomputes each offset's weight exp(logit - lse) and uses the
+Backward recomputes each offset's weight exp(logit - lse), and with them
+the output (returned: the local relation layer's final 1x1 conv needs it
+for its weight's gradient, so nothing keeps it from forward), and uses the
 identity sum_d w_d dw_d = sum_{c in g} grad_out_c * out_c (as flash
 attention does) for the softmax's gradient:
 
@@ -103,34 +105,42 @@ def forward(query: Tensor, key: Tensor, value: Tensor, prior: Tensor,
 
 
 def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
-             prior: Tensor, out: Tensor, lse: Tensor, kernel_size: int,
-             stride: int, method: str
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad query, grad key, grad value, grad prior), each in its input's
-    dtype."""
+             prior: Tensor, lse: Tensor, kernel_size: int, stride: int,
+             method: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad query, grad key, grad value, grad prior, out): the gradients
+    in their inputs' dtypes and the output recomputed, in the value's."""
     dtypes = [t.dtype for t in (query, key, value, prior)]
     query, key, value, prior = _prepare(query, key, value, prior)
-    grad_out, out = (t.to(value.dtype) for t in (grad_out, out))
+    grad_out = grad_out.to(value.dtype)
     b, channels, h, w = value.shape
     groups = key.shape[1]
     taps_count = kernel_size * kernel_size
     prior = prior.reshape(groups, taps_count, 1, 1)
     grad_o = _grouped(grad_out, groups)
     grouped_value = _grouped(value, groups)
+    window = list(taps(kernel_size, stride, h, w))
+
+    def weights():
+        for tap, (o_rows, o_cols), (i_rows, i_cols) in window:
+            q = query[:, :, o_rows, o_cols]
+            k = key[:, :, i_rows, i_cols]
+            weight = (similarity(q, k, method) + prior[:, tap] -
+                      lse[:, :, o_rows, o_cols]).exp_()
+            yield tap, (o_rows, o_cols), (i_rows, i_cols), q, k, weight
+
+    out = _grouped(value.new_zeros(b, channels, *query.shape[2:]), groups)
+    for _, (o_rows, o_cols), (i_rows, i_cols), _, _, weight in weights():
+        out[:, :, :, o_rows, o_cols] += (
+            weight[:, :, None] * grouped_value[:, :, :, i_rows, i_cols])
     # sum_d w_d * dw_d, per (sample, group, position)
-    d_total = (grad_o * _grouped(out, groups)).sum(2)
+    d_total = (grad_o * out).sum(2)
     grad_q = torch.zeros_like(query)
     grad_k = torch.zeros_like(key)
     grad_v = torch.zeros_like(value)
     grouped_grad_v = _grouped(grad_v, groups)
     grad_prior = torch.zeros(groups, taps_count, dtype=value.dtype,
                              device=value.device)
-    for tap, (o_rows, o_cols), (i_rows, i_cols) in taps(kernel_size, stride,
-                                                        h, w):
-        q = query[:, :, o_rows, o_cols]
-        k = key[:, :, i_rows, i_cols]
-        weight = (similarity(q, k, method) + prior[:, tap] -
-                  lse[:, :, o_rows, o_cols]).exp_()
+    for tap, (o_rows, o_cols), (i_rows, i_cols), q, k, weight in weights():
         g_out = grad_o[:, :, :, o_rows, o_cols]
         d_weight = (g_out * grouped_value[:, :, :, i_rows, i_cols]).sum(2)
         d_logit = weight * (d_weight - d_total[:, :, o_rows, o_cols])
@@ -140,5 +150,6 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
         grad_k[:, :, i_rows, i_cols] += d_logit * dk
         grad_prior[:, tap] = d_logit.sum((0, 2, 3))
     grad_prior = grad_prior.view(groups, kernel_size, kernel_size)
-    return tuple(g.to(dtype) for g, dtype in zip(
+    grads = tuple(g.to(dtype) for g, dtype in zip(
         (grad_q, grad_k, grad_v, grad_prior), dtypes))
+    return (*grads, out.view(b, channels, *query.shape[2:]).to(dtypes[2]))

@@ -7,13 +7,14 @@ semantics).
 Forward is one kernel: a program per (sample, group, block of output
 positions, block of the group's channels) takes two sweeps over the window's
 in-map offsets and writes the output and the log-sum-exp per (sample,
-group, position). Backward recomputes each offset's weight from it in two
-kernels, neither with atomics: an output-centric one (the query's gradient,
+group, position). Backward recomputes each offset's weight from it: the
+output and D first (the forward kernel given the log-sum-exp: one sweep),
+then two kernels, neither with atomics: an output-centric one (the query's gradient,
 and each program's partial sums of the prior's, added here in a fixed
 order) and an input-centric one (the key's and the value's gradients at
 each input position, from the output positions whose windows hold it).
 ``D`` = sum over the group's channels of grad_out * out, per output
-position, is made here with torch. Besides the outputs, nothing bigger than
+position, comes from the first kernel's channel blocks. Besides the outputs, nothing bigger than
 a map of one value per (sample, group, position) is allocated: never k * k
 times a map.
 
@@ -87,18 +88,18 @@ def forward(query: Tensor, key: Tensor, value: Tensor, prior: Tensor,
         tb._launch(_kernels().lr_fwd_kernel,
                    (_cdiv(ho * wo, BLOCK_P), b * groups, chunks), NUM_WARPS,
                    q_ptr=query, k_ptr=key, v_ptr=value, prior_ptr=prior,
-                   out_ptr=out, lse_ptr=lse, **sizes, **consts)
+                   out_ptr=out, lse_ptr=lse, go_ptr=out, dsum_ptr=lse,
+                   **sizes, **consts, RECOMPUTE=False)
         return out, lse
 
     return tb.run_guarded(value, launch)
 
 
 def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
-             prior: Tensor, out: Tensor, lse: Tensor, kernel_size: int,
-             stride: int, method: str
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad query, grad key, grad value, grad prior), each in its input's
-    dtype."""
+             prior: Tensor, lse: Tensor, kernel_size: int, stride: int,
+             method: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad query, grad key, grad value, grad prior, the output
+    recomputed), each in its input's dtype (the output in the value's)."""
     (query, key, value, prior), sizes, consts, chunks = _common(
         query, key, value, prior, kernel_size, stride, method)
     acc = tb._acc(value)
@@ -106,9 +107,7 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
     groups, m, ho, wo = sizes['G'], sizes['m'], sizes['Ho'], sizes['Wo']
     grad_out = grad_out.contiguous()
     lse = lse.contiguous()
-    # sum_d w_d dw_d = sum over the group's channels of dout * out
-    d_total = (grad_out.to(acc) * out.to(acc)).view(
-        b, groups, m, ho, wo).sum(2)
+    out = value.new_empty(b, channels, ho, wo)
     grad_q = torch.empty_like(query)
     grad_k = torch.empty_like(key)
     grad_v = torch.empty_like(value)
@@ -119,13 +118,24 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
     if value.numel() == 0:
         grad_prior = torch.zeros(groups, kernel_size, kernel_size,
                                  dtype=prior.dtype, device=prior.device)
-        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_prior
+        return (grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_prior,
+                out)
     rows, cols = _cdiv(h, stride), _cdiv(w, stride)  # a residue class's
-    maps = dict(go_ptr=grad_out, q_ptr=query, k_ptr=key, v_ptr=value,
-                prior_ptr=prior, lse_ptr=lse, dsum_ptr=d_total)
 
     def launch():
         kernels = _kernels()
+        # D = sum_d w_d dw_d = sum over the group's channels of dout * out,
+        # a part per channel block, added in order
+        d_parts = torch.empty(chunks, b * groups, ho * wo, dtype=acc,
+                              device=value.device)
+        tb._launch(kernels.lr_fwd_kernel, (blocks, b * groups, chunks),
+                   NUM_WARPS, q_ptr=query, k_ptr=key, v_ptr=value,
+                   prior_ptr=prior, out_ptr=out, lse_ptr=lse,
+                   go_ptr=grad_out, dsum_ptr=d_parts, **sizes, **consts,
+                   RECOMPUTE=True)
+        d_total = d_parts[0] if chunks == 1 else d_parts.sum(0)
+        maps = dict(go_ptr=grad_out, q_ptr=query, k_ptr=key, v_ptr=value,
+                    prior_ptr=prior, lse_ptr=lse, dsum_ptr=d_total)
         tb._launch(kernels.lr_bwd_query_kernel, (blocks, b * groups),
                    NUM_WARPS, **maps, gq_ptr=grad_q, part_ptr=partial,
                    **sizes, ONE_CHUNK=chunks == 1, **consts)
@@ -138,4 +148,4 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
     tb.run_guarded(value, launch)
     # the programs' partials, added in a fixed order
     grad_prior = partial.sum((0, 2)).view(groups, kernel_size, kernel_size)
-    return grad_q, grad_k, grad_v, grad_prior.to(prior.dtype)
+    return grad_q, grad_k, grad_v, grad_prior.to(prior.dtype), out

@@ -6,7 +6,10 @@
                         over the k x k window's in-map offsets, the first
                         for the largest logit, the second adding
                         exp(logit - max) and exp(logit - max) * value; the
-                        output and (channel block 0) the log-sum-exp
+                        output and (channel block 0) the log-sum-exp;
+                        with RECOMPUTE (backward), the log-sum-exp given:
+                        one sweep of exp(logit - lse) * value, the output
+                        and the block's sum of dout * out per position
     lr_bwd_query_kernel output-centric, a (sample, group) and BLOCK_P output
                         positions: each in-map offset's weight recomputed
                         from the log-sum-exp, dlogit = w (sum_c dout_c
@@ -79,10 +82,11 @@ _SIZES = ('G', 'm', 'H', 'W', 'Ho', 'Wo')
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def lr_fwd_kernel(q_ptr, k_ptr, v_ptr, prior_ptr, out_ptr, lse_ptr, G, m, H,
-                  W, Ho, Wo, K: tl.constexpr, STRIDE: tl.constexpr,
+def lr_fwd_kernel(q_ptr, k_ptr, v_ptr, prior_ptr, out_ptr, lse_ptr, go_ptr,
+                  dsum_ptr, G, m, H, W, Ho, Wo, K: tl.constexpr, STRIDE: tl.constexpr,
                   METHOD: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+                  BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+                  RECOMPUTE: tl.constexpr):
     block = tl.program_id(0)
     pair = tl.program_id(1)  # sample * G + group
     chunk = tl.program_id(2)  # the group's channels [chunk * BLOCK_M, ...)
@@ -100,20 +104,26 @@ def lr_fwd_kernel(q_ptr, k_ptr, v_ptr, prior_ptr, out_ptr, lse_ptr, G, m, H,
     x0 = ii0 * W + jj0
     k_row = k_ptr + pair64 * HW
     prior_row = prior_ptr + g * (K * K)
-    # sweep 1: each position's largest logit (NaN kept, as torch.maximum)
-    peak = tl.full([BLOCK_P], float('-inf'), ACC)
-    for di in range(K):
-        ii = ii0 + di
-        row_in = mask & (ii >= 0) & (ii < H)
-        x_r = x0 + di * W
-        p_r = prior_row + di * K
-        for dj in range(K):
-            jj = jj0 + dj
-            inside = row_in & (jj >= 0) & (jj < W)
-            kv = tl.load(k_row + (x_r + dj), mask=inside, other=0.0).to(ACC)
-            logit = _similarity(q, kv, METHOD) + tl.load(p_r + dj).to(ACC)
-            peak = tl.maximum(peak, tl.where(inside, logit, float('-inf')),
-                              propagate_nan=tl.PropagateNan.ALL)
+    if RECOMPUTE:  # the weights' sum is 1 from exp(logit - lse)
+        peak = tl.load(lse_ptr + pair64 * P + offs, mask=mask,
+                       other=0.0).to(ACC)
+    else:  # sweep 1: each position's largest logit (NaN kept)
+        peak = tl.full([BLOCK_P], float('-inf'), ACC)
+        for di in range(K):
+            ii = ii0 + di
+            row_in = mask & (ii >= 0) & (ii < H)
+            x_r = x0 + di * W
+            p_r = prior_row + di * K
+            for dj in range(K):
+                jj = jj0 + dj
+                inside = row_in & (jj >= 0) & (jj < W)
+                kv = tl.load(k_row + (x_r + dj), mask=inside,
+                             other=0.0).to(ACC)
+                logit = (_similarity(q, kv, METHOD) +
+                         tl.load(p_r + dj).to(ACC))
+                peak = tl.maximum(peak,
+                                  tl.where(inside, logit, float('-inf')),
+                                  propagate_nan=tl.PropagateNan.ALL)
     # sweep 2: the weights' sum and the weighted values
     chans = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = (pair64 * m + chans)[:, None]
@@ -137,10 +147,18 @@ def lr_fwd_kernel(q_ptr, k_ptr, v_ptr, prior_ptr, out_ptr, lse_ptr, G, m, H,
             v = tl.load(v_rows + x[None, :], mask=cmask & inside[None, :],
                         other=0.0).to(ACC)
             acc += w[None, :] * v
-    out = acc / total[None, :]
+    if RECOMPUTE:
+        out = acc
+        # D's part from the block's channels: dsum[chunk, pair, position]
+        go = tl.load(go_ptr + rows * P + offs[None, :],
+                     mask=cmask & mask[None, :], other=0.0).to(ACC)
+        tl.store(dsum_ptr + (chunk * tl.num_programs(1) + pair64) * P + offs,
+                 tl.sum(go * out, 0), mask=mask)
+    else:
+        out = acc / total[None, :]
     tl.store(out_ptr + rows * P + offs[None, :],
              out.to(out_ptr.dtype.element_ty), mask=cmask & mask[None, :])
-    if chunk == 0:
+    if chunk == 0 and not RECOMPUTE:
         tl.store(lse_ptr + pair64 * P + offs,
                  (peak + tl.log(total)).to(lse_ptr.dtype.element_ty),
                  mask=mask)

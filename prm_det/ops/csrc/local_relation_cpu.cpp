@@ -30,10 +30,11 @@
 //     per position, which backward recomputes the weights from.
 //   local_relation_backward_cpu: tasks are (sample, group) planes, so a
 //     task owns its planes of every gradient but the prior's (no atomics).
-//     Per output row: the weights w_d = exp(logit_d - lse); D = sum over
-//     the group's channels of grad_out * out; per channel,
+//     Per output row: the weights w_d = exp(logit_d - lse); per channel,
+//     out += w_d * value(d) (the output recomputed, and returned),
 //     dw_d += grad_out * value(d) and grad_value(d) += w_d * grad_out
-//     (scattered into the task's planes); then dlogit_d = w_d (dw_d - D)
+//     (scattered into the task's planes); D = sum over the group's
+//     channels of grad_out * out; then dlogit_d = w_d (dw_d - D)
 //     feeds grad_query (a row at a time), grad_key(d) (scattered) and the
 //     task's partial sums of the prior's gradient, which are added over
 //     the samples in a fixed order after. With a stride, the task's value
@@ -454,7 +455,7 @@ double tap_logit_grads(const T* __restrict__ q, const T* __restrict__ krow,
 template <bool Unit, typename T>
 void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
                      const T* query, const T* key, const T* value,
-                     const T* prior, const T* out, const T* lse, T* grad_query,
+                     const T* prior, const T* lse, T* out, T* grad_query,
                      T* grad_key, T* grad_value, double* prior_partial) {
   const int64_t Wo = g.Wo, taps = g.taps, HW = g.H * g.W;
   const int64_t s = Unit ? 1 : g.s;
@@ -475,6 +476,7 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
     std::vector<T> dweights(static_cast<size_t>(taps * Wo));
     std::vector<double> d_total(static_cast<size_t>(Wo));
     std::vector<double> gq(static_cast<size_t>(Wo));
+    std::vector<T> orow_acc(static_cast<size_t>(Wo));
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / g.G, grp = bg % g.G;
       const int64_t first = b * g.C + grp * g.m;  // the group's first plane
@@ -534,16 +536,15 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
                       dweights.data() + t * Wo + hi, T(0));
           }
         }
-        // D = sum_c grad_out * out; dw_d and grad_value, a channel at a time
+        // the output, dw_d and grad_value, a channel at a time; D = sum_c
+        // grad_out * out
         double* __restrict__ D = d_total.data();
         std::fill(D, D + Wo, 0.0);
         for (int64_t c = 0; c < g.m; ++c) {
           const int64_t plane = first + c;
           const T* __restrict__ go = grad_out + (plane * g.Ho + i) * Wo;
-          const T* __restrict__ orow = out + (plane * g.Ho + i) * Wo;
-#pragma omp simd
-          for (int64_t j = 0; j < Wo; ++j)
-            D[j] += double(go[j]) * double(orow[j]);
+          T* __restrict__ oa = orow_acc.data();
+          std::fill(oa, oa + Wo, T(0));
           for (int64_t di = di_lo; di < di_hi; ++di) {
             const int64_t y = i * s + di - g.r;
             for (int64_t dj = 0; dj < g.k; ++dj) {
@@ -557,10 +558,17 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
               const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
 #pragma omp simd
               for (int64_t j = lo; j < hi; ++j) {
+                oa[j] += w[j] * vb[j];
                 dw[j] += go[j] * vb[j];
                 gvb[j] += w[j] * go[j];
               }
             }
+          }
+          T* __restrict__ orow = out + (plane * g.Ho + i) * Wo;
+#pragma omp simd
+          for (int64_t j = 0; j < Wo; ++j) {
+            orow[j] = oa[j];
+            D[j] += double(go[j]) * double(oa[j]);
           }
         }
         // dlogit_d = w_d (dw_d - D): the query's, the key's and the
@@ -676,27 +684,27 @@ std::tuple<at::Tensor, at::Tensor> local_relation_forward_cpu(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 local_relation_backward_cpu(const at::Tensor& grad_out,
                             const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const at::Tensor& prior,
-                            const at::Tensor& out, const at::Tensor& lse,
+                            const at::Tensor& lse,
                             int64_t kernel_size, int64_t stride,
                             c10::string_view method) {
   const Similarity sim = parse_similarity(method);
   const Geometry g =
       check_inputs(query, key, value, prior, kernel_size, stride);
   check_map(grad_out, value, {g.B, g.C, g.Ho, g.Wo}, "grad_out");
-  check_map(out, value, {g.B, g.C, g.Ho, g.Wo}, "out");
   check_map(lse, value, {g.B, g.G, g.Ho, g.Wo}, "lse");
   at::Tensor grad_query = at::zeros_like(query);
   at::Tensor grad_key = at::empty_like(key);
   at::Tensor grad_value = at::empty_like(value);
   at::Tensor grad_prior = at::zeros_like(prior);
+  at::Tensor out = at::empty({g.B, g.C, g.Ho, g.Wo}, value.options());
   if (lse.numel() == 0) {
     grad_key.zero_();
     grad_value.zero_();
-    return {grad_query, grad_key, grad_value, grad_prior};
+    return {grad_query, grad_key, grad_value, grad_prior, out};
   }
   // per (sample, group), its sums of the prior's gradient
   std::vector<double> partial(static_cast<size_t>(g.B * g.G * g.taps));
@@ -706,7 +714,7 @@ local_relation_backward_cpu(const at::Tensor& grad_out,
     auto run = g.s == 1 ? backward_kernel<true, T> : backward_kernel<false, T>;
     run(g, sim, grad_out.data_ptr<T>(), query.data_ptr<T>(),
         key.data_ptr<T>(), value.data_ptr<T>(), prior.data_ptr<T>(),
-        out.data_ptr<T>(), lse.data_ptr<T>(), grad_query.data_ptr<T>(),
+        lse.data_ptr<T>(), out.data_ptr<T>(), grad_query.data_ptr<T>(),
         grad_key.data_ptr<T>(), grad_value.data_ptr<T>(), partial.data());
     // the samples' sums added in order: the same bits every run
     T* gp = grad_prior.data_ptr<T>();
@@ -716,7 +724,7 @@ local_relation_backward_cpu(const at::Tensor& grad_out,
       gp[gt] = T(sum);
     }
   });
-  return {grad_query, grad_key, grad_value, grad_prior};
+  return {grad_query, grad_key, grad_value, grad_prior, out};
 }
 
 }  // namespace
@@ -728,9 +736,9 @@ TORCH_LIBRARY_FRAGMENT(prm_det, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "local_relation_backward_cpu(Tensor grad_out, Tensor query, "
-      "Tensor key, Tensor value, Tensor prior, Tensor out, Tensor lse, "
+      "Tensor key, Tensor value, Tensor prior, Tensor lse, "
       "int kernel_size, int stride, str method) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(prm_det, CPU, m) {
