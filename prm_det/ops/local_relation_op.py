@@ -149,6 +149,28 @@ class _RelationFunction(torch.autograd.Function):
         return _backward(ctx, grad_out, grad_lse, _backward_impl)
 
 
+def prepared(query: Tensor, key: Tensor, value: Tensor, prior: Tensor,
+             kernel_size: int, stride: int, method: str, backend: str
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op's inputs checked and as the backends take them: query, key
+    and prior in the value's dtype (autocast can leave them apart),
+    contiguous for the C++ kernels."""
+    check_inputs(query, key, value, prior, kernel_size, stride, method)
+    query, key, prior = (t if t.dtype == value.dtype else t.to(value.dtype)
+                         for t in (query, key, prior))
+    if backend == CPU:
+        query, key, value, prior = (t.contiguous()
+                                    for t in (query, key, value, prior))
+    return query, key, value, prior
+
+
+def without_autocast(device_type: str):
+    """The kernels compute in float32 at least whatever autocast says."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def local_relation(query: Tensor, key: Tensor, value: Tensor, prior: Tensor,
                    kernel_size: int, stride: int = 1,
                    method: str = 'squared_difference') -> Tensor:
@@ -161,20 +183,11 @@ def local_relation(query: Tensor, key: Tensor, value: Tensor, prior: Tensor,
     if backend is None:
         return local_relation_reference(query, key, value, prior,
                                         kernel_size, stride, method)
-    check_inputs(query, key, value, prior, kernel_size, stride, method)
-    query, key, prior = (t if t.dtype == value.dtype else t.to(value.dtype)
-                         for t in (query, key, prior))
-    if backend == CPU:
-        query, key, value, prior = (t.contiguous()
-                                    for t in (query, key, value, prior))
-    args = (query, key, value, prior, kernel_size, stride, method, backend)
-    # the kernels compute in float32 at least whatever autocast says
-    no_autocast = (torch.autocast(value.device.type, enabled=False)
-                   if torch.is_autocast_enabled(value.device.type) else
-                   contextlib.nullcontext())
-    with no_autocast:
+    args = (*prepared(query, key, value, prior, kernel_size, stride, method,
+                      backend), kernel_size, stride, method, backend)
+    with without_autocast(value.device.type):
         if torch.compiler.is_compiling():
             return _local_relation(*args)[0]
-        if _needs_grad(query, key, value, prior):
+        if _needs_grad(*args[:4]):
             return _RelationFunction.apply(*args)[0]
         return _forward_impl(*args)[0]

@@ -182,8 +182,8 @@ def relation_counted():
     :func:`counted_local_relation` instead of the fused op."""
     from unittest import mock
 
-    from prm_det.models.layers import local_relation as layer_module
-    with mock.patch.object(layer_module, 'local_relation',
+    from prm_det.ops import local_relation_layer as layer_function
+    with mock.patch.object(layer_function, 'local_relation',
                            counted_local_relation):
         yield
 

@@ -12,7 +12,9 @@ window, the aggregation of the input itself (the value) and a final 1x1
 convolution. The query is taken at the output's positions (stride s: input
 positions (i s, j s)). The aggregation is the op ``prm_det::local_relation``
 (:mod:`prm_det.ops.local_relation`), which never materializes the k * k
-windows.
+windows; the layer runs as :func:`~prm_det.ops.local_relation_layer.
+local_relation_layer`, whose backward keeps only the input and 1/m of a map
+(it recomputes the query, the key and the aggregated map).
 
 Details the paper leaves open, chosen here (docs/lr_net_facts.md lists the
 sources): the key and query convolutions have no bias; the prior network is
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prm_det.ops.local_relation import SIMILARITIES
-from prm_det.ops.local_relation_op import local_relation
+from prm_det.ops.local_relation_layer import local_relation_layer
 
 from ..registry import register_model
 
@@ -100,11 +102,10 @@ class LocalRelation2d(nn.Module):
         return self.prior_fc2(hidden)[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        s = self.stride
-        query = self.query(x if s == 1 else x[:, :, ::s, ::s])
-        aggregated = local_relation(query, self.key(x), x, self.prior(),
-                                    self.kernel_size, s, self.similarity)
-        return self.out(aggregated)
+        return local_relation_layer(
+            x, self.query.weight, self.key.weight, self.prior(),
+            self.out.weight, self.out.bias, self.kernel_size, self.stride,
+            self.similarity)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_size='

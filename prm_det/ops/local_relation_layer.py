@@ -1,0 +1,129 @@
+"""The local relation layer's computation (LR-Net) as one autograd node,
+on tensors: the 1x1 query and key embeddings, the aggregation
+``prm_det::local_relation`` (:mod:`.local_relation_op`) and the final 1x1
+conv.
+
+Written as modules one after another, autograd would keep for backward the
+input (the embeddings' and the value), the query and the key, the
+aggregated map (the final conv's input: as big as the input) and the
+op's log-sum-exp: 2.4 maps where the 3x3 conv the layer replaces keeps
+one. Here backward keeps the input, the weights and the log-sum-exp (1/m of
+the map) and recomputes the rest: the query and the key (1x1 convs to one
+channel per group, 1/m of the map each, a few percent of the layer's
+work), and the aggregated map, which the op's backward makes anyway on its
+way (it recomputes each window's weights) and returns for the final conv's
+weight gradient. So the layer keeps 1 + 1/m maps (1.125 at m = 8) for
+backward, and costs no second forward of the aggregation.
+
+Autocast: each conv computes in the dtype it did in forward (recorded),
+the aggregation in the value's dtype (at least float32), as the modules
+would. The readable route (the 'reference' backend, exporting, tracing)
+and a forward without gradients run the modules' sequence as is.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from .functions import _needs_grad
+from .local_relation_op import (_local_relation, _local_relation_backward,
+                                local_relation, prepared, relation_backend,
+                                without_autocast)
+
+
+def _strided(x: Tensor, stride: int) -> Tensor:
+    """The input at the output's positions (the query's input)."""
+    return x if stride == 1 else x[:, :, ::stride, ::stride]
+
+
+def _conv1x1_grads(inp: Tensor, weight: Tensor, grad: Tensor,
+                   dtype: torch.dtype):
+    """(input, weight) gradients of ``F.conv2d(inp, weight)`` computed in
+    ``dtype`` (forward's), each in its tensor's dtype."""
+    grad, w = grad.to(dtype), weight.to(dtype)
+    grad_input = conv2d_input(inp.shape, w, grad)
+    grad_weight = conv2d_weight(inp.to(dtype), weight.shape, grad)
+    return grad_input.to(inp.dtype), grad_weight.to(weight.dtype)
+
+
+class _LayerFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, query_weight, key_weight, prior, out_weight, out_bias,
+                kernel_size, stride, method, backend):
+        query = F.conv2d(_strided(x, stride), query_weight)
+        key = F.conv2d(x, key_weight)
+        args = prepared(query, key, x, prior, kernel_size, stride, method,
+                        backend)
+        with without_autocast(x.device.type):
+            aggregated, lse = _local_relation(*args, kernel_size, stride,
+                                              method, backend)
+        out = F.conv2d(aggregated, out_weight, out_bias)
+        ctx.save_for_backward(x, query_weight, key_weight, prior,
+                              out_weight, lse)
+        ctx.settings = (kernel_size, stride, method, backend)
+        # the dtypes the convs computed in (autocast's choice)
+        ctx.dtypes = (query.dtype, key.dtype, out.dtype)
+        ctx.bias_dtype = None if out_bias is None else out_bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, query_weight, key_weight, prior, out_weight, lse = \
+            ctx.saved_tensors
+        kernel_size, stride, method, backend = ctx.settings
+        query_dtype, key_dtype, out_dtype = ctx.dtypes
+        x_query = _strided(x, stride)
+        with without_autocast(x.device.type):
+            query = F.conv2d(x_query.to(query_dtype),
+                             query_weight.to(query_dtype))
+            key = F.conv2d(x.to(key_dtype), key_weight.to(key_dtype))
+            # the final conv's input gradient needs its weight only
+            grad_out = grad_out.to(out_dtype)
+            b, _, ho, wo = grad_out.shape
+            grad_aggregated = conv2d_input(
+                (b, x.shape[1], ho, wo), out_weight.to(out_dtype), grad_out)
+            args = prepared(query, key, x, prior, kernel_size, stride,
+                            method, backend)
+            grad_query, grad_key, grad_x, grad_prior, aggregated = \
+                _local_relation_backward(grad_aggregated.to(x.dtype), *args,
+                                         lse, kernel_size, stride, method,
+                                         backend)
+            grad_out_weight = conv2d_weight(aggregated.to(out_dtype),
+                                            out_weight.shape, grad_out)
+            grad_bias = (None if ctx.bias_dtype is None else
+                         grad_out.sum((0, 2, 3)).to(ctx.bias_dtype))
+            grad_x_query, grad_query_weight = _conv1x1_grads(
+                x_query, query_weight, grad_query, query_dtype)
+            grad_x_key, grad_key_weight = _conv1x1_grads(
+                x, key_weight, grad_key, key_dtype)
+        grad_x = grad_x + grad_x_key
+        _strided(grad_x, stride).add_(grad_x_query)
+        return (grad_x, grad_query_weight, grad_key_weight,
+                grad_prior.to(prior.dtype),
+                grad_out_weight.to(out_weight.dtype), grad_bias,
+                None, None, None, None)
+
+
+def local_relation_layer(x: Tensor, query_weight: Tensor, key_weight: Tensor,
+                         prior: Tensor, out_weight: Tensor,
+                         out_bias: Optional[Tensor], kernel_size: int,
+                         stride: int = 1,
+                         method: str = 'squared_difference') -> Tensor:
+    """A local relation layer on ``x`` [b, C, H, W]: ``query_weight`` and
+    ``key_weight`` [G, C, 1, 1], ``prior`` [G, k, k] (the geometric prior's
+    logits), ``out_weight`` [C_out, C, 1, 1] and ``out_bias`` (or None);
+    returns [b, C_out, Ho, Wo]. Backward keeps x, the weights and the
+    log-sum-exp only (module docstring)."""
+    backend = relation_backend(x)
+    if (backend is None or torch.jit.is_tracing() or not _needs_grad(
+            x, query_weight, key_weight, prior, out_weight, out_bias)):
+        query = F.conv2d(_strided(x, stride), query_weight)
+        aggregated = local_relation(query, F.conv2d(x, key_weight), x,
+                                    prior, kernel_size, stride, method)
+        return F.conv2d(aggregated, out_weight, out_bias)
+    return _LayerFunction.apply(x, query_weight, key_weight, prior,
+                                out_weight, out_bias, kernel_size, stride,
+                                method, backend)
