@@ -30,24 +30,26 @@
 //     per position, which backward recomputes the weights from.
 //   local_relation_backward_cpu: tasks are (sample, group) planes, so a
 //     task owns its planes of every gradient but the prior's (no atomics).
-//     Per output row: the weights w_d = exp(logit_d - lse); per channel,
-//     out += w_d * value(d) (the output recomputed, and returned),
-//     dw_d += grad_out * value(d) and grad_value(d) += w_d * grad_out
-//     (scattered into the task's planes); D = sum over the group's
-//     channels of grad_out * out; then dlogit_d = w_d (dw_d - D)
-//     feeds grad_query (a row at a time), grad_key(d) (scattered) and the
-//     task's partial sums of the prior's gradient, which are added over
-//     the samples in a fixed order after. With a stride, the task's value
-//     and key planes are regrouped (Phases) once, and the value's and the
-//     key's gradients summed in that layout, then written back.
+//     The task's value and key planes are regrouped (Phases) once, and
+//     the value's and the key's gradients summed in that layout, then
+//     written back. Per output row: the weights w_d = exp(logit_d - lse);
+//     then per vector block of columns and block of channels, over the
+//     window: out += w_d * value(d) (the output recomputed, and returned;
+//     its sums in registers), dw_d += grad_out * value(d) (in registers
+//     over the channels) and grad_value(d) += w_d * grad_out (scattered
+//     into the task's planes); D = sum over the group's channels of
+//     grad_out * out; then dlogit_d = w_d (dw_d - D) feeds grad_query (a
+//     row at a time), grad_key(d) (scattered) and the task's partial sums
+//     of the prior's gradient, which are added over the samples in a fixed
+//     order after.
 //
 // Contiguous float32 / float64 CPU tensors, all of one dtype; logits and
 // weights in that dtype (float exp: vec_math.h's polynomial), and so are
 // the sums with few terms, as on the torch backend: the softmax's and the
-// output's weighted values (at most k * k terms), dw (m terms), the key's
-// and the value's gradients (at most k * k terms each); D, the query's
-// gradient and the prior's sum in double. The same bits every run, at any
-// thread count.
+// output's weighted values (at most k * k terms), dw and D (m terms), the
+// query's, the key's and the value's gradients (at most k * k terms
+// each); the prior's sums (over every position) in double. The same bits
+// every run, at any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -420,89 +422,132 @@ void forward_kernel(const Geometry& g, Similarity method, const T* query,
 
 // --------------------------------------------------------------- backward
 
-// One offset's weights exp(logit - lse) along a row.
-template <Similarity M, bool Unit, typename T>
-void tap_weights(const T* __restrict__ q, const T* __restrict__ krow,
-                 int64_t s, int64_t dx, T p, const T* __restrict__ lse,
-                 int64_t lo, int64_t hi, T* __restrict__ w) {
+// One offset's weights exp(logit - lse) along its in-map columns (krow:
+// the offset's key columns at unit stride, Phases).
+template <Similarity M, typename T>
+void tap_weights(const T* __restrict__ q, const T* __restrict__ krow, T p,
+                 const T* __restrict__ lse, int64_t lo, int64_t hi,
+                 T* __restrict__ w) {
 #pragma omp simd
   for (int64_t j = lo; j < hi; ++j) {
-    const T l = phi<M>(q[j], krow[(Unit ? j : j * s) + dx]) + p;
+    const T l = phi<M>(q[j], krow[j]) + p;
     w[j] = weight_exp(T(l - lse[j]));
   }
 }
 
-// One offset's logit gradients along a row: into the query's row (double),
-// the key's plane (scattered) and the offset's prior sum (returned).
-template <Similarity M, bool Unit, typename T>
-double tap_logit_grads(const T* __restrict__ q, const T* __restrict__ krow,
-                       int64_t s, int64_t dx, const T* __restrict__ w,
-                       const T* __restrict__ dw,
-                       const double* __restrict__ D, int64_t lo, int64_t hi,
-                       double* __restrict__ gq, T* __restrict__ gkrow) {
-  double sum = 0;
+// One offset's logit gradients dlogit = w (dw - D) along its in-map
+// columns: into the query's row, the key's regrouped row (scattered) and
+// the offset's prior sum (returned); in the dtype (each element at most
+// k * k terms).
+template <Similarity M, typename T>
+T tap_logit_grads(const T* __restrict__ q, const T* __restrict__ krow,
+                  const T* __restrict__ w, const T* __restrict__ dw,
+                  const T* __restrict__ D, int64_t lo, int64_t hi,
+                  T* __restrict__ gq, T* __restrict__ gkrow) {
+  T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = lo; j < hi; ++j) {
-    const int64_t x = (Unit ? j : j * s) + dx;
-    const double dl = double(w[j]) * (double(dw[j]) - D[j]);
+    const T dl = w[j] * (dw[j] - D[j]);
     sum += dl;
-    gq[j] += dl * double(phi_grad_query<M>(q[j], krow[x]));
-    gkrow[x] += T(dl * double(phi_grad_key<M>(q[j], krow[x])));
+    gq[j] += dl * phi_grad_query<M>(q[j], krow[j]);
+    gkrow[j] += dl * phi_grad_key<M>(q[j], krow[j]);
   }
   return sum;
 }
 
-template <bool Unit, typename T>
+// An output row's NC channels from the group's channel `c0` on, a vector
+// block of columns at a time over the whole padded row: the output
+// (sum_d w_d value(d), its sums in registers over the window), dw_d (sum
+// over the channels of grad_out * value(d), in registers over the
+// channels; the first channel block writes it, the others add) and
+// grad_value(d) += w_d grad_out (scattered into the regrouped planes).
+// Out-of-map offsets have weight 0 and read the rows' zero padding.
+template <int NC, typename T>
+void channel_block(const Geometry& g, const Phases& ph, int64_t Wp,
+                   int64_t i, int64_t c0, int64_t plen,
+                   const T* __restrict__ weights, const T* __restrict__ go,
+                   const T* __restrict__ vph, T* __restrict__ gvph,
+                   T* __restrict__ dweights, T* __restrict__ acc) {
+  using vec = typename VecOf<T>::type;
+  constexpr int64_t V = VecOf<T>::kLanes;
+  const int64_t di_lo = g.row_lo(i), di_hi = g.row_hi(i);
+  const int64_t len = ph.size();
+  for (int64_t jb = 0; jb < Wp; jb += V) {
+    vec gout[NC], sum[NC];
+    for (int c = 0; c < NC; ++c) {
+      gout[c] = *reinterpret_cast<const vec*>(go + (c0 + c) * Wp + jb);
+      sum[c] = vec{};
+    }
+    for (int64_t di = di_lo; di < di_hi; ++di) {
+      const int64_t row = (i * g.s + di - g.r) * len;
+      for (int64_t dj = 0; dj < g.k; ++dj) {
+        const int64_t t = di * g.k + dj;
+        const int64_t at = row + ph.off[dj] + jb;
+        const vec w = *reinterpret_cast<const vec*>(weights + t * Wp + jb);
+        vec* dwp = reinterpret_cast<vec*>(dweights + t * Wp + jb);
+        vec dw = c0 == 0 ? vec{} : *dwp;
+        for (int c = 0; c < NC; ++c) {
+          const vec v = *reinterpret_cast<const vec*>(
+              vph + (c0 + c) * plen + at);
+          vec* gv = reinterpret_cast<vec*>(gvph + (c0 + c) * plen + at);
+          dw += gout[c] * v;
+          sum[c] += w * v;
+          *gv += w * gout[c];
+        }
+        *dwp = dw;
+      }
+    }
+    for (int c = 0; c < NC; ++c)
+      *reinterpret_cast<vec*>(acc + (c0 + c) * Wp + jb) = sum[c];
+  }
+}
+
+template <typename T>
 void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
                      const T* query, const T* key, const T* value,
                      const T* prior, const T* lse, T* out, T* grad_query,
                      T* grad_key, T* grad_value, double* prior_partial) {
   const int64_t Wo = g.Wo, taps = g.taps, HW = g.H * g.W;
-  const int64_t s = Unit ? 1 : g.s;
-  // a stride: the task's value and key planes, and its gradients' sums,
-  // regrouped a row at a time (Phases), so every offset's columns are at
-  // unit stride; the sums go back to the map at the end (each element the
-  // same terms in the same order)
-  const Phases ph(g, Wo);
-  const int64_t len = ph.size(), plen = Unit ? 0 : g.H * len;
+  constexpr int64_t V = VecOf<T>::kLanes;
+  const int64_t Wp = (Wo + V - 1) / V * V;
+  // the task's value and key planes, and its gradients' sums, regrouped a
+  // row at a time (Phases: zero padding, the stride's phases), so that
+  // every offset's columns are at unit stride; the sums go back to the map
+  // at the end
+  const Phases ph(g, Wp);
+  const int64_t len = ph.size(), plen = g.H * len;
   at::parallel_for(0, g.B * g.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> vph(static_cast<size_t>(g.m * plen));
     std::vector<T> gvph(static_cast<size_t>(g.m * plen));
     std::vector<T> kph(static_cast<size_t>(plen));
     std::vector<T> gkph(static_cast<size_t>(plen));
-    std::vector<T> weights(static_cast<size_t>(taps * Wo));
-    // dw_d: a sum over the group's m channels, in the dtype (as the torch
-    // backend)
-    std::vector<T> dweights(static_cast<size_t>(taps * Wo));
-    std::vector<double> d_total(static_cast<size_t>(Wo));
-    std::vector<double> gq(static_cast<size_t>(Wo));
-    std::vector<T> orow_acc(static_cast<size_t>(Wo));
+    // a row's weights and dw per offset, padded to whole vector blocks
+    // (the weights 0 outside an offset's in-map columns: never written)
+    std::vector<T> weights(static_cast<size_t>(taps * Wp), T(0));
+    std::vector<T> dweights(static_cast<size_t>(taps * Wp));
+    std::vector<T> go(static_cast<size_t>(g.m * Wp), T(0));
+    std::vector<T> acc(static_cast<size_t>(g.m * Wp));
+    std::vector<T> d_total(static_cast<size_t>(Wp));
+    std::vector<T> gq(static_cast<size_t>(Wp));
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / g.G, grp = bg % g.G;
       const int64_t first = b * g.C + grp * g.m;  // the group's first plane
       const T* kplane = key + bg * HW;
       T* gkplane = grad_key + bg * HW;
-      std::fill(gkplane, gkplane + HW, T(0));
-      std::fill(grad_value + first * HW, grad_value + (first + g.m) * HW,
-                T(0));
       const T* __restrict__ pr = prior + grp * taps;
       double* __restrict__ pp = prior_partial + bg * taps;
       std::fill(pp, pp + taps, 0.0);
-      if (!Unit) {
-        for (int64_t y = 0; y < g.H; ++y) {
-          fill_phases(ph, kplane + y * g.W, g.W, kph.data() + y * len);
-          for (int64_t c = 0; c < g.m; ++c)
-            fill_phases(ph, value + (first + c) * HW + y * g.W, g.W,
-                        vph.data() + c * plen + y * len);
-        }
-        std::fill(gvph.begin(), gvph.end(), T(0));
-        std::fill(gkph.begin(), gkph.end(), T(0));
+      for (int64_t y = 0; y < g.H; ++y) {
+        fill_phases(ph, kplane + y * g.W, g.W, kph.data() + y * len);
+        for (int64_t c = 0; c < g.m; ++c)
+          fill_phases(ph, value + (first + c) * HW + y * g.W, g.W,
+                      vph.data() + c * plen + y * len);
       }
+      std::fill(gvph.begin(), gvph.end(), T(0));
+      std::fill(gkph.begin(), gkph.end(), T(0));
       // input row y's offset dj: the pointer its output columns j index
-      // (plane: the map's, or with a stride the regrouped rows)
-      auto at = [&](auto* plane, auto* regrouped, int64_t y, int64_t dj) {
-        return Unit ? plane + y * g.W + (dj - g.r)
-                    : regrouped + y * len + ph.off[dj];
+      auto at = [&](auto* regrouped, int64_t y, int64_t dj) {
+        return regrouped + y * len + ph.off[dj];
       };
       for (int64_t i = 0; i < g.Ho; ++i) {
         const int64_t di_lo = g.row_lo(i), di_hi = g.row_hi(i);
@@ -511,111 +556,101 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
         const T* __restrict__ lr = lse + row;
         // the weights
         for (int64_t di = di_lo; di < di_hi; ++di) {
-          const int64_t y = i * s + di - g.r;
+          const int64_t y = i * g.s + di - g.r;
           for (int64_t dj = 0; dj < g.k; ++dj) {
             const int64_t t = di * g.k + dj;
             const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
-            const T* kb = at(kplane, kph.data(), y, dj);
-            T* w = weights.data() + t * Wo;
+            const T* kb = at(kph.data(), y, dj);
+            T* w = weights.data() + t * Wp;
             switch (method) {
               case Similarity::kSquaredDifference:
-                tap_weights<Similarity::kSquaredDifference, true>(
-                    q, kb, 1, 0, pr[t], lr, lo, hi, w);
+                tap_weights<Similarity::kSquaredDifference>(q, kb, pr[t], lr,
+                                                            lo, hi, w);
                 break;
               case Similarity::kDotProduct:
-                tap_weights<Similarity::kDotProduct, true>(q, kb, 1, 0,
-                                                           pr[t], lr, lo, hi,
-                                                           w);
+                tap_weights<Similarity::kDotProduct>(q, kb, pr[t], lr, lo,
+                                                     hi, w);
                 break;
               case Similarity::kAbsoluteDifference:
-                tap_weights<Similarity::kAbsoluteDifference, true>(
-                    q, kb, 1, 0, pr[t], lr, lo, hi, w);
+                tap_weights<Similarity::kAbsoluteDifference>(q, kb, pr[t],
+                                                             lr, lo, hi, w);
                 break;
             }
-            std::fill(dweights.data() + t * Wo + lo,
-                      dweights.data() + t * Wo + hi, T(0));
           }
         }
-        // the output, dw_d and grad_value, a channel at a time; D = sum_c
-        // grad_out * out
-        double* __restrict__ D = d_total.data();
-        std::fill(D, D + Wo, 0.0);
+        // the group's grad_out rows, padded with zeros
         for (int64_t c = 0; c < g.m; ++c) {
-          const int64_t plane = first + c;
-          const T* __restrict__ go = grad_out + (plane * g.Ho + i) * Wo;
-          T* __restrict__ oa = orow_acc.data();
-          std::fill(oa, oa + Wo, T(0));
-          for (int64_t di = di_lo; di < di_hi; ++di) {
-            const int64_t y = i * s + di - g.r;
-            for (int64_t dj = 0; dj < g.k; ++dj) {
-              const int64_t t = di * g.k + dj;
-              const T* __restrict__ w = weights.data() + t * Wo;
-              T* __restrict__ dw = dweights.data() + t * Wo;
-              const T* __restrict__ vb =
-                  at(value + plane * HW, vph.data() + c * plen, y, dj);
-              T* __restrict__ gvb =
-                  at(grad_value + plane * HW, gvph.data() + c * plen, y, dj);
-              const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
+          const T* src = grad_out + ((first + c) * g.Ho + i) * Wo;
+          std::copy(src, src + Wo, go.data() + c * Wp);
+        }
+        // the output, dw and grad_value, kChannelBlock channels at a time
+        int64_t c = 0;
+        for (; c + kChannelBlock <= g.m; c += kChannelBlock)
+          channel_block<kChannelBlock>(g, ph, Wp, i, c, plen,
+                                       weights.data(), go.data(), vph.data(),
+                                       gvph.data(), dweights.data(),
+                                       acc.data());
+        for (; c + 4 <= g.m; c += 4)
+          channel_block<4>(g, ph, Wp, i, c, plen, weights.data(), go.data(),
+                           vph.data(), gvph.data(), dweights.data(),
+                           acc.data());
+        for (; c < g.m; ++c)
+          channel_block<1>(g, ph, Wp, i, c, plen, weights.data(), go.data(),
+                           vph.data(), gvph.data(), dweights.data(),
+                           acc.data());
+        // the output rows; D = sum over the channels of grad_out * out
+        T* __restrict__ D = d_total.data();
+        std::fill(D, D + Wp, T(0));
+        for (int64_t c = 0; c < g.m; ++c) {
+          const T* __restrict__ a = acc.data() + c * Wp;
+          const T* __restrict__ gor = go.data() + c * Wp;
+          std::copy(a, a + Wo, out + ((first + c) * g.Ho + i) * Wo);
 #pragma omp simd
-              for (int64_t j = lo; j < hi; ++j) {
-                oa[j] += w[j] * vb[j];
-                dw[j] += go[j] * vb[j];
-                gvb[j] += w[j] * go[j];
-              }
-            }
-          }
-          T* __restrict__ orow = out + (plane * g.Ho + i) * Wo;
-#pragma omp simd
-          for (int64_t j = 0; j < Wo; ++j) {
-            orow[j] = oa[j];
-            D[j] += double(go[j]) * double(oa[j]);
-          }
+          for (int64_t j = 0; j < Wo; ++j) D[j] += gor[j] * a[j];
         }
         // dlogit_d = w_d (dw_d - D): the query's, the key's and the
         // prior's gradients
-        double* __restrict__ gqr = gq.data();
-        std::fill(gqr, gqr + Wo, 0.0);
+        T* __restrict__ gqr = gq.data();
+        std::fill(gqr, gqr + Wp, T(0));
         for (int64_t di = di_lo; di < di_hi; ++di) {
-          const int64_t y = i * s + di - g.r;
+          const int64_t y = i * g.s + di - g.r;
           for (int64_t dj = 0; dj < g.k; ++dj) {
             const int64_t t = di * g.k + dj;
-            const T* kb = at(kplane, kph.data(), y, dj);
-            T* gkb = at(gkplane, gkph.data(), y, dj);
+            const T* kb = at(kph.data(), y, dj);
+            T* gkb = at(gkph.data(), y, dj);
             const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
-            const T* w = weights.data() + t * Wo;
-            const T* dw = dweights.data() + t * Wo;
-            double sum = 0;
+            const T* w = weights.data() + t * Wp;
+            const T* dw = dweights.data() + t * Wp;
+            T sum = 0;
             switch (method) {
               case Similarity::kSquaredDifference:
-                sum = tap_logit_grads<Similarity::kSquaredDifference, true>(
-                    q, kb, 1, 0, w, dw, D, lo, hi, gqr, gkb);
+                sum = tap_logit_grads<Similarity::kSquaredDifference>(
+                    q, kb, w, dw, D, lo, hi, gqr, gkb);
                 break;
               case Similarity::kDotProduct:
-                sum = tap_logit_grads<Similarity::kDotProduct, true>(
-                    q, kb, 1, 0, w, dw, D, lo, hi, gqr, gkb);
+                sum = tap_logit_grads<Similarity::kDotProduct>(
+                    q, kb, w, dw, D, lo, hi, gqr, gkb);
                 break;
               case Similarity::kAbsoluteDifference:
-                sum = tap_logit_grads<Similarity::kAbsoluteDifference, true>(
-                    q, kb, 1, 0, w, dw, D, lo, hi, gqr, gkb);
+                sum = tap_logit_grads<Similarity::kAbsoluteDifference>(
+                    q, kb, w, dw, D, lo, hi, gqr, gkb);
                 break;
             }
-            pp[t] += sum;
+            pp[t] += double(sum);
           }
         }
-        T* __restrict__ gqrow = grad_query + row;
-        for (int64_t j = 0; j < Wo; ++j) gqrow[j] = T(gqr[j]);
+        std::copy(gqr, gqr + Wo, grad_query + row);
       }
-      if (!Unit) {  // the regrouped sums back to the map
-        for (int64_t y = 0; y < g.H; ++y) {
-          for (int64_t c = 0; c <= g.m; ++c) {
-            const T* src = c < g.m ? gvph.data() + c * plen + y * len
-                                   : gkph.data() + y * len;
-            T* dst = (c < g.m ? grad_value + (first + c) * HW : gkplane) +
-                     y * g.W;
-            for (int64_t p = 0; p < ph.s; ++p)
-              for (int64_t u = 0; p + u * ph.s < g.W; ++u)
-                dst[p + u * ph.s] = src[p * ph.L + ph.P + u];
-          }
+      // the regrouped sums back to the map
+      for (int64_t y = 0; y < g.H; ++y) {
+        for (int64_t c = 0; c <= g.m; ++c) {
+          const T* src = c < g.m ? gvph.data() + c * plen + y * len
+                                 : gkph.data() + y * len;
+          T* dst = (c < g.m ? grad_value + (first + c) * HW : gkplane) +
+                   y * g.W;
+          for (int64_t p = 0; p < ph.s; ++p)
+            for (int64_t u = 0; p + u * ph.s < g.W; ++u)
+              dst[p + u * ph.s] = src[p * ph.L + ph.P + u];
         }
       }
     }
@@ -711,8 +746,7 @@ local_relation_backward_cpu(const at::Tensor& grad_out,
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "local_relation_backward",
                              [&] {
     using T = scalar_t;
-    auto run = g.s == 1 ? backward_kernel<true, T> : backward_kernel<false, T>;
-    run(g, sim, grad_out.data_ptr<T>(), query.data_ptr<T>(),
+    backward_kernel<T>(g, sim, grad_out.data_ptr<T>(), query.data_ptr<T>(),
         key.data_ptr<T>(), value.data_ptr<T>(), prior.data_ptr<T>(),
         lse.data_ptr<T>(), out.data_ptr<T>(), grad_query.data_ptr<T>(),
         grad_key.data_ptr<T>(), grad_value.data_ptr<T>(), partial.data());
