@@ -15,17 +15,15 @@ way (it recomputes each window's weights) and returns for the final conv's
 weight gradient. So the layer keeps 1 + 1/m maps (1.125 at m = 8) for
 backward, and costs no second forward of the aggregation.
 
-Autocast: each conv computes in the dtype it did in forward (recorded),
-the aggregation in the value's dtype (at least float32), as the modules
-would. The readable route (the 'reference' backend, exporting, tracing)
+The three 1x1 convs run as matmuls (:func:`project`). Autocast: each
+computes in the dtype it did in forward (recorded), the aggregation in
+the value's dtype (at least float32), as the modules would. The readable route (the 'reference' backend, exporting, tracing)
 and a forward without gradients run the modules' sequence as is.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .functions import _needs_grad
 from .local_relation_op import (_local_relation, _local_relation_backward,
@@ -38,14 +36,39 @@ def _strided(x: Tensor, stride: int) -> Tensor:
     return x if stride == 1 else x[:, :, ::stride, ::stride]
 
 
-def _conv1x1_grads(inp: Tensor, weight: Tensor, grad: Tensor,
-                   dtype: torch.dtype):
-    """(input, weight) gradients of ``F.conv2d(inp, weight)`` computed in
-    ``dtype`` (forward's), each in its tensor's dtype."""
-    grad, w = grad.to(dtype), weight.to(dtype)
-    grad_input = conv2d_input(inp.shape, w, grad)
-    grad_weight = conv2d_weight(inp.to(dtype), weight.shape, grad)
-    return grad_input.to(inp.dtype), grad_weight.to(weight.dtype)
+def _batched(matrix: Tensor, b: int) -> Tensor:
+    """``matrix`` for each of b samples: bmm's operand (torch.matmul of a
+    matrix and a batch folds the batch into the rows: two copies of the
+    map)."""
+    return matrix.expand(b, *matrix.shape)
+
+
+def project(x: Tensor, weight: Tensor,
+            bias: Optional[Tensor] = None) -> Tensor:
+    """A 1x1 conv (``weight`` [C_out, C, 1, 1]) of ``x`` [b, C, H, W] as a
+    matmul over the flattened positions: 2-4x faster than mkldnn's
+    convolution on CPU at the layer's sizes, whose NCHW maps it reorders
+    (benchmarks/results/local_relation_cpu_2core.md); the same under
+    autocast (matmul and conv are both lower-precision ops)."""
+    b, channels, h, w = x.shape
+    out = torch.bmm(_batched(weight.reshape(weight.shape[0], channels), b),
+                    x.reshape(b, channels, h * w))
+    if bias is not None:
+        out = out + bias.to(out.dtype)[:, None]
+    return out.view(b, -1, h, w)
+
+
+def project_grads(x: Tensor, weight: Tensor, grad: Tensor,
+                  dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(input, weight) gradients of :func:`project` computed in ``dtype``
+    (forward's), each in its tensor's dtype."""
+    b, channels, h, w = x.shape
+    grad = grad.to(dtype).reshape(b, -1, h * w)
+    weight_2d = weight.reshape(weight.shape[0], channels).to(dtype)
+    grad_x = torch.bmm(_batched(weight_2d.t(), b), grad).view(x.shape)
+    grad_weight = torch.bmm(
+        grad, x.to(dtype).reshape(b, channels, h * w).transpose(1, 2)).sum(0)
+    return grad_x.to(x.dtype), grad_weight.view(weight.shape).to(weight.dtype)
 
 
 class _LayerFunction(torch.autograd.Function):
@@ -53,18 +76,18 @@ class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, query_weight, key_weight, prior, out_weight, out_bias,
                 kernel_size, stride, method, backend):
-        query = F.conv2d(_strided(x, stride), query_weight)
-        key = F.conv2d(x, key_weight)
+        query = project(_strided(x, stride), query_weight)
+        key = project(x, key_weight)
         args = prepared(query, key, x, prior, kernel_size, stride, method,
                         backend)
         with without_autocast(x.device.type):
             aggregated, lse = _local_relation(*args, kernel_size, stride,
                                               method, backend)
-        out = F.conv2d(aggregated, out_weight, out_bias)
+        out = project(aggregated, out_weight, out_bias)
         ctx.save_for_backward(x, query_weight, key_weight, prior,
                               out_weight, lse)
         ctx.settings = (kernel_size, stride, method, backend)
-        # the dtypes the convs computed in (autocast's choice)
+        # the dtypes the projections computed in (autocast's choice)
         ctx.dtypes = (query.dtype, key.dtype, out.dtype)
         ctx.bias_dtype = None if out_bias is None else out_bias.dtype
         return out
@@ -77,33 +100,34 @@ class _LayerFunction(torch.autograd.Function):
         query_dtype, key_dtype, out_dtype = ctx.dtypes
         x_query = _strided(x, stride)
         with without_autocast(x.device.type):
-            query = F.conv2d(x_query.to(query_dtype),
-                             query_weight.to(query_dtype))
-            key = F.conv2d(x.to(key_dtype), key_weight.to(key_dtype))
-            # the final conv's input gradient needs its weight only
+            query = project(x_query.to(query_dtype),
+                            query_weight.to(query_dtype))
+            key = project(x.to(key_dtype), key_weight.to(key_dtype))
+            # the final projection's input gradient needs its weight only
             grad_out = grad_out.to(out_dtype)
             b, _, ho, wo = grad_out.shape
-            grad_aggregated = conv2d_input(
-                (b, x.shape[1], ho, wo), out_weight.to(out_dtype), grad_out)
+            out_2d = out_weight.reshape(out_weight.shape[0], -1)
+            grad_aggregated = torch.bmm(
+                _batched(out_2d.to(out_dtype).t(), b),
+                grad_out.reshape(b, -1, ho * wo))
             args = prepared(query, key, x, prior, kernel_size, stride,
                             method, backend)
             grad_query, grad_key, grad_x, grad_prior, aggregated = \
-                _local_relation_backward(grad_aggregated.to(x.dtype), *args,
-                                         lse, kernel_size, stride, method,
-                                         backend)
-            grad_out_weight = conv2d_weight(aggregated.to(out_dtype),
-                                            out_weight.shape, grad_out)
+                _local_relation_backward(
+                    grad_aggregated.view(b, -1, ho, wo).to(x.dtype), *args,
+                    lse, kernel_size, stride, method, backend)
+            _, grad_out_weight = project_grads(aggregated, out_weight,
+                                               grad_out, out_dtype)
             grad_bias = (None if ctx.bias_dtype is None else
                          grad_out.sum((0, 2, 3)).to(ctx.bias_dtype))
-            grad_x_query, grad_query_weight = _conv1x1_grads(
+            grad_x_query, grad_query_weight = project_grads(
                 x_query, query_weight, grad_query, query_dtype)
-            grad_x_key, grad_key_weight = _conv1x1_grads(
+            grad_x_key, grad_key_weight = project_grads(
                 x, key_weight, grad_key, key_dtype)
         grad_x = grad_x + grad_x_key
         _strided(grad_x, stride).add_(grad_x_query)
         return (grad_x, grad_query_weight, grad_key_weight,
-                grad_prior.to(prior.dtype),
-                grad_out_weight.to(out_weight.dtype), grad_bias,
+                grad_prior.to(prior.dtype), grad_out_weight, grad_bias,
                 None, None, None, None)
 
 
@@ -120,10 +144,10 @@ def local_relation_layer(x: Tensor, query_weight: Tensor, key_weight: Tensor,
     backend = relation_backend(x)
     if (backend is None or torch.jit.is_tracing() or not _needs_grad(
             x, query_weight, key_weight, prior, out_weight, out_bias)):
-        query = F.conv2d(_strided(x, stride), query_weight)
-        aggregated = local_relation(query, F.conv2d(x, key_weight), x,
-                                    prior, kernel_size, stride, method)
-        return F.conv2d(aggregated, out_weight, out_bias)
+        query = project(_strided(x, stride), query_weight)
+        aggregated = local_relation(query, project(x, key_weight), x, prior,
+                                    kernel_size, stride, method)
+        return project(aggregated, out_weight, out_bias)
     return _LayerFunction.apply(x, query_weight, key_weight, prior,
                                 out_weight, out_bias, kernel_size, stride,
                                 method, backend)
