@@ -245,7 +245,7 @@ def test_the_counted_local_relation_is_the_op(stride, similarity):
 def test_an_lr_resnet_counts_its_layers_and_keeps_the_op():
     """LR-ResNet: every local relation layer counted (the stem's and each
     block's), and afterwards the layers run the fused op again."""
-    from prm_det.models.layers import local_relation as layer_module
+    from prm_det.ops import local_relation_layer as layer_module
     from prm_det.ops import local_relation_op
     tool = tool_module(GET_FLOPS)
     model = MODELS.build(dict(type='LRResNet', depth=26, base_channels=16,
