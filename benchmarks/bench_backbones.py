@@ -78,6 +78,9 @@ BACKBONES = {
     'PRM-ResNet-50 (reference PRM)': dict(
         type='PRMResNet', attention=dict(reference=True)),
     'LR-ResNet-50': dict(type='LRResNet'),
+    # mmdet's 7x7 conv stem in place of the paper's full-resolution 1x1
+    # conv + local relation stem: what the stem costs
+    'LR-ResNet-50 (conv stem)': dict(type='LRResNet', lr_stem=False),
     'LR-ResNet-50 (unfold)': dict(type='LRResNet'),
 }
 # variants that run the same model in another mode: the gate attentions as

@@ -17,10 +17,11 @@ backward, and costs no second forward of the aggregation.
 
 The three 1x1 convs run as matmuls (:func:`project`). Autocast: each
 computes in the dtype it did in forward (recorded), the aggregation in
-the value's dtype (at least float32), as the modules would. The readable route (the 'reference' backend, exporting, tracing)
-and a forward without gradients run the modules' sequence as is.
+the value's dtype (at least float32), as the modules would. The readable
+route (the 'reference' backend, exporting, tracing) and a forward without
+gradients run the same sequence with autograd through each step.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -59,16 +60,27 @@ def project(x: Tensor, weight: Tensor,
 
 
 def project_grads(x: Tensor, weight: Tensor, grad: Tensor,
-                  dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+                  dtype: torch.dtype, grad_x: Optional[Tensor] = None):
     """(input, weight) gradients of :func:`project` computed in ``dtype``
-    (forward's), each in its tensor's dtype."""
+    (forward's), each in its tensor's dtype; given ``grad_x`` (contiguous,
+    of x's shape and dtype), the weight's gradient only, the input's added
+    into ``grad_x`` (in the bmm where the dtypes agree: one pass over the
+    map less)."""
     b, channels, h, w = x.shape
     grad = grad.to(dtype).reshape(b, -1, h * w)
-    weight_2d = weight.reshape(weight.shape[0], channels).to(dtype)
-    grad_x = torch.bmm(_batched(weight_2d.t(), b), grad).view(x.shape)
+    weight_t = _batched(
+        weight.reshape(weight.shape[0], channels).to(dtype).t(), b)
     grad_weight = torch.bmm(
         grad, x.to(dtype).reshape(b, channels, h * w).transpose(1, 2)).sum(0)
-    return grad_x.to(x.dtype), grad_weight.view(weight.shape).to(weight.dtype)
+    grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
+    if grad_x is None:
+        grad_x = torch.bmm(weight_t, grad).view(x.shape).to(x.dtype)
+        return grad_x, grad_weight
+    if grad_x.dtype == dtype and grad_x.is_contiguous():
+        grad_x.view(b, channels, h * w).baddbmm_(weight_t, grad)
+    else:  # autocast (a lower precision), or a strided map
+        grad_x.add_(torch.bmm(weight_t, grad).view(x.shape))
+    return grad_weight
 
 
 class _LayerFunction(torch.autograd.Function):
@@ -122,9 +134,8 @@ class _LayerFunction(torch.autograd.Function):
                          grad_out.sum((0, 2, 3)).to(ctx.bias_dtype))
             grad_x_query, grad_query_weight = project_grads(
                 x_query, query_weight, grad_query, query_dtype)
-            grad_x_key, grad_key_weight = project_grads(
-                x, key_weight, grad_key, key_dtype)
-        grad_x = grad_x + grad_x_key
+            grad_key_weight = project_grads(
+                x, key_weight, grad_key, key_dtype, grad_x=grad_x)
         _strided(grad_x, stride).add_(grad_x_query)
         return (grad_x, grad_query_weight, grad_key_weight,
                 grad_prior.to(prior.dtype), grad_out_weight, grad_bias,

@@ -3,8 +3,8 @@
 :mod:`.cpu`): contiguous float32 / float64 CPU tensors, all of one dtype
 (the caller casts). The same contract as :mod:`.local_relation_torch`:
 forward returns the output and the log-sum-exp of each window, backward
-recomputes the weights (and the output) from it; nothing of k * k times the map's size is
-made, and the results are the same bits every run."""
+recomputes the weights (and the output) from it; nothing of k * k times
+the map's size is made, and the results are the same bits every run."""
 from typing import Tuple
 
 from torch import Tensor

@@ -14,9 +14,9 @@ and each program's partial sums of the prior's, added here in a fixed
 order) and an input-centric one (the key's and the value's gradients at
 each input position, from the output positions whose windows hold it).
 ``D`` = sum over the group's channels of grad_out * out, per output
-position, comes from the first kernel's channel blocks. Besides the outputs, nothing bigger than
-a map of one value per (sample, group, position) is allocated: never k * k
-times a map.
+position, comes from the first kernel's channel blocks. Besides the
+outputs, nothing bigger than a map of one value per (sample, group,
+position) is allocated: never k * k times a map.
 
 Shares the PRM backend's Triton state (:mod:`.triton_backend`): triton is
 imported at the first call, CPU tensors run through the interpreter under
@@ -104,7 +104,7 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
         query, key, value, prior, kernel_size, stride, method)
     acc = tb._acc(value)
     b, channels, h, w = value.shape
-    groups, m, ho, wo = sizes['G'], sizes['m'], sizes['Ho'], sizes['Wo']
+    groups, ho, wo = sizes['G'], sizes['Ho'], sizes['Wo']
     grad_out = grad_out.contiguous()
     lse = lse.contiguous()
     out = value.new_empty(b, channels, ho, wo)
