@@ -23,6 +23,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_backbones.py
+	$(PY) benchmarks/bench_local_relation.py
 
 clean-demo:
 	rm -rf data/prm_demo work_dirs/demo

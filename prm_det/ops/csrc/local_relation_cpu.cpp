@@ -170,9 +170,11 @@ struct Geometry {
 struct Phases {
   int64_t s, P, L;
   std::vector<int64_t> off;  // per column offset dj: its pointer's offset
-  // Wp: the row's width padded (a multiple of the vector blocks)
-  Phases(const Geometry& g, int64_t Wp)
-      : s(g.s), P((g.r + g.s - 1) / g.s), L(Wp + 2 * ((g.r + g.s - 1) / g.s)) {
+  // Wp: the row's width padded (a multiple of the vector blocks); a phase's
+  // length L rounded up to a multiple of `align` (whole vectors)
+  Phases(const Geometry& g, int64_t Wp, int64_t align = 1)
+      : s(g.s), P((g.r + g.s - 1) / g.s),
+        L((Wp + 2 * ((g.r + g.s - 1) / g.s) + align - 1) / align * align) {
     for (int64_t dj = 0; dj < g.k; ++dj) {
       const int64_t dx = dj - g.r;
       const int64_t fl = dx >= 0 ? dx / s : -((-dx + s - 1) / s);
@@ -457,17 +459,17 @@ T tap_logit_grads(const T* __restrict__ q, const T* __restrict__ krow,
 
 // An output row's NC channels from the group's channel `c0` on, a vector
 // block of columns at a time over the whole padded row: the output
-// (sum_d w_d value(d), its sums in registers over the window), dw_d (sum
-// over the channels of grad_out * value(d), in registers over the
-// channels; the first channel block writes it, the others add) and
-// grad_value(d) += w_d grad_out (scattered into the regrouped planes).
+// (sum_d w_d value(d), its sums in registers over the window) and dw_d
+// (sum over the channels of grad_out * value(d), in registers over the
+// channels; the first channel block writes it, the others add).
 // Out-of-map offsets have weight 0 and read the rows' zero padding.
+// (weights, go: rows of stride WB)
 template <int NC, typename T>
 void channel_block(const Geometry& g, const Phases& ph, int64_t Wp,
-                   int64_t i, int64_t c0, int64_t plen,
+                   int64_t WB, int64_t i, int64_t c0, int64_t plen,
                    const T* __restrict__ weights, const T* __restrict__ go,
-                   const T* __restrict__ vph, T* __restrict__ gvph,
-                   T* __restrict__ dweights, T* __restrict__ acc) {
+                   const T* __restrict__ vph, T* __restrict__ dweights,
+                   T* __restrict__ acc) {
   using vec = typename VecOf<T>::type;
   constexpr int64_t V = VecOf<T>::kLanes;
   const int64_t di_lo = g.row_lo(i), di_hi = g.row_hi(i);
@@ -475,7 +477,7 @@ void channel_block(const Geometry& g, const Phases& ph, int64_t Wp,
   for (int64_t jb = 0; jb < Wp; jb += V) {
     vec gout[NC], sum[NC];
     for (int c = 0; c < NC; ++c) {
-      gout[c] = *reinterpret_cast<const vec*>(go + (c0 + c) * Wp + jb);
+      gout[c] = *reinterpret_cast<const vec*>(go + (c0 + c) * WB + jb);
       sum[c] = vec{};
     }
     for (int64_t di = di_lo; di < di_hi; ++di) {
@@ -483,22 +485,62 @@ void channel_block(const Geometry& g, const Phases& ph, int64_t Wp,
       for (int64_t dj = 0; dj < g.k; ++dj) {
         const int64_t t = di * g.k + dj;
         const int64_t at = row + ph.off[dj] + jb;
-        const vec w = *reinterpret_cast<const vec*>(weights + t * Wp + jb);
+        const vec w = *reinterpret_cast<const vec*>(weights + t * WB + jb);
         vec* dwp = reinterpret_cast<vec*>(dweights + t * Wp + jb);
         vec dw = c0 == 0 ? vec{} : *dwp;
         for (int c = 0; c < NC; ++c) {
           const vec v = *reinterpret_cast<const vec*>(
               vph + (c0 + c) * plen + at);
-          vec* gv = reinterpret_cast<vec*>(gvph + (c0 + c) * plen + at);
           dw += gout[c] * v;
           sum[c] += w * v;
-          *gv += w * gout[c];
         }
         *dwp = dw;
       }
     }
     for (int c = 0; c < NC; ++c)
       *reinterpret_cast<vec*>(acc + (c0 + c) * Wp + jb) = sum[c];
+  }
+}
+
+// grad_value(d) += w_d grad_out for an output row's NC channels from `c0`
+// on, input-centric along the regrouped rows: per window row, phase and
+// vector block of a regrouped input row, the sum over that phase's column
+// offsets of w_d grad_out at the output columns that reach it (the weight
+// and grad_out rows read shifted: zero margins), one add into the plane
+// per block (offsets adding into one block one after another would reload
+// overlapping vectors still being stored).
+template <int NC, typename T>
+void value_grads(const Geometry& g, const Phases& ph, int64_t WB, int64_t i,
+                 int64_t c0, int64_t plen, const T* __restrict__ weights,
+                 const T* __restrict__ go, T* __restrict__ gvph) {
+  using vec = typename VecOf<T>::type;
+  constexpr int64_t V = VecOf<T>::kLanes;
+  const int64_t di_lo = g.row_lo(i), di_hi = g.row_hi(i);
+  const int64_t len = ph.size();
+  for (int64_t di = di_lo; di < di_hi; ++di) {
+    const int64_t row = (i * g.s + di - g.r) * len;
+    for (int64_t p = 0; p < ph.s; ++p) {
+      const int64_t base = p * ph.L;  // the phase's start in the row
+      for (int64_t zb = 0; zb < ph.L; zb += V) {
+        vec sum[NC];
+        for (int c = 0; c < NC; ++c) sum[c] = vec{};
+        for (int64_t dj = 0; dj < g.k; ++dj) {
+          const int64_t shift = ph.off[dj] - base;  // this phase's offsets
+          if (shift < 0 || shift >= ph.L) continue;
+          const int64_t j = zb - shift;  // the output columns (margins)
+          const vec w = *reinterpret_cast<const vec*>(
+              weights + (di * g.k + dj) * WB + j);
+          for (int c = 0; c < NC; ++c)
+            sum[c] += w * *reinterpret_cast<const vec*>(go + (c0 + c) * WB +
+                                                        j);
+        }
+        for (int c = 0; c < NC; ++c) {
+          vec* gv = reinterpret_cast<vec*>(gvph + (c0 + c) * plen + row +
+                                           base + zb);
+          *gv += sum[c];
+        }
+      }
+    }
   }
 }
 
@@ -514,8 +556,11 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
   // row at a time (Phases: zero padding, the stride's phases), so that
   // every offset's columns are at unit stride; the sums go back to the map
   // at the end
-  const Phases ph(g, Wp);
+  const Phases ph(g, Wp, V);
   const int64_t len = ph.size();
+  // the weight and grad_out rows: Wp columns between zero margins of M
+  // (value_grads reads them shifted by up to a phase's length)
+  const int64_t M = (ph.L + V - 1) / V * V, WB = Wp + 2 * M;
   // the regrouped planes' stride: whole 4 KiB pages and one vector more,
   // so that the group's planes start at distinct cache sets (at a multiple
   // of 4 KiB apart, e.g. a 512x832 map's, the same element of every plane
@@ -529,9 +574,11 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
     std::vector<T> gkph(static_cast<size_t>(plen));
     // a row's weights and dw per offset, padded to whole vector blocks
     // (the weights 0 outside an offset's in-map columns: never written)
-    std::vector<T> weights(static_cast<size_t>(taps * Wp), T(0));
+    std::vector<T> weight_rows(static_cast<size_t>(taps * WB), T(0));
     std::vector<T> dweights(static_cast<size_t>(taps * Wp));
-    std::vector<T> go(static_cast<size_t>(g.m * Wp), T(0));
+    std::vector<T> go_rows(static_cast<size_t>(g.m * WB), T(0));
+    T* const weights = weight_rows.data() + M;  // row t: weights + t * WB
+    T* const go = go_rows.data() + M;
     std::vector<T> acc(static_cast<size_t>(g.m * Wp));
     std::vector<T> d_total(static_cast<size_t>(Wp));
     std::vector<T> gq(static_cast<size_t>(Wp));
@@ -567,7 +614,7 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
             const int64_t t = di * g.k + dj;
             const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
             const T* kb = at(kph.data(), y, dj);
-            T* w = weights.data() + t * Wp;
+            T* w = weights + t * WB;
             switch (method) {
               case Similarity::kSquaredDifference:
                 tap_weights<Similarity::kSquaredDifference>(q, kb, pr[t], lr,
@@ -587,29 +634,33 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
         // the group's grad_out rows, padded with zeros
         for (int64_t c = 0; c < g.m; ++c) {
           const T* src = grad_out + ((first + c) * g.Ho + i) * Wo;
-          std::copy(src, src + Wo, go.data() + c * Wp);
+          std::copy(src, src + Wo, go + c * WB);
         }
         // the output, dw and grad_value, kChannelBlock channels at a time
         int64_t c = 0;
-        for (; c + kChannelBlock <= g.m; c += kChannelBlock)
-          channel_block<kChannelBlock>(g, ph, Wp, i, c, plen,
-                                       weights.data(), go.data(), vph.data(),
-                                       gvph.data(), dweights.data(),
+        for (; c + kChannelBlock <= g.m; c += kChannelBlock) {
+          channel_block<kChannelBlock>(g, ph, Wp, WB, i, c, plen, weights, go,
+                                       vph.data(), dweights.data(),
                                        acc.data());
-        for (; c + 4 <= g.m; c += 4)
-          channel_block<4>(g, ph, Wp, i, c, plen, weights.data(), go.data(),
-                           vph.data(), gvph.data(), dweights.data(),
-                           acc.data());
-        for (; c < g.m; ++c)
-          channel_block<1>(g, ph, Wp, i, c, plen, weights.data(), go.data(),
-                           vph.data(), gvph.data(), dweights.data(),
-                           acc.data());
+          value_grads<kChannelBlock>(g, ph, WB, i, c, plen, weights, go,
+                                     gvph.data());
+        }
+        for (; c + 4 <= g.m; c += 4) {
+          channel_block<4>(g, ph, Wp, WB, i, c, plen, weights, go,
+                           vph.data(), dweights.data(), acc.data());
+          value_grads<4>(g, ph, WB, i, c, plen, weights, go, gvph.data());
+        }
+        for (; c < g.m; ++c) {
+          channel_block<1>(g, ph, Wp, WB, i, c, plen, weights, go,
+                           vph.data(), dweights.data(), acc.data());
+          value_grads<1>(g, ph, WB, i, c, plen, weights, go, gvph.data());
+        }
         // the output rows; D = sum over the channels of grad_out * out
         T* __restrict__ D = d_total.data();
         std::fill(D, D + Wp, T(0));
         for (int64_t c = 0; c < g.m; ++c) {
           const T* __restrict__ a = acc.data() + c * Wp;
-          const T* __restrict__ gor = go.data() + c * Wp;
+          const T* __restrict__ gor = go + c * WB;
           std::copy(a, a + Wo, out + ((first + c) * g.Ho + i) * Wo);
 #pragma omp simd
           for (int64_t j = 0; j < Wo; ++j) D[j] += gor[j] * a[j];
@@ -625,7 +676,7 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
             const T* kb = at(kph.data(), y, dj);
             T* gkb = at(gkph.data(), y, dj);
             const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
-            const T* w = weights.data() + t * Wp;
+            const T* w = weights + t * WB;
             const T* dw = dweights.data() + t * Wp;
             T sum = 0;
             switch (method) {
@@ -654,6 +705,10 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
                                  : gkph.data() + y * len;
           T* dst = (c < g.m ? grad_value + (first + c) * HW : gkplane) +
                    y * g.W;
+          if (ph.s == 1) {
+            std::copy(src + ph.P, src + ph.P + g.W, dst);
+            continue;
+          }
           for (int64_t p = 0; p < ph.s; ++p)
             for (int64_t u = 0; p + u * ph.s < g.W; ++u)
               dst[p + u * ph.s] = src[p * ph.L + ph.P + u];
