@@ -56,7 +56,7 @@ def project(x: Tensor, weight: Tensor,
                     x.reshape(b, channels, h * w))
     if bias is not None:
         out = out + bias.to(out.dtype)[:, None]
-    return out.view(b, -1, h, w)
+    return out.view(b, weight.shape[0], h, w)  # (b may be 0)
 
 
 def project_grads(x: Tensor, weight: Tensor, grad: Tensor,
@@ -67,7 +67,7 @@ def project_grads(x: Tensor, weight: Tensor, grad: Tensor,
     into ``grad_x`` (in the bmm where the dtypes agree: one pass over the
     map less)."""
     b, channels, h, w = x.shape
-    grad = grad.to(dtype).reshape(b, -1, h * w)
+    grad = grad.to(dtype).reshape(b, weight.shape[0], h * w)
     weight_t = _batched(
         weight.reshape(weight.shape[0], channels).to(dtype).t(), b)
     grad_weight = torch.bmm(
@@ -118,16 +118,16 @@ class _LayerFunction(torch.autograd.Function):
             # the final projection's input gradient needs its weight only
             grad_out = grad_out.to(out_dtype)
             b, _, ho, wo = grad_out.shape
-            out_2d = out_weight.reshape(out_weight.shape[0], -1)
+            out_2d = out_weight.reshape(out_weight.shape[:2])
             grad_aggregated = torch.bmm(
                 _batched(out_2d.to(out_dtype).t(), b),
-                grad_out.reshape(b, -1, ho * wo))
+                grad_out.reshape(b, out_2d.shape[0], ho * wo))
             args = prepared(query, key, x, prior, kernel_size, stride,
                             method, backend)
             grad_query, grad_key, grad_x, grad_prior, aggregated = \
                 _local_relation_backward(
-                    grad_aggregated.view(b, -1, ho, wo).to(x.dtype), *args,
-                    lse, kernel_size, stride, method, backend)
+                    grad_aggregated.view(b, x.shape[1], ho, wo).to(x.dtype),
+                    *args, lse, kernel_size, stride, method, backend)
             _, grad_out_weight = project_grads(aggregated, out_weight,
                                                grad_out, out_dtype)
             grad_bias = (None if ctx.bias_dtype is None else
