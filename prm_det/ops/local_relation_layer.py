@@ -27,9 +27,26 @@ import torch
 from torch import Tensor
 
 from .functions import _needs_grad
-from .local_relation_op import (_local_relation, _local_relation_backward,
+from .local_relation_op import (_backward_impl, _forward_impl,
+                                _local_relation, _local_relation_backward,
                                 local_relation, prepared, relation_backend,
                                 without_autocast)
+
+
+def _aggregation(*args):
+    """``prm_det::local_relation``: the op under torch.compile (which sees
+    it whole), its implementation in eager mode (no dispatcher: 30-40 us a
+    call)."""
+    if torch.compiler.is_compiling():
+        return _local_relation(*args)
+    return _forward_impl(*args)
+
+
+def _aggregation_backward(*args):
+    """``prm_det::local_relation_backward``, as :func:`_aggregation`."""
+    if torch.compiler.is_compiling():
+        return _local_relation_backward(*args)
+    return _backward_impl(*args)
 
 
 def _strided(x: Tensor, stride: int) -> Tensor:
@@ -83,24 +100,45 @@ def project_grads(x: Tensor, weight: Tensor, grad: Tensor,
     return grad_weight
 
 
+def _query_and_key(x: Tensor, query_weight: Tensor, key_weight: Tensor,
+                   stride: int):
+    """The query (at the output's positions) and the key: one 1x1
+    projection of x to both (2G channels, one pass over x), the query then
+    taken at every stride-th position of its G channels (rather than
+    gathering the strided input's C channels for a projection of its
+    own)."""
+    groups = query_weight.shape[0]
+    both = project(x, torch.cat([query_weight, key_weight]))
+    return _strided(both[:, :groups], stride), both[:, groups:]
+
+
+def _at_input_positions(grad_query: Tensor, size, stride: int) -> Tensor:
+    """The query's gradient on the input's grid (zero where no output
+    sits): the projection's output gradient there."""
+    if stride == 1:
+        return grad_query
+    full = grad_query.new_zeros(*grad_query.shape[:2], *size)
+    _strided(full, stride).copy_(grad_query)
+    return full
+
+
 class _LayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, query_weight, key_weight, prior, out_weight, out_bias,
                 kernel_size, stride, method, backend):
-        query = project(_strided(x, stride), query_weight)
-        key = project(x, key_weight)
+        query, key = _query_and_key(x, query_weight, key_weight, stride)
         args = prepared(query, key, x, prior, kernel_size, stride, method,
                         backend)
         with without_autocast(x.device.type):
-            aggregated, lse = _local_relation(*args, kernel_size, stride,
-                                              method, backend)
+            aggregated, lse = _aggregation(*args, kernel_size, stride, method,
+                                           backend)
         out = project(aggregated, out_weight, out_bias)
         ctx.save_for_backward(x, query_weight, key_weight, prior,
                               out_weight, lse)
         ctx.settings = (kernel_size, stride, method, backend)
         # the dtypes the projections computed in (autocast's choice)
-        ctx.dtypes = (query.dtype, key.dtype, out.dtype)
+        ctx.dtypes = (key.dtype, out.dtype)
         ctx.bias_dtype = None if out_bias is None else out_bias.dtype
         return out
 
@@ -109,12 +147,11 @@ class _LayerFunction(torch.autograd.Function):
         x, query_weight, key_weight, prior, out_weight, lse = \
             ctx.saved_tensors
         kernel_size, stride, method, backend = ctx.settings
-        query_dtype, key_dtype, out_dtype = ctx.dtypes
-        x_query = _strided(x, stride)
+        embed_dtype, out_dtype = ctx.dtypes
         with without_autocast(x.device.type):
-            query = project(x_query.to(query_dtype),
-                            query_weight.to(query_dtype))
-            key = project(x.to(key_dtype), key_weight.to(key_dtype))
+            query, key = _query_and_key(x.to(embed_dtype),
+                                        query_weight.to(embed_dtype),
+                                        key_weight.to(embed_dtype), stride)
             # the final projection's input gradient needs its weight only
             grad_out = grad_out.to(out_dtype)
             b, _, ho, wo = grad_out.shape
@@ -125,18 +162,19 @@ class _LayerFunction(torch.autograd.Function):
             args = prepared(query, key, x, prior, kernel_size, stride,
                             method, backend)
             grad_query, grad_key, grad_x, grad_prior, aggregated = \
-                _local_relation_backward(
+                _aggregation_backward(
                     grad_aggregated.view(b, x.shape[1], ho, wo).to(x.dtype),
                     *args, lse, kernel_size, stride, method, backend)
             _, grad_out_weight = project_grads(aggregated, out_weight,
                                                grad_out, out_dtype)
             grad_bias = (None if ctx.bias_dtype is None else
                          grad_out.sum((0, 2, 3)).to(ctx.bias_dtype))
-            grad_x_query, grad_query_weight = project_grads(
-                x_query, query_weight, grad_query, query_dtype)
-            grad_key_weight = project_grads(
-                x, key_weight, grad_key, key_dtype, grad_x=grad_x)
-        _strided(grad_x, stride).add_(grad_x_query)
+            grad_both = torch.cat([
+                _at_input_positions(grad_query, x.shape[2:], stride),
+                grad_key], 1)
+            grad_query_weight, grad_key_weight = project_grads(
+                x, torch.cat([query_weight, key_weight]), grad_both,
+                embed_dtype, grad_x=grad_x).split(query_weight.shape[0])
         return (grad_x, grad_query_weight, grad_key_weight,
                 grad_prior.to(prior.dtype), grad_out_weight, grad_bias,
                 None, None, None, None)
@@ -155,9 +193,9 @@ def local_relation_layer(x: Tensor, query_weight: Tensor, key_weight: Tensor,
     backend = relation_backend(x)
     if (backend is None or torch.jit.is_tracing() or not _needs_grad(
             x, query_weight, key_weight, prior, out_weight, out_bias)):
-        query = project(_strided(x, stride), query_weight)
-        aggregated = local_relation(query, project(x, key_weight), x, prior,
-                                    kernel_size, stride, method)
+        query, key = _query_and_key(x, query_weight, key_weight, stride)
+        aggregated = local_relation(query, key, x, prior, kernel_size,
+                                    stride, method)
         return project(aggregated, out_weight, out_bias)
     return _LayerFunction.apply(x, query_weight, key_weight, prior,
                                 out_weight, out_bias, kernel_size, stride,

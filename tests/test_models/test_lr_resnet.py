@@ -4,6 +4,8 @@ local relation layer, the paper's widths rounded to whole groups, the stem a
 (shapes, out_indices, norm_eval, with_cp, empty batches, gradients) are the
 family's, in test_backbones.py; edges and bad options in
 test_attention_edges.py; sizes in test_pretrain_configs.py."""
+import copy
+
 import pytest
 import torch
 from helpers import tiny_backbone
@@ -134,3 +136,90 @@ def test_attention_tensor_names_are_the_relation_layers_tensors():
     expected = {name for name in model.state_dict()
                 if '.conv2.' in name or name.startswith('stem.3.')}
     assert set(model.attention_tensor_names()) == expected
+
+
+def _stem_calls(stem):
+    """Counts the forward calls of the stem's 1x1 conv (0: folded)."""
+    calls = []
+    stem[0].register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _modules_one_after_another(stem, x):
+    for module in stem:
+        x = module(x)
+    return x
+
+
+@pytest.mark.parametrize('norm_options', [
+    dict(), dict(momentum=None), dict(affine=False),
+    dict(track_running_stats=False)])
+def test_stem_folds_its_conv_norm_and_relu_exactly(norm_options):
+    """Training (BN on the batch's statistics): the stem's 1x1 conv, BN and
+    ReLU run as one matmul with the statistics from the input's covariance,
+    and give what the modules do one after another: output, every
+    gradient (the input's too), the running statistics over steps
+    (momentum or cumulative), float64 to 1e-10."""
+    torch.manual_seed(0)
+    model = tiny_backbone('LRResNet', 26).double()
+    stem = model.stem
+    stem[1] = nn.BatchNorm2d(stem[1].num_features, **norm_options).double()
+    stem.train()
+    reference = copy.deepcopy(stem)
+    calls = _stem_calls(stem)
+    for step in range(3):
+        x = (torch.randn(2, 3, 12, 10, dtype=torch.float64) * 2 + step
+             ).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        out = stem(x)
+        expected = _modules_one_after_another(reference, x_ref)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected.backward(grad)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10,
+                                   atol=1e-10)
+    assert not calls  # the conv module never ran: folded
+    for (name, p), q in zip(stem.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10,
+                                   msg=name)
+    for (name, b), c in zip(stem.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_stem_folds_under_bf16_autocast_as_the_modules_compute():
+    torch.manual_seed(0)
+    stem = tiny_backbone('LRResNet', 26).stem.train()
+    reference = copy.deepcopy(stem)
+    x = torch.randn(2, 3, 16, 12)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = stem(x)
+        expected = _modules_one_after_another(reference, x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05,
+                               atol=0.05)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in stem.parameters())
+
+
+@pytest.mark.parametrize('case', ['eval', 'SyncBN', 'GN', 'one value'])
+def test_stem_runs_its_modules_where_the_fold_does_not_hold(case):
+    """Running statistics (eval), a norm other than nn.BatchNorm2d, or a
+    batch BN refuses (one value a channel): the modules run, with their
+    results and errors."""
+    torch.manual_seed(0)
+    norm_cfg = dict(type=case, num_groups=4) if case == 'GN' else (
+        dict(type=case) if case == 'SyncBN' else dict(type='BN'))
+    stem = tiny_backbone('LRResNet', 26, norm_cfg=norm_cfg).stem
+    stem.train(case != 'eval')
+    calls = _stem_calls(stem)
+    if case == 'one value':
+        with pytest.raises(ValueError, match='more than 1 value per channel'):
+            stem(torch.randn(1, 3, 1, 1))
+        assert calls
+        return
+    x = torch.randn(2, 3, 12, 10)
+    reference = copy.deepcopy(stem)
+    torch.testing.assert_close(stem(x),
+                               _modules_one_after_another(reference, x))
+    assert calls

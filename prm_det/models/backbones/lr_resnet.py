@@ -35,10 +35,13 @@ against the paper's.
 import math
 from typing import Optional
 
+import torch
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from torch import nn
 
 from prm_det.ops.local_relation import SIMILARITIES
+from prm_det.ops.pointwise_norm import (pointwise_batch_moments,
+                                        pointwise_norm_relu)
 
 from ..layers.local_relation import LocalRelation2d
 from ..registry import register_model
@@ -129,6 +132,61 @@ class LRBasicBlock(PluginBasicBlock):
         self.add_module(self.norm1_name,
                         build_norm_layer(norm_cfg, width, postfix=1)[1])
         self.conv2 = LocalRelation2d(width, planes, **local_relation)
+
+
+class LRStem(nn.Sequential):
+    """The paper's stem: 1x1 conv, BN, ReLU, the strided local relation
+    layer, BN, ReLU (``stem.0`` ... ``stem.5``, as modules one after
+    another in a state dict).
+
+    Where its first BN normalizes with the batch's statistics (training)
+    and is a plain ``nn.BatchNorm2d`` after a plain 1x1 ``nn.Conv2d``
+    without bias, the first three run as one matmul with the statistics
+    taken from the input's covariance
+    (:mod:`prm_det.ops.pointwise_norm`: the same numbers, the full
+    resolution map written once instead of read and written seven times);
+    the running statistics are updated as BatchNorm does. Otherwise
+    (evaluation with running statistics, SyncBN, GN, another conv_cfg, a
+    batch of one value per channel) the modules run.
+    """
+
+    def forward(self, x):
+        conv, norm, relu = self[0], self[1], self[2]
+        if _folds_into_one_matmul(conv, norm, x):
+            x = _pointwise_norm_relu(x, conv, norm)
+        else:
+            x = relu(norm(conv(x)))
+        for module in self[3:]:
+            x = module(x)
+        return x
+
+
+def _folds_into_one_matmul(conv, norm, x) -> bool:
+    batch_statistics = norm.training or not norm.track_running_stats
+    return (batch_statistics and type(norm) is nn.BatchNorm2d
+            and type(conv) is nn.Conv2d and conv.bias is None
+            and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.groups == 1
+            and x.dim() == 4 and x.numel() > x.shape[1])
+
+
+def _pointwise_norm_relu(x, conv, norm):
+    """The first three of :class:`LRStem` as one matmul, BatchNorm's
+    running statistics updated as in ``nn.BatchNorm2d.forward``."""
+    mean, var = pointwise_batch_moments(x, conv.weight)
+    if norm.training and norm.track_running_stats:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            factor = (1.0 / norm.num_batches_tracked.to(mean.dtype)
+                      if norm.momentum is None else norm.momentum)
+            count = x.numel() // x.shape[1]
+            unbiased = var * (count / (count - 1))
+            for running, batch in ((norm.running_mean, mean),
+                                   (norm.running_var, unbiased)):
+                running.copy_(torch.lerp(running.to(batch.dtype), batch,
+                                         factor))
+    return pointwise_norm_relu(x, conv.weight, norm.weight, norm.bias, mean,
+                               var, norm.eps)
 
 
 def _check_local_relation(local_relation: Optional[dict]) -> dict:
@@ -258,7 +316,7 @@ class LRResNet(AttentionResNet):
         # a `stem` Sequential as mmdet's deep stem: its forward and
         # _freeze_stages take it whole
         self.deep_stem = True
-        self.stem = nn.Sequential(
+        self.stem = LRStem(
             build_conv_layer(self.conv_cfg, in_channels, stem_channels,
                              kernel_size=1, bias=False),
             build_norm_layer(self.norm_cfg, stem_channels)[1],
