@@ -155,11 +155,11 @@ def _modules_one_after_another(stem, x):
     dict(), dict(momentum=None), dict(affine=False),
     dict(track_running_stats=False)])
 def test_stem_folds_its_conv_norm_and_relu_exactly(norm_options):
-    """Training (BN on the batch's statistics): the stem's 1x1 conv, BN and
-    ReLU run as one matmul with the statistics from the input's covariance,
-    and give what the modules do one after another: output, every
-    gradient (the input's too), the running statistics over steps
-    (momentum or cumulative), float64 to 1e-10."""
+    """The stem's 1x1 conv, BN and ReLU run as one matmul (in training with
+    the batch's statistics from the input's covariance) and give what the
+    modules do one after another: output, every gradient (the input's
+    too), the running statistics over steps (momentum or cumulative), then
+    the output in evaluation, float64 to 1e-10."""
     torch.manual_seed(0)
     model = tiny_backbone('LRResNet', 26).double()
     stem = model.stem
@@ -185,6 +185,15 @@ def test_stem_folds_its_conv_norm_and_relu_exactly(norm_options):
                                    msg=name)
     for (name, b), c in zip(stem.named_buffers(), reference.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-10, msg=name)
+    # evaluation: the running statistics (or the batch's, untracked)
+    stem.eval()
+    reference.eval()
+    x = torch.randn(2, 3, 12, 10, dtype=torch.float64) + 1
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stem(x), _modules_one_after_another(reference, x), rtol=1e-10,
+            atol=1e-10)
+    assert not calls
 
 
 def test_stem_folds_under_bf16_autocast_as_the_modules_compute():
@@ -202,17 +211,24 @@ def test_stem_folds_under_bf16_autocast_as_the_modules_compute():
     assert all(torch.isfinite(p.grad).all() for p in stem.parameters())
 
 
-@pytest.mark.parametrize('case', ['eval', 'SyncBN', 'GN', 'one value'])
+@pytest.mark.parametrize('case', ['SyncBN', 'GN', 'one value', 'tracing'])
 def test_stem_runs_its_modules_where_the_fold_does_not_hold(case):
-    """Running statistics (eval), a norm other than nn.BatchNorm2d, or a
-    batch BN refuses (one value a channel): the modules run, with their
-    results and errors."""
+    """A norm other than nn.BatchNorm2d, a batch BN refuses (one value a
+    channel), tracing (get_flops, ONNX export): the modules run, with
+    their results and errors."""
     torch.manual_seed(0)
     norm_cfg = dict(type=case, num_groups=4) if case == 'GN' else (
         dict(type=case) if case == 'SyncBN' else dict(type='BN'))
     stem = tiny_backbone('LRResNet', 26, norm_cfg=norm_cfg).stem
-    stem.train(case != 'eval')
+    stem.train(case != 'tracing')
     calls = _stem_calls(stem)
+    if case == 'tracing':
+        x = torch.randn(1, 3, 12, 10)
+        with torch.no_grad():
+            traced = torch.jit.trace(stem, x)
+            assert calls
+            torch.testing.assert_close(traced(x), stem(x))
+        return
     if case == 'one value':
         with pytest.raises(ValueError, match='more than 1 value per channel'):
             stem(torch.randn(1, 3, 1, 1))

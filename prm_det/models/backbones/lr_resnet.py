@@ -139,15 +139,16 @@ class LRStem(nn.Sequential):
     layer, BN, ReLU (``stem.0`` ... ``stem.5``, as modules one after
     another in a state dict).
 
-    Where its first BN normalizes with the batch's statistics (training)
-    and is a plain ``nn.BatchNorm2d`` after a plain 1x1 ``nn.Conv2d``
-    without bias, the first three run as one matmul with the statistics
-    taken from the input's covariance
-    (:mod:`prm_det.ops.pointwise_norm`: the same numbers, the full
-    resolution map written once instead of read and written seven times);
-    the running statistics are updated as BatchNorm does. Otherwise
-    (evaluation with running statistics, SyncBN, GN, another conv_cfg, a
-    batch of one value per channel) the modules run.
+    Where the first BN is a plain ``nn.BatchNorm2d`` after a plain 1x1
+    ``nn.Conv2d`` without bias, the first three run as one matmul with
+    BatchNorm folded into the conv's weight and a bias
+    (:mod:`prm_det.ops.pointwise_norm`: the full-resolution map written
+    once instead of written three times and read four more): with the
+    running statistics in evaluation, and in training with the batch's,
+    taken from the input's covariance (the same numbers), the running
+    statistics updated as BatchNorm does. Otherwise (SyncBN, GN, another
+    conv_cfg, a batch BN refuses, and while tracing: get_flops and ONNX
+    export see the modules) the modules run.
     """
 
     def forward(self, x):
@@ -161,18 +162,28 @@ class LRStem(nn.Sequential):
         return x
 
 
+def _batch_statistics(norm) -> bool:
+    """Whether ``norm`` normalizes with the batch's statistics (as
+    ``_BatchNorm.forward`` decides)."""
+    return norm.training or not norm.track_running_stats
+
+
 def _folds_into_one_matmul(conv, norm, x) -> bool:
-    batch_statistics = norm.training or not norm.track_running_stats
-    return (batch_statistics and type(norm) is nn.BatchNorm2d
-            and type(conv) is nn.Conv2d and conv.bias is None
-            and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and conv.groups == 1
-            and x.dim() == 4 and x.numel() > x.shape[1])
+    return (type(norm) is nn.BatchNorm2d and type(conv) is nn.Conv2d
+            and conv.bias is None and conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.groups == 1 and x.dim() == 4
+            # BN refuses one value a channel in training: its error
+            and x.numel() > x.shape[1] and not torch.jit.is_tracing())
 
 
 def _pointwise_norm_relu(x, conv, norm):
     """The first three of :class:`LRStem` as one matmul, BatchNorm's
-    running statistics updated as in ``nn.BatchNorm2d.forward``."""
+    running statistics used or updated as in ``nn.BatchNorm2d.forward``."""
+    if not _batch_statistics(norm):
+        return pointwise_norm_relu(x, conv.weight, norm.weight, norm.bias,
+                                   norm.running_mean, norm.running_var,
+                                   norm.eps)
     mean, var = pointwise_batch_moments(x, conv.weight)
     if norm.training and norm.track_running_stats:
         with torch.no_grad():
