@@ -12,13 +12,23 @@ ReLU: the C_out-channel map is written once, where the modules write it
 three times (conv, norm, ReLU) and read it four times more for the
 statistics and backward; backward is ReLU's and the matmul's (the
 statistics' gradients reach the weights through the small tensors).
-Measured on 2 CPU cores at 2x3x224x224 -> 64 channels: a training step's
-forward and backward 36 ms as modules, 10-12 ms here.
+
+The matmul and ReLU run on the C++ kernels (``csrc/pointwise_relu_cpu.cpp``)
+for float32/float64 CPU maps in eager mode where PRM's CPU backend is
+chosen: forward writes the map once, backward reads the output gradient
+and the output once for the weight's and bias's gradients (no masked copy).
+Elsewhere (CUDA, autocast, torch.compile, tracing, the torch backends)
+torch ops: ``baddbmm``, ``relu_``. Measured on 2 CPU cores
+(``benchmarks/results/``): 2x3x224x224 -> 64 channels, a training step's
+forward and backward 36 ms as modules.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .backends import cpu
+from .local_relation_op import CPU, relation_backend
 
 
 def pointwise_batch_moments(x: Tensor, weight: Tensor) -> Tuple[Tensor,
@@ -55,7 +65,40 @@ def pointwise_norm_relu(x: Tensor, weight: Tensor,
         shift = shift + norm_bias
     folded = weight.reshape(out_channels, channels) * scale[:, None]
     folded = folded.to(weight.dtype)
-    out = torch.baddbmm(shift.to(folded.dtype)[:, None],
-                        folded.expand(b, out_channels, channels),
-                        x.reshape(b, channels, h * w))
-    return out.relu_().view(b, out_channels, h, w)
+    shift = shift.to(weight.dtype)
+    flat = x.reshape(b, channels, h * w)
+    if _on_the_kernel(flat, folded):
+        out = _PointwiseReLU.apply(flat, folded, shift)
+    else:
+        out = torch.baddbmm(shift[:, None],
+                            folded.expand(b, out_channels, channels),
+                            flat).relu_()
+    return out.view(b, out_channels, h, w)
+
+
+def _on_the_kernel(x: Tensor, weight: Tensor) -> bool:
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == weight.dtype and relation_backend(x) == CPU)
+
+
+class _PointwiseReLU(torch.autograd.Function):
+    """``relu(weight @ x + bias[:, None])`` for x [b, C_in, P] on the C++
+    kernels; backward keeps x and the output (the next layer's input,
+    kept by it anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        out = cpu._ops().pointwise_relu_forward_cpu(x, weight, bias)
+        ctx.save_for_backward(x, weight, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = \
+            cpu._ops().pointwise_relu_backward_cpu(
+                grad_out.contiguous(), out, x, weight,
+                ctx.needs_input_grad[0])
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_weight,
+                grad_bias)

@@ -169,12 +169,12 @@ def _batch_statistics(norm) -> bool:
 
 
 def _folds_into_one_matmul(conv, norm, x) -> bool:
-    return (type(norm) is nn.BatchNorm2d and type(conv) is nn.Conv2d
-            and conv.bias is None and conv.kernel_size == (1, 1)
-            and conv.stride == (1, 1) and conv.padding == (0, 0)
-            and conv.groups == 1 and x.dim() == 4
+    return (not torch.jit.is_tracing() and type(norm) is nn.BatchNorm2d
+            and type(conv) is nn.Conv2d and conv.bias is None
+            and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.groups == 1 and x.dim() == 4
             # BN refuses one value a channel in training: its error
-            and x.numel() > x.shape[1] and not torch.jit.is_tracing())
+            and x.numel() > x.shape[1])
 
 
 def _pointwise_norm_relu(x, conv, norm):
