@@ -102,19 +102,24 @@ def project_grads(x: Tensor, weight: Tensor, grad: Tensor,
 
 def _query_and_key(x: Tensor, query_weight: Tensor, key_weight: Tensor,
                    stride: int):
-    """The query (at the output's positions) and the key: one 1x1
-    projection of x to both (2G channels, one pass over x), the query then
-    taken at every stride-th position of its G channels (rather than
-    gathering the strided input's C channels for a projection of its
-    own)."""
+    """The query (at the output's positions) and the key (at every input
+    position). At stride 1 both see the same positions: one 1x1
+    projection of x to both (2G channels, one pass over x). Strided, the
+    query projects the input's strided positions only (what the layer
+    computes, and what get_flops counts)."""
+    if stride > 1:
+        return (project(_strided(x, stride), query_weight),
+                project(x, key_weight))
     groups = query_weight.shape[0]
     both = project(x, torch.cat([query_weight, key_weight]))
-    return _strided(both[:, :groups], stride), both[:, groups:]
+    return both[:, :groups], both[:, groups:]
 
 
 def _at_input_positions(grad_query: Tensor, size, stride: int) -> Tensor:
     """The query's gradient on the input's grid (zero where no output
-    sits): the projection's output gradient there."""
+    sits): backward takes the query's and the key's weight and input
+    gradients in one matmul each over x, and no strided copy of x's C
+    channels."""
     if stride == 1:
         return grad_query
     full = grad_query.new_zeros(*grad_query.shape[:2], *size)
