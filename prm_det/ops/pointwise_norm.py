@@ -1,6 +1,6 @@
-"""A 1x1 convolution, BatchNorm with the batch's statistics and ReLU, as
-one matmul: ``relu(bn(conv1x1(x)))`` for an input of few channels (LR-Net's
-stem: 3 -> 64 at the image's full resolution).
+"""A 1x1 convolution, BatchNorm and ReLU, as one matmul:
+``relu(bn(conv1x1(x)))`` for an input of few channels (LR-Net's stem:
+3 -> 64 at the image's full resolution).
 
 A 1x1 convolution is linear in its input, so the batch statistics of its
 output channel c are those of the input seen through the weight's row w_c:
@@ -19,8 +19,9 @@ chosen: forward writes the map once, backward reads the output gradient
 and the output once for the weight's and bias's gradients (no masked copy).
 Elsewhere (CUDA, autocast, torch.compile, tracing, the torch backends)
 torch ops: ``baddbmm``, ``relu_``. Measured on 2 CPU cores
-(``benchmarks/results/``): 2x3x224x224 -> 64 channels, a training step's
-forward and backward 36 ms as modules.
+(``benchmarks/results/cpu_2core_lr_resnet.md``), 2x3x224x224 -> 64
+channels, forward and backward with the batch's statistics: 26 ms as
+modules, 10.6 ms on torch ops, 5.8 ms on the kernels.
 """
 from typing import Optional, Tuple
 
