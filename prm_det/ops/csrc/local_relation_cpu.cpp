@@ -161,6 +161,17 @@ struct Geometry {
 
 // ---------------------------------------------------------------- forward
 
+// Per column offset dj, a row of Wp (the padded output row): 1 on its
+// in-map output columns, 0 elsewhere (the padding included).
+template <typename T>
+std::vector<T> in_map_columns(const Geometry& g, int64_t Wp) {
+  std::vector<T> valid(static_cast<size_t>(g.k * Wp), T(0));
+  for (int64_t dj = 0; dj < g.k; ++dj)
+    for (int64_t j = g.col_lo[dj]; j < std::min(g.col_hi[dj], g.Wo); ++j)
+      valid[dj * Wp + j] = T(1);
+  return valid;
+}
+
 // A row of an input plane regrouped for a stride: its s phases (the input
 // columns x = s * u + p for phase p), each padded with P zeros on both
 // sides, so that an offset's input column s * j + dx of every output
@@ -312,11 +323,7 @@ void forward_kernel(const Geometry& g, Similarity method, const T* query,
   constexpr int64_t V = VecOf<T>::kLanes;
   const int64_t Wp = (Wo + V - 1) / V * V;
   const Phases ph(g, Wp);
-  // per column offset dj: 1 on its in-map output columns, 0 elsewhere
-  std::vector<T> valid(static_cast<size_t>(g.k * Wp), T(0));
-  for (int64_t dj = 0; dj < g.k; ++dj)
-    for (int64_t j = g.col_lo[dj]; j < std::min(g.col_hi[dj], Wo); ++j)
-      valid[dj * Wp + j] = T(1);
+  const std::vector<T> valid = in_map_columns<T>(g, Wp);
   // rows per task chunk: about 64k multiply-adds of weighted sums each
   const int64_t work = std::max<int64_t>(1, g.m * taps * Wo);
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
@@ -424,35 +431,41 @@ void forward_kernel(const Geometry& g, Similarity method, const T* query,
 
 // --------------------------------------------------------------- backward
 
-// One offset's weights exp(logit - lse) along its in-map columns (krow:
-// the offset's key columns at unit stride, Phases).
+// One offset's weights exp(logit - lse) along the padded row, 0 outside
+// its in-map columns (valid: 1 there; a whole row of vector blocks, no
+// scalar remainder: at 14 or 7 columns a remainder loop was all there was);
+// krow: the offset's key columns at unit stride (Phases), q and lse: rows
+// padded with zeros.
 template <Similarity M, typename T>
 void tap_weights(const T* __restrict__ q, const T* __restrict__ krow, T p,
-                 const T* __restrict__ lse, int64_t lo, int64_t hi,
-                 T* __restrict__ w) {
+                 const T* __restrict__ lse, const T* __restrict__ valid,
+                 int64_t Wp, T* __restrict__ w) {
 #pragma omp simd
-  for (int64_t j = lo; j < hi; ++j) {
+  for (int64_t j = 0; j < Wp; ++j) {
     const T l = phi<M>(q[j], krow[j]) + p;
-    w[j] = weight_exp(T(l - lse[j]));
+    const T e = weight_exp(T(l - lse[j]));
+    w[j] = valid[j] != T(0) ? e : T(0);
   }
 }
 
-// One offset's logit gradients dlogit = w (dw - D) along its in-map
-// columns: into the query's row, the key's regrouped row (scattered) and
-// the offset's prior sum (returned); in the dtype (each element at most
-// k * k terms).
+// One offset's logit gradients dlogit = w (dw - D) along the padded row (0
+// outside its in-map columns, whatever the padding holds): into the query's
+// row, the key's regrouped row (scattered; its padding is never copied
+// back) and the offset's prior sum (returned); in the dtype (each element
+// at most k * k terms).
 template <Similarity M, typename T>
 T tap_logit_grads(const T* __restrict__ q, const T* __restrict__ krow,
                   const T* __restrict__ w, const T* __restrict__ dw,
-                  const T* __restrict__ D, int64_t lo, int64_t hi,
-                  T* __restrict__ gq, T* __restrict__ gkrow) {
+                  const T* __restrict__ D, const T* __restrict__ valid,
+                  int64_t Wp, T* __restrict__ gq, T* __restrict__ gkrow) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = lo; j < hi; ++j) {
-    const T dl = w[j] * (dw[j] - D[j]);
+  for (int64_t j = 0; j < Wp; ++j) {
+    const bool in = valid[j] != T(0);
+    const T dl = in ? w[j] * (dw[j] - D[j]) : T(0);
     sum += dl;
-    gq[j] += dl * phi_grad_query<M>(q[j], krow[j]);
-    gkrow[j] += dl * phi_grad_key<M>(q[j], krow[j]);
+    gq[j] += in ? dl * phi_grad_query<M>(q[j], krow[j]) : T(0);
+    gkrow[j] += in ? dl * phi_grad_key<M>(q[j], krow[j]) : T(0);
   }
   return sum;
 }
@@ -567,6 +580,7 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
   // fell in one set: 2 x m lines per offset in an 8-way L1, 5x the time)
   constexpr int64_t kPage = 4096 / sizeof(T);
   const int64_t plen = (g.H * len + kPage - 1) / kPage * kPage + V;
+  const std::vector<T> valid = in_map_columns<T>(g, Wp);
   at::parallel_for(0, g.B * g.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> vph(static_cast<size_t>(g.m * plen));
     std::vector<T> gvph(static_cast<size_t>(g.m * plen));
@@ -582,6 +596,9 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
     std::vector<T> acc(static_cast<size_t>(g.m * Wp));
     std::vector<T> d_total(static_cast<size_t>(Wp));
     std::vector<T> gq(static_cast<size_t>(Wp));
+    // the row's query and log-sum-exp, padded with zeros
+    std::vector<T> qpad(static_cast<size_t>(Wp), T(0));
+    std::vector<T> lpad(static_cast<size_t>(Wp), T(0));
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / g.G, grp = bg % g.G;
       const int64_t first = b * g.C + grp * g.m;  // the group's first plane
@@ -605,28 +622,30 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
       for (int64_t i = 0; i < g.Ho; ++i) {
         const int64_t di_lo = g.row_lo(i), di_hi = g.row_hi(i);
         const int64_t row = (bg * g.Ho + i) * Wo;
-        const T* __restrict__ q = query + row;
-        const T* __restrict__ lr = lse + row;
+        T* __restrict__ q = qpad.data();
+        T* __restrict__ lr = lpad.data();
+        std::copy(query + row, query + row + Wo, q);
+        std::copy(lse + row, lse + row + Wo, lr);
         // the weights
         for (int64_t di = di_lo; di < di_hi; ++di) {
           const int64_t y = i * g.s + di - g.r;
           for (int64_t dj = 0; dj < g.k; ++dj) {
             const int64_t t = di * g.k + dj;
-            const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
             const T* kb = at(kph.data(), y, dj);
+            const T* vd = valid.data() + dj * Wp;
             T* w = weights + t * WB;
             switch (method) {
               case Similarity::kSquaredDifference:
                 tap_weights<Similarity::kSquaredDifference>(q, kb, pr[t], lr,
-                                                            lo, hi, w);
+                                                            vd, Wp, w);
                 break;
               case Similarity::kDotProduct:
-                tap_weights<Similarity::kDotProduct>(q, kb, pr[t], lr, lo,
-                                                     hi, w);
+                tap_weights<Similarity::kDotProduct>(q, kb, pr[t], lr, vd,
+                                                     Wp, w);
                 break;
               case Similarity::kAbsoluteDifference:
                 tap_weights<Similarity::kAbsoluteDifference>(q, kb, pr[t],
-                                                             lr, lo, hi, w);
+                                                             lr, vd, Wp, w);
                 break;
             }
           }
@@ -663,7 +682,7 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
           const T* __restrict__ gor = go + c * WB;
           std::copy(a, a + Wo, out + ((first + c) * g.Ho + i) * Wo);
 #pragma omp simd
-          for (int64_t j = 0; j < Wo; ++j) D[j] += gor[j] * a[j];
+          for (int64_t j = 0; j < Wp; ++j) D[j] += gor[j] * a[j];
         }
         // dlogit_d = w_d (dw_d - D): the query's, the key's and the
         // prior's gradients
@@ -675,22 +694,22 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
             const int64_t t = di * g.k + dj;
             const T* kb = at(kph.data(), y, dj);
             T* gkb = at(gkph.data(), y, dj);
-            const int64_t lo = g.col_lo[dj], hi = g.col_hi[dj];
+            const T* vd = valid.data() + dj * Wp;
             const T* w = weights + t * WB;
             const T* dw = dweights.data() + t * Wp;
             T sum = 0;
             switch (method) {
               case Similarity::kSquaredDifference:
                 sum = tap_logit_grads<Similarity::kSquaredDifference>(
-                    q, kb, w, dw, D, lo, hi, gqr, gkb);
+                    q, kb, w, dw, D, vd, Wp, gqr, gkb);
                 break;
               case Similarity::kDotProduct:
                 sum = tap_logit_grads<Similarity::kDotProduct>(
-                    q, kb, w, dw, D, lo, hi, gqr, gkb);
+                    q, kb, w, dw, D, vd, Wp, gqr, gkb);
                 break;
               case Similarity::kAbsoluteDifference:
                 sum = tap_logit_grads<Similarity::kAbsoluteDifference>(
-                    q, kb, w, dw, D, lo, hi, gqr, gkb);
+                    q, kb, w, dw, D, vd, Wp, gqr, gkb);
                 break;
             }
             pp[t] += double(sum);
