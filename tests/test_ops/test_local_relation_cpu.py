@@ -34,6 +34,12 @@ CASES = [
     (1, 2, 2, 1, 9, 3, 1),     # a single row
     (2, 2, 2, 8, 1, 7, 2),     # a single column
 ]
+# rows of several vector blocks (16 float32 / 8 float64 lanes) and a
+# remainder: the stride-2 phases split and merged a vector at a time
+WIDE = [
+    (1, 8, 2, 5, 37, 7, 2),
+    (1, 4, 2, 4, 40, 7, 1),
+]
 
 
 def _case_id(case):
@@ -89,7 +95,7 @@ NAMES = ('grad_query', 'grad_key', 'grad_value', 'grad_prior')
 
 
 @pytest.mark.parametrize('method', SIMILARITIES)
-@pytest.mark.parametrize('case', CASES, ids=_case_id)
+@pytest.mark.parametrize('case', CASES + WIDE, ids=_case_id)
 def test_float64_matches_reference_and_torch_backend(case, method):
     k, s = case[5], case[6]
     inputs = _inputs(case, torch.float64)
@@ -111,7 +117,8 @@ def test_float64_matches_reference_and_torch_backend(case, method):
 
 
 @pytest.mark.parametrize('method', SIMILARITIES)
-@pytest.mark.parametrize('case', CASES[:7] + CASES[9:10], ids=_case_id)
+@pytest.mark.parametrize('case', CASES[:7] + CASES[9:10] + WIDE,
+                         ids=_case_id)
 def test_float32_matches_reference_and_torch_backend(case, method):
     k, s = case[5], case[6]
     inputs = _inputs(case, torch.float32)

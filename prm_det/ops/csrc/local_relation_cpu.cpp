@@ -172,6 +172,20 @@ std::vector<T> in_map_columns(const Geometry& g, int64_t Wp) {
   return valid;
 }
 
+// GCC / Clang vectors of 64 bytes (lowered to the ISA's registers), loaded
+// and stored at any alignment
+template <typename T> struct VecOf;
+template <> struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t index __attribute__((vector_size(64)));  // lane indices
+  static constexpr int64_t kLanes = 16;
+};
+template <> struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64), aligned(8)));
+  typedef int64_t index __attribute__((vector_size(64)));
+  static constexpr int64_t kLanes = 8;
+};
+
 // A row of an input plane regrouped for a stride: its s phases (the input
 // columns x = s * u + p for phase p), each padded with P zeros on both
 // sides, so that an offset's input column s * j + dx of every output
@@ -195,24 +209,84 @@ struct Phases {
   int64_t size() const { return s * L; }
 };
 
+// row[2 u + p] into phase p's u for both phases, a vector of each at a
+// time from two loads (one two-source shuffle: the generic loop's stride-2
+// loads were a sixth of the stem layer's backward); returns the first u
+// not done (the rest: scalar; all of it where the compiler has no
+// __builtin_shuffle, Clang).
+template <typename T>
+int64_t split_even_odd(const T* __restrict__ row, int64_t W,
+                       T* __restrict__ even, T* __restrict__ odd) {
+#if defined(__clang__)
+  return 0;
+#else
+  using vec = typename VecOf<T>::type;
+  using index = typename VecOf<T>::index;
+  constexpr int64_t V = VecOf<T>::kLanes;
+  index evens, odds;
+  for (int64_t l = 0; l < V; ++l) {
+    evens[l] = 2 * l;
+    odds[l] = 2 * l + 1;
+  }
+  int64_t u = 0;
+  for (; 2 * (u + V) <= W; u += V) {
+    const vec a = *reinterpret_cast<const vec*>(row + 2 * u);
+    const vec b = *reinterpret_cast<const vec*>(row + 2 * u + V);
+    *reinterpret_cast<vec*>(even + u) = __builtin_shuffle(a, b, evens);
+    *reinterpret_cast<vec*>(odd + u) = __builtin_shuffle(a, b, odds);
+  }
+  return u;
+#endif
+}
+
+// The inverse: dst[2 u + p] = phase p's u for u < done (returned),
+// 2 * done <= W (the rest: scalar; Clang: all of it).
+template <typename T>
+int64_t merge_even_odd(const T* __restrict__ even,
+                       const T* __restrict__ odd, int64_t W,
+                       T* __restrict__ dst) {
+#if defined(__clang__)
+  return 0;
+#else
+  using vec = typename VecOf<T>::type;
+  using index = typename VecOf<T>::index;
+  constexpr int64_t V = VecOf<T>::kLanes;
+  index low, high;  // lane l of the result: even[l / 2] or odd[l / 2]
+  for (int64_t l = 0; l < V; ++l) {
+    low[l] = l / 2 + (l % 2) * V;
+    high[l] = V / 2 + l / 2 + (l % 2) * V;
+  }
+  int64_t u = 0;
+  for (; 2 * (u + V) <= W; u += V) {
+    const vec e = *reinterpret_cast<const vec*>(even + u);
+    const vec o = *reinterpret_cast<const vec*>(odd + u);
+    *reinterpret_cast<vec*>(dst + 2 * u) = __builtin_shuffle(e, o, low);
+    *reinterpret_cast<vec*>(dst + 2 * u + V) = __builtin_shuffle(e, o, high);
+  }
+  return u;
+#endif
+}
+
 template <typename T>
 void fill_phases(const Phases& ph, const T* __restrict__ row, int64_t W,
                  T* __restrict__ buf) {
   const int64_t s = ph.s, P = ph.P, L = ph.L;
+  // phase p's columns: min(L - P, ceil((W - p) / s))
+  auto count = [&](int64_t p) {
+    return W > p ? std::min(L - P, (W - p + s - 1) / s) : int64_t(0);
+  };
+  int64_t done = 0;  // columns u of every phase already written
+  if (s == 2 && count(0) == (W + 1) / 2)
+    done = split_even_odd(row, W, buf + P, buf + L + P);
   for (int64_t p = 0; p < s; ++p) {
     T* __restrict__ b = buf + p * L;
-    const int64_t n = W > p ? std::min(L - P, (W - p + s - 1) / s) : 0;
+    const int64_t n = count(p);
     std::fill(b, b + P, T(0));
     if (s == 1) {
       std::copy(row, row + n, b + P);
-    } else if (s == 2) {  // a constant stride: shuffles, not gathers
-      const T* __restrict__ src = row + p;
-#pragma omp simd
-      for (int64_t u = 0; u < n; ++u) b[P + u] = src[2 * u];
     } else {
       const T* __restrict__ src = row + p;
-#pragma omp simd
-      for (int64_t u = 0; u < n; ++u) b[P + u] = src[u * s];
+      for (int64_t u = done; u < n; ++u) b[P + u] = src[u * s];
     }
     std::fill(b + P + n, b + L, T(0));
   }
@@ -255,18 +329,6 @@ void tap_exp(const T* __restrict__ peak, const T* __restrict__ valid,
 // product with the reciprocal; double: the quotient)
 inline float scale_out(float a, float inv, float) { return a * inv; }
 inline double scale_out(double a, double, double tot) { return a / tot; }
-
-// GCC / Clang vectors of 64 bytes (lowered to the ISA's registers), loaded
-// and stored at any alignment
-template <typename T> struct VecOf;
-template <> struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64), aligned(4)));
-  static constexpr int64_t kLanes = 16;
-};
-template <> struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64), aligned(8)));
-  static constexpr int64_t kLanes = 8;
-};
 
 // channels per pass over a row's weights: their sums' vectors stay in
 // registers (32 of them on AVX-512, 16 narrower ones on AVX2)
@@ -728,8 +790,12 @@ void backward_kernel(const Geometry& g, Similarity method, const T* grad_out,
             std::copy(src + ph.P, src + ph.P + g.W, dst);
             continue;
           }
+          const int64_t done =
+              ph.s == 2 ? merge_even_odd(src + ph.P, src + ph.L + ph.P, g.W,
+                                         dst)
+                        : 0;
           for (int64_t p = 0; p < ph.s; ++p)
-            for (int64_t u = 0; p + u * ph.s < g.W; ++u)
+            for (int64_t u = done; p + u * ph.s < g.W; ++u)
               dst[p + u * ph.s] = src[p * ph.L + ph.P + u];
         }
       }
