@@ -76,28 +76,31 @@ def project(x: Tensor, weight: Tensor,
     return out.view(b, weight.shape[0], h, w)  # (b may be 0)
 
 
-def project_grads(x: Tensor, weight: Tensor, grad: Tensor,
-                  dtype: torch.dtype, grad_x: Optional[Tensor] = None):
-    """(input, weight) gradients of :func:`project` computed in ``dtype``
-    (forward's), each in its tensor's dtype; given ``grad_x`` (contiguous,
-    of x's shape and dtype), the weight's gradient only, the input's added
-    into ``grad_x`` (in the bmm where the dtypes agree: one pass over the
-    map less)."""
+def project_weight_grad(x: Tensor, weight: Tensor, grad: Tensor,
+                        dtype: torch.dtype) -> Tensor:
+    """The gradient of :func:`project`'s weight for the output gradient
+    ``grad``, computed in ``dtype`` (forward's), in the weight's dtype."""
     b, channels, h, w = x.shape
     grad = grad.to(dtype).reshape(b, weight.shape[0], h * w)
-    weight_t = _batched(
-        weight.reshape(weight.shape[0], channels).to(dtype).t(), b)
     grad_weight = torch.bmm(
         grad, x.to(dtype).reshape(b, channels, h * w).transpose(1, 2)).sum(0)
-    grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
-    if grad_x is None:
-        grad_x = torch.bmm(weight_t, grad).view(x.shape).to(x.dtype)
-        return grad_x, grad_weight
+    return grad_weight.view(weight.shape).to(weight.dtype)
+
+
+def project_grads(x: Tensor, weight: Tensor, grad: Tensor,
+                  dtype: torch.dtype, grad_x: Tensor) -> Tensor:
+    """:func:`project_weight_grad`, and the input's gradient added into
+    ``grad_x`` (of x's shape and dtype; in the matmul where the dtypes
+    agree and it is contiguous: one pass over the map less)."""
+    b, channels, h, w = x.shape
+    weight_t = _batched(
+        weight.reshape(weight.shape[0], channels).to(dtype).t(), b)
+    flat = grad.to(dtype).reshape(b, weight.shape[0], h * w)
     if grad_x.dtype == dtype and grad_x.is_contiguous():
-        grad_x.view(b, channels, h * w).baddbmm_(weight_t, grad)
+        grad_x.view(b, channels, h * w).baddbmm_(weight_t, flat)
     else:  # autocast (a lower precision), or a strided map
-        grad_x.add_(torch.bmm(weight_t, grad).view(x.shape))
-    return grad_weight
+        grad_x.add_(torch.bmm(weight_t, flat).view(x.shape))
+    return project_weight_grad(x, weight, grad, dtype)
 
 
 def _query_and_key(x: Tensor, query_weight: Tensor, key_weight: Tensor,
@@ -170,8 +173,8 @@ class _LayerFunction(torch.autograd.Function):
                 _aggregation_backward(
                     grad_aggregated.view(b, x.shape[1], ho, wo).to(x.dtype),
                     *args, lse, kernel_size, stride, method, backend)
-            _, grad_out_weight = project_grads(aggregated, out_weight,
-                                               grad_out, out_dtype)
+            grad_out_weight = project_weight_grad(aggregated, out_weight,
+                                                  grad_out, out_dtype)
             grad_bias = (None if ctx.bias_dtype is None else
                          grad_out.sum((0, 2, 3)).to(ctx.bias_dtype))
             grad_both = torch.cat([
@@ -179,7 +182,7 @@ class _LayerFunction(torch.autograd.Function):
                 grad_key], 1)
             grad_query_weight, grad_key_weight = project_grads(
                 x, torch.cat([query_weight, key_weight]), grad_both,
-                embed_dtype, grad_x=grad_x).split(query_weight.shape[0])
+                embed_dtype, grad_x).split(query_weight.shape[0])
         return (grad_x, grad_query_weight, grad_key_weight,
                 grad_prior.to(prior.dtype), grad_out_weight, grad_bias,
                 None, None, None, None)
