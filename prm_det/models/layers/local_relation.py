@@ -42,6 +42,13 @@ def relative_positions(kernel_size: int) -> Tensor:
     return torch.stack((rows, cols))[None]
 
 
+def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 ``conv`` with bias of one map ``x`` [C, h, w], as a matmul."""
+    weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
+    out = torch.addmm(conv.bias[:, None], weight, x.reshape(x.shape[0], -1))
+    return out.view(conv.out_channels, *x.shape[1:])
+
+
 @register_model
 class LocalRelation2d(nn.Module):
     """Local relation layer.
@@ -97,9 +104,11 @@ class LocalRelation2d(nn.Module):
                              persistent=False)
 
     def prior(self) -> Tensor:
-        """[groups, k, k]: the geometric prior's logits."""
-        hidden = F.relu(self.prior_fc1(self.positions))
-        return self.prior_fc2(hidden)[0]
+        """[groups, k, k]: the geometric prior's logits. The two 1x1 convs
+        over the k * k offsets as matmuls (a conv call on a 7x7 map cost
+        30-45 us on CPU, 34 calls an inference; the same multiply-adds)."""
+        hidden = F.relu(_pointwise(self.prior_fc1, self.positions[0]))
+        return _pointwise(self.prior_fc2, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return local_relation_layer(
