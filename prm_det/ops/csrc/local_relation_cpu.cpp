@@ -210,10 +210,10 @@ struct Phases {
 };
 
 // row[2 u + p] into phase p's u for both phases, a vector of each at a
-// time from two loads (one two-source shuffle: the generic loop's stride-2
-// loads were a sixth of the stem layer's backward); returns the first u
-// not done (the rest: scalar; all of it where the compiler has no
-// __builtin_shuffle, Clang).
+// time from two loads (one two-source shuffle each, in place of the
+// generic loop's scalar stride-2 loads); returns the first u not done (the
+// rest: scalar; all of it where the compiler has no __builtin_shuffle,
+// Clang).
 template <typename T>
 int64_t split_even_odd(const T* __restrict__ row, int64_t W,
                        T* __restrict__ even, T* __restrict__ odd) {
