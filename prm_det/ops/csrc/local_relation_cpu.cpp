@@ -286,6 +286,7 @@ void fill_phases(const Phases& ph, const T* __restrict__ row, int64_t W,
       std::copy(row, row + n, b + P);
     } else {
       const T* __restrict__ src = row + p;
+#pragma omp simd
       for (int64_t u = done; u < n; ++u) b[P + u] = src[u * s];
     }
     std::fill(b + P + n, b + L, T(0));
